@@ -1,0 +1,225 @@
+"""`dspark doctor`: this machine, the llama.cpp build, and (given models) whether they pair and fit, with advice.
+
+The report goes to stdout. When it finds a problem (a model missing, a pair that does not match, not enough
+memory) it still prints the whole report, then exits with that problem's one-line error and exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import DsparkError, UsageError
+from . import _options as o
+
+# A draft much over a fifth of the target's size costs too much per drafted token to pay off.
+DRAFT_RATIO_WARN = 0.2
+
+
+def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: int, n_gpu_layers: int | None,
+             n_gpu_layers_draft: int | None, offline: bool) -> tuple[dict, list[DsparkError]]:
+    from ..machine import machine_info
+
+    info = machine_info()
+    report: dict = {"machine": info, "models": None, "memory": None, "pairing": None, "advice": []}
+    problems: list[DsparkError] = []
+    advice: list[str] = report["advice"]
+    gpu, cpu, llama = info["gpu"], info["cpu"], info["llama"]
+
+    if llama.get("error"):
+        advice.append(f"llama.cpp is unusable here: {llama['error']}")
+    if gpu["backend"] == "none":
+        advice.append("no GPU backend in this llama.cpp build: everything runs on the CPU, where a verify batch "
+                      "costs more than one token, so gains are smaller; measure with `dspark bench`")
+    compiled = set(llama.get("compiled_features") or [])
+    if compiled:
+        for feat, built in (("avx2", "avx2"), ("avx512f", "avx512")):
+            if feat in cpu["features"] and built not in compiled:
+                advice.append(f"this CPU has {feat.upper()} but llama.cpp was built without it: rebuild it for speed")
+
+    if pair and (target or draft):
+        raise UsageError("--pair sets both models; drop --target/--draft or drop --pair")
+    if pair:
+        from ..refs import resolve_pair
+
+        target, draft = resolve_pair(pair)
+    if not (target or draft):
+        return report, problems
+
+    from ..refs import resolve_model
+
+    models: dict = {}
+    paths = {}
+    for role, ref in (("target", target), ("draft", draft)):
+        if not ref:
+            continue
+        entry = {"ref": ref, "path": None}
+        try:
+            paths[role] = resolve_model(ref, pull=False, offline=offline)
+            entry["path"] = str(paths[role])
+            entry["size"] = paths[role].stat().st_size
+        except DsparkError as e:
+            entry["problem"] = e.message
+            problems.append(e)
+        models[role] = entry
+    report["models"] = models
+
+    offload = gpu.get("offload", False)
+    ngl = n_gpu_layers if n_gpu_layers is not None else (999 if offload else 0)
+    ngld = n_gpu_layers_draft if n_gpu_layers_draft is not None else ngl
+    if offload and ngl == 0:
+        advice.append(f"the {gpu['backend']} backend is there but no layers are offloaded: pass --n-gpu-layers 999")
+
+    if "target" in paths:
+        from ..memory import fmt_bytes, plan
+
+        try:
+            p = plan(paths["target"], paths.get("draft"), n_ctx=n_ctx, n_gpu_layers=ngl, n_gpu_layers_draft=ngld,
+                     ram_available=info["ram"]["available"], gpu=gpu)
+        except DsparkError as e:
+            problems.append(e)
+        else:
+            report["memory"] = p.to_dict()
+            advice.extend(p.notes)
+            if not p.fits:
+                from ..memory import preflight
+
+                try:  # the same message `dspark run` would stop with
+                    preflight(paths["target"], paths.get("draft"), n_ctx=n_ctx, n_gpu_layers=ngl,
+                              n_gpu_layers_draft=ngld)
+                except DsparkError as e:
+                    problems.append(e)
+            elif p.ram_needed > 0.8 * p.ram_available:
+                advice.append(f"memory is tight: {fmt_bytes(p.ram_needed)} of {fmt_bytes(p.ram_available)} "
+                              "available RAM; other programs may push the model out of memory")
+            for role in ("target", "draft"):
+                m = getattr(p, role)
+                if m is not None:
+                    models[role].update(arch=m.arch, n_layer=m.n_layer, n_vocab=m.n_vocab)
+
+    if "target" in paths and "draft" in paths:
+        t_size, d_size = models["target"]["size"], models["draft"]["size"]
+        if d_size >= t_size:
+            advice.append("the draft is as big as the target or bigger: it cannot make anything faster")
+        elif d_size > DRAFT_RATIO_WARN * t_size:
+            advice.append(f"the draft is {d_size / t_size:.0%} of the target's size: too big to gain much; "
+                          "pick a smaller draft of the same family")
+        report["pairing"] = _pairing(paths["target"], paths["draft"], problems)
+    return report, problems
+
+
+def _pairing(target, draft, problems: list[DsparkError]) -> dict:
+    try:
+        from ..vocab import check_pair_files
+    except Exception as e:  # noqa: BLE001 - llama.cpp missing or broken: say so, do not crash the report
+        return {"ok": None, "detail": f"cannot check: {type(e).__name__}: {e}"}
+    try:
+        check_pair_files(target, draft)
+    except DsparkError as e:
+        problems.append(e)
+        return {"ok": False, "detail": e.message}
+    return {"ok": True, "detail": "the vocabularies match (llama.cpp's draft/target rule)"}
+
+
+def _print(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..memory import fmt_bytes
+
+    out = Console(width=max(Console().width, 120) if not sys.stdout.isatty() else None, highlight=False)
+    m = report["machine"]
+    cpu, ram, llama, gpu = m["cpu"], m["ram"], m["llama"], m["gpu"]
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    t.add_row("OS", f"{m['os']}, Python {m['python']}")
+    t.add_row("CPU", f"{cpu['model']} ({cpu['arch']}), {cpu['physical_cores']} cores / {cpu['logical_cores']} threads")
+    t.add_row("CPU features", " ".join(cpu["features"]) or "none of interest")
+    t.add_row("RAM", f"{fmt_bytes(ram['total'])} total, {fmt_bytes(ram['available'])} available")
+    t.add_row("llama-cpp-python", str(llama.get("llama_cpp_python") or "not installed"))
+    t.add_row("llama.cpp (ggml)", f"{llama.get('ggml_version') or '?'} commit {llama.get('ggml_commit') or '?'}")
+    if llama.get("system_info"):
+        t.add_row("llama.cpp build", llama["system_info"])
+    t.add_row("GPU backend", gpu["backend"] + ("" if gpu.get("offload") else " (no GPU offload)"))
+    for dev in gpu.get("devices", []):
+        mem = f", {fmt_bytes(dev['memory_free'])} free of {fmt_bytes(dev['memory_total'])}" if dev["memory_total"] else ""
+        t.add_row("device", f"{dev['name']} [{dev['type']}] {dev['description']}{mem}")
+    out.print("[bold]Machine[/]")
+    out.print(t)
+
+    models = report.get("models")
+    if models:
+        out.print("\n[bold]Models[/]")
+        mt = Table(show_header=False, box=None, pad_edge=False)
+        mt.add_column(style="bold")
+        mt.add_column(overflow="fold")
+        for role, e in models.items():
+            if e.get("path"):
+                extra = f" ({e['arch']}, {e['n_layer']} layers, vocab {e['n_vocab']})" if "arch" in e else ""
+                mt.add_row(role, f"{e['path']}, {fmt_bytes(e['size'])}{extra}")
+            else:
+                mt.add_row(role, f"{e['ref']}: [red]{e['problem']}[/]")
+        out.print(mt)
+    mem = report.get("memory")
+    if mem:
+        out.print(f"\n[bold]Memory at {mem['n_ctx']} tokens of context[/]")
+        mt = Table(show_header=True, box=None, pad_edge=False, header_style="bold")
+        for col in ("", "weights", "KV cache", "buffers", "total"):
+            mt.add_column(col, justify="right" if col else "left")
+        for role in ("target", "draft"):
+            x = mem.get(role)
+            if x:
+                total = x["weights"] + x["kv_cache"] + x["compute"]
+                mt.add_row(role, fmt_bytes(x["weights"]), fmt_bytes(x["kv_cache"]), fmt_bytes(x["compute"]),
+                           fmt_bytes(total))
+        out.print(mt)
+        verdict = "[green]fits[/]" if mem["fits_ram"] else "[red]does not fit[/]"
+        out.print(f"RAM: needs {fmt_bytes(mem['ram_needed'])}, {fmt_bytes(mem['ram_available'])} available: {verdict}")
+        if mem["vram_needed"]:
+            free = fmt_bytes(mem["vram_free"]) if mem["vram_free"] is not None else "unknown"
+            verdict = "[green]fits[/]" if mem["fits_vram"] else "[red]does not fit[/]"
+            out.print(f"VRAM: needs {fmt_bytes(mem['vram_needed'])}, {free} free: {verdict}")
+    pairing = report.get("pairing")
+    if pairing:
+        mark = {True: "[green]pairs[/]", False: "[red]does not pair[/]", None: "[yellow]unchecked[/]"}[pairing["ok"]]
+        out.print(f"\n[bold]Pairing[/]: {mark}: {pairing['detail']}")
+    if report["advice"]:
+        out.print("\n[bold]Advice[/]")
+        for line in report["advice"]:
+            out.print(f"- {line}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("doctor")
+    def doctor(
+        target: o.Target = None,
+        draft: o.Draft = None,
+        pair: o.Pair = None,
+        ctx_size: o.CtxSize = 4096,
+        n_gpu_layers: o.GpuLayers = None,
+        n_gpu_layers_draft: o.GpuLayersDraft = None,
+        offline: o.Offline = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    ) -> None:
+        """Check this machine and llama.cpp build; with models, whether they pair and fit in memory."""
+        if ctx_size < 16:
+            raise UsageError(f"--ctx-size must be at least 16, got {ctx_size}")
+        for flag, v in (("--n-gpu-layers", n_gpu_layers), ("--n-gpu-layers-draft", n_gpu_layers_draft)):
+            if v is not None and v < 0:
+                raise UsageError(f"{flag} must be 0 or more, got {v}")
+        if draft in ("none", "lookup"):
+            draft = None
+        report, problems = diagnose(target, draft, pair, n_ctx=ctx_size, n_gpu_layers=n_gpu_layers,
+                                    n_gpu_layers_draft=n_gpu_layers_draft, offline=offline)
+        report["problems"] = [p.message for p in problems]
+        if as_json:
+            sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+        else:
+            _print(report)
+        sys.stdout.flush()
+        if problems:
+            raise problems[0]

@@ -1,0 +1,145 @@
+"""`dspark run [PROMPT]`: one answer, streamed to stdout; a one-line summary on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ..engine import generate
+from ..errors import PromptError, UsageError
+from ..loader import load
+from ..prompt import build_prompt
+from . import _options as o
+
+DEFAULT_DRAFT_MAX = 8
+
+
+def read_prompt(argument: str | None) -> str:
+    """The argument, stdin, or both: piped text is appended to the argument (`cat f | dspark run "Sum:"`)."""
+    stdin = sys.stdin
+    piped = ""
+    if argument == "-" or (stdin is not None and not stdin.isatty()):
+        if stdin is None:
+            raise PromptError("no standard input to read the prompt from")
+        piped = stdin.buffer.read().decode("utf-8", errors="replace")
+        if argument == "-":
+            argument = None
+    elif argument is None:
+        raise PromptError("no prompt: pass it as an argument or pipe it on stdin", hint='dspark run "Why is the sky blue?"')
+    parts = [p for p in (argument, piped) if p and p.strip()]
+    if not parts:
+        raise PromptError("the prompt is empty" + (" (nothing arrived on stdin)" if argument is None else ""))
+    return "\n\n".join(p.rstrip("\n") for p in parts)
+
+
+def _summary(stats, finish: str | None) -> str:
+    s = stats
+    line = f"{s.n_generated} tokens, {s.tokens_per_second:.1f} tok/s"
+    if s.method != "target":
+        line += f", acceptance {s.acceptance_rate:.1%}, {s.tokens_per_step:.2f} tokens/step ({s.method})"
+    else:
+        line += " (target alone)"
+    line += f"; prompt {s.n_prompt} tokens in {s.t_prompt:.2f}s; finish: {finish}"
+    return line
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run(
+        prompt: Annotated[Optional[str], typer.Argument(help="The prompt; '-' reads stdin. Piped stdin is appended to it.", show_default=False)] = None,
+        target: o.Target = None,
+        draft: o.Draft = None,
+        pair: o.Pair = None,
+        draft_max: o.DraftMax = DEFAULT_DRAFT_MAX,
+        draft_p_min: o.DraftPMin = 0.0,
+        temp: o.Temp = 0.0,
+        top_k: o.TopK = 0,
+        top_p: o.TopP = 1.0,
+        seed: o.Seed = None,
+        max_tokens: o.MaxTokens = 512,
+        ctx_size: o.CtxSize = 4096,
+        n_gpu_layers: o.GpuLayers = None,
+        n_gpu_layers_draft: o.GpuLayersDraft = None,
+        threads: o.Threads = None,
+        raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the target's chat template.")] = False,
+        system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt (chat template only).")] = None,
+        stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this string appears (repeatable).")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text and stats) instead of streaming.")] = False,
+        pull: o.Pull = False,
+        offline: o.Offline = False,
+        force: o.Force = False,
+    ) -> None:
+        """Answer one prompt, speculatively: text to stdout, a summary line to stderr."""
+        # Every check on flags and input happens before a model is loaded.
+        if max_tokens < 1:
+            raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+        if draft_max < 1:
+            raise UsageError(f"--draft-max must be at least 1, got {draft_max}")
+        if raw and system:
+            raise UsageError("--system needs the chat template; drop --raw or drop --system")
+        params = o.sampling_params(temp, top_k, top_p, seed)
+        opts = o.model_options(target, draft, pair, ctx_size, n_gpu_layers, n_gpu_layers_draft, threads, draft_p_min, pull, offline, force)
+        text_in = read_prompt(prompt)
+
+        loaded = load(opts)
+        try:
+            tokens, templated = build_prompt(loaded.target, text_in, raw=raw, system=system)
+            if not raw and not templated:
+                sys.stderr.write("dspark: the target has no chat template; sending the prompt as is\n")
+            _generate(loaded, tokens, params, max_tokens, draft_max, tuple(stop or ()), as_json)
+        finally:
+            loaded.close()
+
+
+def _generate(loaded, tokens, params, max_tokens, draft_max, stop, as_json) -> None:
+    out = sys.stdout
+    pieces: list[str] = []
+    stats = None
+    finish = None
+    try:
+        for ev in generate(loaded.target, tokens, drafter=loaded.drafter, params=params,
+                           max_tokens=max_tokens, draft_max=draft_max, stop=stop):
+            stats = ev.stats
+            if ev.text:
+                pieces.append(ev.text)
+                if not as_json:
+                    out.write(ev.text)
+                    out.flush()
+            if ev.finish_reason is not None:
+                finish = ev.finish_reason
+    except KeyboardInterrupt:
+        finish = "interrupted"
+        if as_json and stats is not None:
+            _print_json(pieces, stats, finish, params, loaded)
+        elif pieces:
+            out.write("\n")
+            out.flush()
+        n = stats.n_generated if stats is not None else 0
+        sys.stderr.write(f"dspark: interrupted after {n} tokens\n")
+        raise SystemExit(130)
+    if as_json:
+        _print_json(pieces, stats, finish, params, loaded)
+    else:
+        if pieces and not pieces[-1].endswith("\n"):
+            out.write("\n")
+        out.flush()
+        sys.stderr.write(f"dspark: {_summary(stats, finish)}\n")
+
+
+def _print_json(pieces, stats, finish, params, loaded) -> None:
+    record = {
+        "text": "".join(pieces),
+        "finish_reason": finish,
+        **stats.as_dict(),
+        "target": str(loaded.target_path),
+        "draft": str(loaded.draft_path) if loaded.draft_path else (loaded.drafter.name if loaded.drafter else None),
+        "temperature": params.temperature,
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "seed": params.seed,
+    }
+    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,118 @@
+"""Where draft tokens come from, behind one small interface.
+
+A drafter proposes up to n tokens to follow `seq` (every accepted token so far, prompt included). It may
+return the distributions it sampled them from (`q`), which speculative sampling needs; a deterministic
+drafter returns q=None and counts as one-hot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .model import Model
+from .sampling import SamplingParams, probabilities, sample_from
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    q: np.ndarray | None = None  # (len(tokens), n_vocab) when sampled from a distribution
+    steps: int = 0  # draft-model decode calls spent
+
+
+class Drafter(Protocol):
+    name: str
+
+    def prepare(self, seq: list[int]) -> None:
+        """Called once before generation with the prompt (lets a model drafter process it up front)."""
+
+    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: np.random.Generator) -> Draft: ...
+
+    def release(self, n_keep: int) -> None:
+        """Generation ended with `seq[:n_keep]` accepted: drop any state past it."""
+
+
+class ModelDrafter:
+    """A small model of the same tokenizer drafts autoregressively from its own KV cache. Between rounds
+    only the tokens it has not seen are fed to it (usually the target's correction or bonus token), never
+    the whole verified batch again."""
+
+    name = "draft"
+
+    def __init__(self, model: Model, p_min: float = 0.0):
+        self.model = model
+        # Greedy drafting stops early when the draft's top probability falls under p_min: a token it is
+        # unsure of is likely rejected, and every rejected token costs verify-batch width on CPU.
+        self.p_min = p_min
+
+    def prepare(self, seq: list[int]) -> None:
+        self.model.sync(seq, n_logits=1)
+
+    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: np.random.Generator) -> Draft:
+        m = self.model
+        logits = m.sync(seq, n_logits=1)[0]
+        steps = 1
+        tokens: list[int] = []
+        qs: list[np.ndarray] = []
+        for i in range(n_max):
+            if params.greedy:
+                tok = int(np.argmax(logits))
+                if self.p_min > 0.0:
+                    top = float(logits[tok])
+                    p_top = 1.0 / float(np.exp(logits.astype(np.float64) - top).sum())
+                    if p_top < self.p_min:
+                        break
+            else:
+                q = probabilities(logits, params)
+                tok = sample_from(q, rng)
+                qs.append(q)
+            tokens.append(tok)
+            if i == n_max - 1 or m.is_eog(tok):
+                break
+            logits = m.eval([tok], n_logits=1)[0]
+            steps += 1
+        return Draft(tokens, np.stack(qs) if qs else None, steps)
+
+    def release(self, n_keep: int) -> None:
+        self.model.truncate(n_keep)
+
+
+class PromptLookupDrafter:
+    """No second model: find the latest earlier occurrence of the last n tokens (n from ngram_max down to
+    ngram_min) in the prompt and the text so far, and propose what followed it. Strong when the answer
+    copies from the input (summaries, edits, code changes), free when it does not match."""
+
+    name = "lookup"
+
+    def __init__(self, ngram_max: int = 4, ngram_min: int = 2):
+        self.ngram_max = ngram_max
+        self.ngram_min = ngram_min
+
+    def prepare(self, seq: list[int]) -> None:
+        pass
+
+    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: np.random.Generator) -> Draft:
+        return Draft(lookup(seq, n_max, self.ngram_max, self.ngram_min))
+
+    def release(self, n_keep: int) -> None:
+        pass
+
+
+def lookup(seq: list[int], n_max: int, ngram_max: int = 4, ngram_min: int = 2) -> list[int]:
+    """The tokens that followed the most recent earlier match of seq's last n-gram, longest n first."""
+    if n_max <= 0 or len(seq) < ngram_min + 1:
+        return []
+    arr = np.asarray(seq, dtype=np.int64)
+    for n in range(min(ngram_max, len(seq) - 1), ngram_min - 1, -1):
+        tail = arr[-n:]
+        # Windows over arr[:-1] so a match cannot be the tail itself.
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)
+        hits = np.flatnonzero((windows == tail).all(axis=1))
+        for start in hits[::-1]:
+            follow = arr[start + n : start + n + n_max]
+            if len(follow):
+                return follow.tolist()
+    return []

@@ -1,0 +1,49 @@
+"""Domain errors. Every failure a user can cause is one of these; the CLI maps them to one line on stderr
+and an exit code in one place (cli.main), so no traceback ever reaches the terminal for a bad input."""
+
+
+class DsparkError(Exception):
+    """A failure with a message fit for the user. `exit_code` is what the process exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(DsparkError):
+    """Impossible flags or arguments (exit 2, like a Typer/Click usage error)."""
+
+    exit_code = 2
+
+
+class ModelFileError(DsparkError):
+    """A model file that is missing, not GGUF, truncated or that llama.cpp refuses."""
+
+    exit_code = 3
+
+
+class PairError(DsparkError):
+    """A draft that cannot pair with the target (vocabularies differ)."""
+
+    exit_code = 4
+
+
+class PromptError(DsparkError):
+    """An empty prompt, or one longer than the context."""
+
+    exit_code = 5
+
+
+class DownloadError(DsparkError):
+    """A download that failed: no network, missing file, gated repo, checksum mismatch, full disk."""
+
+    exit_code = 6
+
+
+class ResourceError(DsparkError):
+    """Not enough memory (RAM or VRAM) for what was asked."""
+
+    exit_code = 7

@@ -1,0 +1,189 @@
+"""Facts about this machine and the llama.cpp build: CPU, memory, GPU backend and devices, versions.
+
+`machine_info()` returns a plain dict of JSON-able values (doctor prints it; bench puts it in its header).
+GPU facts come from ggml's backend registry, read through ctypes from the libraries llama-cpp-python ships
+(its Python bindings do not wrap those functions), so this works without importing llama_cpp at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import importlib.util
+import os
+import platform
+import re
+import subprocess
+import sys
+
+# CPU features llama.cpp's kernels care about, as /proc/cpuinfo spells them (x86 flags, ARM Features).
+_X86_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+                 "avx512_vnni", "avx512vbmi", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+_ARM_FEATURES = {"asimd": "neon", "asimddp": "dotprod", "i8mm": "i8mm", "sve": "sve", "sve2": "sve2",
+                 "bf16": "bf16", "fphp": "fp16"}
+_DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+
+
+def machine_info() -> dict:
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return {
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "cpu": cpu_info(),
+        "ram": {"total": vm.total, "available": vm.available},
+        "llama": llama_info(),
+        "gpu": gpu_summary(),
+    }
+
+
+def cpu_info() -> dict:
+    import psutil
+
+    model, features = _cpu_model_and_features()
+    return {
+        "model": model,
+        "arch": platform.machine(),
+        "features": features,
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cores": psutil.cpu_count(logical=True),
+    }
+
+
+def _cpu_model_and_features() -> tuple[str, list[str]]:
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "hardware", "cpu model") and not model:
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        model = model or _sysctl("machdep.cpu.brand_string")
+        if platform.machine() == "arm64":
+            flags |= {"asimd", "asimddp", "fphp"}  # every Apple Silicon core has them
+            if _sysctl("hw.optional.arm.FEAT_I8MM") == "1":
+                flags.add("i8mm")
+        else:
+            flags |= {f.lower().replace(".", "_") for f in _sysctl("machdep.cpu.features").split()}
+            flags |= {f.lower() for f in _sysctl("machdep.cpu.leaf7_features").split()}
+    model = model or platform.processor() or platform.machine() or "unknown"
+    features = [f for f in _X86_FEATURES if f in flags]
+    features += [name for flag, name in _ARM_FEATURES.items() if flag in flags]
+    return model, features
+
+
+def _sysctl(key: str) -> str:
+    try:
+        return subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------- llama.cpp
+
+
+@functools.lru_cache(maxsize=1)
+def _libs() -> dict:
+    """ctypes handles on llama-cpp-python's libllama / libggml / libggml-base, or {'error': why}."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return {"error": "llama-cpp-python is not installed"}
+    pkg = spec.submodule_search_locations[0]
+    found = {}
+    for name in ("ggml-base", "ggml", "llama"):  # load order: dependencies first
+        paths = [p for d in ("lib", "") for pat in (f"lib{name}.so", f"lib{name}.dylib", f"{name}.dll")
+                 for p in glob.glob(os.path.join(pkg, d, pat))]
+        if not paths:
+            return {"error": f"lib{name} not found in {pkg}"}
+        try:
+            found[name] = ctypes.CDLL(paths[0], mode=getattr(os, "RTLD_GLOBAL", 0) | getattr(os, "RTLD_NOW", 0))
+        except OSError as e:
+            return {"error": f"cannot load {paths[0]}: {e}"}
+    return found
+
+
+def _fn(lib, name, restype, argtypes=()):
+    f = getattr(lib, name, None)
+    if f is None:
+        return None
+    f.restype, f.argtypes = restype, list(argtypes)
+    return f
+
+
+def llama_info() -> dict:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        py_version = version("llama_cpp_python")
+    except PackageNotFoundError:
+        py_version = None
+    info = {"llama_cpp_python": py_version, "ggml_version": None, "ggml_commit": None, "system_info": None,
+            "compiled_features": []}
+    libs = _libs()
+    if "error" in libs:
+        info["error"] = libs["error"]
+        return info
+    for key, fn in (("ggml_version", "ggml_version"), ("ggml_commit", "ggml_commit")):
+        f = _fn(libs["ggml-base"], fn, ctypes.c_char_p)
+        if f:
+            info[key] = f().decode(errors="replace")
+    f = _fn(libs["llama"], "llama_print_system_info", ctypes.c_char_p)
+    if f:
+        text = f().decode(errors="replace").strip()
+        info["system_info"] = text
+        info["compiled_features"] = [m.group(1).lower() for m in re.finditer(r"(\w+) = 1", text)]
+    return info
+
+
+def gpu_summary() -> dict:
+    """The GPU backend compiled into llama.cpp ("none" for CPU-only builds), its devices and their memory."""
+    out = {"backend": "none", "offload": False, "devices": [], "vram_free": None, "vram_total": None}
+    libs = _libs()
+    if "error" in libs:
+        out["error"] = libs["error"]
+        return out
+    ggml, base, llama = libs["ggml"], libs["ggml-base"], libs["llama"]
+    offload = _fn(llama, "llama_supports_gpu_offload", ctypes.c_bool)
+    out["offload"] = bool(offload()) if offload else False
+    reg_count = _fn(ggml, "ggml_backend_reg_count", ctypes.c_size_t)
+    reg_get = _fn(ggml, "ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t])
+    reg_name = _fn(base, "ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p])
+    dev_count = _fn(ggml, "ggml_backend_dev_count", ctypes.c_size_t)
+    dev_get = _fn(ggml, "ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t])
+    dev_name = _fn(base, "ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p])
+    dev_desc = _fn(base, "ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p])
+    dev_type = _fn(base, "ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p])
+    dev_mem = _fn(base, "ggml_backend_dev_memory", None,
+                  [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)])
+    if reg_count and reg_get and reg_name:
+        backends = [reg_name(reg_get(i)).decode() for i in range(reg_count())]
+        gpu_backends = [b for b in backends if b.upper() not in ("CPU", "BLAS", "RPC")]
+        out["backends"] = backends
+        if gpu_backends:
+            out["backend"] = gpu_backends[0]
+    if dev_count and dev_get and dev_name and dev_type and dev_mem:
+        free_sum = total_sum = 0
+        for i in range(dev_count()):
+            dev = dev_get(i)
+            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            dev_mem(dev, ctypes.byref(free), ctypes.byref(total))
+            kind = _DEV_TYPES.get(dev_type(dev), "other")
+            out["devices"].append({
+                "name": dev_name(dev).decode(errors="replace"),
+                "description": dev_desc(dev).decode(errors="replace") if dev_desc else "",
+                "type": kind, "memory_free": free.value, "memory_total": total.value,
+            })
+            if kind in ("gpu", "igpu"):
+                free_sum += free.value
+                total_sum += total.value
+        if total_sum:
+            out["vram_free"], out["vram_total"] = free_sum, total_sum
+    return out

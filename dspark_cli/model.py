@@ -1,0 +1,298 @@
+"""One GGUF model with its own llama.cpp context and KV cache, driven through the low-level API.
+
+The class keeps `cached`, the token ids whose keys/values are in the KV cache (sequence 0, positions
+0..len-1). Everything that changes the cache goes through `eval` (append) and `truncate` (drop a suffix),
+so `cached` and the real cache never disagree; `sync` brings the cache to any token list by keeping the
+common prefix, which is what makes draft-KV reuse and multi-turn reuse fall out of one mechanism.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelFileError, PromptError
+from .gguf_file import check_gguf_file
+
+import llama_cpp  # noqa: E402  (after our modules so import errors point at the binding itself)
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+_log_lines: list[str] | None = None  # set while capturing llama.cpp's log during a load
+_VERBOSE = os.environ.get("DSPARK_VERBOSE", "") not in ("", "0")
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # llama.cpp logs a great deal on load; keep it off the terminal unless DSPARK_VERBOSE is set, but
+    # remember errors so a failed load can say why in one line.
+    msg = text.decode("utf-8", errors="replace")
+    if _log_lines is not None and level in (2, 3):  # WARN, ERROR
+        _log_lines.append(msg.strip())
+    if _VERBOSE:
+        import sys
+
+        sys.stderr.write(msg)
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+@contextmanager
+def _capture_log():
+    global _log_lines
+    _log_lines = []
+    try:
+        yield _log_lines
+    finally:
+        _log_lines = None
+
+
+def _reason(lines: list[str]) -> str:
+    for line in reversed(lines):
+        if "error" in line.lower() or "failed" in line.lower():
+            return line.split(": ", 1)[-1] if line.startswith("llama") else line
+    return lines[-1] if lines else "llama.cpp could not load it"
+
+
+def default_threads() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    except Exception:  # psutil can fail inside some containers
+        n = os.cpu_count() or 1
+    return max(1, n)
+
+
+class Model:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        role: str = "model",
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+        vocab_only: bool = False,
+    ):
+        self.path = check_gguf_file(path, role)
+        self.role = role
+        _init_backend()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        mparams.vocab_only = vocab_only
+        with _capture_log() as lines:
+            model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not model:
+            raise ModelFileError(f"cannot load {role} model {self.path}: {_reason(lines)}")
+        self._model = model
+        self._ctx = None
+        self._batch = None
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
+        self.cached: list[int] = []
+        self.n_evaluated = 0  # tokens ever run through this model: a cost counter for stats
+        if vocab_only:
+            self.n_ctx = 0
+            self.n_batch = 0
+            return
+
+        threads = n_threads or default_threads()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        with _capture_log() as lines:
+            ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            self.close()
+            raise ModelFileError(f"cannot create a context for the {role} model {self.path}: {_reason(lines)}")
+        self._ctx = ctx
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self.n_batch = n_batch
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+
+    # ---- lifetime -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:  # best effort; close() is the real API
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- vocabulary -----------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token prints as (control tokens print nothing)."""
+        got = self._pieces.get(token)
+        if got is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            got = buf.raw[:n]
+            self._pieces[token] = got
+        return got
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        got = self._eog.get(token)
+        if got is None:
+            got = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+            self._eog[token] = got
+        return got
+
+    def token_text(self, token: int) -> bytes:
+        return llama_cpp.llama_vocab_get_text(self.vocab, token) or b""
+
+    @property
+    def bos(self) -> int:
+        return llama_cpp.llama_vocab_bos(self.vocab)
+
+    @property
+    def eos(self) -> int:
+        return llama_cpp.llama_vocab_eos(self.vocab)
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+
+    @property
+    def add_eos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_eos(self.vocab))
+
+    @property
+    def vocab_type(self) -> int:
+        return llama_cpp.llama_vocab_type(self.vocab)
+
+    def chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, 256)
+        if n < 0:
+            return None
+        if n >= 256:
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, n + 1)
+        return buf.value.decode("utf-8", errors="replace")
+
+    # ---- the KV cache ---------------------------------------------------------------------------------
+    def eval(self, tokens: list[int], n_logits: int = 1) -> np.ndarray | None:
+        """Append `tokens` to the cache. Returns the logits of the last `n_logits` of them as an
+        (n_logits, n_vocab) float32 view, valid until the next eval."""
+        if not tokens:
+            if n_logits:
+                raise ValueError("eval: logits asked for with no tokens")
+            return None
+        if len(self.cached) + len(tokens) > self.n_ctx:
+            raise PromptError(
+                f"the {self.role} context is full ({self.n_ctx} tokens); use a larger --ctx-size"
+            )
+        if n_logits > self.n_batch:
+            raise ValueError("eval: more logits than fit one batch")
+        split = len(tokens) - n_logits
+        # Tokens without logits go in full batches; the ones we need logits for go last, in one batch,
+        # so all their rows are in llama.cpp's output buffer together.
+        for start in range(0, split, self.n_batch):
+            self._decode(tokens[start : min(split, start + self.n_batch)], 0)
+        if n_logits:
+            self._decode(tokens[split:], n_logits)
+            ptr = llama_cpp.llama_get_logits(self._ctx)
+            return np.ctypeslib.as_array(ptr, shape=(n_logits, self.n_vocab))
+        return None
+
+    def _decode(self, tokens: list[int], n_logits: int) -> None:
+        b = self._batch
+        n = len(tokens)
+        pos0 = len(self.cached)
+        first_logit = n - n_logits
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i >= first_logit
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            # Leave nothing half-written: the cache may hold part of the batch.
+            self._rm(pos0)
+            raise ModelFileError(f"llama_decode failed on the {self.role} model (code {rc})")
+        self.cached.extend(tokens)
+        self.n_evaluated += n
+
+    def _rm(self, keep: int) -> None:
+        if not llama_cpp.llama_memory_seq_rm(self._mem, 0, keep, -1):
+            # Some caches (recurrent models) cannot drop a suffix: start over from nothing.
+            llama_cpp.llama_memory_clear(self._mem, True)
+            keep = 0
+        del self.cached[keep:]
+
+    def truncate(self, n_keep: int) -> None:
+        """Drop every cached token from position n_keep on."""
+        if n_keep < len(self.cached):
+            self._rm(n_keep)
+
+    def sync(self, tokens: list[int], n_logits: int = 1) -> np.ndarray | None:
+        """Make the cache hold exactly `tokens`, evaluating only what is not already there, and return the
+        logits of the last n_logits tokens (which are re-evaluated if they were cached already)."""
+        cached = self.cached
+        if len(cached) <= len(tokens) and tokens[: len(cached)] == cached:
+            common = len(cached)  # the usual case, compared at C speed
+        else:
+            common = 0
+            limit = min(len(tokens), len(cached))
+            while common < limit and cached[common] == tokens[common]:
+                common += 1
+        common = min(common, len(tokens) - n_logits)
+        self.truncate(common)
+        return self.eval(tokens[len(self.cached) :], n_logits)
+
+    def kv_pos_max(self) -> int:
+        """Highest position llama.cpp holds for sequence 0 (-1 when empty): for consistency checks."""
+        return llama_cpp.llama_memory_seq_pos_max(self._mem, 0)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Build llama.cpp's own `llama-speculative-simple` and `llama-cli`-free tools from the llama.cpp vendored in the
+# llama-cpp-python sdist we use, so the benchmark compares dspark with the very same llama.cpp.
+#   bash scripts/build_llama_speculative.sh [OUT_DIR]   -> OUT_DIR/bin/llama-speculative-simple
+set -euo pipefail
+version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+out="${1:-${XDG_CACHE_HOME:-$HOME/.cache}/dspark/llama.cpp-$version}"
+if [[ -x "$out/build/bin/llama-speculative-simple" ]]; then echo "$out/build/bin"; exit 0; fi
+mkdir -p "$out"
+if [[ ! -d "$out/src" ]]; then
+  tmp="$(mktemp -d)"
+  python3 -m pip download --no-deps --no-binary :all: -q -d "$tmp" "llama-cpp-python==$version" >&2
+  tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
+  mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$out/src"
+  rm -rf "$tmp"
+fi
+# Same portable CPU flags as scripts/install.sh (no AMX), unless CMAKE_ARGS says otherwise.
+args="${CMAKE_ARGS:-$(bash "$(dirname "$0")/install.sh" --print-cmake-args)}"
+cmake -S "$out/src" -B "$out/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF $args >&2
+cmake --build "$out/build" -j "$(getconf _NPROCESSORS_ONLN)" --target llama-speculative-simple llama-bench >&2
+echo "$out/build/bin"

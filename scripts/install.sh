@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Install dspark into the active Python (a venv if one is active).
+#
+#   bash scripts/install.sh          # dspark + a llama-cpp-python built for this machine
+#   bash scripts/install.sh --test   # the same, plus the test extras (pytest, gguf, pexpect)
+#
+# llama-cpp-python is compiled from source. The build flags are picked by platform:
+#   - CUDA       when `nvcc` is on PATH and `nvidia-smi -L` lists a GPU
+#   - Metal      on macOS
+#   - CPU        otherwise: a portable build (GGML_NATIVE=OFF) with the SIMD extensions this CPU reports,
+#                and never AMX (some VMs report AMX but fault on it inside ggml_backend_amx_mul_mat).
+# Set CMAKE_ARGS yourself to override all of that, e.g.  CMAKE_ARGS="-DGGML_VULKAN=on" bash scripts/install.sh
+#
+# pip caches built wheels without regard to CMAKE_ARGS, so a wheel built with the wrong flags would survive a
+# rebuild. We keep our own wheel cache keyed by (version, flags, python, platform) and bypass pip's.
+set -euo pipefail
+
+LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+PYTHON="${PYTHON:-python3}"
+EXTRAS=""
+PRINT_ONLY=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) EXTRAS="[test]" ;;
+    --print-cmake-args) PRINT_ONLY=1 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+log() { echo "install.sh: $*" >&2; }
+
+cpu_flags() {
+  # Map the CPU's reported features to ggml's CMake switches (Linux x86_64).
+  local feats args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  feats=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+  has() { [[ "$feats" == *" $1 "* ]]; }
+  has avx && args+=" -DGGML_AVX=ON"
+  has avx2 && args+=" -DGGML_AVX2=ON"
+  has fma && args+=" -DGGML_FMA=ON"
+  has f16c && args+=" -DGGML_F16C=ON"
+  has bmi2 && args+=" -DGGML_BMI2=ON"
+  has avx512f && args+=" -DGGML_AVX512=ON"
+  has avx512_vbmi && args+=" -DGGML_AVX512_VBMI=ON"
+  has avx512_vnni && args+=" -DGGML_AVX512_VNNI=ON"
+  has avx512_bf16 && args+=" -DGGML_AVX512_BF16=ON"
+  has avx_vnni && args+=" -DGGML_AVX_VNNI=ON"
+  echo "$args"
+}
+
+if [[ -z "${CMAKE_ARGS:-}" ]]; then
+  if [[ "$(uname -s)" == "Darwin" ]]; then
+    CMAKE_ARGS="-DGGML_METAL=on"
+  elif command -v nvcc >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    CMAKE_ARGS="-DGGML_CUDA=on"
+  elif [[ "$(uname -m)" == "x86_64" && -r /proc/cpuinfo ]]; then
+    CMAKE_ARGS="$(cpu_flags)"
+  else
+    CMAKE_ARGS="-DGGML_NATIVE=OFF"
+  fi
+fi
+export CMAKE_ARGS
+if [[ "$PRINT_ONLY" == 1 ]]; then echo "$CMAKE_ARGS"; exit 0; fi
+log "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION with CMAKE_ARGS=\"$CMAKE_ARGS\""
+
+pyver="$("$PYTHON" -c 'import sys, platform; print(f"{sys.implementation.name}{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')"
+key="$(printf '%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$pyver" | sha256sum 2>/dev/null || printf '%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$pyver" | shasum -a 256)"
+key="${key:0:16}"
+cache="${DSPARK_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dspark/wheels}/$key"
+
+installed="$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))' 2>/dev/null || true)"
+stamp="$("$PYTHON" -c 'import importlib.util as u, os; s=u.find_spec("llama_cpp"); p=os.path.join(os.path.dirname(s.origin), ".dspark-build-key") if s else ""; print(open(p).read().strip() if p and os.path.exists(p) else "")' 2>/dev/null || true)"
+
+if [[ "$installed" == "$LLAMA_CPP_PYTHON_VERSION" && "$stamp" == "$key" ]]; then
+  log "llama-cpp-python already installed with these flags"
+else
+  wheel="$(ls "$cache"/llama_cpp_python-*.whl 2>/dev/null | head -n1 || true)"
+  if [[ -z "$wheel" ]]; then
+    log "building llama-cpp-python from source (a few minutes on 2 cores) into $cache"
+    mkdir -p "$cache.tmp"
+    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}" \
+      "$PYTHON" -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
+      -w "$cache.tmp" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+    rm -rf "$cache" && mv "$cache.tmp" "$cache"
+    wheel="$(ls "$cache"/llama_cpp_python-*.whl | head -n1)"
+  else
+    log "using cached wheel $wheel"
+  fi
+  # Replace any llama-cpp-python built with other flags, then let pip add its dependencies.
+  "$PYTHON" -m pip install --no-cache-dir --force-reinstall --no-deps "$wheel"
+  "$PYTHON" -m pip install --no-cache-dir "$wheel"
+  "$PYTHON" - "$key" <<'PY'
+import importlib.util, os, sys
+spec = importlib.util.find_spec("llama_cpp")
+with open(os.path.join(os.path.dirname(spec.origin), ".dspark-build-key"), "w") as f:
+    f.write(sys.argv[1])
+PY
+fi
+
+"$PYTHON" -m pip install -e "$here$EXTRAS"
+log "done: run  dspark --help"

@@ -1,0 +1,48 @@
+"""Shared fixtures: the real demo pair (fetched once into the user cache, as `dspark run` does) and a
+tiny synthetic pair written with `gguf`. Models are loaded once per session; tests reset the caches
+through the engine itself (it syncs to each prompt)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from synthetic import make_pair  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_paths():
+    from dspark_cli.demo import demo_pair
+
+    return demo_pair()  # (target, draft)
+
+
+@pytest.fixture(scope="session")
+def demo_models(demo_paths):
+    from dspark_cli.model import Model
+
+    target = Model(demo_paths[0], role="target", n_ctx=2048)
+    draft = Model(demo_paths[1], role="draft", n_ctx=2048)
+    yield target, draft
+    draft.close()
+    target.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("tiny"), noise=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_paths):
+    from dspark_cli.model import Model
+
+    target = Model(tiny_paths[0], role="target", n_ctx=512)
+    draft = Model(tiny_paths[1], role="draft", n_ctx=512)
+    yield target, draft
+    draft.close()
+    target.close()

@@ -1,0 +1,100 @@
+"""Tiny llama-architecture GGUF models written with the `gguf` package: real files that real llama.cpp
+loads and runs in milliseconds, with weights we control (a draft = the target plus noise)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+N_EMBD = 64
+N_HEAD = 4
+N_FF = 128
+N_LAYER = 2
+
+WORDS = ["▁the", "▁a", "▁cat", "▁dog", "▁sat", "▁on", "▁mat", "▁and", "▁ran", "▁to", "▁big", "▁red",
+         "▁is", "▁it", "▁was", "▁in", "▁of", "▁hat", "▁sun", "▁day", "s", "ed", "ing", "▁", "."]
+
+
+def vocab(extra_words: int = 0) -> tuple[list[str], list[float], list[int]]:
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [2, 3, 3]  # unknown, control, control
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256  # byte tokens (SPM byte fallback)
+    words = WORDS + [f"▁w{i}" for i in range(extra_words)]
+    tokens += words
+    types += [1] * len(words)
+    scores = [0.0] * 259 + [-float(i + 1) for i in range(len(words))]
+    return tokens, scores, types
+
+
+def weights(seed: int, n_vocab: int, scale_out: float = 1.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+
+    def r(*shape, s=0.1):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    t = {
+        "token_embd.weight": r(n_vocab, N_EMBD, s=0.5),
+        "output_norm.weight": np.ones(N_EMBD, dtype=np.float32),
+        "output.weight": r(n_vocab, N_EMBD, s=0.3 * scale_out),
+    }
+    for i in range(N_LAYER):
+        t[f"blk.{i}.attn_norm.weight"] = np.ones(N_EMBD, dtype=np.float32)
+        t[f"blk.{i}.attn_q.weight"] = r(N_EMBD, N_EMBD)
+        t[f"blk.{i}.attn_k.weight"] = r(N_EMBD, N_EMBD)
+        t[f"blk.{i}.attn_v.weight"] = r(N_EMBD, N_EMBD)
+        t[f"blk.{i}.attn_output.weight"] = r(N_EMBD, N_EMBD)
+        t[f"blk.{i}.ffn_norm.weight"] = np.ones(N_EMBD, dtype=np.float32)
+        t[f"blk.{i}.ffn_gate.weight"] = r(N_FF, N_EMBD)
+        t[f"blk.{i}.ffn_up.weight"] = r(N_FF, N_EMBD)
+        t[f"blk.{i}.ffn_down.weight"] = r(N_EMBD, N_FF)
+    return t
+
+
+def perturbed(base: dict[str, np.ndarray], seed: int, noise: float) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: (v + rng.standard_normal(v.shape).astype(np.float32) * noise * (v.std() or 1.0)).astype(np.float32)
+            if not k.endswith("norm.weight") else v.copy() for k, v in base.items()}
+
+
+def write_model(path: Path, tensors: dict[str, np.ndarray], *, extra_words: int = 0, eos_id: int = 2) -> Path:
+    import gguf
+
+    tokens, scores, types = vocab(extra_words)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("dspark-synthetic")
+    w.add_context_length(512)
+    w.add_embedding_length(N_EMBD)
+    w.add_block_count(N_LAYER)
+    w.add_feed_forward_length(N_FF)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(N_HEAD)
+    w.add_rope_dimension_count(N_EMBD // N_HEAD)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(0)  # all F32
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(eos_id)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def make_pair(directory: Path, *, noise: float = 0.3) -> tuple[Path, Path]:
+    """(target, draft): the draft is the target's weights plus noise, so it agrees often but not always."""
+    n_vocab = len(vocab()[0])
+    base = weights(1234, n_vocab)
+    target = write_model(directory / "tiny-target.gguf", base)
+    draft = write_model(directory / "tiny-draft.gguf", perturbed(base, 99, noise))
+    return target, draft
