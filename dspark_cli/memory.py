@@ -1,6 +1,6 @@
 """How much memory a target + draft need, and the preflight that stops a load that would not fit.
 
-The estimate is deliberately simple, read from the GGUF header (no model is loaded):
+The estimate is deliberately simple, read from the GGUF header (no model is loaded, no weights are read):
   weights  = the file's size (llama.cpp maps the file; every byte of it is touched while generating)
   KV cache = n_ctx * sum over layers of n_head_kv * (key_length + value_length) * 2 bytes (f16 K and V),
              with key/value length = embedding_length / head_count when the file does not state them.
@@ -67,58 +67,106 @@ class ModelMemory:
         return self.weights + self.kv_cache + self.compute
 
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_metadata(path: Path) -> dict:
+    """The key/value section of a GGUF header, read with struct (gguf isn't a runtime dependency, and its
+    reader parses every tensor and token: seconds on big files). Arrays of strings come back as their
+    length only; other arrays as lists."""
+    import io
+    import struct
+
+    def unpack(f, fmt):
+        size = struct.calcsize(fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise EOFError
+        return struct.unpack(fmt, data)[0]
+
+    def string(f, skip=False):
+        n = unpack(f, "<Q")
+        if n > 1 << 30:
+            raise ValueError("absurd string length")
+        if skip:
+            f.seek(n, io.SEEK_CUR)
+            return None
+        return f.read(n).decode("utf-8", errors="replace")
+
+    def value(f, vtype):
+        if vtype in _SCALARS:
+            return unpack(f, _SCALARS[vtype])
+        if vtype == _STRING:
+            return string(f)
+        if vtype == _ARRAY:
+            etype, count = unpack(f, "<I"), unpack(f, "<Q")
+            if etype == _STRING:
+                for _ in range(count):
+                    string(f, skip=True)
+                return count
+            if etype in _SCALARS:
+                size = struct.calcsize(_SCALARS[etype])
+                if count > 4096:  # per-token scores and types: only their length matters here
+                    f.seek(size * count, io.SEEK_CUR)
+                    return count
+                return [unpack(f, _SCALARS[etype]) for _ in range(count)]
+            raise ValueError(f"unsupported array element type {etype}")
+        raise ValueError(f"unknown value type {vtype}")
+
+    with open(path, "rb", buffering=1 << 16) as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        version = unpack(f, "<I")
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version}")
+        unpack(f, "<Q")  # tensor count
+        n_kv = unpack(f, "<Q")
+        meta = {}
+        for _ in range(n_kv):
+            key = string(f)
+            meta[key] = value(f, unpack(f, "<I"))
+        return meta
+
+
 def read_shape(path: Path) -> GGUFShape:
     """The model's shape from its GGUF header; ModelFileError when it is not a GGUF file llama.cpp could load."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"no such model file: {path}")
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        meta = read_metadata(path)
     except OSError as e:
-        raise ModelFileError(f"cannot read {path}: {e.strerror}") from None
-    if magic != b"GGUF":
-        raise ModelFileError(f"{path} is not a GGUF file")
-    try:
-        from gguf import GGUFReader
+        raise ModelFileError(f"cannot read {path}: {e.strerror or e}") from None
+    except EOFError:
+        raise ModelFileError(f"{path} is truncated (its GGUF header ends early)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path}: not a usable GGUF file ({e})") from None
 
-        fields = GGUFReader(str(path), "r").fields
-    except Exception as e:  # noqa: BLE001 - a truncated or corrupt header, whatever the parser says
-        raise ModelFileError(f"{path}: unreadable GGUF header ({type(e).__name__}: {e})") from None
-
-    def get(key, default=None):
-        fld = fields.get(key)
-        if fld is None:
-            return default
-        try:
-            return fld.contents()
-        except Exception:  # noqa: BLE001
-            return default
-
-    arch = get("general.architecture")
+    arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelFileError(f"{path}: GGUF header has no general.architecture")
-    n_layer = get(f"{arch}.block_count")
-    n_embd = get(f"{arch}.embedding_length")
+    n_layer = meta.get(f"{arch}.block_count")
+    n_embd = meta.get(f"{arch}.embedding_length")
     if not isinstance(n_layer, int) or not isinstance(n_embd, int):
         raise ModelFileError(f"{path}: GGUF header lacks {arch}.block_count / {arch}.embedding_length")
-    n_head = get(f"{arch}.attention.head_count", 0)
+    n_head = meta.get(f"{arch}.attention.head_count", 0)
     if isinstance(n_head, list):  # per-layer head counts (OpenELM-style); the estimate uses the largest
         n_head = max(n_head) if n_head else 0
-    n_head_kv = get(f"{arch}.attention.head_count_kv", n_head)
+    n_head_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
     if isinstance(n_head_kv, list):
         per_layer = tuple(int(x) for x in n_head_kv[:n_layer])
     else:
         per_layer = (int(n_head_kv or 0),) * n_layer
     head_dim = n_embd // n_head if n_head else 0
-    key_length = int(get(f"{arch}.attention.key_length", head_dim) or 0)
-    value_length = int(get(f"{arch}.attention.value_length", head_dim) or 0)
-    tokens = fields.get("tokenizer.ggml.tokens")
-    n_vocab = len(tokens.data) if tokens is not None else int(get(f"{arch}.vocab_size", 0) or 0)
+    key_length = int(meta.get(f"{arch}.attention.key_length", head_dim) or 0)
+    value_length = int(meta.get(f"{arch}.attention.value_length", head_dim) or 0)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    n_vocab = tokens if isinstance(tokens, int) else int(meta.get(f"{arch}.vocab_size", 0) or 0)
     return GGUFShape(
         arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=int(n_head or 0), n_head_kv=per_layer,
         key_length=key_length, value_length=value_length, n_vocab=n_vocab,
-        context_length=int(get(f"{arch}.context_length", 0) or 0),
+        context_length=int(meta.get(f"{arch}.context_length", 0) or 0),
     )
 
 

@@ -126,34 +126,38 @@ def resolve_pair(name: str) -> tuple[str, str]:
     return pair.target.name, pair.draft.name
 
 
-def is_cached(ref: str) -> bool:
-    """Whether resolve_model(ref) would succeed without a download (never touches the network)."""
+def cached_path(ref: str) -> Path | None:
+    """The path resolve_model(ref) would return without a download, or None (never touches the network)."""
     reg = load_registry()
     try:
         r = parse_ref(ref, reg)
     except (UsageError, ModelFileError):
-        return False
+        return None
     if r.kind == "path":
-        return True
+        return r.path
     if r.kind == "builtin":
-        return _builtin_path(r, reg) is not None
+        return _builtin_path(r, reg)
     if r.file is None:
-        return bool(_quant_files(hub.cached_files(r.repo), r.quant))
-    return hub.cached_file(r.repo, r.file) is not None
+        files = [f for f in _quant_files(hub.cached_files(r.repo), r.quant)
+                 if not _SPLIT.search(f) or _SPLIT.search(f).group(1) == "00001"]
+        return hub.cached_file(r.repo, files[0]) if len(files) == 1 else None
+    parts = _split_parts(r.file)
+    found = [hub.cached_file(r.repo, p) for p in parts]
+    return found[0] if all(found) else None
+
+
+def is_cached(ref: str) -> bool:
+    """Whether resolve_model(ref) would succeed without a download (never touches the network)."""
+    return cached_path(ref) is not None
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 
 
 def _check_gguf(path: Path) -> Path:
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise ModelFileError(f"cannot read {path}: {e.strerror}") from None
-    if magic != b"GGUF":
-        raise ModelFileError(f"{path} is not a GGUF file")
-    return path.resolve()
+    from .gguf_file import check_gguf_file
+
+    return check_gguf_file(path).resolve()
 
 
 def _builtin(r: ModelRef, reg: Registry) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import socket
 import threading
@@ -109,23 +110,26 @@ class LoopbackHub:
 
     def env(self, home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
         """Environment for a subprocess that uses this hub and a private HF cache and dspark config under home."""
-        import os
+        return hub_env(self.url, home, base)
 
-        env = dict(base if base is not None else os.environ)
-        for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
-                  "HF_TOKEN_PATH", "HF_HUB_ENABLE_HF_TRANSFER"):
-            env.pop(k, None)
-        env.update(
-            HF_ENDPOINT=self.url,
-            HF_HOME=str(home / "hf"),
-            DSPARK_CONFIG_DIR=str(home / "config"),
-            HF_HUB_DISABLE_TELEMETRY="1",
-            HF_HUB_DISABLE_XET="1",
-            NO_PROXY="127.0.0.1,localhost",
-            no_proxy="127.0.0.1,localhost",
-            COLUMNS="200",
-        )
-        return env
+
+def hub_env(url: str, home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment pointing huggingface-hub at `url`, with a private HF cache and dspark config under home."""
+    env = dict(base if base is not None else os.environ)
+    for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
+              "HF_TOKEN_PATH", "HF_HUB_ENABLE_HF_TRANSFER"):
+        env.pop(k, None)
+    env.update(
+        HF_ENDPOINT=url,
+        HF_HOME=str(home / "hf"),
+        DSPARK_CONFIG_DIR=str(home / "config"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        COLUMNS="200",
+    )
+    return env
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -254,3 +258,28 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+def write_tiny_gguf(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2,
+                    key_length: int | None = None, n_vocab: int = 300, weights: int = 4096) -> Path:
+    """A small but well-formed GGUF (llama arch, gpt2-style token list) for header and memory tests."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(n_layer)
+    w.add_embedding_length(n_embd)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_context_length(2048)
+    if key_length is not None:
+        w.add_key_length(key_length)
+        w.add_value_length(key_length)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(n_vocab)])
+    w.add_tensor("token_embd.weight", np.zeros(weights, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

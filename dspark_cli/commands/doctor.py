@@ -126,6 +126,7 @@ def _pairing(target, draft, problems: list[DsparkError]) -> dict:
 
 def _print(report: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from ..memory import fmt_bytes
@@ -147,7 +148,7 @@ def _print(report: dict) -> None:
     t.add_row("GPU backend", gpu["backend"] + ("" if gpu.get("offload") else " (no GPU offload)"))
     for dev in gpu.get("devices", []):
         mem = f", {fmt_bytes(dev['memory_free'])} free of {fmt_bytes(dev['memory_total'])}" if dev["memory_total"] else ""
-        t.add_row("device", f"{dev['name']} [{dev['type']}] {dev['description']}{mem}")
+        t.add_row("device", escape(f"{dev['name']} [{dev['type']}] {dev['description']}{mem}"))
     out.print("[bold]Machine[/]")
     out.print(t)
 
@@ -162,7 +163,7 @@ def _print(report: dict) -> None:
                 extra = f" ({e['arch']}, {e['n_layer']} layers, vocab {e['n_vocab']})" if "arch" in e else ""
                 mt.add_row(role, f"{e['path']}, {fmt_bytes(e['size'])}{extra}")
             else:
-                mt.add_row(role, f"{e['ref']}: [red]{e['problem']}[/]")
+                mt.add_row(role, f"{escape(e['ref'])}: [red]{escape(e['problem'])}[/]")
         out.print(mt)
     mem = report.get("memory")
     if mem:
@@ -186,11 +187,11 @@ def _print(report: dict) -> None:
     pairing = report.get("pairing")
     if pairing:
         mark = {True: "[green]pairs[/]", False: "[red]does not pair[/]", None: "[yellow]unchecked[/]"}[pairing["ok"]]
-        out.print(f"\n[bold]Pairing[/]: {mark}: {pairing['detail']}")
+        out.print(f"\n[bold]Pairing[/]: {mark}: {escape(pairing['detail'])}")
     if report["advice"]:
         out.print("\n[bold]Advice[/]")
         for line in report["advice"]:
-            out.print(f"- {line}")
+            out.print(f"- {escape(line)}")
 
 
 def register(app: typer.Typer) -> None:

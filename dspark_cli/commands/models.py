@@ -12,18 +12,20 @@ from ..errors import DsparkError, UsageError
 
 
 def _model_entry(spec) -> dict:
-    from ..refs import is_cached
+    from ..refs import cached_path
 
+    path = cached_path(spec.name)
     return {
         "name": spec.name,
         "ref": spec.ref,
         "repo": spec.repo,
         "file": spec.file,
         "quant": spec.quant,
-        "size": spec.size,
+        "size": path.stat().st_size if path else spec.size,  # the real size once it is here
         "sha256": spec.sha256,
         "builtin": spec.builtin,
-        "cached": is_cached(spec.name),
+        "cached": path is not None,
+        "path": str(path) if path else None,
     }
 
 

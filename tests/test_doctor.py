@@ -1,0 +1,85 @@
+"""`dspark doctor` on this machine, for real: memory, backend, versions, and a pair's fit and vocabulary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hub_server import LoopbackHub, write_tiny_gguf  # noqa: E402
+
+from dspark_cli.machine import machine_info  # noqa: E402
+
+
+
+@pytest.fixture
+def env(tmp_path):
+    with LoopbackHub() as hub:
+        yield hub.env(tmp_path)
+
+
+def dspark(*args, env):
+    return subprocess.run([sys.executable, "-m", "dspark_cli", *args], capture_output=True, text=True, env=env,
+                          timeout=180)
+
+
+def test_machine_info_is_this_machine():
+    info = machine_info()
+    json.dumps(info)  # plain JSON-able values, for bench's header too
+    assert info["ram"]["total"] == psutil.virtual_memory().total
+    assert info["cpu"]["logical_cores"] == psutil.cpu_count()
+    assert info["gpu"]["backend"] in ("none", "CUDA", "Metal", "Vulkan", "SYCL", "HIP", "MUSA", "CANN", "OpenCL")
+    if Path("/proc/cpuinfo").exists() and " avx2 " in Path("/proc/cpuinfo").read_text():
+        assert "avx2" in info["cpu"]["features"]
+    if info["llama"]["llama_cpp_python"]:
+        assert info["llama"]["ggml_version"] and info["llama"]["system_info"].startswith("CPU")
+        assert any(d["type"] == "cpu" for d in info["gpu"]["devices"])
+
+
+def test_doctor_reports_memory_and_backend(env):
+    r = dspark("doctor", env=env)
+    assert r.returncode == 0, r.stderr
+    info = machine_info()
+    assert "RAM" in r.stdout and "GPU backend" in r.stdout and info["gpu"]["backend"] in r.stdout
+    gib = f"{info['ram']['total'] / 2**30:.1f} GiB total"
+    assert gib in r.stdout
+    j = json.loads(dspark("doctor", "--json", env=env).stdout)
+    assert j["machine"]["ram"]["total"] == psutil.virtual_memory().total
+    assert j["machine"]["gpu"]["backend"] == info["gpu"]["backend"]
+    if info["gpu"]["backend"] == "none":
+        assert any("no GPU backend" in a for a in j["advice"])
+
+
+def test_doctor_with_a_pair_that_matches(env, demo_paths):
+    SMOL = demo_paths[1]
+    r = dspark("doctor", "--target", str(SMOL), "--draft", str(SMOL), "--json", env=env)
+    j = json.loads(r.stdout)
+    assert j["memory"]["fits"] is True and j["memory"]["target"]["kv_cache"] == 90 * 2**20
+    assert r.returncode == 0, r.stderr
+    assert j["pairing"]["ok"] is True
+    assert any("as big as the target" in a for a in j["advice"])  # same file twice: no gain possible
+
+
+def test_doctor_stops_on_memory_with_the_preflight_message(env, tmp_path):
+    t = write_tiny_gguf(tmp_path / "t.gguf", n_layer=64, n_embd=1024, n_head=8, n_head_kv=8, key_length=128)
+    r = dspark("doctor", "--target", str(t), "--ctx-size", str(1 << 20), env=env)
+    assert r.returncode == 7
+    assert "does not fit" in r.stdout  # the report is still printed
+    assert r.stderr.startswith("dspark: error: not enough memory:") and "--ctx-size" in r.stderr
+
+
+def test_doctor_with_a_model_not_downloaded(env):
+    r = dspark("doctor", "--pair", "qwen2.5-7b", env=env)
+    assert r.returncode == 3
+    assert "not downloaded yet" in r.stderr and "dspark pull" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_doctor_rejects_pair_with_target(env):
+    r = dspark("doctor", "--pair", "demo", "--target", "x.gguf", env=env)
+    assert r.returncode == 2 and r.stderr.startswith("dspark: error: --pair sets both models")

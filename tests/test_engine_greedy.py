@@ -1,0 +1,121 @@
+"""Greedy speculative decoding must reproduce the target alone token for token, on the real demo pair and
+on a tiny synthetic pair whose draft is often wrong (so rejections and cache trims really happen)."""
+
+import numpy as np
+import pytest
+
+from dspark_cli.drafters import ModelDrafter
+from dspark_cli.engine import generate
+from dspark_cli.prompt import build_prompt
+
+DEMO_PROMPTS = [
+    "Write a short story about a robot learning to paint.",
+    "List three facts about the Moon.",
+    "Explain what a hash table is to a ten year old.",
+]
+
+
+def run(target, prompt, drafter=None, **kw):
+    tokens, from_draft, last = [], [], None
+    for ev in generate(target, prompt, drafter=drafter, **kw):
+        if ev.token is not None:
+            tokens.append(ev.token)
+            from_draft.append(ev.from_draft)
+        last = ev
+    return tokens, from_draft, last
+
+
+@pytest.mark.parametrize("text", DEMO_PROMPTS)
+def test_demo_pair_greedy_is_identical_to_target_alone(demo_models, text):
+    target, draft = demo_models
+    prompt, _ = build_prompt(target, text)
+    base, _, base_last = run(target, prompt, max_tokens=96)
+    for draft_max in (1, 4, 8):
+        spec, from_draft, last = run(target, prompt, ModelDrafter(draft), max_tokens=96, draft_max=draft_max)
+        assert spec == base, f"draft_max={draft_max}"
+        assert last.finish_reason == base_last.finish_reason
+        s = last.stats
+        assert s.n_drafted > 0 and 0 < s.n_accepted <= s.n_drafted
+        assert sum(from_draft) == s.n_accepted or last.finish_reason != "length"
+        assert s.tokens_per_step > 1.0  # speculation did save target steps
+        assert len(s.acceptance_by_position) <= draft_max
+
+
+def test_tiny_pair_greedy_identity_with_many_rejections(tiny_models):
+    target, draft = tiny_models
+    total_drafted = total_accepted = 0
+    for text in ["the cat sat on the mat", "a big red dog ran", "it was a sun day and"]:
+        prompt = target.tokenize(text, add_special=True)
+        base, _, _ = run(target, prompt, max_tokens=80)
+        for draft_max in (2, 5):
+            spec, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=80, draft_max=draft_max)
+            assert spec == base
+            total_drafted += last.stats.n_drafted
+            total_accepted += last.stats.n_accepted
+    rate = total_accepted / total_drafted
+    assert 0.1 < rate < 0.98, rate  # rejections happened, and so did acceptances
+
+
+def test_kv_caches_consistent_after_rejections(tiny_models):
+    """After a run with rejections, both caches hold exactly accepted tokens: the next logits from the
+    cache equal those of a fresh evaluation of the same sequence."""
+    target, draft = tiny_models
+    prompt = target.tokenize("the dog ran to the big", add_special=True)
+    out, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=40, draft_max=6)
+    assert last.stats.n_accepted < last.stats.n_drafted  # there were rejections
+    seq = prompt + out
+    for m in (target, draft):
+        assert m.cached == seq[: len(m.cached)]
+        assert m.kv_pos_max() == len(m.cached) - 1
+    cached_logits = np.array(target.sync(seq, n_logits=1)[0])
+    target.truncate(0)
+    fresh_logits = np.array(target.sync(seq, n_logits=1)[0])
+    assert np.allclose(cached_logits, fresh_logits, atol=1e-4)
+
+
+def test_abandoned_generator_leaves_caches_trimmed(tiny_models):
+    target, draft = tiny_models
+    prompt = target.tokenize("a cat and a dog", add_special=True)
+    gen = generate(target, prompt, drafter=ModelDrafter(draft), max_tokens=50, draft_max=8)
+    got = [next(gen).token for _ in range(3)]
+    gen.close()  # what Ctrl-C or a closed pipe does to the loop
+    assert len(target.cached) <= len(prompt) + 3
+    assert len(draft.cached) <= len(prompt) + 3
+    assert target.cached == (prompt + got)[: len(target.cached)]
+    assert target.kv_pos_max() == len(target.cached) - 1
+
+
+def test_stop_token_inside_an_accepted_draft(demo_models):
+    """The demo pair answers briefly and ends with <|im_end|>; the draft proposes that end token inside a
+    draft, the target accepts it, and generation stops there with the end token not printed."""
+    target, draft = demo_models
+
+    class Recording(ModelDrafter):
+        proposals: list = []
+
+        def propose(self, seq, n_max, params, rng):
+            d = super().propose(seq, n_max, params, rng)
+            self.proposals.append(list(d.tokens))
+            return d
+
+    prompt, _ = build_prompt(target, "Reply with only the word yes.")
+    base, _, base_last = run(target, prompt, max_tokens=64)
+    drafter = Recording(draft)
+    spec, _, last = run(target, prompt, drafter, max_tokens=64, draft_max=8)
+    assert base_last.finish_reason == "stop" and last.finish_reason == "stop"
+    assert spec == base
+    assert any(any(target.is_eog(t) for t in p) for p in drafter.proposals), drafter.proposals
+    assert "<|im_end|>" not in target.detokenize(spec)
+    assert not any(target.is_eog(t) for t in spec)
+
+
+def test_finish_reasons_length_and_context(tiny_models):
+    target, draft = tiny_models
+    prompt = target.tokenize("the cat", add_special=True)
+    out, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=7, draft_max=4)
+    assert len(out) == 7 and last.finish_reason == "length"
+    # A context of 512 with a prompt near it: generation stops when the context is full.
+    long_prompt = prompt * (500 // len(prompt))
+    out, _, last = run(target, long_prompt, ModelDrafter(draft), max_tokens=1000, draft_max=4)
+    assert last.finish_reason == "context"
+    assert len(long_prompt) + len(out) == target.n_ctx
