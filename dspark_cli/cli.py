@@ -3,13 +3,13 @@ and only parse options and render events; errors are mapped to one stderr line a
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 import typer
 
 from . import __version__
+from .console import quiet_stdout, say
 from .errors import DsparkError
 
 app = typer.Typer(
@@ -50,21 +50,7 @@ def _register_commands() -> None:
 
 
 def _error_line(message: str) -> None:
-    try:
-        sys.stderr.write(f"dspark: error: {message}\n")
-        sys.stderr.flush()
-    except (BrokenPipeError, OSError):
-        pass
-
-
-def _quiet_stdout() -> None:
-    # After a closed pipe (`dspark run ... | head`), point stdout at /dev/null so the interpreter's final
-    # flush does not raise a second BrokenPipeError at exit.
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
-        pass
+    say(f"error: {message}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if e.hint:
             try:
                 sys.stderr.write(f"  hint: {e.hint}\n")
-            except OSError:
+            except (OSError, ValueError):
                 pass
         code = e.exit_code
     except click.exceptions.Exit as e:
@@ -93,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         _error_line("interrupted")
         code = 130
     except BrokenPipeError:
-        _quiet_stdout()
+        quiet_stdout()
         code = 0
     sys.exit(code)
 

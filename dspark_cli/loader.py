@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .drafters import Drafter, ModelDrafter, PromptLookupDrafter
+from .console import say
 from .errors import UsageError
 from .model import Model
 
@@ -54,14 +55,6 @@ class Loaded:
         if self.draft_model is not None:
             self.draft_model.close()
         self.target.close()
-
-
-def _say(msg: str) -> None:
-    try:
-        sys.stderr.write(f"dspark: {msg}\n")
-        sys.stderr.flush()
-    except OSError:
-        pass
 
 
 def _gpu_layers(requested: int | None) -> int:
@@ -119,7 +112,7 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
 
     if not quiet:
         what = f"draft {draft_path.name}" if draft_path else ("prompt lookup" if draft == DRAFT_LOOKUP else "no draft")
-        _say(f"loading target {target_path.name} + {what}")
+        say(f"loading target {target_path.name} + {what}")
     target = Model(target_path, role="target", n_ctx=opts.ctx_size, n_gpu_layers=ngl, n_threads=opts.threads)
     draft_model = None
     drafter: Drafter | None = None

@@ -32,7 +32,7 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # llama.cpp logs a great deal on load; keep it off the terminal unless DSPARK_VERBOSE is set, but
     # remember errors so a failed load can say why in one line.
     msg = text.decode("utf-8", errors="replace")
-    if _log_lines is not None and level in (2, 3):  # WARN, ERROR
+    if _log_lines is not None and level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
         _log_lines.append(msg.strip())
     if _VERBOSE:
         import sys
@@ -60,9 +60,16 @@ def _capture_log():
 
 
 def _reason(lines: list[str]) -> str:
+    """The most telling line of llama.cpp's log for a failed load ("error loading model: ..." first)."""
+    for line in lines:
+        if "error loading model:" in line:
+            reason = line.split("error loading model:", 1)[1].strip()
+            if "not within the file bounds" in reason:
+                return f"the file is truncated or corrupt ({reason})"
+            return reason
     for line in reversed(lines):
         if "error" in line.lower() or "failed" in line.lower():
-            return line.split(": ", 1)[-1] if line.startswith("llama") else line
+            return line.split(": ", 1)[-1]
     return lines[-1] if lines else "llama.cpp could not load it"
 
 

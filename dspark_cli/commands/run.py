@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..console import quiet_stdout, say
 from ..engine import generate
 from ..errors import PromptError, UsageError
 from ..loader import load
@@ -88,13 +89,21 @@ def register(app: typer.Typer) -> None:
         try:
             tokens, templated = build_prompt(loaded.target, text_in, raw=raw, system=system)
             if not raw and not templated:
-                sys.stderr.write("dspark: the target has no chat template; sending the prompt as is\n")
+                say("the target has no chat template; sending the prompt as is")
             _generate(loaded, tokens, params, max_tokens, draft_max, tuple(stop or ()), as_json)
         finally:
             loaded.close()
 
 
 def _generate(loaded, tokens, params, max_tokens, draft_max, stop, as_json) -> None:
+    try:
+        _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop generating, say nothing, exit 0.
+        quiet_stdout()
+
+
+def _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json) -> None:
     out = sys.stdout
     pieces: list[str] = []
     stats = None
@@ -118,7 +127,7 @@ def _generate(loaded, tokens, params, max_tokens, draft_max, stop, as_json) -> N
             out.write("\n")
             out.flush()
         n = stats.n_generated if stats is not None else 0
-        sys.stderr.write(f"dspark: interrupted after {n} tokens\n")
+        say(f"interrupted after {n} tokens")
         raise SystemExit(130)
     if as_json:
         _print_json(pieces, stats, finish, params, loaded)
@@ -126,7 +135,7 @@ def _generate(loaded, tokens, params, max_tokens, draft_max, stop, as_json) -> N
         if pieces and not pieces[-1].endswith("\n"):
             out.write("\n")
         out.flush()
-        sys.stderr.write(f"dspark: {_summary(stats, finish)}\n")
+        say(_summary(stats, finish))
 
 
 def _print_json(pieces, stats, finish, params, loaded) -> None:

@@ -1,0 +1,31 @@
+"""The prompt-lookup drafter: n-gram matching over the prompt and the text so far."""
+
+from dspark_cli.drafters import PromptLookupDrafter, lookup
+from dspark_cli.engine import generate
+from dspark_cli.prompt import build_prompt
+
+
+def test_lookup_finds_the_latest_longest_match():
+    seq = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
+    assert lookup(seq, 3, ngram_max=3, ngram_min=2) == [7, 8, 5]  # latest earlier match of [1, 2, 3]
+    assert lookup([4, 5, 6, 4, 5], 4, ngram_max=3, ngram_min=2) == [6, 4, 5]
+    assert lookup([1, 2, 3, 4], 4) == []  # the tail occurs nowhere else
+    assert lookup([7, 7], 2, ngram_min=1) == [7]
+
+
+def test_lookup_speeds_up_copying_and_stays_exact(demo_models):
+    target, _ = demo_models
+    # Raw text that continues by repeating itself: the answer copies from the prompt.
+    line = "Monday: water the plants, feed the cat, call the bank, buy bread and milk.\n"
+    prompt, _ = build_prompt(target, line * 3 + "Monday:", raw=True)
+    base = [e.token for e in generate(target, prompt, max_tokens=48) if e.token is not None]
+    last = None
+    spec = []
+    for e in generate(target, prompt, drafter=PromptLookupDrafter(), max_tokens=48, draft_max=8):
+        if e.token is not None:
+            spec.append(e.token)
+        last = e
+    assert spec == base
+    s = last.stats
+    assert s.method == "lookup" and s.n_drafted > 0
+    assert s.acceptance_rate > 0.5 and s.tokens_per_step > 2.0, s.as_dict()
