@@ -113,6 +113,7 @@ class Model:
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
         self.cached: list[int] = []
+        self._stray = False  # llama.cpp may hold positions past `cached` (see _decode)
         self.n_evaluated = 0  # tokens ever run through this model: a cost counter for stats
         if vocab_only:
             self.n_ctx = 0
@@ -254,6 +255,10 @@ class Model:
         return None
 
     def _decode(self, tokens: list[int], n_logits: int) -> None:
+        # A KeyboardInterrupt can land between llama_decode returning and `cached` being extended; the
+        # flag makes the next call drop whatever llama.cpp holds past `cached`, so the two never disagree.
+        if self._stray:
+            self._seq_rm(len(self.cached))
         b = self._batch
         n = len(tokens)
         pos0 = len(self.cached)
@@ -265,25 +270,30 @@ class Model:
             b.seq_id[i][0] = 0
             b.logits[i] = i >= first_logit
         b.n_tokens = n
+        self._stray = True
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
-            # Leave nothing half-written: the cache may hold part of the batch.
-            self._rm(pos0)
+            self._seq_rm(pos0)  # leave nothing half-written: the cache may hold part of the batch
             raise ModelFileError(f"llama_decode failed on the {self.role} model (code {rc})")
         self.cached.extend(tokens)
+        self._stray = False
         self.n_evaluated += n
 
-    def _rm(self, keep: int) -> None:
+    def _seq_rm(self, keep: int) -> None:
+        """Drop positions >= keep from llama.cpp's cache (and from `cached`, first, so that an interrupt
+        in between leaves `cached` the shorter of the two, which the stray flag then repairs)."""
+        del self.cached[keep:]
+        self._stray = True
         if not llama_cpp.llama_memory_seq_rm(self._mem, 0, keep, -1):
             # Some caches (recurrent models) cannot drop a suffix: start over from nothing.
+            self.cached.clear()
             llama_cpp.llama_memory_clear(self._mem, True)
-            keep = 0
-        del self.cached[keep:]
+        self._stray = False
 
     def truncate(self, n_keep: int) -> None:
         """Drop every cached token from position n_keep on."""
-        if n_keep < len(self.cached):
-            self._rm(n_keep)
+        if n_keep < len(self.cached) or self._stray:
+            self._seq_rm(n_keep)
 
     def sync(self, tokens: list[int], n_logits: int = 1) -> np.ndarray | None:
         """Make the cache hold exactly `tokens`, evaluating only what is not already there, and return the

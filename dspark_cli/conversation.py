@@ -1,0 +1,280 @@
+"""A multi-turn conversation as messages and as the exact token ids the models have in their KV caches.
+
+No terminal code here: `dspark chat` drives it, tests drive it directly.
+
+Why the token bookkeeping: re-rendering the whole conversation through the chat template and tokenizing
+it again does not always give back the tokens the model generated (tokenization is not unique), and any
+difference makes `Model.sync` re-process everything after it. So a turn's prompt is built as
+    (tokens already in context: previous prompt + the answer's own tokens) + tokens(rendered tail)
+where the tail is what the template writes after the previous answer's text: the end of that turn
+(e.g. `<|im_end|>\\n`), the new user message and the assistant header. The tail is found by rendering the
+whole conversation and checking that it starts with exactly the text the cached tokens stand for; when it
+does not (the system prompt changed, a template rewrites old answers, turns were dropped), the prompt is
+rendered and tokenized whole and the caches keep whatever prefix still matches.
+
+The end-of-turn token is never yielded by the engine (it stops on it), and an interrupted or cut answer
+has none; the template's own closing text in the tail supplies it in every case, so each turn is closed
+the way the template closes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DsparkError, PromptError
+from .model import Model
+from .prompt import tokenize_prompt
+
+FINISH_INTERRUPTED = "interrupted"  # Ctrl-C during the answer (the engine's reasons are stop/length/context)
+
+# Used when a GGUF carries no chat template, as llama.cpp does: ChatML.
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ChatTemplate:
+    """The model's Jinja chat template (or ChatML), compiled once."""
+
+    def __init__(self, model: Model):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = model.chat_template()
+        self.is_fallback = not template
+        template = template or FALLBACK_TEMPLATE
+        bos = model.token_text(model.bos).decode("utf-8", "replace") if model.bos >= 0 else ""
+        eos = model.token_text(model.eos).decode("utf-8", "replace") if model.eos >= 0 else ""
+        self._open = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
+
+    def render(self, messages: list[dict]) -> str:
+        """The conversation followed by the assistant header, ready for the answer."""
+        try:
+            return self._open(messages=messages).prompt
+        except Exception as e:  # a template may raise_exception() on a conversation shape it rejects
+            raise DsparkError(f"the model's chat template failed on this conversation: {e}") from None
+
+
+@dataclass
+class TurnPrompt:
+    tokens: list[int]  # the whole prompt for the answer
+    n_reusable: int  # of them, tokens that were in context after the previous answer (the rest is new)
+    dropped_turns: int = 0  # oldest turns dropped to make room (the prompt is then re-processed once)
+
+
+@dataclass
+class SessionTotals:
+    """Counters over every answer of the session (/stats)."""
+
+    turns: int = 0
+    interrupted: int = 0
+    n_generated: int = 0
+    n_drafted: int = 0
+    n_accepted: int = 0
+    n_target_steps: int = 0
+    t_generation: float = 0.0
+    n_prompt: int = 0
+    n_prompt_evaluated: int = 0
+    n_prompt_evaluated_draft: int = 0
+    t_prompt: float = 0.0
+    dropped_turns: int = 0
+
+    def add(self, stats, finish: str | None, draft_prompt_evaluated: int = 0) -> None:
+        self.turns += 1
+        self.interrupted += finish == FINISH_INTERRUPTED
+        self.n_generated += stats.n_generated
+        self.n_drafted += stats.n_drafted
+        self.n_accepted += stats.n_accepted
+        self.n_target_steps += stats.n_target_steps
+        self.t_generation += stats.t_generation
+        self.n_prompt += stats.n_prompt
+        self.n_prompt_evaluated += stats.n_prompt_evaluated
+        self.n_prompt_evaluated_draft += draft_prompt_evaluated
+        self.t_prompt += stats.t_prompt
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_generated / self.t_generation if self.t_generation > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.n_accepted / self.n_drafted if self.n_drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.n_generated / self.n_target_steps if self.n_target_steps else 0.0
+
+
+class Conversation:
+    def __init__(self, model: Model, system: str | None = None):
+        self.model = model
+        self.template = ChatTemplate(model)
+        self.system = system or None
+        self.messages: list[dict] = []  # alternating user/assistant that still fit the context
+        self.log: list[dict] = []  # every message since the last reset, dropped ones too (/save)
+        self._start_log()
+        # What the caches hold after the last answer: its prompt + its tokens, and the text they stand for.
+        self._tokens: list[int] = []
+        self._text: str | None = None  # None: nothing reusable (start, reset, system change, dropped turns)
+        self._pending: tuple[str, str, list[int]] | None = None  # (user text, rendered prompt, prompt tokens)
+
+    # ---- state changes from commands ------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the turns; the system prompt stays. The caches keep the system prompt's prefix anyway."""
+        self.messages.clear()
+        self.log.clear()
+        self._start_log()
+        self._text = None
+        self._pending = None
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+        self.log.append(self._record("system", self.system or ""))
+        self._text = None  # it sits at the start: the next prompt is rendered and processed whole
+
+    @property
+    def n_turns(self) -> int:
+        return len(self.messages) // 2
+
+    # ---- one turn -------------------------------------------------------------------------------------
+    def begin_turn(self, user_text: str, *, reserve: int) -> TurnPrompt:
+        """The prompt for answering `user_text`, leaving `reserve` tokens of the context for the answer
+        when possible: if it does not fit, the oldest turns are dropped (the system prompt is kept) until
+        a quarter of the context is free besides the reserve. Raises
+        PromptError when even the message alone does not fit; the conversation is then unchanged."""
+        n_ctx = self.model.n_ctx
+        user = {"role": "user", "content": user_text}
+        text = self.template.render(self._with_system(self.messages + [user]))
+        tokens, n_reusable = self._incremental(text)
+        dropped = 0
+        # Dropping turns costs re-processing everything after the system prompt, so drop enough at once
+        # to leave a quarter of the context free for the turns that follow, not just this one.
+        goal = n_ctx - n_ctx // 4 if len(tokens) + reserve > n_ctx else n_ctx
+        while len(tokens) + reserve > goal and dropped * 2 < len(self.messages):
+            dropped += 1
+            text = self.template.render(self._with_system(self.messages[dropped * 2 :] + [user]))
+            tokens, n_reusable = tokenize_prompt(self.model, text), 0
+        if len(tokens) >= n_ctx:
+            raise PromptError(
+                f"this message needs {len(tokens)} tokens with the system prompt, but the context holds {n_ctx}",
+                hint="send a shorter message or raise --ctx-size",
+            )
+        if dropped:
+            del self.messages[: dropped * 2]
+        self._pending = (user_text, text, tokens)
+        self.log.append(self._record("user", user_text))
+        return TurnPrompt(tokens, n_reusable, dropped)
+
+    def end_turn(self, answer_text: str, answer_tokens: list[int], finish: str | None, stats: dict | None = None) -> dict:
+        """Record the answer (complete, cut or interrupted) and what the caches now hold. Returns the
+        assistant record for the transcript."""
+        if self._pending is None:
+            raise RuntimeError("end_turn without begin_turn")
+        user_text, prompt_text, prompt_tokens = self._pending
+        self._pending = None
+        self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer_text}]
+        self._tokens = prompt_tokens + list(answer_tokens)
+        # The tail trick needs the tokens to spell exactly the answer's text; an answer cut inside a UTF-8
+        # character (Ctrl-C) does not, and then the next prompt is rebuilt whole instead.
+        exact = self.model.detokenize(list(answer_tokens)) == answer_text
+        self._text = prompt_text + answer_text if exact else None
+        record = self._record("assistant", answer_text, finish_reason=finish)
+        if stats is not None:
+            record["stats"] = stats
+        self.log.append(record)
+        return record
+
+    def abort_turn(self) -> None:
+        """The answer never started (an error before generation): forget the user message."""
+        if self._pending is not None:
+            self._pending = None
+            if self.log and self.log[-1]["role"] == "user":
+                self.log.pop()
+
+    # ---- internals ------------------------------------------------------------------------------------
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + messages
+
+    def _incremental(self, text: str) -> tuple[list[int], int]:
+        if self._text is not None and self._tokens and text.startswith(self._text):
+            tail = text[len(self._text) :]
+            return self._tokens + self.model.tokenize(tail, add_special=False, parse_special=True), len(self._tokens)
+        return tokenize_prompt(self.model, text), 0
+
+    def _record(self, role: str, content: str, **extra) -> dict:
+        return {"role": role, "content": content, **extra, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def _start_log(self) -> None:
+        if self.system:
+            self.log.append(self._record("system", self.system))
+
+
+class Transcript:
+    """--transcript FILE: one JSON object per line, appended and flushed the moment a message is
+    complete, so a crash or a killed terminal loses nothing already said."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = self.path.open("a", encoding="utf-8")
+        except OSError as e:
+            raise DsparkError(f"cannot open the transcript {self.path}: {e.strerror or e}") from None
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+        try:
+            os.fsync(self._f.fileno())
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def save_records(path: str | Path, records: list[dict]) -> Path:
+    """Write a whole conversation as JSON lines (the transcript's format), replacing the file atomically."""
+    path = Path(path).expanduser()
+    tmp = path.with_name(path.name + ".part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DsparkError(f"cannot save to {path}: {e.strerror or e}") from None
+    return path
+
+
+@dataclass
+class DraftPromptCounter:
+    """Wraps a drafter to count the prompt tokens the draft model actually processes in `prepare` (the
+    engine's stats count the target's only), so /stats can show that the draft reuses its cache too."""
+
+    inner: object
+    last: int = 0
+    name: str = field(init=False)
+
+    def __post_init__(self):
+        self.name = self.inner.name
+
+    def prepare(self, seq):
+        self.last = 0
+        model = getattr(self.inner, "model", None)
+        before = model.n_evaluated if model is not None else 0
+        self.inner.prepare(seq)
+        # sync() re-evaluates the last prompt token for its logits even when it is cached.
+        self.last = (model.n_evaluated - before) if model is not None else 0
+
+    def propose(self, seq, n_max, params, rng):
+        return self.inner.propose(seq, n_max, params, rng)
+
+    def release(self, n_keep):
+        self.inner.release(n_keep)
