@@ -14,8 +14,10 @@ if [[ ! -d "$out/src" ]]; then
   mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$out/src"
   rm -rf "$tmp"
 fi
-# Same portable CPU flags as scripts/install.sh (no AMX), unless CMAKE_ARGS says otherwise.
-args="${CMAKE_ARGS:-$(bash "$(dirname "$0")/install.sh" --print-cmake-args)}"
+# Same portable CPU flags as scripts/install.sh (no AMX), unless CMAKE_ARGS says otherwise, but with
+# llama.cpp's own fast batch kernels (llamafile sgemm, repack) left on: the comparison gives llama.cpp its
+# fastest default build, not dspark's batch-invariant one.
+args="${CMAKE_ARGS:-$(DSPARK_FAST_KERNELS=1 bash "$(dirname "$0")/install.sh" --print-cmake-args)}"
 cmake -S "$out/src" -B "$out/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF $args >&2
 cmake --build "$out/build" -j "$(getconf _NPROCESSORS_ONLN)" --target llama-speculative-simple llama-bench >&2
 echo "$out/build/bin"

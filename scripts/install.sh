@@ -33,7 +33,13 @@ log() { echo "install.sh: $*" >&2; }
 
 cpu_flags() {
   # Map the CPU's reported features to ggml's CMake switches (Linux x86_64).
+  # GGML_LLAMAFILE=OFF and GGML_CPU_REPACK=OFF make the CPU kernels batch-invariant: a token's logits are
+  # bit-identical whether it is decoded alone or inside a verify batch (llamafile's sgemm and the repacked
+  # Q4 gemm only serve batches, and sum in another order than the one-token path). That is what makes
+  # greedy speculative output identical to the target alone even at near-ties. DSPARK_FAST_KERNELS=1 keeps
+  # them on: verify batches get faster, exactness holds only up to floating-point near-ties.
   local feats args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  if [[ "${DSPARK_FAST_KERNELS:-0}" != 1 ]]; then args+=" -DGGML_LLAMAFILE=OFF -DGGML_CPU_REPACK=OFF"; fi
   feats=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
   has() { [[ "$feats" == *" $1 "* ]]; }
   has avx && args+=" -DGGML_AVX=ON"
@@ -58,6 +64,7 @@ if [[ -z "${CMAKE_ARGS:-}" ]]; then
     CMAKE_ARGS="$(cpu_flags)"
   else
     CMAKE_ARGS="-DGGML_NATIVE=OFF"
+    if [[ "${DSPARK_FAST_KERNELS:-0}" != 1 ]]; then CMAKE_ARGS+=" -DGGML_LLAMAFILE=OFF -DGGML_CPU_REPACK=OFF"; fi
   fi
 fi
 export CMAKE_ARGS

@@ -1,6 +1,8 @@
 """Greedy speculative decoding must reproduce the target alone token for token, on the real demo pair and
 on a tiny synthetic pair whose draft is often wrong (so rejections and cache trims really happen)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -119,3 +121,19 @@ def test_finish_reasons_length_and_context(tiny_models):
     out, _, last = run(target, long_prompt, ModelDrafter(draft), max_tokens=1000, draft_max=4)
     assert last.finish_reason == "context"
     assert len(long_prompt) + len(out) == target.n_ctx
+
+
+@pytest.mark.skipif(os.environ.get("DSPARK_FAST_KERNELS") == "1", reason="built with the fast, non-batch-invariant kernels")
+def test_build_is_batch_invariant(demo_models):
+    """scripts/install.sh builds llama.cpp so that a token's logits do not depend on the batch it is decoded
+    in (no llamafile sgemm, no repacked gemm). This is what keeps greedy output identical to the target
+    alone even where its top two tokens nearly tie."""
+    target, _ = demo_models
+    prompt, _ = build_prompt(target, "A shop sells pencils at 3 for $1. How much do 12 pencils cost?")
+    seq = prompt + target.tokenize(" Twelve pencils cost four dollars, because", add_special=False)
+    target.truncate(0)
+    alone = np.array(target.sync(seq[:-8], n_logits=1)[0])
+    target.truncate(0)
+    target.sync(seq[:-9], n_logits=0)
+    in_batch = np.array(target.eval(seq[-9:], n_logits=9)[0])
+    assert np.array_equal(alone, in_batch)

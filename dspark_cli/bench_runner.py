@@ -1,0 +1,195 @@
+"""Interleaved benchmark runs: the target alone and each speculative variant on the same prompts, same
+settings and seed, with loaded models reused throughout.
+
+Order: a warm-up run of every variant (untimed: first-touch page faults, thread pools and allocator
+growth would otherwise land on whoever runs first), then for each repeat and prompt every variant back to
+back, the order reversed on odd repeats (A B, B A, ...) so slow drift and any order effect fall on both
+sides alike. Every run starts from an empty KV cache in both models, so no run reuses another's prompt.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .bench_prompts import BenchPrompt
+from .bench_stats import BASELINE, Mismatch, RunRecord, check_identity, record_from_events, variant_name
+from .drafters import Draft, ModelDrafter, PromptLookupDrafter
+from .engine import generate
+from .errors import PromptError, UsageError
+from .loader import Loaded
+from .prompt import build_prompt
+from .sampling import SamplingParams
+
+METHOD_DRAFT = "draft"
+METHOD_LOOKUP = "lookup"
+METHODS = (METHOD_DRAFT, METHOD_LOOKUP)
+WARMUP_TOKENS = 32
+# Two greedy candidates whose target logits are closer than this are a floating-point tie: llama.cpp's CPU
+# kernels accumulate in a different order for a 1-token step than for a (γ+1)-token verify batch, and
+# differences of ~1e-4 can flip such a tie. Reported as a near-tie, still as not identical.
+NEAR_TIE_LOGITS = 0.01
+
+# TEST-ONLY hook: when set to 1, one token of the first speculative output is changed before the identity
+# check, so the end-to-end test can prove a mismatch is reported. Not a user feature; do not document it.
+_CORRUPT_ENV = "DSPARK_BENCH_TEST_CORRUPT"
+
+
+@dataclass
+class BenchConfig:
+    prompts: list[BenchPrompt]
+    methods: list[str]
+    draft_max: list[int]
+    repeats: int = 3
+    warmup: bool = True
+    max_tokens: int = 128
+    params: SamplingParams = SamplingParams(temperature=0.0, seed=0)
+    raw: bool = False
+
+    @property
+    def variants(self) -> list[tuple[str, int | None]]:
+        return [(BASELINE, None)] + [(m, n) for m in self.methods for n in self.draft_max]
+
+    @property
+    def total_runs(self) -> int:
+        n = len(self.variants)
+        return (n if self.warmup else 0) + self.repeats * len(self.prompts) * n
+
+
+@dataclass
+class BenchRun:
+    records: list[RunRecord]
+    mismatches: list[Mismatch] | None  # None: not checked (sampling is not expected to match)
+    prompt_tokens: dict[str, int]
+    texts: dict[str, str]  # the target alone's answer to each prompt (first repeat)
+    wall_seconds: float
+    warmup_seconds: float = 0.0
+    corrupted: bool = False
+    templated: bool = True
+
+
+class _LoggedDrafter:
+    """Passes through to a drafter and logs (len(seq), tokens proposed) per round: the engine's stats sum
+    acceptance over rounds, and the α estimate needs to know which rounds hit a rejection."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = inner.name
+        self.log: list[tuple[int, int]] = []
+
+    def prepare(self, seq: list[int]) -> None:
+        self.inner.prepare(seq)
+
+    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: np.random.Generator) -> Draft:
+        d = self.inner.propose(seq, n_max, params, rng)
+        self.log.append((len(seq), len(d.tokens)))
+        return d
+
+    def release(self, n_keep: int) -> None:
+        self.inner.release(n_keep)
+
+
+def drafters_for(loaded: Loaded, methods: list[str], draft_p_min: float = 0.0) -> dict:
+    out = {}
+    for m in methods:
+        if m == METHOD_DRAFT:
+            if loaded.draft_model is None:
+                raise UsageError("--methods draft needs a draft model; pass --draft PATH or use --methods lookup")
+            out[m] = ModelDrafter(loaded.draft_model, p_min=draft_p_min)
+        elif m == METHOD_LOOKUP:
+            out[m] = PromptLookupDrafter()  # no model: nothing to load for it
+        else:
+            raise UsageError(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
+    return out
+
+
+def run_bench(loaded: Loaded, config: BenchConfig, *, draft_p_min: float = 0.0,
+              on_run: Callable[[str, str, int], None] | None = None) -> BenchRun:
+    """on_run(prompt_id, variant, repeat) is called after every run (repeat -1 for warm-up): for progress."""
+    drafters = drafters_for(loaded, config.methods, draft_p_min)
+    tokenized: list[tuple[BenchPrompt, list[int]]] = []
+    templated = True
+    for bp in config.prompts:
+        toks, used = build_prompt(loaded.target, bp.text, raw=config.raw)
+        templated = templated and used
+        if len(toks) >= loaded.target.n_ctx:  # say so now, not after the prompts before it have run
+            raise PromptError(f"prompt {bp.id} is {len(toks)} tokens but the context holds {loaded.target.n_ctx}",
+                              hint="raise --ctx-size or shorten the prompt")
+        tokenized.append((bp, toks))
+
+    def one(bp: BenchPrompt, toks: list[int], method: str, n: int | None, repeat: int, max_tokens: int) -> RunRecord:
+        # A fresh KV state per run: no run may reuse a cached prompt or answer from the previous one.
+        loaded.target.truncate(0)
+        if loaded.draft_model is not None:
+            loaded.draft_model.truncate(0)
+        drafter = _LoggedDrafter(drafters[method]) if method != BASELINE else None
+        events = generate(loaded.target, toks, drafter=drafter, params=config.params,
+                          max_tokens=max_tokens, draft_max=n or 1)
+        rec = record_from_events(events, prompt_id=bp.id, category=bp.category,
+                                 variant=variant_name(method, n), repeat=repeat,
+                                 proposals=drafter.log if drafter else None)
+        if on_run is not None:
+            on_run(bp.id, rec.variant, repeat)
+        return rec
+
+    t0 = time.perf_counter()
+    if config.warmup:
+        bp, toks = tokenized[0]
+        for method, n in config.variants:
+            one(bp, toks, method, n, -1, min(config.max_tokens, WARMUP_TOKENS))
+    t1 = time.perf_counter()
+
+    records: list[RunRecord] = []
+    for repeat in range(config.repeats):
+        order = config.variants if repeat % 2 == 0 else config.variants[::-1]
+        for bp, toks in tokenized:
+            for method, n in order:
+                records.append(one(bp, toks, method, n, repeat, config.max_tokens))
+    wall = time.perf_counter() - t1
+
+    corrupted = _corrupt_for_test(records)
+    mismatches = check_identity(records) if config.params.greedy else None
+    if mismatches:
+        _classify(loaded, dict((bp.id, t) for bp, t in tokenized), records, mismatches)
+    texts = {r.prompt_id: loaded.target.detokenize(r.tokens)
+             for r in records if r.variant == BASELINE and r.repeat == 0}
+    return BenchRun(records, mismatches, {bp.id: len(t) for bp, t in tokenized}, texts, wall,
+                    warmup_seconds=t1 - t0, corrupted=corrupted, templated=templated)
+
+
+def _corrupt_for_test(records: list[RunRecord]) -> bool:
+    if os.environ.get(_CORRUPT_ENV, "") != "1":
+        return False
+    for r in records:
+        if r.variant != BASELINE:
+            r.tokens = [r.tokens[0] + 1] + r.tokens[1:] if r.tokens else [0]
+            return True
+    return False
+
+
+def _classify(loaded: Loaded, prompts: dict[str, list[int]], records: list[RunRecord], mismatches: list[Mismatch]) -> None:
+    """Give each mismatch the target's logit margin between the two outputs' tokens at the divergence (the
+    top two when one output ended there): a near-tie points at batch-size numerics, a wide margin at a bug."""
+    tokens = {(r.prompt_id, r.variant, r.repeat): r.tokens for r in records}
+    seen: dict[tuple[str, str, int], tuple[float, bool]] = {}
+    for m in mismatches:
+        base = tokens[(m.prompt_id, BASELINE, m.repeat)]
+        spec = tokens[(m.prompt_id, m.variant, m.repeat)]
+        key = (m.prompt_id, m.variant, m.position)
+        if key not in seen:
+            loaded.target.truncate(0)
+            # Like the target alone's own step: the context in one pass, the last token in a batch of one.
+            logits = np.asarray(loaded.target.sync(prompts[m.prompt_id] + base[: m.position], n_logits=1)[0],
+                                dtype=np.float64)
+            if m.position < len(base) and m.position < len(spec):
+                margin = abs(logits[base[m.position]] - logits[spec[m.position]])
+            else:
+                top2 = np.sort(logits)[-2:]
+                margin = float(top2[1] - top2[0])
+            seen[key] = (float(margin), bool(margin < NEAR_TIE_LOGITS))
+        m.margin, m.near_tie = seen[key]
+    loaded.target.truncate(0)

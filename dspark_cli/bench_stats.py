@@ -1,0 +1,297 @@
+"""Benchmark statistics: one record per generation, medians over repeats, sums over prompts, and the
+speedup Leviathan et al.'s formula predicts from what was measured.
+
+How figures are formed, so they can be signed:
+- Per prompt and method, each timing is the median over repeats (interleaved runs make the medians of
+  the target alone and of speculation comparable); token and step counts are per-run means (identical
+  across repeats when decoding is deterministic).
+- A category or the whole suite sums those per-prompt medians: tokens/s there is total tokens over total
+  generation seconds, so speedup is how much faster the suite as a whole ran, long answers weighing more.
+- Acceptance rate is accepted/drafted. The formula needs α, the probability that a drafted token is accepted
+  given that the ones before it were; accepted/drafted underestimates it (tokens drafted after a rejection
+  count as rejected), so α is estimated per round as accepted / (accepted + rounds that hit a rejection),
+  the maximum-likelihood estimate under the formula's own independence assumption.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Iterable
+
+BASELINE = "target"  # the method name of the target alone
+
+
+@dataclass
+class RunRecord:
+    """One timed generation (prompt processing excluded from t_gen)."""
+
+    prompt_id: str
+    category: str
+    variant: str  # "target", "draft@8", "lookup@4"
+    repeat: int
+    tokens: list[int]
+    n_generated: int
+    n_prompt: int
+    t_prompt: float
+    t_gen: float
+    t_draft: float
+    t_target: float
+    n_target_steps: int
+    n_draft_steps: int
+    n_drafted: int
+    n_accepted: int
+    drafted_at: list[int]
+    accepted_at: list[int]
+    rounds: list[tuple[int, int]] = field(default_factory=list)  # (drafted, accepted) per drafting round
+    finish_reason: str | None = None
+
+    @property
+    def rejections(self) -> int:
+        return sum(1 for d, a in self.rounds if d > 0 and a < d)
+
+    @property
+    def draft_rounds(self) -> int:
+        return sum(1 for d, _ in self.rounds if d > 0)
+
+
+def variant_name(method: str, draft_max: int | None) -> str:
+    return BASELINE if method == BASELINE else f"{method}@{draft_max}"
+
+
+def parse_variant(name: str) -> tuple[str, int | None]:
+    method, _, n = name.partition("@")
+    return method, (int(n) if n else None)
+
+
+def rounds_from_proposals(proposals: list[tuple[int, int]], n_accepted: int) -> list[tuple[int, int]]:
+    """Per-round (drafted, accepted) from a drafter's log of (len(seq) when asked, tokens proposed).
+    Between two proposals seq grew by the accepted tokens plus the one the target added; the last round's
+    acceptance is what the total leaves."""
+    rounds = []
+    for (n0, d), (n1, _) in zip(proposals, proposals[1:]):
+        rounds.append((d, n1 - n0 - 1))
+    if proposals:
+        rounds.append((proposals[-1][1], n_accepted - sum(a for _, a in rounds)))
+    return rounds
+
+
+def record_from_events(events: Iterable, *, prompt_id: str, category: str, variant: str, repeat: int,
+                       proposals: list[tuple[int, int]] | None = None) -> RunRecord:
+    """A RunRecord from the engine's event stream (the closing event carries the final stats)."""
+    tokens: list[int] = []
+    stats = None
+    finish = None
+    for ev in events:
+        stats = ev.stats
+        if ev.token is not None:
+            tokens.append(ev.token)
+        if ev.finish_reason is not None:
+            finish = ev.finish_reason
+    if stats is None:
+        raise ValueError("empty event stream")
+    return RunRecord(
+        prompt_id=prompt_id, category=category, variant=variant, repeat=repeat, tokens=tokens,
+        n_generated=stats.n_generated, n_prompt=stats.n_prompt, t_prompt=stats.t_prompt,
+        t_gen=stats.t_generation, t_draft=stats.t_draft, t_target=stats.t_target,
+        n_target_steps=stats.n_target_steps, n_draft_steps=stats.n_draft_steps,
+        n_drafted=stats.n_drafted, n_accepted=stats.n_accepted,
+        drafted_at=list(stats.drafted_at), accepted_at=list(stats.accepted_at),
+        rounds=rounds_from_proposals(proposals or [], stats.n_accepted), finish_reason=finish,
+    )
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+
+
+@dataclass
+class Cell:
+    """Medians of one prompt x variant over repeats, or a sum of such cells (a category, the suite)."""
+
+    prompts: int = 0
+    runs: int = 0
+    tokens: float = 0.0
+    t_gen: float = 0.0
+    t_prompt: float = 0.0
+    t_draft: float = 0.0
+    t_target: float = 0.0
+    target_steps: float = 0.0
+    draft_steps: float = 0.0
+    drafted: float = 0.0
+    accepted: float = 0.0
+    rejections: float = 0.0
+    draft_rounds: float = 0.0
+    drafted_at: list[float] = field(default_factory=list)
+    accepted_at: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of_runs(cls, runs: list[RunRecord]) -> "Cell":
+        n = len(runs)
+
+        def med(attr: str) -> float:
+            return statistics.median(getattr(r, attr) for r in runs)
+
+        def mean(values: Iterable[float]) -> float:
+            return sum(values) / n
+
+        width = max((len(r.drafted_at) for r in runs), default=0)
+        return cls(
+            prompts=1, runs=n, tokens=med("n_generated"), t_gen=med("t_gen"), t_prompt=med("t_prompt"),
+            t_draft=med("t_draft"), t_target=med("t_target"),
+            target_steps=mean(r.n_target_steps for r in runs), draft_steps=mean(r.n_draft_steps for r in runs),
+            drafted=mean(r.n_drafted for r in runs), accepted=mean(r.n_accepted for r in runs),
+            rejections=mean(r.rejections for r in runs), draft_rounds=mean(r.draft_rounds for r in runs),
+            drafted_at=[mean(_at(r.drafted_at, i) for r in runs) for i in range(width)],
+            accepted_at=[mean(_at(r.accepted_at, i) for r in runs) for i in range(width)],
+        )
+
+    def __add__(self, other: "Cell") -> "Cell":
+        width = max(len(self.drafted_at), len(other.drafted_at))
+        return Cell(
+            prompts=self.prompts + other.prompts, runs=self.runs + other.runs,
+            **{k: getattr(self, k) + getattr(other, k) for k in (
+                "tokens", "t_gen", "t_prompt", "t_draft", "t_target", "target_steps", "draft_steps",
+                "drafted", "accepted", "rejections", "draft_rounds")},
+            drafted_at=[_at(self.drafted_at, i) + _at(other.drafted_at, i) for i in range(width)],
+            accepted_at=[_at(self.accepted_at, i) + _at(other.accepted_at, i) for i in range(width)],
+        )
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.t_gen if self.t_gen > 0 else 0.0
+
+
+def _at(values: list, i: int) -> float:
+    return values[i] if i < len(values) else 0
+
+
+def _div(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def expected_tokens(alpha: float, gamma: float) -> float:
+    """Leviathan et al.: expected tokens per target step with per-token acceptance α and draft length γ,
+    the bonus token included: (1 − α^(γ+1)) / (1 − α)."""
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1.0 - alpha ** (gamma + 1.0)) / (1.0 - alpha)
+
+
+def predicted_speedup(alpha: float, gamma: float, c: float, verify_cost: float = 1.0) -> float:
+    """E / (γ·c + verify_cost): verify_cost is the cost of one (γ+1)-token target batch relative to one
+    single-token step (1 on a GPU that verifies for free; measured on CPU, where it is not)."""
+    return expected_tokens(alpha, gamma) / (gamma * c + verify_cost)
+
+
+def compare(spec: Cell, base: Cell) -> dict:
+    """Every figure of one speculative cell against the target alone on the same prompts."""
+    base_tps, spec_tps = base.tokens_per_second, spec.tokens_per_second
+    out = {
+        "prompts": spec.prompts,
+        "runs": spec.runs,
+        "baseline_tokens_per_second": base_tps,
+        "speculative_tokens_per_second": spec_tps,
+        "speedup": _div(spec_tps, base_tps),
+        "tokens": spec.tokens,
+        "baseline_generation_seconds": base.t_gen,
+        "speculative_generation_seconds": spec.t_gen,
+        "baseline_prompt_seconds": base.t_prompt,
+        "speculative_prompt_seconds": spec.t_prompt,
+        "acceptance_rate": _div(spec.accepted, spec.drafted) or 0.0,
+        "mean_accepted_tokens": _div(spec.tokens, spec.target_steps),
+        "acceptance_by_position": [a / d if d else 0.0 for a, d in zip(spec.accepted_at, spec.drafted_at)],
+        "alpha": None, "mean_draft_length": None, "drafted_step_fraction": None, "cost_ratio": None, "verify_cost": None,
+        "predicted_mean_accepted_tokens": None, "predicted_speedup": None,
+    }
+    step = _div(base.t_target, base.target_steps)  # target-alone seconds per token
+    gamma = _div(spec.drafted, spec.draft_rounds)
+    if not step or not gamma or not spec.target_steps:
+        return out  # nothing was drafted: no formula to apply
+    alpha = spec.accepted / (spec.accepted + spec.rejections) if spec.accepted + spec.rejections else 0.0
+    verify = spec.t_target / spec.target_steps / step
+    # Steps that drafted nothing (prompt lookup without a match, the last step before --max-tokens) gain one
+    # token, not E: the formula applies to the fraction f of steps that drafted.
+    f = min(1.0, spec.draft_rounds / spec.target_steps)
+    if spec.draft_steps:
+        c = spec.t_draft / spec.draft_steps / step
+        draft_term = f * gamma * c
+    else:  # a drafter without a model (prompt lookup): its whole cost per step, relative to a target step
+        c = None
+        draft_term = spec.t_draft / spec.target_steps / step
+    e = f * expected_tokens(alpha, gamma) + (1.0 - f)
+    out.update(alpha=alpha, mean_draft_length=gamma, drafted_step_fraction=f, cost_ratio=c, verify_cost=verify,
+               predicted_mean_accepted_tokens=e, predicted_speedup=e / (draft_term + verify))
+    return out
+
+
+@dataclass
+class Mismatch:
+    prompt_id: str
+    variant: str
+    repeat: int
+    position: int  # first differing token index
+    baseline_tokens: int
+    speculative_tokens: int
+    # Filled in by the runner from the target's logits at `position`: how far apart the two candidates were.
+    margin: float | None = None
+    near_tie: bool | None = None
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def check_identity(records: list[RunRecord]) -> list[Mismatch]:
+    """Every speculative output against the target alone's on the same prompt and repeat."""
+    base = {(r.prompt_id, r.repeat): r.tokens for r in records if r.variant == BASELINE}
+    out = []
+    for r in records:
+        if r.variant == BASELINE or (r.prompt_id, r.repeat) not in base:
+            continue
+        ref = base[(r.prompt_id, r.repeat)]
+        pos = first_difference(ref, r.tokens)
+        if pos is not None:
+            out.append(Mismatch(r.prompt_id, r.variant, r.repeat, pos, len(ref), len(r.tokens)))
+    return out
+
+
+def summarize(records: list[RunRecord], prompt_order: list[str] | None = None) -> dict:
+    """Per variant: per-prompt, per-category and overall comparisons against the target alone, and the
+    best variant by overall speedup."""
+    cells: dict[tuple[str, str], Cell] = {}
+    categories: dict[str, str] = {}
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.prompt_id, r.variant), []).append(r)
+        categories[r.prompt_id] = r.category
+    for key, runs in groups.items():
+        cells[key] = Cell.of_runs(runs)
+    prompts = prompt_order or list(dict.fromkeys(r.prompt_id for r in records))
+    variants = [v for v in dict.fromkeys(r.variant for r in records) if v != BASELINE]
+
+    result: dict = {"variants": []}
+    for v in variants:
+        per_prompt, by_cat_spec, by_cat_base = [], {}, {}
+        total_spec, total_base = Cell(), Cell()
+        for pid in prompts:
+            spec, base = cells.get((pid, v)), cells.get((pid, BASELINE))
+            if spec is None or base is None:
+                continue
+            cat = categories[pid]
+            per_prompt.append({"prompt_id": pid, "category": cat, **compare(spec, base)})
+            by_cat_spec[cat] = by_cat_spec.get(cat, Cell()) + spec
+            by_cat_base[cat] = by_cat_base.get(cat, Cell()) + base
+            total_spec, total_base = total_spec + spec, total_base + base
+        method, draft_max = parse_variant(v)
+        result["variants"].append({
+            "variant": v, "method": method, "draft_max": draft_max,
+            "overall": compare(total_spec, total_base),
+            "per_category": [{"category": c, **compare(by_cat_spec[c], by_cat_base[c])} for c in by_cat_spec],
+            "per_prompt": per_prompt,
+        })
+    ranked = [x for x in result["variants"] if x["overall"]["speedup"] is not None]
+    result["best"] = max(ranked, key=lambda x: x["overall"]["speedup"])["variant"] if ranked else None
+    return result

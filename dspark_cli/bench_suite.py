@@ -1,0 +1,40 @@
+"""The built-in benchmark prompts, written for dspark: two per category, short enough that a 2-core CPU runs
+the whole suite in minutes. Categories follow Spec-Bench's so figures can be read side by side; the ones with
+a passage (summarization, qa) are where prompt lookup shines, the open-ended ones (chat) where it cannot."""
+
+from __future__ import annotations
+
+_PASSAGE_LIGHTHOUSE = (
+    "The Bell Rock Lighthouse, off the coast of Angus, Scotland, is the world's oldest surviving sea-washed "
+    "lighthouse. It was built between 1807 and 1810 by Robert Stevenson on the Bell Rock, a reef that is "
+    "covered by the sea at high tide. Work could only be done for a few hours at low water in summer, so the "
+    "stones were cut and fitted together on shore first, then shipped out and set in place with dovetail "
+    "joints. The light was first lit on 1 February 1811 and has warned ships off the reef ever since; it was "
+    "automated in 1988."
+)
+
+_PASSAGE_BEES = (
+    "Honey bees communicate the location of food with the waggle dance. A forager returning to the hive runs "
+    "a short straight line while shaking her abdomen, then loops back and repeats. The angle of the straight "
+    "run relative to vertical tells the other bees the direction of the food relative to the sun, and the "
+    "length of the waggle run tells them the distance: the longer the run, the farther the flowers. Bees "
+    "that follow the dance then fly out and search the indicated area."
+)
+
+# (id, category, prompt)
+SUITE: tuple[tuple[str, str, str], ...] = (
+    ("chat-1", "chat", "What are three simple ways to sleep better at night?"),
+    ("chat-2", "chat", "Write a short, friendly message inviting a neighbour to a weekend barbecue."),
+    ("code-1", "code", "Write a Python function that returns True if a string is a palindrome, ignoring case and spaces."),
+    ("code-2", "code", "Write a Python function `fizzbuzz(n)` that returns a list of strings for the numbers 1 to n."),
+    ("summarization-1", "summarization", f"Summarize the following text in two sentences.\n\n{_PASSAGE_LIGHTHOUSE}"),
+    ("summarization-2", "summarization", f"Summarize the following text in two sentences.\n\n{_PASSAGE_BEES}"),
+    ("translation-1", "translation", "Translate into French: 'The train leaves at eight o'clock, so we should be at the station by half past seven.'"),
+    ("translation-2", "translation", "Translate into Spanish: 'My sister lives in a small house near the river and grows tomatoes in her garden.'"),
+    ("math-1", "math", "A shop sells pencils at 3 for $1. How much do 12 pencils cost? Explain step by step."),
+    ("math-2", "math", "Tom has 15 apples. He gives 4 to Anna and then buys twice as many as he has left. How many apples does he have now? Think step by step."),
+    ("qa-1", "qa", f"{_PASSAGE_LIGHTHOUSE}\n\nQuestion: Who built the Bell Rock Lighthouse, and when was it first lit?"),
+    ("qa-2", "qa", f"{_PASSAGE_BEES}\n\nQuestion: How does the waggle dance tell other bees how far away the food is?"),
+)
+
+CATEGORIES = tuple(dict.fromkeys(cat for _, cat, _ in SUITE))

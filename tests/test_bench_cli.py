@@ -1,0 +1,142 @@
+"""`dspark bench` end to end: the real console script on the real demo pair (kept short: two prompts, 32
+tokens, one repeat; CI has two cores), and bad input rejected before any model loads. No timing asserts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROMPTS = [
+    {"question_id": "sea", "category": "chat", "turns": ["Write a haiku about the sea."]},
+    {"question_id": "paris", "category": "qa", "turns": ["The capital of France is Paris. What is the capital of France?"]},
+]
+
+
+def dspark(*args, env_extra=None, timeout=900):
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "160"}
+    env.pop("DSPARK_BENCH_TEST_CORRUPT", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "dspark_cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    f = tmp_path / "two.jsonl"
+    f.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS), encoding="utf-8")
+    return f
+
+
+# --------------------------------------------------------------------------- bad input, before loading
+
+
+def _rejected_early(proc, code, *needles):
+    assert proc.returncode == code, proc.stderr
+    assert "loading target" not in proc.stderr  # nothing was loaded
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in proc.stderr
+    assert len([ln for ln in proc.stderr.splitlines() if ln.startswith("dspark: error:")]) == 1
+
+
+def test_missing_prompts_file(tmp_path):
+    _rejected_early(dspark("bench", "--prompts", str(tmp_path / "nope.jsonl")), 5, "not found", "nope.jsonl")
+
+
+def test_empty_prompts_file(tmp_path):
+    f = tmp_path / "empty.txt"
+    f.write_text("", encoding="utf-8")
+    _rejected_early(dspark("bench", "--prompts", str(f)), 5, "empty")
+
+
+def test_malformed_line_is_named(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps(PROMPTS[0]) + "\n" + '{"turns": "not a list"}\n', encoding="utf-8")
+    _rejected_early(dspark("bench", "--prompts", str(f)), 5, "line 2")
+
+
+@pytest.mark.parametrize("value", ["0", "2,0,4", "4,x"])
+def test_bad_draft_length(value):
+    _rejected_early(dspark("bench", "--draft-max", value), 2, "--draft-max")
+
+
+def test_unwritable_output_paths(tmp_path):
+    _rejected_early(dspark("bench", "--json", str(tmp_path / "no" / "such" / "dir.json")), 2, "--json", "does not exist")
+    _rejected_early(dspark("bench", "--csv", str(tmp_path)), 2, "--csv", "directory")
+
+
+def test_draft_method_needs_a_draft_model():
+    _rejected_early(dspark("bench", "--draft", "lookup", "--methods", "draft"), 2, "--methods draft")
+    _rejected_early(dspark("bench", "--methods", "medusa"), 2, "unknown method")
+
+
+# ------------------------------------------------------------------------------------ on the demo pair
+
+
+def test_bench_on_the_demo_pair(demo_paths, prompts_file, tmp_path):
+    out_json, out_csv = tmp_path / "bench.json", tmp_path / "bench.csv"
+    proc = dspark("bench", "--prompts", str(prompts_file), "--max-tokens", "32", "--repeats", "1",
+                  "--json", str(out_json), "--csv", str(out_csv))
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(out_json.read_text(encoding="utf-8"))
+
+    for key in ("speedup", "baseline_tokens_per_second", "speculative_tokens_per_second", "acceptance_rate",
+                "mean_accepted_tokens", "predicted_speedup", "cost_ratio", "verify_cost", "alpha"):
+        assert isinstance(rep[key], (int, float)) and rep[key] > 0, key
+    assert 0 < rep["acceptance_rate"] <= 1
+    assert rep["mean_accepted_tokens"] >= 1.0  # the bonus token alone makes 1.00
+    assert rep["identical"] is True and rep["mismatches"] == []
+    assert rep["best"]["variant"] == "draft@8"
+    assert [(r["prompt_id"], r["category"]) for r in rep["per_prompt"]] == [("sea", "chat"), ("paris", "qa")]
+    assert all(r["identical"] is True and r["acceptance_by_position"] for r in rep["per_prompt"])
+    assert {r["category"] for r in rep["per_category"]} == {"chat", "qa"}
+    setup = rep["setup"]
+    assert setup["target"]["quantization"] == "F32" and setup["draft"]["quantization"] == "Q4_1"
+    assert setup["ctx_size"] == 4096 and "cpu" in setup["machine"]
+    # Interleaved runs: the target alone and draft@8 alternate, one each per prompt after the warm-up.
+    assert [(r["prompt_id"], r["variant"]) for r in rep["runs"]] == [
+        ("sea", "target"), ("sea", "draft@8"), ("paris", "target"), ("paris", "draft@8")]
+
+    with out_csv.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["prompt_id"] for r in rows] == ["sea", "paris"] and rows[0]["category"] == "chat"
+
+    # The table on stdout, the identity verdict, and the chart.
+    assert "draft@8 vs the target alone" in proc.stdout
+    assert "identical" in proc.stdout and "Speedup by category" in proc.stdout
+
+    # The same prompt through `dspark run` gives the same tokens, acceptance and tokens per step.
+    run = dspark("run", "--json", "--max-tokens", "32", PROMPTS[0]["turns"][0])
+    assert run.returncode == 0, run.stderr
+    one = json.loads(run.stdout)
+    row = rep["per_prompt"][0]
+    assert one["text"] == rep["baseline_texts"]["sea"]
+    assert one["n_tokens"] == row["tokens"]
+    assert one["acceptance_rate"] == pytest.approx(row["acceptance_rate"], abs=1e-3)
+    assert one["tokens_per_step"] == pytest.approx(row["mean_accepted_tokens"], abs=1e-3)
+
+
+def test_a_mismatched_output_is_reported(demo_paths, prompts_file, tmp_path):
+    # The test-only hook changes one token of the first speculative output before the identity check.
+    one = tmp_path / "one.txt"
+    one.write_text("Name three colours.\n", encoding="utf-8")
+    proc = dspark("bench", "--prompts", str(one), "--max-tokens", "8", "--repeats", "1", "--no-warmup",
+                  "--methods", "draft,lookup", "--draft-max", "2,4", "--json", "-",
+                  env_extra={"DSPARK_BENCH_TEST_CORRUPT": "1"})
+    assert proc.returncode == 1, proc.stderr
+    rep = json.loads(proc.stdout)  # stdout holds nothing but the JSON; the table went to stderr
+    assert rep["identical"] is False
+    assert len(rep["mismatches"]) == 1
+    m = rep["mismatches"][0]
+    assert (m["prompt_id"], m["variant"], m["position"]) == ("line-1", "draft@2", 0)
+    assert m["near_tie"] is False and rep["identical_up_to_near_ties"] is False  # a changed clear choice
+    assert "NOT IDENTICAL" in proc.stderr and "not lossless" in proc.stderr
+    # The sweep: four variants, one marked best.
+    assert [v["variant"] for v in rep["variants"]] == ["draft@2", "draft@4", "lookup@2", "lookup@4"]
+    assert rep["best"]["variant"] in {v["variant"] for v in rep["variants"]}
+    assert "Speedup by method and draft length" in proc.stderr and "★" in proc.stderr

@@ -1,0 +1,34 @@
+"""`dspark bench` option parsing that needs no model: draft lengths and methods."""
+
+from __future__ import annotations
+
+import pytest
+
+from dspark_cli.commands.bench import _int_list, _methods
+from dspark_cli.errors import UsageError
+
+
+def test_draft_lengths_parse_and_dedupe():
+    assert _int_list("8", "--draft-max") == [8]
+    assert _int_list("2, 4,8,16,4", "--draft-max") == [2, 4, 8, 16]
+    for bad in ("0", "-1", "2,,4", "four"):
+        with pytest.raises(UsageError, match="--draft-max"):
+            _int_list(bad, "--draft-max")
+
+
+def test_default_method_follows_the_models():
+    assert _methods(None, None, None, None) == ["draft"]  # the demo pair
+    assert _methods(None, "d.gguf", "t.gguf", None) == ["draft"]
+    assert _methods(None, None, None, "some-pair") == ["draft"]
+    assert _methods(None, "lookup", None, None) == ["lookup"]
+    assert _methods(None, None, "t.gguf", None) == ["lookup"]  # a target with no draft named
+
+
+def test_methods_are_checked():
+    assert _methods("lookup, draft,lookup", None, None, None) == ["lookup", "draft"]
+    with pytest.raises(UsageError, match="unknown method"):
+        _methods("eagle", None, None, None)
+    with pytest.raises(UsageError, match="needs a draft model"):
+        _methods("draft", "none", None, None)
+    with pytest.raises(UsageError, match="needs a draft model"):
+        _methods("draft", None, "t.gguf", None)
