@@ -51,30 +51,36 @@ class ModelDrafter:
     def prepare(self, seq: list[int]) -> None:
         self.model.sync(seq, n_logits=1)
 
+    def _pick(self, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator):
+        """The draft's token at one position and its distribution q (None when greedy), or (None, None)
+        when greedy drafting should stop here (p_min)."""
+        if params.greedy:
+            tok = int(np.argmax(logits))
+            if self.p_min > 0.0:
+                p_top = 1.0 / float(np.exp(logits.astype(np.float64) - float(logits[tok])).sum())
+                if p_top < self.p_min:
+                    return None, None
+            return tok, None
+        q = probabilities(logits, params)
+        return sample_from(q, rng), q
+
     def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: np.random.Generator) -> Draft:
         m = self.model
         logits = m.sync(seq, n_logits=1)[0]
         steps = 1
         tokens: list[int] = []
         qs: list[np.ndarray] = []
-        for i in range(n_max):
-            if params.greedy:
-                tok = int(np.argmax(logits))
-                if self.p_min > 0.0:
-                    top = float(logits[tok])
-                    p_top = 1.0 / float(np.exp(logits.astype(np.float64) - top).sum())
-                    if p_top < self.p_min:
-                        break
-            else:
-                q = probabilities(logits, params)
-                tok = sample_from(q, rng)
-                qs.append(q)
+        while True:
+            tok, q = self._pick(logits, params, rng)
+            if tok is None:
+                break
             tokens.append(tok)
-            if i == n_max - 1 or m.is_eog(tok):
+            qs.append(q)
+            if len(tokens) >= n_max or m.is_eog(tok):
                 break
             logits = m.eval([tok], n_logits=1)[0]
             steps += 1
-        return Draft(tokens, np.stack(qs) if qs else None, steps)
+        return Draft(tokens, None if params.greedy else np.stack(qs), steps)
 
     def release(self, n_keep: int) -> None:
         self.model.truncate(n_keep)

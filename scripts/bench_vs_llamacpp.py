@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--draft")
     ap.add_argument("-n", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--draft-max", type=int, default=8, help="dspark's draft length")
+    ap.add_argument("--draft-max", default="8", help="dspark draft lengths to try, comma-separated")
     ap.add_argument("--draft-p-min", type=float, default=0.0)
     ap.add_argument("--llama-draft-max", default="3,8", help="llama-speculative-simple draft lengths to try")
     ap.add_argument("--ctx", type=int, default=2048)
@@ -88,14 +88,16 @@ def main() -> None:
 
     target = Model(target_path, role="target", n_ctx=args.ctx)
     draft = Model(draft_path, role="draft", n_ctx=args.ctx)
-    runs: dict[str, list[float]] = {"target_alone": [], "dspark": []}
+    dspark_dms = [int(x) for x in args.draft_max.split(",")]
+    runs: dict[str, list[float]] = {"target_alone": []}
+    runs.update({f"dspark_dm{d}": [] for d in dspark_dms})
     runs.update({f"llama_spec_simple_dm{d}": [] for d in llama_dms})
     accept: dict[str, list[float]] = {k: [] for k in runs}
     identical = True
 
     # Warm-up: page the weights in for every contender.
     toks0, _ = build_prompt(target, PROMPTS[0])
-    dspark_once(target, draft, toks0, 16, args.draft_max, args.draft_p_min)
+    dspark_once(target, draft, toks0, 16, dspark_dms[0], args.draft_p_min)
     dspark_once(target, None, toks0, 16, 1, 0.0)
 
     for r in range(args.rounds):
@@ -103,11 +105,12 @@ def main() -> None:
             tokens, _ = build_prompt(target, text)
             rendered = render_chat(target, [{"role": "user", "content": text}])
             tps_a, out_a, _ = dspark_once(target, None, tokens, args.n, 1, 0.0)
-            tps_b, out_b, st = dspark_once(target, draft, tokens, args.n, args.draft_max, args.draft_p_min)
-            identical &= out_a == out_b
             runs["target_alone"].append(tps_a)
-            runs["dspark"].append(tps_b)
-            accept["dspark"].append(st.acceptance_rate)
+            for d in dspark_dms:
+                tps_b, out_b, st = dspark_once(target, draft, tokens, args.n, d, args.draft_p_min)
+                identical &= out_a == out_b
+                runs[f"dspark_dm{d}"].append(tps_b)
+                accept[f"dspark_dm{d}"].append(st.acceptance_rate)
             for d in llama_dms:
                 tps_c, n_dec, acc = llama_once(binary, target_path, draft_path, rendered, args.n, d, args.ctx)
                 runs[f"llama_spec_simple_dm{d}"].append(tps_c)
@@ -118,13 +121,14 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in runs.items()}
     best_llama = max((k for k in med if k.startswith("llama")), key=med.get)
+    best_dspark = max((k for k in med if k.startswith("dspark")), key=med.get)
     result = {
         "target": str(target_path), "draft": str(draft_path), "n_tokens": args.n, "rounds": args.rounds,
-        "prompts": PROMPTS, "dspark_draft_max": args.draft_max, "median_tokens_per_second": med,
+        "prompts": PROMPTS, "best_dspark": best_dspark, "median_tokens_per_second": med,
         "median_acceptance": {k: statistics.median(v) for k, v in accept.items() if v},
-        "speedup_vs_target_alone": med["dspark"] / med["target_alone"],
+        "speedup_vs_target_alone": {k: med[k] / med["target_alone"] for k in med if k.startswith("dspark")},
         "best_llama_spec_simple": best_llama,
-        "speedup_vs_llama_spec_simple": med["dspark"] / med[best_llama],
+        "speedup_vs_llama_spec_simple": {k: med[k] / med[best_llama] for k in med if k.startswith("dspark")},
         "llama_spec_simple_vs_target_alone": med[best_llama] / med["target_alone"],
         "identical_greedy_output": identical, "all_runs": runs,
     }

@@ -91,23 +91,23 @@ def test_bench_on_the_demo_pair(demo_paths, prompts_file, tmp_path):
     assert 0 < rep["acceptance_rate"] <= 1
     assert rep["mean_accepted_tokens"] >= 1.0  # the bonus token alone makes 1.00
     assert rep["identical"] is True and rep["mismatches"] == []
-    assert rep["best"]["variant"] == "draft@8"
+    assert rep["best"]["variant"] == "draft@6"
     assert [(r["prompt_id"], r["category"]) for r in rep["per_prompt"]] == [("sea", "chat"), ("paris", "qa")]
     assert all(r["identical"] is True and r["acceptance_by_position"] for r in rep["per_prompt"])
     assert {r["category"] for r in rep["per_category"]} == {"chat", "qa"}
     setup = rep["setup"]
     assert setup["target"]["quantization"] == "F32" and setup["draft"]["quantization"] == "Q4_1"
     assert setup["ctx_size"] == 4096 and "cpu" in setup["machine"]
-    # Interleaved runs: the target alone and draft@8 alternate, one each per prompt after the warm-up.
+    # Interleaved runs: the target alone and draft@6 alternate, one each per prompt after the warm-up.
     assert [(r["prompt_id"], r["variant"]) for r in rep["runs"]] == [
-        ("sea", "target"), ("sea", "draft@8"), ("paris", "target"), ("paris", "draft@8")]
+        ("sea", "target"), ("sea", "draft@6"), ("paris", "target"), ("paris", "draft@6")]
 
     with out_csv.open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [r["prompt_id"] for r in rows] == ["sea", "paris"] and rows[0]["category"] == "chat"
 
     # The table on stdout, the identity verdict, and the chart.
-    assert "draft@8 vs the target alone" in proc.stdout
+    assert "draft@6 vs the target alone" in proc.stdout
     assert "identical" in proc.stdout and "Speedup by category" in proc.stdout
 
     # The same prompt through `dspark run` gives the same tokens, acceptance and tokens per step.

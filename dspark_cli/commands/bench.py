@@ -16,6 +16,7 @@ from ..bench_report import build_report, check_output_path, to_csv, to_json
 from ..bench_runner import METHOD_DRAFT, METHOD_LOOKUP, METHODS, BenchConfig, run_bench
 from ..bench_setup import setup_info
 from ..bench_stats import summarize
+from ..engine import DEFAULT_DRAFT_MAX
 from ..errors import DsparkError, UsageError
 from ..loader import DRAFT_LOOKUP, DRAFT_NONE, load
 from . import _options as o
@@ -65,7 +66,7 @@ def register(app: typer.Typer) -> None:
         draft: o.Draft = None,
         pair: o.Pair = None,
         methods: Annotated[Optional[str], typer.Option("--methods", help="What to compare with the target alone, comma-separated: draft, lookup. Default: draft (lookup with --draft lookup).", rich_help_panel=o.MODELS)] = None,
-        draft_max: Annotated[str, typer.Option("--draft-max", help="Draft length, or several to sweep (2,4,8,16); the best is marked.", rich_help_panel=o.MODELS)] = "8",
+        draft_max: Annotated[str, typer.Option("--draft-max", help="Draft length, or several to sweep (2,4,8,16); the best is marked.", rich_help_panel=o.MODELS)] = str(DEFAULT_DRAFT_MAX),
         draft_p_min: o.DraftPMin = 0.0,
         prompts: Annotated[Optional[Path], typer.Option("--prompts", "-p", help="Prompts file: JSON lines (Spec-Bench / MT-Bench: question_id, category, turns; first turn used) or plain text, one prompt per line. Default: the built-in suite.", show_default=False)] = None,
         repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed runs per prompt and method; medians are reported.")] = 3,

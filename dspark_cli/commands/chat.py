@@ -23,13 +23,12 @@ import typer
 from ..chat_ui import PipeInput, Screen, TerminalInput, history_path
 from ..conversation import (FINISH_INTERRUPTED, Conversation, DraftPromptCounter, SessionTotals, Transcript,
                             save_records)
-from ..engine import generate
+from ..engine import DEFAULT_DRAFT_MAX, generate
 from ..errors import DsparkError, PromptError, UsageError
 from ..loader import load
 from ..stats import GenerationStats
 from . import _options as o
 
-DEFAULT_DRAFT_MAX = 8
 MASH_S = 0.5  # a Ctrl-C at the prompt this soon after one that stopped an answer does not exit
 COMMANDS = ["/help", "/reset", "/stats", "/system", "/save", "/exit"]
 HELP = """\

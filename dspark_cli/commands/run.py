@@ -9,13 +9,12 @@ from typing import Annotated, Optional
 import typer
 
 from ..console import quiet_stdout, say
-from ..engine import generate
+from ..engine import DEFAULT_DRAFT_MAX, generate
 from ..errors import PromptError, UsageError
 from ..loader import load
 from ..prompt import build_prompt
 from . import _options as o
 
-DEFAULT_DRAFT_MAX = 8
 
 
 def read_prompt(argument: str | None) -> str:
