@@ -28,6 +28,7 @@ from pathlib import Path
 from .errors import DsparkError, PromptError
 from .model import Model
 from .prompt import tokenize_prompt
+from .stats import Rates
 
 FINISH_INTERRUPTED = "interrupted"  # Ctrl-C during the answer (the engine's reasons are stop/length/context)
 
@@ -67,7 +68,7 @@ class TurnPrompt:
 
 
 @dataclass
-class SessionTotals:
+class SessionTotals(Rates):
     """Counters over every answer of the session (/stats)."""
 
     turns: int = 0
@@ -95,18 +96,6 @@ class SessionTotals:
         self.n_prompt_evaluated += stats.n_prompt_evaluated
         self.n_prompt_evaluated_draft += draft_prompt_evaluated
         self.t_prompt += stats.t_prompt
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.n_generated / self.t_generation if self.t_generation > 0 else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.n_accepted / self.n_drafted if self.n_drafted else 0.0
-
-    @property
-    def tokens_per_step(self) -> float:
-        return self.n_generated / self.n_target_steps if self.n_target_steps else 0.0
 
 
 class Conversation:

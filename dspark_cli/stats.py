@@ -7,8 +7,27 @@ import time
 from dataclasses import dataclass, field
 
 
+class Rates:
+    """tokens/s, acceptance rate and tokens per target step, from the counters the class holds
+    (n_generated, t_generation, n_drafted, n_accepted, n_target_steps): one generation or a session."""
+
+    @property
+    def tokens_per_second(self) -> float:
+        t = self.t_generation
+        return self.n_generated / t if t > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.n_accepted / self.n_drafted if self.n_drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens gained per target step, the bonus token included (target alone = 1.00)."""
+        return self.n_generated / self.n_target_steps if self.n_target_steps else 0.0
+
+
 @dataclass
-class GenerationStats:
+class GenerationStats(Rates):
     method: str = "target"  # "target" (alone), "draft" (draft model) or "lookup" (prompt lookup)
     n_prompt: int = 0  # prompt tokens
     n_prompt_evaluated: int = 0  # prompt tokens the target actually processed (cache reuse skips the rest)
@@ -30,22 +49,8 @@ class GenerationStats:
         return (self.t_end if self.t_end is not None else time.perf_counter()) - self.t_start
 
     @property
-    def tokens_per_second(self) -> float:
-        t = self.t_generation
-        return self.n_generated / t if t > 0 else 0.0
-
-    @property
     def prompt_tokens_per_second(self) -> float:
         return self.n_prompt_evaluated / self.t_prompt if self.t_prompt > 0 else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.n_accepted / self.n_drafted if self.n_drafted else 0.0
-
-    @property
-    def tokens_per_step(self) -> float:
-        """Mean tokens gained per target step, the bonus token included (target alone = 1.00)."""
-        return self.n_generated / self.n_target_steps if self.n_target_steps else 0.0
 
     @property
     def acceptance_by_position(self) -> list[float]:
