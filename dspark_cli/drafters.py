@@ -49,7 +49,9 @@ class ModelDrafter:
         self.p_min = p_min
 
     def prepare(self, seq: list[int]) -> None:
-        self.model.sync(seq, n_logits=1)
+        # All but the last token: the first proposal evaluates that one and gets its logits; syncing the
+        # whole prompt here would make it evaluate the last token twice.
+        self.model.sync(seq[:-1], n_logits=0)
 
     def _pick(self, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator):
         """The draft's token at one position and its distribution q (None when greedy), or (None, None)
