@@ -19,6 +19,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
+from .console import say
 from .conversation import FINISH_INTERRUPTED
 
 PROMPT = ">>> "
@@ -109,11 +110,7 @@ class Screen:
             self._err_line(f"error: {text}")
 
     def _err_line(self, text: str) -> None:
-        try:
-            sys.stderr.write(f"dspark: {text}\n")
-            sys.stderr.flush()
-        except OSError:
-            pass
+        say(text)
 
     def block(self, text: str) -> None:
         """Multi-line output of a command (/help, /stats)."""

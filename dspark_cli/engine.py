@@ -27,13 +27,22 @@ from .model import Model
 from .sampling import SamplingParams, probabilities, verify_greedy, verify_sampled
 from .stats import GenerationStats
 
-# Measured on CPU (scripts/bench_vs_llamacpp.py): 6 beats 8, 12 and 16 there, because a verify batch costs
-# more as it grows; GPU users, whose verify is nearly flat in batch size, can raise it.
+# Measured on CPU (scripts/bench_vs_llamacpp.py, dspark bench sweeps): 6 was as fast as or faster than 4, 8,
+# 12 and 16 there, because a verify batch costs more as it grows; on a GPU, where verify is nearly flat in
+# batch size, longer drafts can pay.
 DEFAULT_DRAFT_MAX = 6
 
 FINISH_STOP = "stop"  # an end-of-generation token or a stop string
 FINISH_LENGTH = "length"  # --max-tokens reached
 FINISH_CONTEXT = "context"  # the context window is full
+
+
+def check_limits(max_tokens: int, draft_max: int | None = None) -> None:
+    """The generation limits every command takes; commands call this before loading a model."""
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if draft_max is not None and draft_max < 1:
+        raise UsageError(f"--draft-max must be at least 1, got {draft_max}")
 
 
 @dataclass
@@ -55,10 +64,7 @@ def generate(
     draft_max: int = DEFAULT_DRAFT_MAX,
     stop: tuple[str, ...] | list[str] = (),
 ) -> Iterator[Event]:
-    if max_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
-    if drafter is not None and draft_max < 1:
-        raise UsageError(f"--draft-max must be at least 1, got {draft_max}")
+    check_limits(max_tokens, draft_max if drafter is not None else None)
     if not prompt:
         raise PromptError("the prompt is empty")
     if len(prompt) >= target.n_ctx:

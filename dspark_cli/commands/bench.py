@@ -16,7 +16,8 @@ from ..bench_report import build_report, check_output_path, to_csv, to_json
 from ..bench_runner import METHOD_DRAFT, METHOD_LOOKUP, METHODS, BenchConfig, run_bench
 from ..bench_setup import setup_info
 from ..bench_stats import summarize
-from ..engine import DEFAULT_DRAFT_MAX
+from ..console import say
+from ..engine import DEFAULT_DRAFT_MAX, check_limits
 from ..errors import DsparkError, UsageError
 from ..loader import DRAFT_LOOKUP, DRAFT_NONE, load
 from . import _options as o
@@ -44,7 +45,7 @@ def _methods(text: str | None, draft_flag: str | None, target: str | None, pair:
     has_model = draft_flag not in (DRAFT_NONE, DRAFT_LOOKUP) and (draft_flag is not None or target is None or bool(pair))
     if text is None:
         if not has_model and draft_flag is None:
-            sys.stderr.write("dspark: no draft model named: comparing prompt lookup (pass --draft PATH for a draft model)\n")
+            say("no draft model named: comparing prompt lookup (pass --draft PATH for a draft model)")
         return [METHOD_DRAFT] if has_model else [METHOD_LOOKUP]
     out = []
     for m in (p.strip().lower() for p in text.split(",") if p.strip()):
@@ -93,8 +94,7 @@ def register(app: typer.Typer) -> None:
         chosen = _methods(methods, draft, target, pair)
         if repeats < 1:
             raise UsageError(f"--repeats must be at least 1, got {repeats}")
-        if max_tokens < 1:
-            raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+        check_limits(max_tokens)
         for flag, path in (("--json", json_path), ("--csv", csv_path)):
             if path is not None:
                 check_output_path(path, flag)

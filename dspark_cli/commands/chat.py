@@ -23,8 +23,8 @@ import typer
 from ..chat_ui import PipeInput, Screen, TerminalInput, history_path
 from ..conversation import (FINISH_INTERRUPTED, Conversation, DraftPromptCounter, SessionTotals, Transcript,
                             save_records)
-from ..engine import DEFAULT_DRAFT_MAX, generate
-from ..errors import DsparkError, PromptError, UsageError
+from ..engine import DEFAULT_DRAFT_MAX, check_limits, generate
+from ..errors import DsparkError, PromptError
 from ..loader import load
 from ..stats import GenerationStats
 from . import _options as o
@@ -311,10 +311,7 @@ def register(app: typer.Typer) -> None:
         """Chat with the model, multi-turn; each turn processes only its new tokens. /help inside.
 
         On a terminal: live tokens/s under the answer; leave with /exit, Ctrl-D or Ctrl-C twice (exit 0). With stdin piped: one message per line, answers only on stdout, stats on stderr (Ctrl-C exits 130)."""
-        if max_tokens < 1:
-            raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
-        if draft_max < 1:
-            raise UsageError(f"--draft-max must be at least 1, got {draft_max}")
+        check_limits(max_tokens, draft_max)
         params = o.sampling_params(temp, top_k, top_p, seed)
         opts = o.model_options(target, draft, pair, ctx_size, n_gpu_layers, n_gpu_layers_draft, threads, draft_p_min, pull, offline, force)
         interactive = sys.stdin is not None and sys.stdin.isatty()

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from ..errors import DsparkError, UsageError
+from ..loader import ModelOptions
 from . import _options as o
 
 # A draft much over a fifth of the target's size costs too much per drafted token to pay off.
@@ -207,11 +208,8 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
     ) -> None:
         """Check this machine and llama.cpp build; with models, whether they pair and fit in memory."""
-        if ctx_size < 16:
-            raise UsageError(f"--ctx-size must be at least 16, got {ctx_size}")
-        for flag, v in (("--n-gpu-layers", n_gpu_layers), ("--n-gpu-layers-draft", n_gpu_layers_draft)):
-            if v is not None and v < 0:
-                raise UsageError(f"{flag} must be 0 or more, got {v}")
+        # The same checks as every command that loads models.
+        ModelOptions(ctx_size=ctx_size, n_gpu_layers=n_gpu_layers, n_gpu_layers_draft=n_gpu_layers_draft).validate()
         if draft in ("none", "lookup"):
             draft = None
         report, problems = diagnose(target, draft, pair, n_ctx=ctx_size, n_gpu_layers=n_gpu_layers,

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ..errors import DsparkError, UsageError
+from ..errors import DsparkError
+from ..loader import ModelOptions
 
 
 def _model_entry(spec) -> dict:
@@ -126,8 +127,7 @@ def register(app: typer.Typer) -> None:
         ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="Context size the memory fit is judged at.")] = 4096,
     ) -> None:
         """List the registry's draft/target pairs: sizes, downloaded or not, and whether they fit this machine."""
-        if ctx_size < 16:
-            raise UsageError(f"--ctx-size must be at least 16, got {ctx_size}")
+        ModelOptions(ctx_size=ctx_size).validate()  # the same check as every command that loads models
         pairs = list_pairs(ctx_size)
         if as_json:
             sys.stdout.write(json.dumps(pairs, indent=2) + "\n")

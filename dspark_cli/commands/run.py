@@ -9,12 +9,11 @@ from typing import Annotated, Optional
 import typer
 
 from ..console import quiet_stdout, say
-from ..engine import DEFAULT_DRAFT_MAX, generate
+from ..engine import DEFAULT_DRAFT_MAX, check_limits, generate
 from ..errors import PromptError, UsageError
 from ..loader import load
 from ..prompt import build_prompt
 from . import _options as o
-
 
 
 def read_prompt(argument: str | None) -> str:
@@ -74,10 +73,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Answer one prompt, speculatively: text to stdout, a summary line to stderr."""
         # Every check on flags and input happens before a model is loaded.
-        if max_tokens < 1:
-            raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
-        if draft_max < 1:
-            raise UsageError(f"--draft-max must be at least 1, got {draft_max}")
+        check_limits(max_tokens, draft_max)
         if raw and system:
             raise UsageError("--system needs the chat template; drop --raw or drop --system")
         params = o.sampling_params(temp, top_k, top_p, seed)
