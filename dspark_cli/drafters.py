@@ -7,13 +7,13 @@ drafter returns q=None and counts as one-hot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from .model import Model
-from .sampling import SamplingParams, probabilities, sample_from
+from .sampling import PositionRng, SamplingParams, probabilities, sample_from
 
 
 @dataclass
@@ -21,6 +21,7 @@ class Draft:
     tokens: list[int]
     q: np.ndarray | None = None  # (len(tokens), n_vocab) when sampled from a distribution
     steps: int = 0  # draft-model decode calls spent
+    q_list: list[np.ndarray] = field(default_factory=list)  # q rows as they are drafted (overlapped engine)
 
 
 class Drafter(Protocol):
@@ -29,7 +30,7 @@ class Drafter(Protocol):
     def prepare(self, seq: list[int]) -> None:
         """Called once before generation with the prompt (lets a model drafter process it up front)."""
 
-    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: np.random.Generator) -> Draft: ...
+    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: PositionRng) -> Draft: ...
 
     def release(self, n_keep: int) -> None:
         """Generation ended with `seq[:n_keep]` accepted: drop any state past it."""
@@ -53,8 +54,8 @@ class ModelDrafter:
         # whole prompt here would make it evaluate the last token twice.
         self.model.sync(seq[:-1], n_logits=0)
 
-    def _pick(self, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator):
-        """The draft's token at one position and its distribution q (None when greedy), or (None, None)
+    def _pick(self, logits: np.ndarray, params: SamplingParams, rng: PositionRng, pos: int):
+        """The draft's token for position `pos` and its distribution q (None when greedy), or (None, None)
         when greedy drafting should stop here (p_min)."""
         if params.greedy:
             tok = int(np.argmax(logits))
@@ -64,16 +65,16 @@ class ModelDrafter:
                     return None, None
             return tok, None
         q = probabilities(logits, params)
-        return sample_from(q, rng), q
+        return sample_from(q, rng.draft(pos)), q
 
-    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: np.random.Generator) -> Draft:
+    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: PositionRng) -> Draft:
         m = self.model
         logits = m.sync(seq, n_logits=1)[0]
         steps = 1
         tokens: list[int] = []
         qs: list[np.ndarray] = []
         while True:
-            tok, q = self._pick(logits, params, rng)
+            tok, q = self._pick(logits, params, rng, len(seq) + len(tokens))
             if tok is None:
                 break
             tokens.append(tok)
@@ -83,6 +84,21 @@ class ModelDrafter:
             logits = m.eval([tok], n_logits=1)[0]
             steps += 1
         return Draft(tokens, None if params.greedy else np.stack(qs), steps)
+
+    def extend(self, seq: list[int], ahead: Draft, params: SamplingParams, rng: PositionRng) -> bool:
+        """Draft one more token after seq + ahead.tokens into `ahead` (the overlapped engine calls this
+        while the target verifies). False when there is nothing more to draft: an end token, or p_min."""
+        if ahead.tokens and self.model.is_eog(ahead.tokens[-1]):
+            return False
+        logits = self.model.sync(seq + ahead.tokens, n_logits=1)[0]
+        ahead.steps += 1
+        tok, q = self._pick(logits, params, rng, len(seq) + len(ahead.tokens))
+        if tok is None:
+            return False
+        ahead.tokens.append(tok)
+        if q is not None:
+            ahead.q_list.append(q)
+        return True
 
     def release(self, n_keep: int) -> None:
         self.model.truncate(n_keep)
@@ -102,7 +118,7 @@ class PromptLookupDrafter:
     def prepare(self, seq: list[int]) -> None:
         pass
 
-    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: np.random.Generator) -> Draft:
+    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: PositionRng) -> Draft:
         return Draft(lookup(seq, n_max, self.ngram_max, self.ngram_min))
 
     def release(self, n_keep: int) -> None:

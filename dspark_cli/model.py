@@ -115,6 +115,8 @@ class Model:
         self.cached: list[int] = []
         self._stray = False  # llama.cpp may hold positions past `cached` (see _decode)
         self.n_evaluated = 0  # tokens ever run through this model: a cost counter for stats
+        self.on_cpu = n_gpu_layers == 0
+        self.n_threads = 0
         if vocab_only:
             self.n_ctx = 0
             self.n_batch = 0
@@ -134,10 +136,17 @@ class Model:
             self.close()
             raise ModelFileError(f"cannot create a context for the {role} model {self.path}: {_reason(lines)}")
         self._ctx = ctx
+        self.n_threads = threads
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
         self.n_batch = n_batch
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+
+    def set_threads(self, n: int) -> None:
+        """Change the CPU threads decoding uses from now on (the overlapped engine splits the cores)."""
+        if n != self.n_threads:
+            llama_cpp.llama_set_n_threads(self._ctx, n, n)
+            self.n_threads = n
 
     # ---- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:

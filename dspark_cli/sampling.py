@@ -70,6 +70,26 @@ def sample_from(p: np.ndarray, rng: np.random.Generator) -> int:
     return min(i, len(p) - 1)
 
 
+class PositionRng:
+    """Random numbers keyed by (seed, stream, position) instead of drawn from one running generator.
+
+    The overlapped engine drafts ahead while the target verifies, so how many draft tokens get sampled (and
+    thrown away) depends on timing. Keying every draw by the position it decides keeps a seeded run
+    reproducible anyway. It stays exact: a position's draws decide only that position, and once decided
+    the position never changes, so no draw is seen twice by the acceptance rule."""
+
+    DRAFT, TARGET = 1, 2
+
+    def __init__(self, seed: int | None):
+        self.seed = int(np.random.SeedSequence().entropy % (1 << 63)) if seed is None else seed
+
+    def draft(self, pos: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.DRAFT, pos])
+
+    def target(self, pos: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.TARGET, pos])
+
+
 def verify_greedy(target_argmax: list[int], drafted: list[int]) -> int:
     """Number of drafted tokens the target agrees with, in order. target_argmax[i] is the target's choice
     at the position of drafted[i]."""
@@ -85,7 +105,7 @@ def verify_sampled(
     p_rows: np.ndarray,
     drafted: list[int],
     q_rows: np.ndarray | None,
-    rng: np.random.Generator,
+    rng: np.random.Generator | list[np.random.Generator],
 ) -> tuple[int, int]:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
 
@@ -94,9 +114,11 @@ def verify_sampled(
     deterministic drafter (q is one-hot on the drafted token, as for prompt lookup).
     Returns (n_accepted, next_token): the next token is the residual sample after a rejection, or the
     bonus token from the last row when every drafted token was accepted. The result is distributed exactly
-    as sampling from p one token at a time.
+    as sampling from p one token at a time. `rng` is one generator, or one per row (see PositionRng).
     """
+    rngs = rng if isinstance(rng, list) else [rng] * (len(drafted) + 1)
     for i, x in enumerate(drafted):
+        rng = rngs[i]
         p = p_rows[i]
         qx = 1.0 if q_rows is None else float(q_rows[i][x])
         px = float(p[x])
@@ -110,4 +132,4 @@ def verify_sampled(
         if residual.sum() <= 0.0:  # p == q up to rounding: rejection had probability ~0; fall back to p
             residual = p
         return i, sample_from(residual, rng)
-    return len(drafted), sample_from(p_rows[len(drafted)], rng)
+    return len(drafted), sample_from(p_rows[len(drafted)], rngs[len(drafted)])

@@ -27,13 +27,19 @@ def run(target, prompt, drafter=None, **kw):
     return tokens, from_draft, last
 
 
+# Both engines: draft-then-verify, and overlapped (drafting in parallel with the verify).
+OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+
+
+@OVERLAP
 @pytest.mark.parametrize("text", DEMO_PROMPTS)
-def test_demo_pair_greedy_is_identical_to_target_alone(demo_models, text):
+def test_demo_pair_greedy_is_identical_to_target_alone(demo_models, text, overlap):
     target, draft = demo_models
     prompt, _ = build_prompt(target, text)
     base, _, base_last = run(target, prompt, max_tokens=96)
     for draft_max in (1, 4, 8):
-        spec, from_draft, last = run(target, prompt, ModelDrafter(draft), max_tokens=96, draft_max=draft_max)
+        spec, from_draft, last = run(target, prompt, ModelDrafter(draft), max_tokens=96, draft_max=draft_max,
+                                     overlap=overlap)
         assert spec == base, f"draft_max={draft_max}"
         assert last.finish_reason == base_last.finish_reason
         s = last.stats
@@ -43,14 +49,16 @@ def test_demo_pair_greedy_is_identical_to_target_alone(demo_models, text):
         assert len(s.acceptance_by_position) <= draft_max
 
 
-def test_tiny_pair_greedy_identity_with_many_rejections(tiny_models):
+@OVERLAP
+def test_tiny_pair_greedy_identity_with_many_rejections(tiny_models, overlap):
     target, draft = tiny_models
     total_drafted = total_accepted = 0
     for text in ["the cat sat on the mat", "a big red dog ran", "it was a sun day and"]:
         prompt = target.tokenize(text, add_special=True)
         base, _, _ = run(target, prompt, max_tokens=80)
         for draft_max in (2, 5):
-            spec, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=80, draft_max=draft_max)
+            spec, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=80, draft_max=draft_max,
+                                overlap=overlap)
             assert spec == base
             total_drafted += last.stats.n_drafted
             total_accepted += last.stats.n_accepted
@@ -58,12 +66,13 @@ def test_tiny_pair_greedy_identity_with_many_rejections(tiny_models):
     assert 0.1 < rate < 0.98, rate  # rejections happened, and so did acceptances
 
 
-def test_kv_caches_consistent_after_rejections(tiny_models):
+@OVERLAP
+def test_kv_caches_consistent_after_rejections(tiny_models, overlap):
     """After a run with rejections, both caches hold exactly accepted tokens: the next logits from the
     cache equal those of a fresh evaluation of the same sequence."""
     target, draft = tiny_models
     prompt = target.tokenize("the dog ran to the big", add_special=True)
-    out, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=40, draft_max=6)
+    out, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=40, draft_max=6, overlap=overlap)
     assert last.stats.n_accepted < last.stats.n_drafted  # there were rejections
     seq = prompt + out
     for m in (target, draft):
@@ -75,19 +84,25 @@ def test_kv_caches_consistent_after_rejections(tiny_models):
     assert np.allclose(cached_logits, fresh_logits, atol=1e-4)
 
 
-def test_abandoned_generator_leaves_caches_trimmed(tiny_models):
+@OVERLAP
+def test_abandoned_generator_leaves_caches_trimmed(tiny_models, overlap):
     target, draft = tiny_models
     prompt = target.tokenize("a cat and a dog", add_special=True)
-    gen = generate(target, prompt, drafter=ModelDrafter(draft), max_tokens=50, draft_max=8)
+    threads = (target.n_threads, draft.n_threads)
+    gen = generate(target, prompt, drafter=ModelDrafter(draft), max_tokens=50, draft_max=8, overlap=overlap)
     got = [next(gen).token for _ in range(3)]
     gen.close()  # what Ctrl-C or a closed pipe does to the loop
     assert len(target.cached) <= len(prompt) + 3
     assert len(draft.cached) <= len(prompt) + 3
     assert target.cached == (prompt + got)[: len(target.cached)]
     assert target.kv_pos_max() == len(target.cached) - 1
+    assert draft.cached == (prompt + got)[: len(draft.cached)]
+    assert draft.kv_pos_max() == len(draft.cached) - 1
+    assert (target.n_threads, draft.n_threads) == threads  # the overlapped engine gives its cores back
 
 
-def test_stop_token_inside_an_accepted_draft(demo_models):
+@OVERLAP
+def test_stop_token_inside_an_accepted_draft(demo_models, overlap):
     """The demo pair answers briefly and ends with <|im_end|>; the draft proposes that end token inside a
     draft, the target accepts it, and generation stops there with the end token not printed."""
     target, draft = demo_models
@@ -100,10 +115,15 @@ def test_stop_token_inside_an_accepted_draft(demo_models):
             self.proposals.append(list(d.tokens))
             return d
 
+        def extend(self, seq, ahead, params, rng):  # the overlapped engine drafts one token at a time
+            ok = super().extend(seq, ahead, params, rng)
+            self.proposals.append(list(ahead.tokens))
+            return ok
+
     prompt, _ = build_prompt(target, "Reply with only the word yes.")
     base, _, base_last = run(target, prompt, max_tokens=64)
     drafter = Recording(draft)
-    spec, _, last = run(target, prompt, drafter, max_tokens=64, draft_max=8)
+    spec, _, last = run(target, prompt, drafter, max_tokens=64, draft_max=8, overlap=overlap)
     assert base_last.finish_reason == "stop" and last.finish_reason == "stop"
     assert spec == base
     assert any(any(target.is_eog(t) for t in p) for p in drafter.proposals), drafter.proposals
@@ -111,14 +131,15 @@ def test_stop_token_inside_an_accepted_draft(demo_models):
     assert not any(target.is_eog(t) for t in spec)
 
 
-def test_finish_reasons_length_and_context(tiny_models):
+@OVERLAP
+def test_finish_reasons_length_and_context(tiny_models, overlap):
     target, draft = tiny_models
     prompt = target.tokenize("the cat", add_special=True)
-    out, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=7, draft_max=4)
+    out, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=7, draft_max=4, overlap=overlap)
     assert len(out) == 7 and last.finish_reason == "length"
     # A context of 512 with a prompt near it: generation stops when the context is full.
     long_prompt = prompt * (500 // len(prompt))
-    out, _, last = run(target, long_prompt, ModelDrafter(draft), max_tokens=1000, draft_max=4)
+    out, _, last = run(target, long_prompt, ModelDrafter(draft), max_tokens=1000, draft_max=4, overlap=overlap)
     assert last.finish_reason == "context"
     assert len(long_prompt) + len(out) == target.n_ctx
 

@@ -4,6 +4,7 @@ generated tokens (covering acceptance, rejection with residual sampling, and the
 probabilities computed from the target alone."""
 
 import numpy as np
+import pytest
 from scipy import stats as sps
 from synthetic import perturbed, vocab, weights, write_model
 
@@ -13,12 +14,17 @@ from dspark_cli.model import Model
 from dspark_cli.sampling import SamplingParams, probabilities
 
 
-def first_tokens(target, prompt, drafter, params, n):
-    out = [e.token for e in generate(target, prompt, drafter=drafter, params=params, max_tokens=n, draft_max=2)]
+OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+
+
+def first_tokens(target, prompt, drafter, params, n, overlap):
+    out = [e.token for e in generate(target, prompt, drafter=drafter, params=params, max_tokens=n, draft_max=2,
+                                     overlap=overlap)]
     return [t for t in out if t is not None][:n]
 
 
-def test_joint_distribution_of_two_tokens_matches_target(tmp_path, tiny_models):
+@OVERLAP
+def test_joint_distribution_of_two_tokens_matches_target(tmp_path, tiny_models, overlap):
     target, _ = tiny_models
     n_vocab = len(vocab()[0])
     # A draft far from the target, so rejections are common.
@@ -41,7 +47,8 @@ def test_joint_distribution_of_two_tokens_matches_target(tmp_path, tiny_models):
             params = SamplingParams(temperature=1.3, top_k=4, seed=seed)
             last = None
             toks = []
-            for e in generate(target, prompt, drafter=drafter, params=params, max_tokens=3, draft_max=2):
+            for e in generate(target, prompt, drafter=drafter, params=params, max_tokens=3, draft_max=2,
+                              overlap=overlap):
                 if e.token is not None:
                     toks.append(e.token)
                 last = e
@@ -59,12 +66,17 @@ def test_joint_distribution_of_two_tokens_matches_target(tmp_path, tiny_models):
         draft.close()
 
 
-def test_seed_makes_a_sampled_run_reproducible(tiny_models):
+@OVERLAP
+def test_seed_makes_a_sampled_run_reproducible(tiny_models, overlap):
+    """Also when overlapped, where how many tokens get drafted ahead depends on timing: every random draw
+    is keyed by the position it decides (PositionRng), not taken from a running generator."""
     target, draft = tiny_models
     prompt = target.tokenize("a dog sat", add_special=True)
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=42)
-    a = first_tokens(target, prompt, ModelDrafter(draft), params, 30)
-    b = first_tokens(target, prompt, ModelDrafter(draft), params, 30)
-    c = first_tokens(target, prompt, ModelDrafter(draft), SamplingParams(temperature=1.0, top_p=0.9, seed=43), 30)
-    assert a == b and len(a) == 30
+    a = first_tokens(target, prompt, ModelDrafter(draft), params, 30, overlap)
+    for _ in range(3):
+        assert first_tokens(target, prompt, ModelDrafter(draft), params, 30, overlap) == a
+    c = first_tokens(target, prompt, ModelDrafter(draft), SamplingParams(temperature=1.0, top_p=0.9, seed=43), 30,
+                     overlap)
+    assert len(a) == 30
     assert a != c
