@@ -291,7 +291,9 @@ def _render(report: dict, *, to_stderr: bool) -> None:
                  "tok/step = tokens per target step, bonus token included (target alone = 1.00)",
                  "c = draft step / target-alone step; verify = speculative target step / target-alone step (measured)",
                  "predicted = E / (f·γ·c + verify), E = f·(1 − α^(γ+1)) / (1 − α) + (1 − f)  (Leviathan et al. 2023;",
-                 "          f = share of target steps that had a draft, 1.00 for a draft model)"):
+                 "          f = share of target steps that had a draft, 1.00 for a draft model)",
+                 "the formula models draft-then-verify; on CPU a draft model runs overlapped with the verify (each on",
+                 "          part of the cores), which it does not model: DSPARK_OVERLAP=0 runs the sequential engine"):
         con.print(Text(line, style="dim"))
     ov = bv["overall"]
     n_prompt = sum(r.get("prompt_tokens") or 0 for r in bv["per_prompt"])
