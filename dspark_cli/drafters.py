@@ -68,26 +68,16 @@ class ModelDrafter:
         return sample_from(q, rng.draft(pos)), q
 
     def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: PositionRng) -> Draft:
-        m = self.model
-        logits = m.sync(seq, n_logits=1)[0]
-        steps = 1
-        tokens: list[int] = []
-        qs: list[np.ndarray] = []
-        while True:
-            tok, q = self._pick(logits, params, rng, len(seq) + len(tokens))
-            if tok is None:
-                break
-            tokens.append(tok)
-            qs.append(q)
-            if len(tokens) >= n_max or m.is_eog(tok):
-                break
-            logits = m.eval([tok], n_logits=1)[0]
-            steps += 1
-        return Draft(tokens, None if params.greedy else np.stack(qs), steps)
+        draft = Draft([])
+        while len(draft.tokens) < n_max and self.extend(seq, draft, params, rng):
+            pass
+        if draft.q_list:
+            draft.q = np.stack(draft.q_list)
+        return draft
 
     def extend(self, seq: list[int], ahead: Draft, params: SamplingParams, rng: PositionRng) -> bool:
-        """Draft one more token after seq + ahead.tokens into `ahead` (the overlapped engine calls this
-        while the target verifies). False when there is nothing more to draft: an end token, or p_min."""
+        """Draft one more token after seq + ahead.tokens into `ahead` (one decode: the cache already holds
+        the rest). False when there is nothing more to draft: an end token, or p_min."""
         if ahead.tokens and self.model.is_eog(ahead.tokens[-1]):
             return False
         logits = self.model.sync(seq + ahead.tokens, n_logits=1)[0]
