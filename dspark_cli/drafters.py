@@ -2,7 +2,7 @@
 
 A drafter proposes up to n tokens to follow `seq` (every accepted token so far, prompt included). It may
 return the distributions it sampled them from (`q`), which speculative sampling needs; a deterministic
-drafter returns q=None and counts as one-hot.
+drafter returns no q and counts as one-hot.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from .sampling import PositionRng, SamplingParams, probabilities, sample_from
 @dataclass
 class Draft:
     tokens: list[int]
-    q: np.ndarray | None = None  # (len(tokens), n_vocab) when sampled from a distribution
+    q: list[np.ndarray] = field(default_factory=list)  # the distribution each token was sampled from (if any)
     steps: int = 0  # draft-model decode calls spent
-    q_list: list[np.ndarray] = field(default_factory=list)  # q rows as they are drafted (overlapped engine)
 
 
 class Drafter(Protocol):
@@ -71,8 +70,6 @@ class ModelDrafter:
         draft = Draft([])
         while len(draft.tokens) < n_max and self.extend(seq, draft, params, rng):
             pass
-        if draft.q_list:
-            draft.q = np.stack(draft.q_list)
         return draft
 
     def extend(self, seq: list[int], ahead: Draft, params: SamplingParams, rng: PositionRng) -> bool:
@@ -87,7 +84,7 @@ class ModelDrafter:
             return False
         ahead.tokens.append(tok)
         if q is not None:
-            ahead.q_list.append(q)
+            ahead.q.append(q)
         return True
 
     def release(self, n_keep: int) -> None:

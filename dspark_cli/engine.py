@@ -163,7 +163,7 @@ def generate(
 Rounds = Iterator[tuple[list[int], int]]  # per target step: (accepted drafts + the target's token, n accepted)
 
 
-def _verify(target: Model, seq: list[int], draft: Draft, q, params: SamplingParams, rng: PositionRng):
+def _verify(target: Model, seq: list[int], draft: Draft, params: SamplingParams, rng: PositionRng):
     """One target step over seq[-1] + draft: (n accepted, the target's next token). Leaves the target's
     cache holding the accepted part only."""
     logits = target.sync(seq + draft.tokens, n_logits=len(draft.tokens) + 1)
@@ -174,7 +174,7 @@ def _verify(target: Model, seq: list[int], draft: Draft, q, params: SamplingPara
     else:
         p_rows = np.stack([probabilities(row, params) for row in logits])
         rngs = [rng.target(len(seq) + i) for i in range(len(draft.tokens) + 1)]
-        n_acc, nxt = verify_sampled(p_rows, draft.tokens, q, rngs)
+        n_acc, nxt = verify_sampled(p_rows, draft.tokens, draft.q or None, rngs)
     target.truncate(len(seq) + n_acc)
     return n_acc, nxt
 
@@ -188,7 +188,7 @@ def _sequential_rounds(target, drafter, seq, params, rng, room: Callable[[], int
         t_target = time.perf_counter()
         stats.t_draft += t_target - t_draft
         stats.n_draft_steps += draft.steps
-        n_acc, nxt = _verify(target, seq, draft, draft.q, params, rng)
+        n_acc, nxt = _verify(target, seq, draft, params, rng)
         stats.t_target += time.perf_counter() - t_target
         stats.n_target_steps += 1
         if draft.tokens:
@@ -218,11 +218,9 @@ def _overlapped_rounds(target, drafter: ModelDrafter, seq, params, rng, room: Ca
                 # drafted, and with them every random draw, does not depend on timing: seeds reproduce.
                 while len(ahead.tokens) < n and drafter.extend(seq, ahead, params, rng):
                     pass
-            cand = Draft(ahead.tokens[:n])
-            if cand.tokens and not params.greedy:
-                cand.q = np.stack(ahead.q_list[: len(cand.tokens)])
+            cand = Draft(ahead.tokens[:n], ahead.q[:n])
             t_target = time.perf_counter()
-            job = pool.submit(_verify, target, list(seq), cand, cand.q, params, rng)
+            job = pool.submit(_verify, target, list(seq), cand, params, rng)
             # Draft past the candidates while the target works, at most one more full draft.
             limit = min(len(cand.tokens) + 1 + max(n, 1), draft_model.n_ctx - len(seq) - 1)
             while not job.done() and len(ahead.tokens) < limit:
@@ -240,7 +238,7 @@ def _overlapped_rounds(target, drafter: ModelDrafter, seq, params, rng, room: Ca
                 stats.record_draft(k, n_acc)
             if n_acc == k and len(ahead.tokens) > k and ahead.tokens[k] == nxt:
                 # The bet won, and the drafter guessed the target's token: what it drafted after stands.
-                ahead = Draft(ahead.tokens[k + 1 :], steps=ahead.steps, q_list=ahead.q_list[k + 1 :])
+                ahead = Draft(ahead.tokens[k + 1 :], ahead.q[k + 1 :], steps=ahead.steps)
             else:
                 ahead = Draft([], steps=ahead.steps)
             yield cand.tokens[:n_acc] + [nxt], n_acc

@@ -104,7 +104,7 @@ def verify_greedy(target_argmax: list[int], drafted: list[int]) -> int:
 def verify_sampled(
     p_rows: np.ndarray,
     drafted: list[int],
-    q_rows: np.ndarray | None,
+    q_rows: np.ndarray | list[np.ndarray] | None,
     rng: np.random.Generator | list[np.random.Generator],
 ) -> tuple[int, int]:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
