@@ -183,6 +183,22 @@ def predicted_speedup(alpha: float, gamma: float, c: float, verify_cost: float =
     return expected_tokens(alpha, gamma) / (gamma * c + verify_cost)
 
 
+def sequential_ceiling(alpha: float, gamma: int, step: float, draft: float, verify: float) -> float:
+    """Speedup over the target alone of draft-then-verify rounds on the same cores, with no overhead: each
+    round drafts γ tokens and verifies γ+1 (`verify` seconds); the draft also feeds the previous round's
+    last token, one more step when the whole draft was accepted (probability α^γ). `step` is one target
+    step alone, `draft` one draft step, all in seconds."""
+    return expected_tokens(alpha, gamma) * step / ((gamma + alpha**gamma) * draft + verify)
+
+
+def overlapped_ceiling(alpha: float, gamma: int, step: float, draft: float, verify: float) -> float:
+    """Speedup over the target alone when the draft and the target run at once on separate cores, with no
+    overhead and no draft lost on a failed bet: every output token passes once through the draft, and every
+    γ+1-token verify (`verify` seconds on the target's share of the cores) yields E tokens, so a token costs
+    at least the larger of the two. `step` is one target step alone on all the cores."""
+    return step / max(draft, verify / expected_tokens(alpha, gamma))
+
+
 def compare(spec: Cell, base: Cell) -> dict:
     """Every figure of one speculative cell against the target alone on the same prompts."""
     base_tps, spec_tps = base.tokens_per_second, spec.tokens_per_second

@@ -9,8 +9,8 @@ import math
 import pytest
 
 from dspark_cli.bench_stats import (
-    Cell, RunRecord, check_identity, compare, expected_tokens, first_difference, predicted_speedup,
-    record_from_events, rounds_from_proposals, summarize,
+    Cell, RunRecord, check_identity, compare, expected_tokens, first_difference, overlapped_ceiling,
+    predicted_speedup, record_from_events, rounds_from_proposals, sequential_ceiling, summarize,
 )
 from dspark_cli.engine import Event
 from dspark_cli.stats import GenerationStats
@@ -65,6 +65,21 @@ def test_predicted_speedup_gpu_and_cpu_forms():
     assert predicted_speedup(0.8, 4, 0.0) == pytest.approx(e)
     assert predicted_speedup(0.8, 4, 0.1) == pytest.approx(e / 1.4)
     assert predicted_speedup(0.8, 4, 0.1, verify_cost=2.0) == pytest.approx(e / 2.4)
+
+
+def test_sequential_ceiling_counts_the_extra_draft_step_of_a_full_accept():
+    # α = 1: 5 tokens per round for 4 draft steps plus the bonus token's, and one verify of 2 steps.
+    assert sequential_ceiling(1.0, 4, step=0.02, draft=0.005, verify=0.04) == pytest.approx(5 * 0.02 / (5 * 0.005 + 0.04))
+    # α = 0: one token per round; the draft's work is all waste, and the ceiling falls below 1.
+    assert sequential_ceiling(0.0, 4, step=0.02, draft=0.005, verify=0.04) == pytest.approx(0.02 / (4 * 0.005 + 0.04))
+
+
+def test_overlapped_ceiling_is_bound_by_the_slower_of_draft_and_verify():
+    e = expected_tokens(0.9, 6)
+    # A slow draft: every token waits for it, however cheap the verify.
+    assert overlapped_ceiling(0.9, 6, step=0.015, draft=0.010, verify=0.001) == pytest.approx(1.5)
+    # A slow verify: tokens come at E per verify.
+    assert overlapped_ceiling(0.9, 6, step=0.015, draft=0.001, verify=0.060) == pytest.approx(0.015 * e / 0.060)
 
 
 # ------------------------------------------------------------------------------------- event streams
