@@ -19,6 +19,14 @@ import numpy as np
 from .errors import ModelFileError, PromptError
 from .gguf_file import check_gguf_file
 
+# llama.cpp's CPU backend sends K-quant (Q4_K, Q5_K, Q6_K, ...) matmuls of 8 or more tokens through its tiled
+# kernel, which sums in another order than the one-token path: a token's logits then move by up to ~0.6
+# between a verify batch and plain decoding, enough to flip greedy near-ties. Like the llamafile and repack
+# kernels that scripts/install.sh builds out, keep it off unless the user chose speed over bit-exactness
+# (DSPARK_FAST_KERNELS=1) or set it. ggml reads the variable once, at the first matmul: set it before any.
+if os.environ.get("DSPARK_FAST_KERNELS") != "1":
+    os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+
 import llama_cpp  # noqa: E402  (after our modules so import errors point at the binding itself)
 
 _backend_lock = threading.Lock()
