@@ -118,6 +118,21 @@ def _fn(lib, name, restype, argtypes=()):
     return f
 
 
+def _dspark_patches(pkg_dir: str | None = None) -> list[str] | None:
+    """dspark's llama.cpp patches that scripts/install.sh built into this llama-cpp-python ([] for none), or None
+    when it was installed some other way (then nobody knows). install.sh leaves the list in the package."""
+    if pkg_dir is None:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or not spec.origin:
+            return None
+        pkg_dir = os.path.dirname(spec.origin)
+    try:
+        with open(os.path.join(pkg_dir, ".dspark-patches")) as f:
+            return [line.strip() for line in f if line.strip()]
+    except OSError:
+        return None
+
+
 def llama_info() -> dict:
     try:
         from importlib.metadata import PackageNotFoundError, version
@@ -126,7 +141,7 @@ def llama_info() -> dict:
     except PackageNotFoundError:
         py_version = None
     info = {"llama_cpp_python": py_version, "ggml_version": None, "ggml_commit": None, "system_info": None,
-            "compiled_features": []}
+            "compiled_features": [], "dspark_patches": _dspark_patches()}
     libs = _libs()
     if "error" in libs:
         info["error"] = libs["error"]

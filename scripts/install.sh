@@ -11,6 +11,10 @@
 #                and never AMX (some VMs report AMX but fault on it inside ggml_backend_amx_mul_mat).
 # Set CMAKE_ARGS yourself to override all of that, e.g.  CMAKE_ARGS="-DGGML_VULKAN=on" bash scripts/install.sh
 #
+# The llama.cpp vendored in llama-cpp-python's sdist gets dspark's patches first (scripts/llama-cpp-patches/*.patch:
+# batch-invariant fast F32 verify kernels and an AVX-512 Q4_1 dot product, x86 AVX-512 only).
+# DSPARK_LLAMA_PATCHES=0 builds stock llama.cpp instead.
+#
 # pip caches built wheels without regard to CMAKE_ARGS, so a wheel built with the wrong flags would survive a
 # rebuild. We keep our own wheel cache keyed by (version, flags, python, platform) and bypass pip's.
 set -euo pipefail
@@ -23,7 +27,7 @@ for arg in "$@"; do
   case "$arg" in
     --test) EXTRAS="[test]" ;;
     --print-cmake-args) PRINT_ONLY=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -48,7 +52,7 @@ cpu_flags() {
   has f16c && args+=" -DGGML_F16C=ON"
   has bmi2 && args+=" -DGGML_BMI2=ON"
   has avx512f && args+=" -DGGML_AVX512=ON"
-  has avx512_vbmi && args+=" -DGGML_AVX512_VBMI=ON"
+  has avx512vbmi && args+=" -DGGML_AVX512_VBMI=ON"  # /proc/cpuinfo spells this one without "_"
   has avx512_vnni && args+=" -DGGML_AVX512_VNNI=ON"
   has avx512_bf16 && args+=" -DGGML_AVX512_BF16=ON"
   has avx_vnni && args+=" -DGGML_AVX_VNNI=ON"
@@ -72,7 +76,14 @@ if [[ "$PRINT_ONLY" == 1 ]]; then echo "$CMAKE_ARGS"; exit 0; fi
 log "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION with CMAKE_ARGS=\"$CMAKE_ARGS\""
 
 pyver="$("$PYTHON" -c 'import sys, platform; print(f"{sys.implementation.name}{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')"
-key="$(printf '%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$pyver" | sha256sum 2>/dev/null || printf '%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$pyver" | shasum -a 256)"
+sha256() { sha256sum 2>/dev/null || shasum -a 256; }
+patches=()
+if [[ "${DSPARK_LLAMA_PATCHES:-1}" != 0 ]]; then
+  for p in "$here"/scripts/llama-cpp-patches/*.patch; do [[ -e "$p" ]] && patches+=("$p"); done
+fi
+patch_sum=none
+if (( ${#patches[@]} )); then patch_sum="$(cat "${patches[@]}" | sha256 | cut -c1-16)"; fi
+key="$(printf '%s|%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$pyver" "$patch_sum" | sha256)"
 key="${key:0:16}"
 cache="${DSPARK_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dspark/wheels}/$key"
 
@@ -85,10 +96,28 @@ else
   wheel="$(ls "$cache"/llama_cpp_python-*.whl 2>/dev/null | head -n1 || true)"
   if [[ -z "$wheel" ]]; then
     log "building llama-cpp-python from source (a few minutes on 2 cores) into $cache"
-    mkdir -p "$cache.tmp"
+    rm -rf "$cache.tmp" && mkdir -p "$cache.tmp/src"
+    source_spec="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+    if (( ${#patches[@]} )); then
+      # The sdist, unpacked, with our patches applied to its vendored llama.cpp.
+      "$PYTHON" -m pip download --no-deps --no-binary :all: --no-cache-dir -d "$cache.tmp/src" "$source_spec"
+      tar -xzf "$cache.tmp"/src/llama_cpp_python-*.tar.gz -C "$cache.tmp/src"
+      source_spec="$(ls -d "$cache.tmp"/src/llama_cpp_python-*/ | head -n1)"
+      for p in ${patches[@]+"${patches[@]}"}; do
+        if patch -p1 --dry-run -s -d "$source_spec/vendor/llama.cpp" < "$p" >/dev/null; then
+          patch -p1 -s -d "$source_spec/vendor/llama.cpp" < "$p"
+          basename "$p" .patch >> "$cache.tmp/applied-patches"
+          log "applied $(basename "$p")"
+        else
+          log "warning: $(basename "$p") does not apply to llama-cpp-python $LLAMA_CPP_PYTHON_VERSION; building without it"
+        fi
+      done
+    fi
     CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}" \
       "$PYTHON" -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
-      -w "$cache.tmp" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+      -w "$cache.tmp" "$source_spec"
+    rm -rf "$cache.tmp/src"
+    touch "$cache.tmp/applied-patches"
     rm -rf "$cache" && mv "$cache.tmp" "$cache"
     wheel="$(ls "$cache"/llama_cpp_python-*.whl | head -n1)"
   else
@@ -97,11 +126,14 @@ else
   # Replace any llama-cpp-python built with other flags, then let pip add its dependencies.
   "$PYTHON" -m pip install --no-cache-dir --force-reinstall --no-deps "$wheel"
   "$PYTHON" -m pip install --no-cache-dir "$wheel"
-  "$PYTHON" - "$key" <<'PY'
-import importlib.util, os, sys
-spec = importlib.util.find_spec("llama_cpp")
-with open(os.path.join(os.path.dirname(spec.origin), ".dspark-build-key"), "w") as f:
+  "$PYTHON" - "$key" "$cache/applied-patches" <<'PY'
+import importlib.util, os, shutil, sys
+pkg = os.path.dirname(importlib.util.find_spec("llama_cpp").origin)
+with open(os.path.join(pkg, ".dspark-build-key"), "w") as f:
     f.write(sys.argv[1])
+# Which of dspark's llama.cpp patches this build carries, for `dspark doctor` (empty: none).
+if os.path.exists(sys.argv[2]):
+    shutil.copyfile(sys.argv[2], os.path.join(pkg, ".dspark-patches"))
 PY
 fi
 

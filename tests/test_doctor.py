@@ -41,11 +41,23 @@ def test_machine_info_is_this_machine():
         assert any(d["type"] == "cpu" for d in info["gpu"]["devices"])
 
 
+def test_patch_marker_written_by_install_sh(tmp_path):
+    from dspark_cli.machine import _dspark_patches
+
+    assert _dspark_patches(str(tmp_path)) is None  # not installed by scripts/install.sh: unknown
+    (tmp_path / ".dspark-patches").write_text("")
+    assert _dspark_patches(str(tmp_path)) == []  # built stock (DSPARK_LLAMA_PATCHES=0)
+    (tmp_path / ".dspark-patches").write_text("dspark-cpu-kernels\n")
+    assert _dspark_patches(str(tmp_path)) == ["dspark-cpu-kernels"]
+
+
 def test_doctor_reports_memory_and_backend(env):
     r = dspark("doctor", env=env)
     assert r.returncode == 0, r.stderr
     info = machine_info()
     assert "RAM" in r.stdout and "GPU backend" in r.stdout and info["gpu"]["backend"] in r.stdout
+    patches = info["llama"]["dspark_patches"]
+    assert "dspark kernels" in r.stdout and (", ".join(patches) if patches else "stock" if patches == [] else "unknown") in r.stdout
     gib = f"{info['ram']['total'] / 2**30:.1f} GiB total"
     assert gib in r.stdout
     j = json.loads(dspark("doctor", "--json", env=env).stdout)

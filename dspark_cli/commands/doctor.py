@@ -35,6 +35,9 @@ def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: 
     if gpu["backend"] == "none":
         advice.append("no GPU backend in this llama.cpp build: everything runs on the CPU, where a verify batch "
                       "costs more than one token, so gains are smaller; measure with `dspark bench`")
+    if llama.get("dspark_patches") == [] and gpu["backend"] == "none" and "avx512f" in cpu["features"]:
+        advice.append("this llama.cpp was built without dspark's CPU kernels: `bash scripts/install.sh` "
+                      "(without DSPARK_LLAMA_PATCHES=0) builds them in for faster verify batches")
     compiled = set(llama.get("compiled_features") or [])
     if compiled:
         for feat, built in (("avx2", "avx2"), ("avx512f", "avx512")):
@@ -146,6 +149,9 @@ def _print(report: dict) -> None:
     t.add_row("llama.cpp (ggml)", f"{llama.get('ggml_version') or '?'} commit {llama.get('ggml_commit') or '?'}")
     if llama.get("system_info"):
         t.add_row("llama.cpp build", llama["system_info"])
+    patches = llama.get("dspark_patches")
+    t.add_row("dspark kernels", ", ".join(patches) if patches else
+              "none (stock llama.cpp)" if patches == [] else "unknown (not built by scripts/install.sh)")
     t.add_row("GPU backend", gpu["backend"] + ("" if gpu.get("offload") else " (no GPU offload)"))
     for dev in gpu.get("devices", []):
         mem = f", {fmt_bytes(dev['memory_free'])} free of {fmt_bytes(dev['memory_total'])}" if dev["memory_total"] else ""

@@ -1,0 +1,64 @@
+"""The matrix kernels dspark's install patches into llama.cpp (scripts/llama-cpp-patches/) compute the right
+numbers, not just the same numbers for a batch and a single token (test_engine_greedy checks that): the F32
+demo target must agree with an F16 copy of itself, which llama.cpp computes through its own F16 kernels, and
+the Q4_1 draft with the F32 target, which holds exactly the draft's weights dequantized. A wrong stride or
+lane order in either kernel would scramble the logits far beyond these bounds. Both hold for stock
+llama.cpp too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dspark_cli.model import Model
+from dspark_cli.prompt import build_prompt
+
+
+@pytest.fixture(scope="module")
+def f16_target(demo_paths, tmp_path_factory):
+    import llama_cpp
+
+    out = tmp_path_factory.mktemp("f16") / "demo-target.F16.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_F16
+    params.allow_requantize = True
+    assert llama_cpp.llama_model_quantize(str(demo_paths[0]).encode(), str(out).encode(), params) == 0
+    model = Model(out, role="target", n_ctx=512)
+    yield model
+    model.close()
+
+
+def logits(model: Model, seq: list[int], n: int) -> np.ndarray:
+    """Logits of the last n tokens of seq, decoded as one batch (n = 1: the one-token path)."""
+    model.truncate(0)
+    model.sync(seq[:-n], n_logits=0)
+    out = np.array(model.eval(seq[-n:], n_logits=n))
+    model.truncate(0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def text(demo_models):
+    target, _ = demo_models
+    prompt, _ = build_prompt(target, "Explain how a refrigerator works, step by step.")
+    return prompt + target.tokenize(
+        " A refrigerator moves heat from the inside to the outside using a refrigerant that", add_special=False)
+
+
+@pytest.mark.parametrize("n", [1, 7, 12])
+def test_f32_kernels_agree_with_llama_cpps_f16_path(demo_models, f16_target, text, n):
+    target, _ = demo_models
+    a, b = logits(target, text, n), logits(f16_target, text, n)
+    assert np.abs(a - b).max() < 0.25  # F16 rounding of weights and activations: about 0.05 measured
+    assert (a.argmax(axis=1) == b.argmax(axis=1)).all()
+
+
+@pytest.mark.parametrize("n", [1, 12])
+def test_q4_1_kernel_agrees_with_the_dequantized_f32_target(demo_models, text, n):
+    target, draft = demo_models
+    a, b = logits(target, text, 12), logits(draft, text, 12)
+    if n == 1:  # the one-token path, position by position
+        b = np.stack([logits(draft, text[: len(text) - i], 1)[0] for i in range(11, -1, -1)])
+    # The draft quantizes its activations to 8 bits: about 0.2 mean and 1.1 max difference, 83-92% same top token.
+    assert np.abs(a - b).mean() < 0.6
+    assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= 0.7
