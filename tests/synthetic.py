@@ -28,7 +28,9 @@ def vocab(extra_words: int = 0) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def weights(seed: int, n_vocab: int, scale_out: float = 1.0) -> dict[str, np.ndarray]:
+def weights(seed: int, n_vocab: int, scale_out: float = 1.0, *, n_embd: int = N_EMBD,
+            n_ff: int = N_FF) -> dict[str, np.ndarray]:
+    N_EMBD, N_FF = n_embd, n_ff  # noqa: N806 (the shapes below read as the model's own names)
     rng = np.random.default_rng(seed)
 
     def r(*shape, s=0.1):
@@ -64,13 +66,14 @@ def write_model(path: Path, tensors: dict[str, np.ndarray], *, extra_words: int 
     tokens, scores, types = vocab(extra_words)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("dspark-synthetic")
+    n_embd, n_ff = tensors["token_embd.weight"].shape[1], tensors["blk.0.ffn_up.weight"].shape[0]
     w.add_context_length(512)
-    w.add_embedding_length(N_EMBD)
+    w.add_embedding_length(n_embd)
     w.add_block_count(N_LAYER)
-    w.add_feed_forward_length(N_FF)
+    w.add_feed_forward_length(n_ff)
     w.add_head_count(N_HEAD)
     w.add_head_count_kv(N_HEAD)
-    w.add_rope_dimension_count(N_EMBD // N_HEAD)
+    w.add_rope_dimension_count(n_embd // N_HEAD)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(0)  # all F32
     w.add_tokenizer_model("llama")

@@ -7,6 +7,8 @@ llama.cpp too."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -14,16 +16,20 @@ from dspark_cli.model import Model
 from dspark_cli.prompt import build_prompt
 
 
-@pytest.fixture(scope="module")
-def f16_target(demo_paths, tmp_path_factory):
+def f16_copy(src: Path, out: Path) -> Path:
     import llama_cpp
 
-    out = tmp_path_factory.mktemp("f16") / "demo-target.F16.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_F16
     params.allow_requantize = True
-    assert llama_cpp.llama_model_quantize(str(demo_paths[0]).encode(), str(out).encode(), params) == 0
-    model = Model(out, role="target", n_ctx=512)
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def f16_target(demo_paths, tmp_path_factory):
+    model = Model(f16_copy(demo_paths[0], tmp_path_factory.mktemp("f16") / "demo-target.F16.gguf"), role="target",
+                  n_ctx=512)
     yield model
     model.close()
 
@@ -62,3 +68,24 @@ def test_q4_1_kernel_agrees_with_the_dequantized_f32_target(demo_models, text, n
     # The draft quantizes its activations to 8 bits: about 0.2 mean and 1.1 max difference, 83-92% same top token.
     assert np.abs(a - b).mean() < 0.6
     assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= 0.7
+
+
+def test_f32_kernels_on_odd_sizes(tmp_path):
+    """A tiny F32 model whose rows (40 and 72 floats) end in a partial vector and whose matrices have row counts
+    that do not fill the tiles: the kernel's tails, checked for batch invariance and against llama.cpp's F16 path."""
+    from synthetic import vocab, weights, write_model
+
+    path = write_model(tmp_path / "odd.gguf", weights(7, len(vocab()[0]), n_embd=40, n_ff=72))
+    f32 = Model(path, role="target", n_ctx=256)
+    f16 = Model(f16_copy(path, tmp_path / "odd.F16.gguf"), role="target", n_ctx=256)
+    try:
+        seq = f32.tokenize("the cat sat on the mat and the big red dog ran to the sun in the day", add_special=True)
+        assert len(seq) > 13
+        for n in (1, 3, 5, 7, 12):
+            batch = logits(f32, seq, n)
+            alone = logits(f32, seq[: len(seq) - n + 1], 1)[0]
+            assert np.array_equal(batch[0], alone), f"batch of {n}"
+            assert np.abs(batch - logits(f16, seq, n)).max() < 0.05
+    finally:
+        f16.close()
+        f32.close()
