@@ -79,7 +79,11 @@ pyver="$("$PYTHON" -c 'import sys, platform; print(f"{sys.implementation.name}{s
 sha256() { sha256sum 2>/dev/null || shasum -a 256; }
 patches=()
 if [[ "${DSPARK_LLAMA_PATCHES:-1}" != 0 ]]; then
-  for p in "$here"/scripts/llama-cpp-patches/*.patch; do [[ -e "$p" ]] && patches+=("$p"); done
+  if command -v patch >/dev/null 2>&1; then
+    for p in "$here"/scripts/llama-cpp-patches/*.patch; do [[ -e "$p" ]] && patches+=("$p"); done
+  else
+    log "warning: no \`patch\` command here, so llama.cpp is built without dspark's kernels (install patch for them)"
+  fi
 fi
 patch_sum=none
 if (( ${#patches[@]} )); then patch_sum="$(cat "${patches[@]}" | sha256 | cut -c1-16)"; fi
