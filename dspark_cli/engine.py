@@ -36,9 +36,10 @@ from .model import Model
 from .sampling import PositionRng, SamplingParams, probabilities, verify_greedy, verify_sampled
 from .stats import GenerationStats
 
-# Measured on CPU (scripts/bench_vs_llamacpp.py, dspark bench sweeps): 6 was as fast as or faster than 4, 8,
-# 12 and 16 there, because a verify batch costs more as it grows; on a GPU, where verify is nearly flat in
-# batch size, longer drafts can pay.
+# Measured on CPU (scripts/bench_vs_llamacpp.py, dspark bench sweeps): with the overlapped engine, the CPU
+# default, 6 was as fast as or faster than 4, 8 and 10 (its draft length settles below the cap anyway). The
+# sequential engine, with dspark's patched verify kernels or on a GPU where verify is nearly flat in batch
+# size, gains from 8-10: pass --draft-max there.
 DEFAULT_DRAFT_MAX = 6
 
 FINISH_STOP = "stop"  # an end-of-generation token or a stop string
