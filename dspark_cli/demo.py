@@ -79,8 +79,9 @@ def _fetch_draft(dest: Path) -> None:
         os.replace(part, dest)
 
 
-def _make_target(draft: Path, dest: Path) -> None:
-    say("making the demo target (F32 requantization of the draft, 540 MB) with llama.cpp's quantizer (once)")
+def requantize(src: Path, dest: Path, ftype: int, what: str = "a requantized copy") -> None:
+    """Write `src` re-encoded as llama.cpp file type `ftype` (a llama_cpp.LLAMA_FTYPE_* value) to `dest`,
+    written whole or not at all; `what` names the result in the error."""
     import llama_cpp
 
     from .model import _init_backend
@@ -88,14 +89,21 @@ def _make_target(draft: Path, dest: Path) -> None:
     _init_backend()  # routes llama.cpp's log away from the terminal
     part = dest.with_suffix(".part")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
+    params.ftype = ftype
     params.allow_requantize = True
     params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(draft).encode(), str(part).encode(), params)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), params)
     if rc != 0 or not part.exists():
         part.unlink(missing_ok=True)
-        raise ModelFileError(f"llama.cpp could not make the demo target from {draft} (code {rc})")
+        raise ModelFileError(f"llama.cpp could not make {what} from {src} (code {rc})")
     os.replace(part, dest)
+
+
+def _make_target(draft: Path, dest: Path) -> None:
+    import llama_cpp
+
+    say("making the demo target (F32 requantization of the draft, 540 MB) with llama.cpp's quantizer (once)")
+    requantize(draft, dest, llama_cpp.LLAMA_FTYPE_ALL_F32, what="the demo target")
 
 
 def demo_pair() -> tuple[Path, Path]:

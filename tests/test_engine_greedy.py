@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from dspark_cli.demo import requantize
 from dspark_cli.drafters import ModelDrafter
 from dspark_cli.engine import generate
 from dspark_cli.model import Model
@@ -151,10 +152,7 @@ def kquant_target(demo_paths, tmp_path_factory):
     import llama_cpp
 
     out = tmp_path_factory.mktemp("kquant") / "demo-target.Q4_K_M.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.allow_requantize = True
-    assert llama_cpp.llama_model_quantize(str(demo_paths[0]).encode(), str(out).encode(), params) == 0
+    requantize(demo_paths[0], out, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)
     model = Model(out, role="target", n_ctx=512)
     yield model
     model.close()

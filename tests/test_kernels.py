@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dspark_cli.demo import requantize
 from dspark_cli.model import Model
 from dspark_cli.prompt import build_prompt
 
@@ -19,10 +20,7 @@ from dspark_cli.prompt import build_prompt
 def f16_copy(src: Path, out: Path) -> Path:
     import llama_cpp
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_F16
-    params.allow_requantize = True
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params) == 0
+    requantize(src, out, llama_cpp.LLAMA_FTYPE_MOSTLY_F16)
     return out
 
 
