@@ -35,7 +35,7 @@ def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: 
     if gpu["backend"] == "none":
         advice.append("no GPU backend in this llama.cpp build: everything runs on the CPU, where a verify batch "
                       "costs more than one token, so gains are smaller; measure with `dspark bench`")
-    if llama.get("dspark_patches") == [] and gpu["backend"] == "none" and "avx512f" in cpu["features"]:
+    if llama.get("dspark_patches") == [] and gpu["backend"] == "none" and "avx2" in cpu["features"]:
         advice.append("this llama.cpp was built without dspark's CPU kernels: `bash scripts/install.sh` "
                       "(without DSPARK_LLAMA_PATCHES=0) builds them in for faster verify batches")
     compiled = set(llama.get("compiled_features") or [])
