@@ -96,24 +96,3 @@ def to_csv(report: dict) -> str:
             out["acceptance_by_position"] = ";".join(f"{p:.3f}" for p in row["acceptance_by_position"])
             w.writerow({k: ("" if out.get(k) is None else out.get(k)) for k in CSV_COLUMNS})
     return buf.getvalue()
-
-
-def check_output_path(path: str, flag: str) -> None:
-    """Fail before any model loads if a result file could not be written ('-' is stdout)."""
-    import os
-    from pathlib import Path
-
-    from .errors import UsageError
-
-    if path == "-":
-        return
-    p = Path(path).expanduser()
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise UsageError(f"{flag} {path}: is a directory")
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {path}: the directory {parent} does not exist")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise UsageError(f"{flag} {path}: the file is not writable")
-    if not p.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: cannot create files in {parent}")

@@ -15,12 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.text import Text
 
-from .console import say
+from .console import console, err_text, say, write
 from .conversation import FINISH_INTERRUPTED
+from .prompt import clean_text
 
 PROMPT = ">>> "
 MORE = "... "
@@ -89,7 +90,7 @@ class Screen:
 
     def __init__(self, *, live: bool, highlight: bool):
         # Rich honours NO_COLOR itself (colours go, bold/dim/underline stay) and reads the terminal's width.
-        self.out = Console(highlight=False, markup=False, emoji=False, soft_wrap=False)
+        self.out = console(highlight=False, markup=False, emoji=False, soft_wrap=False)
         # TERM=dumb cannot redraw a status line: stream plainly, summaries on stderr.
         self.live = live and not self.out.is_dumb_terminal
         self.highlight_style = None
@@ -117,11 +118,7 @@ class Screen:
         if self.live:
             self.out.print(Text(text))
         else:
-            try:
-                sys.stderr.write(text.rstrip("\n") + "\n")
-                sys.stderr.flush()
-            except OSError:
-                pass
+            err_text(text.rstrip("\n") + "\n")
 
     def answer_view(self, n_new_prompt_tokens: int):
         return LiveAnswer(self, n_new_prompt_tokens) if self.live else PlainAnswer(self)
@@ -139,16 +136,14 @@ class PlainAnswer:
 
     def add(self, text: str, from_draft: bool, stats) -> None:
         if text:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            write(text)
             self._last = text
 
     def finish(self, stats, finish: str | None) -> None:
         # One answer, one line block: end it with a newline, even an empty answer (unless nothing came at
         # all because generation failed).
         if stats is not None and not self._last.endswith("\n"):
-            sys.stdout.write("\n")
-        sys.stdout.flush()
+            write("\n")
         if stats is not None:
             self.screen._err_line(summary_line(stats, finish))
 
@@ -246,7 +241,7 @@ class TerminalInput:
                 lines.append(self._input(MORE))
         except EOFError:
             return None
-        return "\n".join(lines)
+        return clean_text("\n".join(lines))
 
     def line_buffer(self) -> str:
         return self.readline.get_line_buffer() if self.readline is not None else ""
@@ -255,8 +250,7 @@ class TerminalInput:
         if sys.stdout.isatty():
             return input(prompt)
         # stdout redirected: keep the prompt out of the answers
-        sys.stderr.write(prompt)
-        sys.stderr.flush()
+        err_text(prompt)
         return input()
 
     @staticmethod
@@ -282,7 +276,7 @@ class PipeInput:
 
     def read(self) -> str | None:
         while True:
-            line = sys.stdin.readline()
+            line = sys.stdin.buffer.readline().decode("utf-8", "replace")  # invalid UTF-8 becomes U+FFFD
             if not line:
                 return None
             line = line.rstrip("\r\n")

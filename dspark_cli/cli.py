@@ -1,16 +1,20 @@
 """The `dspark` console script: a thin Typer layer. Commands live in dspark_cli/commands/, one module each,
-and only parse options and render events; errors are mapped to one stderr line and an exit code here."""
+and only parse options and render events; every error, a usage error of Typer's click included, is mapped to
+one stderr line and an exit code here."""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import os
 import sys
+import traceback
 
-import click
 import typer
 
 from . import __version__
-from .console import quiet_stdout, say
-from .errors import DsparkError
+from .console import closed_at_start, err_text, prepare_streams, quiet_stdout, say, write
+from .errors import DsparkError, Interrupted, OutputError, ReaderGone, ResourceError
 
 app = typer.Typer(
     name="dspark",
@@ -24,7 +28,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        print(f"dspark {__version__}")
+        write(f"dspark {__version__}\n")
         raise typer.Exit()
 
 
@@ -36,51 +40,97 @@ def _root(
 
 
 def _register_commands() -> None:
-    # Each command module registers itself; a module that is absent (not yet written) is simply skipped.
-    import importlib
-    import pkgutil
+    from .commands import bench, chat, doctor, models, pull, run
 
-    from . import commands
-
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{commands.__name__}.{info.name}")
-        register = getattr(module, "register", None)
-        if register is not None:
-            register(app)
+    for module in (run, chat, bench, models, pull, doctor):
+        module.register(app)
+    for info in app.registered_commands:
+        info.callback = _guarded(info.callback)
 
 
-def _error_line(message: str) -> None:
+def _guarded(callback):
+    """A command whose Ctrl-C and closed pipe leave it as dspark's own exceptions, which Typer passes through
+    untouched to main() (Typer's handling of the built-in ones changed between versions)."""
+
+    @functools.wraps(callback)
+    def command(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted") from None
+        except BrokenPipeError:
+            raise ReaderGone from None
+
+    return command
+
+
+def _click_errors(command) -> tuple[type, type, type, type]:
+    """(Exit, Abort, ClickException, NoArgsIsHelpError) of the click that Typer runs on: the `click` package, or the copy Typer
+    bundles as `typer._click` since 0.2x (its Exit and Abort live in typer.exceptions). Catching another
+    click's classes turned every mistyped flag into a traceback."""
+    for klass in type(command).__mro__:
+        module = klass.__module__
+        if module.endswith(".core") and module != "typer.core":
+            core = importlib.import_module(module)
+            errors = importlib.import_module(module[: -len("core")] + "exceptions")
+            return core.Exit, core.Abort, errors.ClickException, errors.NoArgsIsHelpError
+    raise RuntimeError(f"cannot find the click under Typer's {type(command).__name__}")
+
+
+def _error_line(message: str, hint: str | None = None) -> None:
     say(f"error: {message}")
+    if hint:
+        err_text(f"  hint: {hint}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    _register_commands()
-    command = typer.main.get_command(app)
+    prepare_streams()
+    if "stdout" in closed_at_start:
+        _error_line("standard output is closed, so there is nowhere to write to",
+                    hint="redirect it instead: > FILE, or > /dev/null to discard it")
+        sys.exit(OutputError.exit_code)
+    code = 1
     try:
-        result = command.main(args=argv, prog_name="dspark", standalone_mode=False)
-        code = result if isinstance(result, int) else 0
-    except DsparkError as e:
-        _error_line(e.message)
-        if e.hint:
+        _register_commands()
+        command = typer.main.get_command(app)
+        click_exit, click_abort, click_exception, no_args = _click_errors(command)
+        try:
+            result = command.main(args=argv, prog_name="dspark", standalone_mode=False)
+            code = result if isinstance(result, int) else 0
+        except click_exit as e:
+            code = e.exit_code
+        except click_abort:
+            _error_line("interrupted")
+            code = 130
+        except no_args as e:  # `dspark` alone: the help, on stderr, exit 2 as click does
             try:
-                sys.stderr.write(f"  hint: {e.hint}\n")
+                e.show()
             except (OSError, ValueError):
                 pass
-        code = e.exit_code
-    except click.exceptions.Exit as e:
-        code = e.exit_code
-    except click.exceptions.Abort:
-        _error_line("interrupted")
-        code = 130
-    except click.exceptions.ClickException as e:
-        e.show()
+            code = e.exit_code
+        except click_exception as e:  # a usage error: click's message as dspark's one line, exit 2
+            ctx = getattr(e, "ctx", None)
+            _error_line(e.format_message(), hint=f"`{ctx.command_path} -h` lists the {'commands' if ctx.parent is None else 'options'}"
+                        if ctx else None)
+            code = e.exit_code
+    except DsparkError as e:
+        _error_line(e.message, e.hint)
         code = e.exit_code
     except KeyboardInterrupt:
         _error_line("interrupted")
         code = 130
-    except BrokenPipeError:
+    except (BrokenPipeError, ReaderGone):
         quiet_stdout()
         code = 0
+    except MemoryError:
+        _error_line("out of memory", hint="a smaller model, a smaller --ctx-size, or close other programs")
+        code = ResourceError.exit_code
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback only on request
+        if os.environ.get("DSPARK_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        _error_line(f"internal error: {type(e).__name__}: {e}",
+                    hint="this is a bug in dspark; DSPARK_DEBUG=1 shows the traceback for a report")
+        code = 1
     sys.exit(code)
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DsparkError, PromptError
+from .files import open_append, write_atomic
 from .model import Model
 from .prompt import tokenize_prompt
 from .stats import Rates
@@ -102,6 +103,7 @@ class Conversation:
     def __init__(self, model: Model, system: str | None = None):
         self.model = model
         self.template = ChatTemplate(model)
+        self._check_system(system)
         self.system = system or None
         self.messages: list[dict] = []  # alternating user/assistant that still fit the context
         self.log: list[dict] = []  # every message since the last reset, dropped ones too (/save)
@@ -121,6 +123,8 @@ class Conversation:
         self._pending = None
 
     def set_system(self, text: str | None) -> None:
+        """Set (or clear) the system prompt; PromptError, and nothing changes, when it is too long."""
+        self._check_system(text)
         self.system = text or None
         self.log.append(self._record("system", self.system or ""))
         self._text = None  # it sits at the start: the next prompt is rendered and processed whole
@@ -149,7 +153,8 @@ class Conversation:
             tokens, n_reusable = tokenize_prompt(self.model, text), 0
         if len(tokens) >= n_ctx:
             raise PromptError(
-                f"this message needs {len(tokens)} tokens with the system prompt, but the context holds {n_ctx}",
+                f"this message needs {len(tokens)} tokens{' with the system prompt' if self.system else ''}, "
+                f"but the context holds {n_ctx}",
                 hint="send a shorter message or raise --ctx-size",
             )
         if dropped:
@@ -185,6 +190,21 @@ class Conversation:
                 self.log.pop()
 
     # ---- internals ------------------------------------------------------------------------------------
+    def _check_system(self, text: str | None) -> None:
+        """A system prompt stays in every turn: it must leave at least a quarter of the context for the
+        conversation, or every message after it would fail."""
+        if not text:
+            return
+        n_ctx = self.model.n_ctx
+        n = len(tokenize_prompt(self.model, self.template.render([{"role": "system", "content": text},
+                                                                    {"role": "user", "content": ""}])))
+        if n > n_ctx - n_ctx // 4:
+            raise PromptError(
+                f"the system prompt needs {n} tokens, more than {n_ctx - n_ctx // 4} of the context's {n_ctx} "
+                "(the rest must hold the conversation)",
+                hint="shorten it or raise --ctx-size",
+            )
+
     def _with_system(self, messages: list[dict]) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + messages
 
@@ -204,42 +224,42 @@ class Conversation:
 
 class Transcript:
     """--transcript FILE: one JSON object per line, appended and flushed the moment a message is
-    complete, so a crash or a killed terminal loses nothing already said."""
+    complete, so a crash or a killed terminal loses nothing already said. A write that fails (a full disk)
+    stops the transcript, not the chat: `error` then says so."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = self.path.open("a", encoding="utf-8")
-        except OSError as e:
-            raise DsparkError(f"cannot open the transcript {self.path}: {e.strerror or e}") from None
+        self._f = open_append(self.path, "--transcript", make_dirs=True)  # UsageError before the models load
+        self.error: str | None = None
 
-    def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
+    def write(self, record: dict) -> bool:
+        """False once the transcript has stopped (this write failed, or an earlier one)."""
+        if self._f is None:
+            return False
         try:
+            self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._f.flush()
             os.fsync(self._f.fileno())
-        except OSError:
-            pass
+        except OSError as e:
+            self.error = (f"the transcript {self.path} stopped: {e.strerror or e}; "
+                          "the messages from here on are not in it (/save FILE writes them all elsewhere)")
+            self.close()
+            return False
+        return True
 
     def close(self) -> None:
-        self._f.close()
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 def save_records(path: str | Path, records: list[dict]) -> Path:
-    """Write a whole conversation as JSON lines (the transcript's format), replacing the file atomically."""
-    path = Path(path).expanduser()
-    tmp = path.with_name(path.name + ".part")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DsparkError(f"cannot save to {path}: {e.strerror or e}") from None
-    return path
+    """Write a whole conversation as JSON lines (the transcript's format), replacing the file atomically
+    (only ever a regular file; a symlink's target). OutputError when it cannot."""
+    return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), make_dirs=True)
 
 
 @dataclass

@@ -84,7 +84,7 @@ def requantize(src: Path, dest: Path, ftype: int, what: str = "a requantized cop
     written whole or not at all; `what` names the result in the error."""
     import llama_cpp
 
-    from .model import _init_backend
+    from .model import _init_backend, deferred_interrupt
 
     _init_backend()  # routes llama.cpp's log away from the terminal
     part = dest.with_suffix(".part")
@@ -92,11 +92,14 @@ def requantize(src: Path, dest: Path, ftype: int, what: str = "a requantized cop
     params.ftype = ftype
     params.allow_requantize = True
     params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), params)
-    if rc != 0 or not part.exists():
+    try:
+        with deferred_interrupt():  # the quantizer cannot be stopped: Ctrl-C takes effect when it returns
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), params)
+        if rc != 0 or not part.exists():
+            raise ModelFileError(f"llama.cpp could not make {what} from {src} (code {rc})")
+        os.replace(part, dest)
+    finally:
         part.unlink(missing_ok=True)
-        raise ModelFileError(f"llama.cpp could not make {what} from {src} (code {rc})")
-    os.replace(part, dest)
 
 
 def _make_target(draft: Path, dest: Path) -> None:

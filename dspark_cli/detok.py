@@ -27,10 +27,11 @@ class TextStream:
         return self._release(final=False)
 
     def flush(self) -> str:
-        """End of generation: release whatever is held (an incomplete UTF-8 tail becomes U+FFFD)."""
+        """End of generation: release whatever is held. An incomplete UTF-8 tail (an answer cut by
+        --max-tokens inside a character) is dropped rather than shown as U+FFFD."""
         if self.stopped:
             return ""
-        self._held += self._decoder.decode(b"", final=True)
+        self._decoder.reset()
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:

@@ -47,3 +47,22 @@ class ResourceError(DsparkError):
     """Not enough memory (RAM or VRAM) for what was asked."""
 
     exit_code = 7
+
+
+class OutputError(DsparkError):
+    """Output that could not be written: a closed standard output, a full disk, a file that cannot be
+    created. Whatever was generated is not silently dropped: the message says what was lost or where it went."""
+
+    exit_code = 8
+
+
+class Interrupted(DsparkError):
+    """Ctrl-C (exit 130). Raised in place of KeyboardInterrupt at the command boundary, because Typer's own
+    handling of KeyboardInterrupt differs between its versions (some exit 130 silently, some print "Aborted!")."""
+
+    exit_code = 130
+
+
+class ReaderGone(Exception):
+    """The reader of stdout went away (`dspark ... | head`): stop quietly, exit 0. Stands in for BrokenPipeError
+    at the command boundary, which some Typer versions turn into exit 1."""

@@ -1,32 +1,127 @@
-"""Cheap checks on a model path before llama.cpp sees it, so the user gets a precise one-line reason
-(missing, a directory, not GGUF, truncated) instead of llama.cpp's multi-line log."""
+"""The one reader of GGUF headers, read with struct (gguf isn't a runtime dependency, and its reader parses
+every tensor and token: seconds on big files). Every path to a model goes through `check_gguf_file` before
+llama.cpp or the memory estimate sees it, so both judge a file alike and the user gets a precise one-line
+reason (missing, a directory or special file, not GGUF, truncated, an impossible header) instead of
+llama.cpp's multi-line log, or a hang on a FIFO."""
 
 from __future__ import annotations
 
+import io
+import stat
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelFileError
 
 GGUF_MAGIC = b"GGUF"
+# The smallest a header entry can be: a tensor's info is a name (u64 length + 1 byte), u32 n_dims, one u64
+# dim, u32 type and u64 offset; a key/value pair is a key (u64 + 1 byte), a u32 type and a 1-byte value.
+_MIN_TENSOR_INFO = 8 + 1 + 4 + 8 + 4 + 8
+_MIN_KV = 8 + 1 + 4 + 1
+_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, key/value count
 
 
-def check_gguf_file(path: str | Path, role: str = "model") -> Path:
+@dataclass(frozen=True)
+class GGUFHeader:
+    path: Path
+    version: int
+    n_tensors: int
+    n_kv: int
+    size: int
+
+
+def check_gguf_file(path: str | Path, role: str = "model") -> GGUFHeader:
+    """The header of a file llama.cpp can be asked to load; ModelFileError naming `role` otherwise."""
     p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelFileError(f"{role} file not found: {p}")
-    if p.is_dir():
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ModelFileError(f"{role} file not found: {p}") from None
+    except OSError as e:
+        raise ModelFileError(f"cannot read {role} file {p}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise ModelFileError(f"{role} path is a directory, not a GGUF file: {p}")
+    if not stat.S_ISREG(st.st_mode):  # opening a FIFO would wait forever for a writer
+        raise ModelFileError(f"{role} path is not a regular file (a FIFO, device or socket): {p}")
     try:
         with p.open("rb") as f:
-            head = f.read(24)
+            head = f.read(_HEADER.size)
     except OSError as e:
         raise ModelFileError(f"cannot read {role} file {p}: {e.strerror or e}") from None
     if len(head) < 4 or head[:4] != GGUF_MAGIC:
-        raise ModelFileError(f"{role} file is not a GGUF model (bad magic bytes): {p}")
-    if len(head) < 24:
-        raise ModelFileError(f"{role} file is truncated (header incomplete): {p}")
-    version = struct.unpack("<I", head[4:8])[0]
+        raise ModelFileError(f"{role} file is not a GGUF model (it does not start with the GGUF magic bytes): {p}")
+    if len(head) < _HEADER.size:
+        raise ModelFileError(f"{role} file is truncated (its GGUF header ends early): {p}")
+    _, version, n_tensors, n_kv = _HEADER.unpack(head)
     if version not in (2, 3):
         raise ModelFileError(f"{role} file has unsupported GGUF version {version}: {p}")
-    return p
+    if _HEADER.size + n_tensors * _MIN_TENSOR_INFO + n_kv * _MIN_KV > st.st_size:
+        raise ModelFileError(f"{role} file is corrupt: its header claims {n_tensors:,} tensors and {n_kv:,} metadata "
+                             f"entries, more than its {st.st_size:,} bytes can hold: {p}")
+    return GGUFHeader(p, version, n_tensors, n_kv, st.st_size)
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_metadata(path: str | Path, role: str = "model") -> dict:
+    """The key/value section of a GGUF header (after check_gguf_file). Arrays of strings come back as their
+    length only; long arrays of numbers (per-token scores and types) too; other arrays as lists.
+    ModelFileError when the header is cut short or malformed."""
+    header = check_gguf_file(path, role)
+    p = header.path
+
+    def unpack(f, fmt):
+        size = struct.calcsize(fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise EOFError
+        return struct.unpack(fmt, data)[0]
+
+    def string(f, skip=False):
+        n = unpack(f, "<Q")
+        if n > min(1 << 30, header.size):
+            raise ValueError("absurd string length")
+        if skip:
+            f.seek(n, io.SEEK_CUR)
+            return None
+        return f.read(n).decode("utf-8", errors="replace")
+
+    def value(f, vtype):
+        if vtype in _SCALARS:
+            return unpack(f, _SCALARS[vtype])
+        if vtype == _STRING:
+            return string(f)
+        if vtype == _ARRAY:
+            etype, count = unpack(f, "<I"), unpack(f, "<Q")
+            if count > header.size:
+                raise ValueError("absurd array length")
+            if etype == _STRING:
+                for _ in range(count):
+                    string(f, skip=True)
+                return count
+            if etype in _SCALARS:
+                size = struct.calcsize(_SCALARS[etype])
+                if count > 4096:  # per-token scores and types: only their length matters here
+                    f.seek(size * count, io.SEEK_CUR)
+                    return count
+                return [unpack(f, _SCALARS[etype]) for _ in range(count)]
+            raise ValueError(f"unsupported array element type {etype}")
+        raise ValueError(f"unknown value type {vtype}")
+
+    try:
+        with open(p, "rb", buffering=1 << 16) as f:
+            f.seek(_HEADER.size)
+            meta = {}
+            for _ in range(header.n_kv):
+                key = string(f)
+                meta[key] = value(f, unpack(f, "<I"))
+            return meta
+    except OSError as e:
+        raise ModelFileError(f"cannot read {role} file {p}: {e.strerror or e}") from None
+    except EOFError:
+        raise ModelFileError(f"{role} file is truncated (its GGUF header ends early): {p}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{role} file is not a usable GGUF model ({e}): {p}") from None

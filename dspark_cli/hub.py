@@ -16,6 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
+from .console import console
 from .errors import DownloadError
 from .memory import fmt_bytes
 
@@ -71,10 +72,14 @@ def list_files(repo: str, *, offline: bool = False) -> list[str]:
     """The files of a hub repo (the API's tree listing), or those in the cache when offline."""
     if offline_mode(offline):
         return cached_files(repo)
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_session
 
     try:
-        return sorted(HfApi(endpoint=endpoint()).list_repo_files(repo))
+        # One request without huggingface-hub's retry loop first (the listing backs off for ~20 s and logs
+        # a dozen lines when there is no network): any answer at all means the host is reachable.
+        get_session().head(endpoint(), timeout=15)
+        with _quiet_hub_logs():
+            return sorted(HfApi(endpoint=endpoint()).list_repo_files(repo))
     except Exception as e:  # noqa: BLE001 - every failure becomes one line
         raise _download_error(e, repo, None) from None
 
@@ -197,13 +202,13 @@ def _download_error(e: BaseException, repo: str, filename: str | None) -> Downlo
             f"{repo} is a gated repo and this account has no access to it",
             hint=f"accept its terms at {host}/{repo}, then log in (`hf auth login`) or set HF_TOKEN",
         )
-    if isinstance(e, hf.RemoteEntryNotFoundError) or (isinstance(e, hf.HfHubHTTPError) and status == 404
-                                                      and not isinstance(e, hf.RepositoryNotFoundError)):
+    if filename is not None and (isinstance(e, hf.RemoteEntryNotFoundError) or (
+            isinstance(e, hf.HfHubHTTPError) and status == 404 and not isinstance(e, hf.RepositoryNotFoundError))):
         return DownloadError(f"{filename} not found in {repo} on {host}",
                              hint=f"list its files at {host}/{repo}/tree/main")
     if isinstance(e, hf.RevisionNotFoundError):
         return DownloadError(f"revision not found for {what} on {host}")
-    if isinstance(e, hf.RepositoryNotFoundError):
+    if isinstance(e, hf.RepositoryNotFoundError) or (filename is None and status == 404):
         return DownloadError(
             f"repository {repo} not found on {host} (or it is private)",
             hint="check the name; for a private repo log in (`hf auth login`) or set HF_TOKEN",
@@ -261,9 +266,7 @@ class _quiet_hub_logs:
         def filter(self, record: logging.LogRecord) -> bool:
             msg = record.getMessage()
             if "Trying to resume download" in msg:
-                from rich.console import Console
-
-                Console(stderr=True).print("[yellow]connection dropped; resuming the download…[/]")
+                console(stderr=True).print("[yellow]connection dropped; resuming the download…[/]")
                 return False
             return record.levelno >= logging.ERROR
 
@@ -288,7 +291,6 @@ class RichBar:
     label: str | None = None
 
     def __init__(self, *args, total=None, initial=0, desc=None, disable=False, **kwargs):
-        from rich.console import Console
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                    TransferSpeedColumn)
 
@@ -297,7 +299,7 @@ class RichBar:
         self.disable = disable
         self._progress = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+            TimeRemainingColumn(), console=console(stderr=True), transient=False,
         )
         self._progress.start()
         self._task = self._progress.add_task(self.label or desc or "download", total=total, completed=initial)

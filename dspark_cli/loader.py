@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,10 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
     if preflight is not None:
         preflight(target_path, draft_path, n_ctx=opts.ctx_size, n_gpu_layers=ngl, n_gpu_layers_draft=ngl_draft, force=opts.force)
 
+    hardware = os.cpu_count() or 1
+    if opts.threads is not None and opts.threads > hardware:
+        say(f"warning: --threads {opts.threads} is more than this machine's {hardware} hardware threads; "
+            "llama.cpp gets slower, not faster, past them")
     if not quiet:
         what = f"draft {draft_path.name}" if draft_path else ("prompt lookup" if draft == DRAFT_LOOKUP else "no draft")
         say(f"loading target {target_path.name} + {what}")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ModelFileError, ResourceError
+from .gguf_file import read_metadata
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -67,81 +68,10 @@ class ModelMemory:
         return self.weights + self.kv_cache + self.compute
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def read_metadata(path: Path) -> dict:
-    """The key/value section of a GGUF header, read with struct (gguf isn't a runtime dependency, and its
-    reader parses every tensor and token: seconds on big files). Arrays of strings come back as their
-    length only; other arrays as lists."""
-    import io
-    import struct
-
-    def unpack(f, fmt):
-        size = struct.calcsize(fmt)
-        data = f.read(size)
-        if len(data) != size:
-            raise EOFError
-        return struct.unpack(fmt, data)[0]
-
-    def string(f, skip=False):
-        n = unpack(f, "<Q")
-        if n > 1 << 30:
-            raise ValueError("absurd string length")
-        if skip:
-            f.seek(n, io.SEEK_CUR)
-            return None
-        return f.read(n).decode("utf-8", errors="replace")
-
-    def value(f, vtype):
-        if vtype in _SCALARS:
-            return unpack(f, _SCALARS[vtype])
-        if vtype == _STRING:
-            return string(f)
-        if vtype == _ARRAY:
-            etype, count = unpack(f, "<I"), unpack(f, "<Q")
-            if etype == _STRING:
-                for _ in range(count):
-                    string(f, skip=True)
-                return count
-            if etype in _SCALARS:
-                size = struct.calcsize(_SCALARS[etype])
-                if count > 4096:  # per-token scores and types: only their length matters here
-                    f.seek(size * count, io.SEEK_CUR)
-                    return count
-                return [unpack(f, _SCALARS[etype]) for _ in range(count)]
-            raise ValueError(f"unsupported array element type {etype}")
-        raise ValueError(f"unknown value type {vtype}")
-
-    with open(path, "rb", buffering=1 << 16) as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        version = unpack(f, "<I")
-        if version not in (2, 3):
-            raise ValueError(f"unsupported GGUF version {version}")
-        unpack(f, "<Q")  # tensor count
-        n_kv = unpack(f, "<Q")
-        meta = {}
-        for _ in range(n_kv):
-            key = string(f)
-            meta[key] = value(f, unpack(f, "<I"))
-        return meta
-
-
 def read_shape(path: Path) -> GGUFShape:
     """The model's shape from its GGUF header; ModelFileError when it is not a GGUF file llama.cpp could load."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"no such model file: {path}")
-    try:
-        meta = read_metadata(path)
-    except OSError as e:
-        raise ModelFileError(f"cannot read {path}: {e.strerror or e}") from None
-    except EOFError:
-        raise ModelFileError(f"{path} is truncated (its GGUF header ends early)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelFileError(f"{path}: not a usable GGUF file ({e})") from None
+    meta = read_metadata(path)
 
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,19 +34,62 @@ _backend_lock = threading.Lock()
 _backend_ready = False
 _log_lines: list[str] | None = None  # set while capturing llama.cpp's log during a load
 _VERBOSE = os.environ.get("DSPARK_VERBOSE", "") not in ("", "0")
+_interrupted = False  # a Ctrl-C that arrived while llama.cpp was calling back into Python (see deferred_interrupt)
 
 
 @llama_cpp.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # llama.cpp logs a great deal on load; keep it off the terminal unless DSPARK_VERBOSE is set, but
     # remember errors so a failed load can say why in one line.
-    msg = text.decode("utf-8", errors="replace")
-    if _log_lines is not None and level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
-        _log_lines.append(msg.strip())
-    if _VERBOSE:
-        import sys
+    global _interrupted
+    try:
+        msg = text.decode("utf-8", errors="replace")
+        if _log_lines is not None and level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+            _log_lines.append(msg.strip())
+        if _VERBOSE:
+            from .console import err_text
 
-        sys.stderr.write(msg)
+            err_text(msg)
+    except KeyboardInterrupt:  # raised here, ctypes would print it and drop it: keep it for later
+        _interrupted = True
+
+
+@llama_cpp.llama_progress_callback
+def _load_progress(progress: float, user_data: ctypes.c_void_p) -> bool:
+    return not _interrupted  # False cancels the load
+
+
+def _raise_if_interrupted() -> None:
+    global _interrupted
+    if _interrupted:
+        _interrupted = False
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def deferred_interrupt():
+    """Around llama.cpp calls that call back into Python (its log, a load's progress). Python runs the
+    Ctrl-C handler at the first Python code it meets, which is inside such a callback, where ctypes prints the
+    KeyboardInterrupt and drops it: a load went on and answered as if nothing happened. Here the press is
+    only noted; the load's progress callback then asks llama.cpp to stop, and KeyboardInterrupt is raised
+    once the call has returned (in place of the error a cancelled load reports)."""
+    global _interrupted
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum, frame):
+        global _interrupted
+        _interrupted = True
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if _interrupted:
+            _interrupted = False
+            raise KeyboardInterrupt
 
 
 def _init_backend() -> None:
@@ -103,19 +147,28 @@ class Model:
         n_threads: int | None = None,
         vocab_only: bool = False,
     ):
-        self.path = check_gguf_file(path, role)
+        self.path = check_gguf_file(path, role).path
         self.role = role
+        self._model = self._ctx = self._batch = None
+        try:
+            with deferred_interrupt():
+                self._load(n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only)
+        except BaseException:  # a failed or interrupted load frees what it had
+            self.close()
+            raise
+
+    def _load(self, n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only) -> None:
+        role = self.role
         _init_backend()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         mparams.vocab_only = vocab_only
+        mparams.progress_callback = _load_progress
         with _capture_log() as lines:
             model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not model:
             raise ModelFileError(f"cannot load {role} model {self.path}: {_reason(lines)}")
         self._model = model
-        self._ctx = None
-        self._batch = None
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._pieces: dict[int, bytes] = {}
@@ -295,6 +348,7 @@ class Model:
         self.cached.extend(tokens)
         self._stray = False
         self.n_evaluated += n
+        _raise_if_interrupted()  # a Ctrl-C that llama.cpp's log callback caught during the batch
 
     def _seq_rm(self, keep: int) -> None:
         """Drop positions >= keep from llama.cpp's cache (and from `cached`, first, so that an interrupt

@@ -6,6 +6,21 @@ from __future__ import annotations
 from .model import Model
 
 
+def clean_text(text: str) -> str:
+    """Text the user typed, as valid Unicode: bytes that are not UTF-8 (which Python keeps in command-line
+    arguments as lone surrogates) become U+FFFD, so they can be tokenized, printed and saved."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the bytes as they arrived
+    except UnicodeEncodeError:  # surrogates that never were bytes
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
 def render_chat(model: Model, messages: list[dict], *, add_generation_prompt: bool = True) -> str | None:
     """The chat template applied to messages, or None when the GGUF carries no template."""
     template = model.chat_template()

@@ -157,7 +157,7 @@ def is_cached(ref: str) -> bool:
 def _check_gguf(path: Path) -> Path:
     from .gguf_file import check_gguf_file
 
-    return check_gguf_file(path).resolve()
+    return check_gguf_file(path).path.resolve()
 
 
 def _builtin(r: ModelRef, reg: Registry) -> Path:
@@ -205,7 +205,10 @@ def _match_quant(r: ModelRef, *, pull: bool, offline: bool) -> str:
                 raise DownloadError(f"no {r.quant} file of {r.repo} is in the Hugging Face cache and dspark is offline")
             raise ModelFileError(f"{r.display} is not downloaded yet",
                                  hint=f"run `dspark pull {r.text}` first, or pass --pull to download it now")
-        matches = _quant_files(hub.list_files(r.repo), r.quant)
+        try:
+            matches = _quant_files(hub.list_files(r.repo), r.quant)
+        except DownloadError as e:
+            raise DownloadError(f"cannot look for the {r.quant} file of {r.repo}: {e.message}", hint=e.hint) from None
         where = f"in {r.repo}"
     firsts = sorted({m for m in matches if not _SPLIT.search(m) or _SPLIT.search(m).group(1) == "00001"})
     if not firsts:

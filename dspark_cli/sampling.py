@@ -21,7 +21,9 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not np.isfinite(self.temperature) or self.temperature < 0:
+        if not np.isfinite(self.temperature):
+            raise UsageError(f"--temp must be a finite number (0 or more), got {self.temperature}")
+        if self.temperature < 0:
             raise UsageError(f"--temp must be 0 or more, got {self.temperature}")
         if self.top_k < 0:
             raise UsageError(f"--top-k must be 0 (off) or more, got {self.top_k}")

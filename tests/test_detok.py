@@ -24,10 +24,17 @@ def test_split_utf8_from_the_real_tokenizer(demo_models):
     assert "".join(out) == TEXT == stream.text
 
 
-def test_incomplete_tail_becomes_replacement_char_only_at_the_end():
+def test_incomplete_tail_is_dropped_at_the_end():
+    # An answer cut by --max-tokens inside a character ends before it, not with U+FFFD.
     stream = TextStream()
-    assert stream.push("é".encode()[:1]) == ""
-    assert stream.flush() == "\ufffd"
+    assert stream.push(b"ok " + "é".encode()[:1]) == "ok "
+    assert stream.flush() == "" and stream.text == "ok "
+
+
+def test_invalid_bytes_inside_the_text_become_replacement_chars():
+    stream = TextStream()
+    assert stream.push(b"a\xffb") == "a\ufffdb"
+    assert stream.flush() == ""
 
 
 def test_stop_string_split_across_pieces_is_never_printed():

@@ -80,7 +80,7 @@ def test_gpu_layers_without_a_gpu_backend_count_as_ram(tmp_path):
         assert real.vram_needed == 0
 
 
-@pytest.mark.parametrize("content,text", [(b"not gguf at all", "not a usable GGUF"), (b"GGUF\x03\x00\x00\x00", "truncated")])
+@pytest.mark.parametrize("content,text", [(b"not gguf at all", "not a GGUF"), (b"GGUF\x03\x00\x00\x00", "truncated")])
 def test_bad_files(tmp_path, content, text):
     f = tmp_path / "x.gguf"
     f.write_bytes(content)

@@ -12,13 +12,14 @@ from typing import Annotated, Optional
 import typer
 
 from ..bench_prompts import builtin_prompts, load_prompts
-from ..bench_report import build_report, check_output_path, to_csv, to_json
+from ..bench_report import build_report, to_csv, to_json
 from ..bench_runner import METHOD_DRAFT, METHOD_LOOKUP, METHODS, BenchConfig, run_bench
 from ..bench_setup import setup_info
 from ..bench_stats import summarize
-from ..console import say
+from ..console import console, say, write
 from ..engine import DEFAULT_DRAFT_MAX, check_limits
-from ..errors import DsparkError, UsageError
+from ..errors import DsparkError, OutputError, UsageError
+from ..files import check_writable, save_fallback, write_atomic
 from ..loader import DRAFT_LOOKUP, DRAFT_NONE, load
 from . import _options as o
 
@@ -97,7 +98,7 @@ def register(app: typer.Typer) -> None:
         check_limits(max_tokens)
         for flag, path in (("--json", json_path), ("--csv", csv_path)):
             if path is not None:
-                check_output_path(path, flag)
+                check_writable(path, flag)
         if csv_path == "-" and json_path == "-":
             raise UsageError("--json - and --csv - cannot both go to stdout")
         suite = load_prompts(prompts) if prompts is not None else builtin_prompts()
@@ -119,44 +120,50 @@ def register(app: typer.Typer) -> None:
 
         summary = summarize(run.records, [p.id for p in suite])
         report = build_report(run, summary, config, setup)
-        if json_path is not None:
-            _write(json_path, to_json(report))
-        if csv_path is not None:
-            _write(csv_path, to_csv(report))
+        # The table first: a results file that cannot be written must not cost the results on screen.
         _render(report, to_stderr=json_path == "-" or csv_path == "-")
+        errors = [e for e in (_save(json_path, to_json, report, ".json"), _save(csv_path, to_csv, report, ".csv")) if e]
         mismatches = report["mismatches"]
         if mismatches:
             # Any difference fails: dspark's own CPU build is batch-invariant, so even a near-tie should agree.
             n = len(mismatches)
             ties = all(m["near_tie"] for m in mismatches)
-            raise DsparkError(
+            errors.insert(0, DsparkError(
                 f"{n} speculative output{'s' if n != 1 else ''} differed from the target alone at temperature 0"
                 + (" (all at floating-point near-ties)" if ties else ": speculation was not lossless"),
                 hint=("this llama.cpp build is not batch-invariant (a GPU backend, or CPU kernels built with "
                       "DSPARK_FAST_KERNELS=1 / llamafile sgemm): a 1-token and a multi-token batch round differently")
                 if ties else None,
-            )
+            ))
+        for e in errors[1:]:  # the first is the exit's own line
+            say(f"error: {e.message}")
+        if errors:
+            raise errors[0]
 
 
-def _write(path: str, text: str) -> None:
+def _save(path: str | None, render, report: dict, suffix: str) -> OutputError | None:
+    """Write one results file ('-': stdout); on failure the error, with where a copy was saved instead."""
+    if path is None:
+        return None
+    text = render(report)
     if path == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
+        write(text)
+        return None
     try:
-        Path(path).expanduser().write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+        write_atomic(path, text)
+    except OutputError as e:
+        copy = save_fallback(text, "dspark-bench-", suffix)
+        e.message += f"; the results were saved to {copy} instead" if copy else "; the results are only on screen"
+        return e
+    return None
 
 
 def _run_with_progress(loaded, config, draft_p_min):
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=console(stderr=True), transient=True) as progress:
         task = progress.add_task("warm-up", total=config.total_runs)
 
         def on_run(prompt_id: str, variant: str, repeat: int) -> None:
@@ -190,11 +197,9 @@ def _mb(n) -> str:
 
 
 def _console(to_stderr: bool):
-    from rich.console import Console
-
     stream = sys.stderr if to_stderr else sys.stdout
     width = None if stream.isatty() or os.environ.get("COLUMNS") else 120
-    return Console(file=stream, width=width, highlight=False)
+    return console(stderr=to_stderr, width=width, highlight=False)
 
 
 def _header(report: dict) -> list[str]:

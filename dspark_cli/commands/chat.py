@@ -8,6 +8,8 @@ the Ctrl-C that stopped an answer, so hitting it twice to stop an answer does no
 
 Exit codes: 0 for /exit, Ctrl-D, end of piped input and the second Ctrl-C at the prompt (leaving a chat
 that way is the normal way out, not a failure); 130 for Ctrl-C when stdin is piped (a script was cut off).
+A piped chat in which a message failed (too long for the context, say) exits with that error's code, and
+a chat whose --transcript stopped (a full disk) with 8, after the conversation went on without it.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from ..chat_ui import PipeInput, Screen, TerminalInput, history_path
 from ..conversation import (FINISH_INTERRUPTED, Conversation, DraftPromptCounter, SessionTotals, Transcript,
                             save_records)
 from ..engine import DEFAULT_DRAFT_MAX, check_limits, generate
-from ..errors import DsparkError, PromptError
+from ..console import closed_at_start
+from ..errors import DsparkError, OutputError, PromptError, UsageError
 from ..loader import load
+from ..prompt import clean_text
 from ..stats import GenerationStats
 from . import _options as o
 
@@ -69,6 +73,8 @@ class ChatSession:
         self.interactive = interactive
         self.drafter = DraftPromptCounter(loaded.drafter) if loaded.drafter is not None else None
         self.totals = SessionTotals()
+        # Piped chats are scripts: the first message that failed decides the exit code (0 if none did).
+        self.failure: DsparkError | None = None
 
     # ---- the loop -------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -112,8 +118,15 @@ class ChatSession:
             self.screen.out.print()
 
     def _log(self, record: dict) -> None:
-        if self.transcript is not None:
-            self.transcript.write(record)
+        t = self.transcript
+        if t is not None and not t.write(record) and t.error:
+            self._fail(OutputError(t.error))
+            t.error = None  # said once; the chat goes on without it
+
+    def _fail(self, e: DsparkError) -> None:
+        self.screen.error(e.message + (f" ({e.hint})" if e.hint else ""))
+        if self.failure is None:
+            self.failure = e
 
     # ---- one answer -----------------------------------------------------------------------------------
     def answer(self, message: str) -> str | None:
@@ -123,7 +136,7 @@ class ChatSession:
             # make every turn drop history.
             turn = self.conv.begin_turn(message, reserve=min(self.max_tokens, target.n_ctx // 2))
         except PromptError as e:
-            self.screen.error(e.message + (f" ({e.hint})" if e.hint else ""))
+            self._fail(e)
             return None
         self._log(self.conv.log[-1])
         if turn.dropped_turns:
@@ -165,7 +178,7 @@ class ChatSession:
                 self.conv.abort_turn()
                 if not self.interactive:
                     raise
-                self.screen.error(e.message)
+                self._fail(e)
                 return None
             except BaseException:
                 view.finish(None, None)
@@ -205,7 +218,11 @@ class ChatSession:
             if not arg:
                 self.screen.note(f"system prompt: {self.conv.system!r}" if self.conv.system else "no system prompt (the template's default applies)")
             else:
-                self.conv.set_system(arg)
+                try:
+                    self.conv.set_system(arg)
+                except PromptError as e:
+                    self._fail(e)
+                    return None
                 self._log(self.conv.log[-1])
                 self.screen.note("system prompt set" + ("; the next turn re-processes the conversation" if self.conv.messages else ""))
         elif name == "/save":
@@ -215,7 +232,7 @@ class ChatSession:
                 try:
                     path = save_records(arg, self.conv.log)
                 except DsparkError as e:
-                    self.screen.error(e.message)
+                    self._fail(e)
                 else:
                     n = sum(r.get("role") in ("user", "assistant") for r in self.conv.log)
                     self.screen.note(f"saved {n} messages to {path}")
@@ -312,9 +329,13 @@ def register(app: typer.Typer) -> None:
 
         On a terminal: live tokens/s under the answer; leave with /exit, Ctrl-D or Ctrl-C twice (exit 0). With stdin piped: one message per line, answers only on stdout, stats on stderr (Ctrl-C exits 130)."""
         check_limits(max_tokens, draft_max)
+        if "stdin" in closed_at_start:
+            raise UsageError("standard input is closed: chat reads your messages from it",
+                             hint="type them at a terminal, or pipe them in, one per line")
+        system = clean_text(system) if system is not None else None
         params = o.sampling_params(temp, top_k, top_p, seed)
         opts = o.model_options(target, draft, pair, ctx_size, n_gpu_layers, n_gpu_layers_draft, threads, draft_p_min, pull, offline, force)
-        interactive = sys.stdin is not None and sys.stdin.isatty()
+        interactive = sys.stdin.isatty()
         screen = Screen(live=interactive and sys.stdout.isatty(), highlight=highlight)
         log = Transcript(transcript) if transcript else None  # a bad path fails before the models load
 
@@ -338,6 +359,10 @@ def register(app: typer.Typer) -> None:
             session = ChatSession(loaded, screen, reader, conversation=conv, transcript=log, params=params,
                                   max_tokens=max_tokens, draft_max=draft_max, interactive=interactive)
             code = session.run()
+            # Already said when it happened: a piped chat (a script) exits with the first failure's code, and
+            # any chat whose transcript stopped with 8 (it is incomplete).
+            if not code and session.failure is not None and (not interactive or isinstance(session.failure, OutputError)):
+                code = session.failure.exit_code
         finally:
             reader.save_history()
             if log is not None:

@@ -6,12 +6,12 @@ memory) it still prints the whole report, then exits with that problem's one-lin
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated
 
 import typer
 
+from ..console import console, write_json
 from ..errors import DsparkError, UsageError
 from ..loader import ModelOptions
 from . import _options as o
@@ -129,13 +129,12 @@ def _pairing(target, draft, problems: list[DsparkError]) -> dict:
 
 
 def _print(report: dict) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     from ..memory import fmt_bytes
 
-    out = Console(width=max(Console().width, 120) if not sys.stdout.isatty() else None, highlight=False)
+    out = console(width=None if sys.stdout.isatty() else max(console().width, 120), highlight=False)
     m = report["machine"]
     cpu, ram, llama, gpu = m["cpu"], m["ram"], m["llama"], m["gpu"]
     t = Table(show_header=False, box=None, pad_edge=False)
@@ -222,9 +221,8 @@ def register(app: typer.Typer) -> None:
                                     n_gpu_layers_draft=n_gpu_layers_draft, offline=offline)
         report["problems"] = [p.message for p in problems]
         if as_json:
-            sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+            write_json(report, indent=2, default=str)
         else:
             _print(report)
-        sys.stdout.flush()
         if problems:
             raise problems[0]

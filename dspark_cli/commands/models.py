@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated
 
 import typer
 
+from ..console import write_json
 from ..errors import DsparkError
 from ..loader import ModelOptions
 
@@ -90,9 +90,9 @@ def list_pairs(n_ctx: int = 4096) -> list[dict]:
 
 
 def _table(pairs: list[dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from ..console import console
     from ..memory import fmt_bytes
 
     gpu_col = any("vram" in p["fits"] for p in pairs)
@@ -116,8 +116,8 @@ def _table(pairs: list[dict]) -> None:
         if gpu_col:
             row.append(yes if fit.get("vram") else no)
         table.add_row(*row)
-    console = Console(width=max(Console().width, 140) if not sys.stdout.isatty() else None)
-    console.print(table)
+    out = console(width=None if sys.stdout.isatty() else max(console().width, 140))
+    out.print(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -130,6 +130,6 @@ def register(app: typer.Typer) -> None:
         ModelOptions(ctx_size=ctx_size).validate()  # the same check as every command that loads models
         pairs = list_pairs(ctx_size)
         if as_json:
-            sys.stdout.write(json.dumps(pairs, indent=2) + "\n")
+            write_json(pairs, indent=2)
         else:
             _table(pairs)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from ..console import console, write
 from ..errors import UsageError
 
 
@@ -42,10 +42,7 @@ def register(app: typer.Typer) -> None:
         """Download models into the Hugging Face cache (resumable, checksum-verified); print their paths."""
         if not names:
             raise UsageError("name at least one pair or model to pull")
-        from rich.console import Console
-
-        err = Console(stderr=True)
+        err = console(stderr=True)
         for ref, path in pull_refs(names, offline=offline):
             err.print(f"[green]✓[/] {ref}", highlight=False)
-            sys.stdout.write(f"{path}\n")
-            sys.stdout.flush()
+            write(f"{path}\n")

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated, Optional
 
 import typer
 
-from ..console import quiet_stdout, say
+from ..console import closed_at_start, quiet_stdout, say, write, write_json
 from ..engine import DEFAULT_DRAFT_MAX, check_limits, generate
 from ..errors import PromptError, UsageError
 from ..loader import load
-from ..prompt import build_prompt
+from ..prompt import build_prompt, clean_text
 from . import _options as o
 
 
@@ -20,17 +19,19 @@ def read_prompt(argument: str | None) -> str:
     """The argument, stdin, or both: piped text is appended to the argument (`cat f | dspark run "Sum:"`)."""
     stdin = sys.stdin
     piped = ""
-    if argument == "-" or (stdin is not None and not stdin.isatty()):
-        if stdin is None:
-            raise PromptError("no standard input to read the prompt from")
+    if argument == "-" or not stdin.isatty():
         piped = stdin.buffer.read().decode("utf-8", errors="replace")
         if argument == "-":
             argument = None
     elif argument is None:
         raise PromptError("no prompt: pass it as an argument or pipe it on stdin", hint='dspark run "Why is the sky blue?"')
-    parts = [p for p in (argument, piped) if p and p.strip()]
+    parts = [p for p in (argument and clean_text(argument), piped) if p and p.strip()]
     if not parts:
-        raise PromptError("the prompt is empty" + (" (nothing arrived on stdin)" if argument is None else ""))
+        if argument is not None:
+            raise PromptError("the prompt is empty")
+        why = ("standard input is closed" if "stdin" in closed_at_start else "nothing arrived on stdin" if not piped
+               else "stdin held only whitespace")
+        raise PromptError(f"the prompt is empty ({why})", hint='pass it as an argument: dspark run "Why is the sky blue?"')
     return "\n\n".join(p.rstrip("\n") for p in parts)
 
 
@@ -76,6 +77,8 @@ def register(app: typer.Typer) -> None:
         check_limits(max_tokens, draft_max)
         if raw and system:
             raise UsageError("--system needs the chat template; drop --raw or drop --system")
+        system = clean_text(system) if system is not None else None
+        stop = [clean_text(s) for s in stop or ()]
         params = o.sampling_params(temp, top_k, top_p, seed)
         opts = o.model_options(target, draft, pair, ctx_size, n_gpu_layers, n_gpu_layers_draft, threads, draft_p_min, pull, offline, force)
         text_in = read_prompt(prompt)
@@ -85,7 +88,7 @@ def register(app: typer.Typer) -> None:
             tokens, templated = build_prompt(loaded.target, text_in, raw=raw, system=system)
             if not raw and not templated:
                 say("the target has no chat template; sending the prompt as is")
-            _generate(loaded, tokens, params, max_tokens, draft_max, tuple(stop or ()), as_json)
+            _generate(loaded, tokens, params, max_tokens, draft_max, tuple(stop), as_json)
         finally:
             loaded.close()
 
@@ -99,7 +102,6 @@ def _generate(loaded, tokens, params, max_tokens, draft_max, stop, as_json) -> N
 
 
 def _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json) -> None:
-    out = sys.stdout
     pieces: list[str] = []
     stats = None
     finish = None
@@ -110,8 +112,7 @@ def _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json) -> Non
             if ev.text:
                 pieces.append(ev.text)
                 if not as_json:
-                    out.write(ev.text)
-                    out.flush()
+                    write(ev.text)
             if ev.finish_reason is not None:
                 finish = ev.finish_reason
     except KeyboardInterrupt:
@@ -119,8 +120,7 @@ def _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json) -> Non
         if as_json and stats is not None:
             _print_json(pieces, stats, finish, params, loaded)
         elif pieces:
-            out.write("\n")
-            out.flush()
+            write("\n")
         n = stats.n_generated if stats is not None else 0
         say(f"interrupted after {n} tokens")
         raise SystemExit(130)
@@ -128,8 +128,7 @@ def _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json) -> Non
         _print_json(pieces, stats, finish, params, loaded)
     else:
         if pieces and not pieces[-1].endswith("\n"):
-            out.write("\n")
-        out.flush()
+            write("\n")
         say(_summary(stats, finish))
 
 
@@ -145,5 +144,4 @@ def _print_json(pieces, stats, finish, params, loaded) -> None:
         "top_p": params.top_p,
         "seed": params.seed,
     }
-    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+    write_json(record)
