@@ -20,7 +20,6 @@ app = typer.Typer(
     name="dspark",
     help="Faster local LLM answers with lossless speculative decoding (a small draft model + a large target).",
     add_completion=False,
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -64,8 +63,8 @@ def _guarded(callback):
     return command
 
 
-def _click_errors(command) -> tuple[type, type, type, type]:
-    """(Exit, Abort, ClickException, NoArgsIsHelpError) of the click that Typer runs on: the `click` package, or the copy Typer
+def _click_errors(command) -> tuple[type, type, type]:
+    """(Exit, Abort, ClickException) of the click that Typer runs on: the `click` package, or the copy Typer
     bundles as `typer._click` since 0.2x (its Exit and Abort live in typer.exceptions). Catching another
     click's classes turned every mistyped flag into a traceback."""
     for klass in type(command).__mro__:
@@ -73,7 +72,7 @@ def _click_errors(command) -> tuple[type, type, type, type]:
         if module.endswith(".core") and module != "typer.core":
             core = importlib.import_module(module)
             errors = importlib.import_module(module[: -len("core")] + "exceptions")
-            return core.Exit, core.Abort, errors.ClickException, errors.NoArgsIsHelpError
+            return core.Exit, core.Abort, errors.ClickException
     raise RuntimeError(f"cannot find the click under Typer's {type(command).__name__}")
 
 
@@ -93,21 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _register_commands()
         command = typer.main.get_command(app)
-        click_exit, click_abort, click_exception, no_args = _click_errors(command)
+        click_exit, click_abort, click_exception = _click_errors(command)
+        args = sys.argv[1:] if argv is None else list(argv)
         try:
-            result = command.main(args=argv, prog_name="dspark", standalone_mode=False)
+            # `dspark` alone is `dspark --help` (Typer's no_args_is_help raises an error whose message its
+            # newer versions leave empty, having printed the help themselves).
+            result = command.main(args=args or ["--help"], prog_name="dspark", standalone_mode=False)
             code = result if isinstance(result, int) else 0
         except click_exit as e:
             code = e.exit_code
         except click_abort:
             _error_line("interrupted")
             code = 130
-        except no_args as e:  # `dspark` alone: the help, on stderr, exit 2 as click does
-            try:
-                e.show()
-            except (OSError, ValueError):
-                pass
-            code = e.exit_code
         except click_exception as e:  # a usage error: click's message as dspark's one line, exit 2
             ctx = getattr(e, "ctx", None)
             _error_line(e.format_message(), hint=f"`{ctx.command_path} -h` lists the {'commands' if ctx.parent is None else 'options'}"

@@ -236,11 +236,20 @@ class Transcript:
         """False once the transcript has stopped (this write failed, or an earlier one)."""
         if self._f is None:
             return False
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        fd = self._f.fileno()
+        end = os.lseek(fd, 0, os.SEEK_END)
         try:
-            self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            # One write of the whole line, unbuffered, so a failure cannot leave half a line in Python's buffer.
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
         except OSError as e:
+            try:
+                os.ftruncate(fd, end)  # no half-written record: the file stays valid JSON lines
+            except OSError:
+                pass
             self.error = (f"the transcript {self.path} stopped: {e.strerror or e}; "
                           "the messages from here on are not in it (/save FILE writes them all elsewhere)")
             self.close()

@@ -96,12 +96,12 @@ def _umask() -> int:
 
 
 def open_append(path: str | Path, flag: str, *, make_dirs: bool = False):
-    """A text file opened for appending (the chat transcript), after the same checks as check_writable."""
+    """A file opened for appending, unbuffered bytes (the chat transcript), after the checks of check_writable."""
     check_writable(path, flag, make_dirs=make_dirs)
     p = Path(path).expanduser()
     try:
         _target(p).parent.mkdir(parents=True, exist_ok=True)
-        return p.open("a", encoding="utf-8")
+        return p.open("ab", buffering=0)
     except OSError as e:
         raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
 

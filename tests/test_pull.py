@@ -178,6 +178,35 @@ def test_no_network_is_a_clear_error(tmp_path):
     assert error_lines(r)[0].startswith(f"dspark: error: cannot reach http://127.0.0.1:{port} (no network?)")
 
 
+def test_a_quant_of_a_repo_the_server_lacks_names_both(tmp_path):
+    # A server that is not a hub at all (a mirror without the repo): every route is a plain 404.
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Quiet(*a, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = dspark("pull", "bartowski/foo:Q4_K_M", env=hub_env(f"http://127.0.0.1:{server.server_port}", tmp_path))
+    finally:
+        server.shutdown()
+    assert r.returncode == 6 and len(error_lines(r)) == 1, r.stderr
+    assert "Q4_K_M" in error_lines(r)[0] and "bartowski/foo" in error_lines(r)[0] and "None" not in r.stderr
+
+
+def test_no_network_for_a_listing_fails_fast_and_quietly(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = dspark("pull", "org/repo:Q4_K_M", env=hub_env(f"http://127.0.0.1:{port}", tmp_path), timeout=15)
+    assert r.returncode == 6
+    assert r.stderr.startswith("dspark: error: cannot look for the Q4_K_M file of org/repo: cannot reach"), r.stderr
+    assert "Retry" not in r.stderr and len(r.stderr.splitlines()) == 2  # the error and its hint
+
+
 def test_full_disk_is_caught_before_downloading(hub, tmp_path):
     hub.add_file("org/repo", "huge.gguf", b"x" * 100, announce_size=10**17)
     r = dspark("pull", "org/repo:huge.gguf", env=hub.env(tmp_path))
