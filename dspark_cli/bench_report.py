@@ -68,6 +68,7 @@ def _run_row(r) -> dict:
         "target_steps": r.n_target_steps, "draft_steps": r.n_draft_steps, "drafted": r.n_drafted,
         "accepted": r.n_accepted, "finish_reason": r.finish_reason,
         "tokens_per_second": r.n_generated / r.t_gen if r.t_gen > 0 else 0.0,
+        "engine": r.engine, "draft_lengths": r.draft_lengths, "speculation_note": r.speculation_note,
     }
 
 

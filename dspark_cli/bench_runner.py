@@ -18,16 +18,17 @@ import numpy as np
 
 from .bench_prompts import BenchPrompt
 from .bench_stats import BASELINE, Mismatch, RunRecord, check_identity, record_from_events, variant_name
-from .drafters import Draft, ModelDrafter, PromptLookupDrafter
+from .drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
 from .engine import generate
 from .errors import PromptError, UsageError
 from .loader import Loaded
 from .prompt import build_prompt
 from .sampling import SamplingParams
 
-METHOD_DRAFT = "draft"
+METHOD_HYBRID = "hybrid"  # the draft model and prompt lookup: what `dspark run` uses with a draft model
+METHOD_DRAFT = "draft"  # the draft model alone (--no-lookup)
 METHOD_LOOKUP = "lookup"
-METHODS = (METHOD_DRAFT, METHOD_LOOKUP)
+METHODS = (METHOD_HYBRID, METHOD_DRAFT, METHOD_LOOKUP)
 WARMUP_TOKENS = 32
 # Two greedy candidates whose target logits are closer than this are a floating-point tie: llama.cpp's CPU
 # kernels accumulate in a different order for a 1-token step than for a (γ+1)-token verify batch, and
@@ -49,6 +50,7 @@ class BenchConfig:
     max_tokens: int = 128
     params: SamplingParams = SamplingParams(temperature=0.0, seed=0)
     raw: bool = False
+    fixed: bool = False  # --draft-fixed: every step drafts draft_max (no cost model)
 
     @property
     def variants(self) -> list[tuple[str, int | None]]:
@@ -72,34 +74,13 @@ class BenchRun:
     templated: bool = True
 
 
-class _LoggedDrafter:
-    """Passes through to a drafter and logs (len(seq), tokens proposed) per round: the engine's stats sum
-    acceptance over rounds, and the α estimate needs to know which rounds hit a rejection."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.name = inner.name
-        self.log: list[tuple[int, int]] = []
-
-    def prepare(self, seq: list[int]) -> None:
-        self.inner.prepare(seq)
-
-    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: np.random.Generator) -> Draft:
-        d = self.inner.propose(seq, n_max, params, rng)
-        self.log.append((len(seq), len(d.tokens)))
-        return d
-
-    def release(self, n_keep: int) -> None:
-        self.inner.release(n_keep)
-
-
 def drafters_for(loaded: Loaded, methods: list[str], draft_p_min: float = 0.0) -> dict:
     out = {}
     for m in methods:
-        if m == METHOD_DRAFT:
+        if m in (METHOD_HYBRID, METHOD_DRAFT):
             if loaded.draft_model is None:
-                raise UsageError("--methods draft needs a draft model; pass --draft PATH or use --methods lookup")
-            out[m] = ModelDrafter(loaded.draft_model, p_min=draft_p_min)
+                raise UsageError(f"--methods {m} needs a draft model; pass --draft PATH or use --methods lookup")
+            out[m] = (HybridDrafter if m == METHOD_HYBRID else ModelDrafter)(loaded.draft_model, p_min=draft_p_min)
         elif m == METHOD_LOOKUP:
             out[m] = PromptLookupDrafter()  # no model: nothing to load for it
         else:
@@ -126,12 +107,11 @@ def run_bench(loaded: Loaded, config: BenchConfig, *, draft_p_min: float = 0.0,
         loaded.target.truncate(0)
         if loaded.draft_model is not None:
             loaded.draft_model.truncate(0)
-        drafter = _LoggedDrafter(drafters[method]) if method != BASELINE else None
+        drafter = drafters[method] if method != BASELINE else None
         events = generate(loaded.target, toks, drafter=drafter, params=config.params,
-                          max_tokens=max_tokens, draft_max=n or 1)
+                          max_tokens=max_tokens, draft_max=n or 1, fixed=config.fixed)
         rec = record_from_events(events, prompt_id=bp.id, category=bp.category,
-                                 variant=variant_name(method, n), repeat=repeat,
-                                 proposals=drafter.log if drafter else None)
+                                 variant=variant_name(method, n), repeat=repeat)
         if on_run is not None:
             on_run(bp.id, rec.variant, repeat)
         return rec

@@ -43,8 +43,11 @@ class RunRecord:
     n_accepted: int
     drafted_at: list[int]
     accepted_at: list[int]
-    rounds: list[tuple[int, int]] = field(default_factory=list)  # (drafted, accepted) per drafting round
+    rounds: list[tuple[int, int]] = field(default_factory=list)  # (drafted, accepted) per target step
     finish_reason: str | None = None
+    engine: str = "sequential"
+    draft_lengths: dict[str, int] = field(default_factory=dict)  # target steps by what they verified
+    speculation_note: str | None = None
 
     @property
     def rejections(self) -> int:
@@ -64,20 +67,7 @@ def parse_variant(name: str) -> tuple[str, int | None]:
     return method, (int(n) if n else None)
 
 
-def rounds_from_proposals(proposals: list[tuple[int, int]], n_accepted: int) -> list[tuple[int, int]]:
-    """Per-round (drafted, accepted) from a drafter's log of (len(seq) when asked, tokens proposed).
-    Between two proposals seq grew by the accepted tokens plus the one the target added; the last round's
-    acceptance is what the total leaves."""
-    rounds = []
-    for (n0, d), (n1, _) in zip(proposals, proposals[1:]):
-        rounds.append((d, n1 - n0 - 1))
-    if proposals:
-        rounds.append((proposals[-1][1], n_accepted - sum(a for _, a in rounds)))
-    return rounds
-
-
-def record_from_events(events: Iterable, *, prompt_id: str, category: str, variant: str, repeat: int,
-                       proposals: list[tuple[int, int]] | None = None) -> RunRecord:
+def record_from_events(events: Iterable, *, prompt_id: str, category: str, variant: str, repeat: int) -> RunRecord:
     """A RunRecord from the engine's event stream (the closing event carries the final stats)."""
     tokens: list[int] = []
     stats = None
@@ -97,7 +87,8 @@ def record_from_events(events: Iterable, *, prompt_id: str, category: str, varia
         n_target_steps=stats.n_target_steps, n_draft_steps=stats.n_draft_steps,
         n_drafted=stats.n_drafted, n_accepted=stats.n_accepted,
         drafted_at=list(stats.drafted_at), accepted_at=list(stats.accepted_at),
-        rounds=rounds_from_proposals(proposals or [], stats.n_accepted), finish_reason=finish,
+        rounds=list(stats.rounds), finish_reason=finish, engine=stats.engine,
+        draft_lengths=dict(stats.draft_lengths), speculation_note=stats.speculation_note,
     )
 
 

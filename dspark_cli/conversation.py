@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DsparkError, PromptError
@@ -84,9 +84,11 @@ class SessionTotals(Rates):
     n_prompt_evaluated_draft: int = 0
     t_prompt: float = 0.0
     dropped_turns: int = 0
+    engine: str = ""  # the engine of the latest answer
 
-    def add(self, stats, finish: str | None, draft_prompt_evaluated: int = 0) -> None:
+    def add(self, stats, finish: str | None) -> None:
         self.turns += 1
+        self.engine = stats.engine
         self.interrupted += finish == FINISH_INTERRUPTED
         self.n_generated += stats.n_generated
         self.n_drafted += stats.n_drafted
@@ -95,7 +97,7 @@ class SessionTotals(Rates):
         self.t_generation += stats.t_generation
         self.n_prompt += stats.n_prompt
         self.n_prompt_evaluated += stats.n_prompt_evaluated
-        self.n_prompt_evaluated_draft += draft_prompt_evaluated
+        self.n_prompt_evaluated_draft += stats.n_prompt_evaluated_draft
         self.t_prompt += stats.t_prompt
 
 
@@ -269,30 +271,3 @@ def save_records(path: str | Path, records: list[dict]) -> Path:
     """Write a whole conversation as JSON lines (the transcript's format), replacing the file atomically
     (only ever a regular file; a symlink's target). OutputError when it cannot."""
     return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), make_dirs=True)
-
-
-@dataclass
-class DraftPromptCounter:
-    """Wraps a drafter to count the prompt tokens the draft model actually processes in `prepare` (the
-    engine's stats count the target's only), so /stats can show that the draft reuses its cache too."""
-
-    inner: object
-    last: int = 0
-    name: str = field(init=False)
-
-    def __post_init__(self):
-        self.name = self.inner.name
-
-    def prepare(self, seq):
-        self.last = 0
-        model = getattr(self.inner, "model", None)
-        before = model.n_evaluated if model is not None else 0
-        self.inner.prepare(seq)
-        # sync() re-evaluates the last prompt token for its logits even when it is cached.
-        self.last = (model.n_evaluated - before) if model is not None else 0
-
-    def propose(self, seq, n_max, params, rng):
-        return self.inner.propose(seq, n_max, params, rng)
-
-    def release(self, n_keep):
-        self.inner.release(n_keep)

@@ -1,46 +1,64 @@
-"""Where draft tokens come from, behind one small interface.
+"""Where draft tokens come from: a small model of the same tokenizer, prompt lookup, or both (the hybrid,
+what a user gets by default with a draft model: a lookup match when there is one, the model otherwise; the
+cost model in engine/costs decides per round which pays).
 
-A drafter proposes up to n tokens to follow `seq` (every accepted token so far, prompt included). It may
-return the distributions it sampled them from (`q`), which speculative sampling needs; a deterministic
-drafter returns no q and counts as one-hot.
+Every drafter has the same interface, so any engine can use any drafter. Drafted tokens are chosen with the
+same sampling rule and noise as the target's own (sampling.pick), so a draft is accepted exactly when it is
+what the target would have produced.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from .model import Model
-from .sampling import PositionRng, SamplingParams, probabilities, sample_from
+from .sampling import Noise, SamplingParams, pick
 
 
 @dataclass
 class Draft:
     tokens: list[int]
-    q: list[np.ndarray] = field(default_factory=list)  # the distribution each token was sampled from (if any)
-    steps: int = 0  # draft-model decode calls spent
+    steps: int = 0  # draft-model decode calls spent on it
+    seconds: float = 0.0  # draft-model time spent on those steps (catch-up excluded)
 
 
 class Drafter(Protocol):
+    """`model` is the draft model (None for prompt lookup alone); `lookup` whether prompt lookup is on."""
+
     name: str
+    model: Model | None
+    lookup: bool
 
-    def prepare(self, seq: list[int]) -> None:
-        """Called once before generation with the prompt (lets a model drafter process it up front)."""
+    def prepare(self, seq: list[int]) -> int:
+        """Before generation, with the prompt: returns the prompt tokens the draft model processed."""
 
-    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: PositionRng) -> Draft: ...
+    def catch_up(self, seq: list[int]) -> tuple[int, float]:
+        """Bring the draft model's cache up to seq[:-1]: (tokens processed, seconds). (0, 0.0) without one."""
+
+    def behind(self, seq: list[int]) -> int:
+        """Tokens of seq[:-1] the draft model has yet to process."""
+
+    def extend(self, seq: list[int], ahead: Draft, params: SamplingParams, noise: Noise) -> bool:
+        """Draft one more token after seq + ahead.tokens into `ahead` (one model step). False when there is
+        nothing more to draft (no model, an end token)."""
+
+    def lookup_tokens(self, seq: list[int], n_max: int) -> list[int]:
+        """What prompt lookup proposes after seq ([] when off or when nothing matches)."""
 
     def release(self, n_keep: int) -> None:
         """Generation ended with `seq[:n_keep]` accepted: drop any state past it."""
 
 
 class ModelDrafter:
-    """A small model of the same tokenizer drafts autoregressively from its own KV cache. Between rounds
-    only the tokens it has not seen are fed to it (usually the target's correction or bonus token), never
-    the whole verified batch again."""
+    """A small model drafts autoregressively from its own KV cache. Between rounds only the tokens it has not
+    seen are fed to it (usually the target's correction), never the whole verified batch again."""
 
     name = "draft"
+    lookup = False
 
     def __init__(self, model: Model, p_min: float = 0.0):
         self.model = model
@@ -48,44 +66,46 @@ class ModelDrafter:
         # unsure of is likely rejected, and every rejected token costs verify-batch width on CPU.
         self.p_min = p_min
 
-    def prepare(self, seq: list[int]) -> None:
-        # All but the last token: the first proposal evaluates that one and gets its logits; syncing the
-        # whole prompt here would make it evaluate the last token twice.
-        self.model.sync(seq[:-1], n_logits=0)
+    def prepare(self, seq: list[int]) -> int:
+        return self.catch_up(seq)[0]
 
-    def _pick(self, logits: np.ndarray, params: SamplingParams, rng: PositionRng, pos: int):
-        """The draft's token for position `pos` and its distribution q (None when greedy), or (None, None)
-        when greedy drafting should stop here (p_min)."""
-        if params.greedy:
-            tok = int(np.argmax(logits))
-            if self.p_min > 0.0:
-                p_top = 1.0 / float(np.exp(logits.astype(np.float64) - float(logits[tok])).sum())
-                if p_top < self.p_min:
-                    return None, None
-            return tok, None
-        q = probabilities(logits, params)
-        return sample_from(q, rng.draft(pos)), q
+    def _seen(self, seq: list[int]) -> list[int]:
+        """seq as the draft model can take it: a target token past its vocabulary (a padded target's) stands
+        in as token 0. Its draft goes on from a slightly different context; the target verifies anyway."""
+        n = self.model.n_vocab
+        return seq if not seq or max(seq) < n else [t if t < n else 0 for t in seq]
 
-    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: PositionRng) -> Draft:
-        draft = Draft([])
-        while len(draft.tokens) < n_max and self.extend(seq, draft, params, rng):
-            pass
-        return draft
+    def catch_up(self, seq: list[int]) -> tuple[int, float]:
+        # All but the last token: the next `extend` evaluates that one and gets its logits.
+        before, t0 = self.model.n_evaluated, time.perf_counter()
+        self.model.sync(self._seen(seq[:-1]), n_logits=0)
+        return self.model.n_evaluated - before, time.perf_counter() - t0
 
-    def extend(self, seq: list[int], ahead: Draft, params: SamplingParams, rng: PositionRng) -> bool:
-        """Draft one more token after seq + ahead.tokens into `ahead` (one decode: the cache already holds
-        the rest). False when there is nothing more to draft: an end token, or p_min."""
+    def behind(self, seq: list[int]) -> int:
+        return max(0, len(seq) - 1 - self.model.common_prefix(self._seen(seq)))
+
+    def extend(self, seq: list[int], ahead: Draft, params: SamplingParams, noise: Noise) -> bool:
         if ahead.tokens and self.model.is_eog(ahead.tokens[-1]):
             return False
-        logits = self.model.sync(seq + ahead.tokens, n_logits=1)[0]
+        t0 = time.perf_counter()
+        logits = self.model.sync(self._seen(seq + ahead.tokens), n_logits=1)[0]
+        pos = len(seq) + len(ahead.tokens)
+        if params.greedy and self.p_min > 0.0:
+            tok = int(np.argmax(logits))
+            p_top = 1.0 / float(np.exp(logits.astype(np.float64) - float(logits[tok])).sum())
+            if p_top < self.p_min:
+                tok = None
+        else:
+            tok = pick(logits, params, noise, pos)
         ahead.steps += 1
-        tok, q = self._pick(logits, params, rng, len(seq) + len(ahead.tokens))
+        ahead.seconds += time.perf_counter() - t0
         if tok is None:
             return False
         ahead.tokens.append(tok)
-        if q is not None:
-            ahead.q.append(q)
         return True
+
+    def lookup_tokens(self, seq: list[int], n_max: int) -> list[int]:
+        return []
 
     def release(self, n_keep: int) -> None:
         self.model.truncate(n_keep)
@@ -97,19 +117,45 @@ class PromptLookupDrafter:
     copies from the input (summaries, edits, code changes), free when it does not match."""
 
     name = "lookup"
+    model = None
+    lookup = True
 
     def __init__(self, ngram_max: int = 4, ngram_min: int = 2):
         self.ngram_max = ngram_max
         self.ngram_min = ngram_min
 
-    def prepare(self, seq: list[int]) -> None:
-        pass
+    def prepare(self, seq: list[int]) -> int:
+        return 0
 
-    def propose(self, seq: list[int], n_max: int, params: SamplingParams, rng: PositionRng) -> Draft:
-        return Draft(lookup(seq, n_max, self.ngram_max, self.ngram_min))
+    def catch_up(self, seq: list[int]) -> tuple[int, float]:
+        return 0, 0.0
+
+    def behind(self, seq: list[int]) -> int:
+        return 0
+
+    def extend(self, seq: list[int], ahead: Draft, params: SamplingParams, noise: Noise) -> bool:
+        return False
+
+    def lookup_tokens(self, seq: list[int], n_max: int) -> list[int]:
+        return lookup(seq, n_max, self.ngram_max, self.ngram_min)
 
     def release(self, n_keep: int) -> None:
         pass
+
+
+class HybridDrafter(ModelDrafter):
+    """The draft model and prompt lookup together: each round the cost model takes a lookup match when one
+    pays (it costs no drafting), the model otherwise, or neither."""
+
+    name = "hybrid"
+    lookup = True
+
+    def __init__(self, model: Model, p_min: float = 0.0, ngram_max: int = 4, ngram_min: int = 2):
+        super().__init__(model, p_min)
+        self._lookup = PromptLookupDrafter(ngram_max, ngram_min)
+
+    def lookup_tokens(self, seq: list[int], n_max: int) -> list[int]:
+        return self._lookup.lookup_tokens(seq, n_max)
 
 
 def lookup(seq: list[int], n_max: int, ngram_max: int = 4, ngram_min: int = 2) -> list[int]:

@@ -2,18 +2,19 @@
 
 Invariant between rounds: `seq` holds every accepted token (prompt included) and the target's KV cache
 holds seq[:-1]; the last token is pending. One round:
-  1. the drafter proposes up to n tokens after seq (greedy, or sampled with their distributions q);
-  2. the target evaluates [seq[-1]] + draft in one batch, giving n + 1 rows of logits;
-  3. the longest agreeing prefix is accepted (greedy), or speculative sampling decides (temperature > 0),
-     and one more token comes from the target: the correction, or the bonus after a full acceptance;
-  4. the target's cache drops the rejected tail; the drafter catches up lazily on its next proposal.
-With no drafter, n is 0 and this is plain one-token-at-a-time decoding, yielding the same events.
+  1. the cost model (costs.Planner) picks what to draft: k tokens from the draft model, k from a
+     prompt-lookup match, or nothing (a plain target step, as the target alone runs);
+  2. the target evaluates [seq[-1]] + draft in one batch, giving k + 1 rows of logits;
+  3. the longest prefix of the draft that matches the target's own picks (sampling.pick: the argmax, or the
+     keyed Gumbel draw) is accepted, and the target's pick after it comes along: the correction, or the
+     bonus token after a full acceptance;
+  4. the target's cache drops the rejected tail; the draft model catches up on its next round.
+With no drafter every round is a plain step: the target alone, yielding the same events.
 
-On CPU, with a draft model, the rounds overlap (`_overlapped_rounds`): the cores are split between the
-two models, and while the target verifies one draft the drafter keeps drafting past it, betting that it
-will be accepted whole. When the bet wins (most rounds at high acceptance) the next draft is already
-there; when it loses, the extra tokens are dropped. Either way the target is never idle waiting for the
-draft, and the draft length adapts itself to how long a verify takes.
+On CPU, when the draft model pays, the rounds can also overlap (`_overlapped_rounds`): the cores are split
+between the two models, and while the target verifies one draft the drafter keeps drafting past it, betting
+that it will be accepted whole. `_schedule` tries that against the sequential loop on the same text and keeps
+whichever delivers more tokens per second.
 
 The `finally` block trims both caches back to the tokens the consumer has seen, so an abandoned generator
 (Ctrl-C, a closed pipe, a consumer that stops reading) leaves them consistent for the next call.
@@ -29,22 +30,24 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .costs import SOURCE_LOOKUP, SOURCE_MODEL, Plan, Planner
 from .detok import TextStream
-from .drafters import Draft, Drafter, ModelDrafter
+from .drafters import Draft, Drafter
 from .errors import PromptError, UsageError
 from .model import Model
-from .sampling import PositionRng, SamplingParams, probabilities, verify_greedy, verify_sampled
+from .sampling import Noise, SamplingParams, pick, verify
 from .stats import GenerationStats
 
-# Measured on CPU (scripts/bench_vs_llamacpp.py, dspark bench sweeps): with the overlapped engine, the CPU
-# default, 6 was as fast as or faster than 4, 8 and 10 (its draft length settles below the cap anyway). The
-# sequential engine, with dspark's patched verify kernels or on a GPU where verify is nearly flat in batch
-# size, gains from 8-10: pass --draft-max there.
-DEFAULT_DRAFT_MAX = 6
+# The most tokens drafted per target step. The cost model picks fewer whenever fewer pay (often on CPU,
+# where a verify batch costs several one-token steps); on a GPU, where a batch costs about one step, raise it.
+DEFAULT_DRAFT_MAX = 8
 
 FINISH_STOP = "stop"  # an end-of-generation token or a stop string
 FINISH_LENGTH = "length"  # --max-tokens reached
 FINISH_CONTEXT = "context"  # the context window is full
+
+ENGINE_SEQUENTIAL = "sequential"
+ENGINE_OVERLAPPED = "overlapped"
 
 
 def check_limits(max_tokens: int, draft_max: int | None = None) -> None:
@@ -64,15 +67,18 @@ class Event:
     finish_reason: str | None = None  # set on the closing event only
 
 
-def overlap_default(target: Model, drafter: Drafter | None) -> bool:
-    """Overlap draft and verify when both models run on the CPU with at least two threads to split;
-    DSPARK_OVERLAP=0 or 1 forces it off or on."""
-    forced = os.environ.get("DSPARK_OVERLAP", "")
-    if not isinstance(drafter, ModelDrafter) or target.n_threads < 2:
-        return False
-    if forced in ("0", "1"):
-        return forced == "1"
-    return target.on_cpu and drafter.model.on_cpu
+@dataclass
+class Round:
+    tokens: list[int]  # the accepted drafts, then the target's own token
+    n_drafted: int
+    n_accepted: int
+    source: str | None = None  # where the drafts came from (costs.SOURCE_MODEL / SOURCE_LOOKUP)
+
+
+def overlap_allowed(target: Model, drafter: Drafter | None) -> bool:
+    """Overlapped rounds need a draft model and both models on the CPU with two threads or more to split."""
+    return (drafter is not None and drafter.model is not None and target.n_threads >= 2
+            and target.on_cpu and drafter.model.on_cpu)
 
 
 def split_threads(n: int) -> tuple[int, int]:
@@ -91,7 +97,11 @@ def generate(
     draft_max: int = DEFAULT_DRAFT_MAX,
     stop: tuple[str, ...] | list[str] = (),
     overlap: bool | None = None,
+    fixed: bool = False,
 ) -> Iterator[Event]:
+    """Events for the answer to `prompt`. `overlap`: None lets the schedule decide (DSPARK_OVERLAP=0/1
+    forces it), False never overlaps, True always does (with a draft model on the CPU). `fixed`: draft
+    `draft_max` tokens every round instead of what the cost model picks."""
     check_limits(max_tokens, draft_max if drafter is not None else None)
     if not prompt:
         raise PromptError("the prompt is empty")
@@ -100,21 +110,28 @@ def generate(
             f"the prompt is {len(prompt)} tokens but the context holds {target.n_ctx}",
             hint="shorten the prompt or raise --ctx-size",
         )
-    if overlap is None:
-        overlap = overlap_default(target, drafter)
+    forced = os.environ.get("DSPARK_OVERLAP", "")
+    if overlap is None and forced in ("0", "1"):
+        overlap = forced == "1"
+    if not overlap_allowed(target, drafter):
+        overlap = False
 
     stats = GenerationStats(method=drafter.name if drafter else "target", n_prompt=len(prompt))
-    rng = PositionRng(params.seed)
+    noise = Noise(params.seed)
     stream = TextStream(stop)
     seq = list(prompt)
     seen = len(seq)  # tokens the consumer has been given (the prompt counts): the caches never keep more
     n_ctx = target.n_ctx
+    # Drafting needs room in the draft model's context too (it may be smaller than the target's).
+    draft_ctx = drafter.model.n_ctx if drafter is not None and drafter.model is not None else n_ctx
     max_draft = min(draft_max, target.n_batch - 1)
+    planner = Planner(max_draft, has_model=drafter is not None and drafter.model is not None,
+                      has_lookup=drafter is not None and drafter.lookup, fixed=fixed)
 
-    def room() -> int:  # draft tokens the next verify may carry
+    def room() -> int:  # draft tokens the next verify may carry (both models' contexts, --max-tokens)
         if drafter is None:
             return 0
-        return max(0, min(max_draft, n_ctx - len(seq) - 1, max_tokens - stats.n_generated - 1))
+        return max(0, min(max_draft, n_ctx - len(seq) - 1, draft_ctx - len(seq) - 1, max_tokens - stats.n_generated - 1))
 
     t0 = time.perf_counter()
     evaluated = target.n_evaluated
@@ -122,21 +139,22 @@ def generate(
     try:
         target.sync(seq[:-1], n_logits=0)
         stats.n_prompt_evaluated = target.n_evaluated - evaluated + 1  # + the pending last token
-        if drafter is not None:
-            drafter.prepare(seq)
+        if drafter is not None and len(seq) < draft_ctx:
+            stats.n_prompt_evaluated_draft = drafter.prepare(seq)
         stats.t_start = time.perf_counter()
         stats.t_prompt = stats.t_start - t0
 
-        make_rounds = _overlapped_rounds if overlap else _sequential_rounds
-        rounds = make_rounds(target, drafter, seq, params, rng, room, stats)
+        rounds = _schedule(target, drafter, seq, params, noise, planner, room, stats, overlap)
         finish = None
         while finish is None:
-            tokens, n_acc = next(rounds)
-            for i, tok in enumerate(tokens):
+            r = next(rounds)
+            kept = 0  # tokens of this round the answer keeps: fewer than all at an end token or a stop
+            for i, tok in enumerate(r.tokens):
                 if target.is_eog(tok):
                     finish = FINISH_STOP
                     break
                 seq.append(tok)
+                kept = i + 1
                 stats.n_generated += 1
                 text = stream.push(target.piece(tok))
                 if stream.stopped:
@@ -146,11 +164,15 @@ def generate(
                 elif len(seq) >= n_ctx:
                     finish = FINISH_CONTEXT
                 seen = len(seq)
-                yield Event(tok, text, i < n_acc, stats)
+                yield Event(tok, text, i < r.n_accepted, stats)
                 if finish:
                     break
+            stats.record_draft(r.n_drafted, min(r.n_accepted, kept))  # drafts past the end count as not accepted
 
         stats.t_end = time.perf_counter()
+        stats.draft_lengths = planner.chosen_lengths
+        if planner.off_reason and 2 * planner.chosen.get((None, 0), 0) > stats.n_target_steps:
+            stats.speculation_note = planner.off_reason  # it was off for most of the answer: say why
         yield Event(None, stream.flush(), False, stats, finish)
     finally:
         if rounds is not None:
@@ -161,43 +183,67 @@ def generate(
             drafter.release(seen)
 
 
-Rounds = Iterator[tuple[list[int], int]]  # per target step: (accepted drafts + the target's token, n accepted)
+Rounds = Iterator[Round]
 
 
-def _verify(target: Model, seq: list[int], draft: Draft, params: SamplingParams, rng: PositionRng):
-    """One target step over seq[-1] + draft: (n accepted, the target's next token). Leaves the target's
-    cache holding the accepted part only."""
-    logits = target.sync(seq + draft.tokens, n_logits=len(draft.tokens) + 1)
+def _verify(target: Model, seq: list[int], drafted: list[int], params: SamplingParams, noise: Noise):
+    """One target step over seq[-1] + drafted: (n accepted, the target's next token). Leaves the target's
+    cache holding the accepted part only. Rows past the first disagreement are never sampled."""
+    for i, t in enumerate(drafted):
+        if t >= target.n_vocab:  # a padded draft vocabulary's token: the target can neither take nor accept it
+            drafted = drafted[:i]
+            break
+    logits = target.sync(seq + drafted, n_logits=len(drafted) + 1)
     if params.greedy:
         picks = np.argmax(logits, axis=1).tolist()
-        n_acc = verify_greedy(picks, draft.tokens)
+        n_acc = verify(picks, drafted)
         nxt = picks[n_acc]
     else:
-        p_rows = np.stack([probabilities(row, params) for row in logits])
-        rngs = [rng.target(len(seq) + i) for i in range(len(draft.tokens) + 1)]
-        n_acc, nxt = verify_sampled(p_rows, draft.tokens, draft.q or None, rngs)
+        n_acc = 0
+        while True:
+            nxt = pick(logits[n_acc], params, noise, len(seq) + n_acc)
+            if n_acc == len(drafted) or nxt != drafted[n_acc]:
+                break
+            n_acc += 1
     target.truncate(len(seq) + n_acc)
     return n_acc, nxt
 
 
-def _sequential_rounds(target, drafter, seq, params, rng, room: Callable[[], int], stats) -> Rounds:
-    """Draft, then verify, then draft again: the simple loop (also the target-alone loop)."""
+def _sequential_rounds(target, drafter, seq, params, noise, planner: Planner, room: Callable[[], int], stats) -> Rounds:
+    """Draft (what the planner picks), then verify, then again: the simple loop (also the target alone)."""
     while True:
-        n_draft = room()
+        cap = room()
+        lookup = drafter.lookup_tokens(seq, cap) if cap and drafter.lookup else []
+        behind = drafter.behind(seq) if cap and drafter.model is not None else 0
+        plan = planner.plan(len(lookup), behind) if cap else Plan(None, 0)
+        k = min(plan.k, cap)
         t_draft = time.perf_counter()
-        draft = drafter.propose(seq, n_draft, params, rng) if n_draft > 0 else Draft([])
+        draft = Draft([])
+        if plan.source == SOURCE_MODEL and k:
+            n, seconds = drafter.catch_up(seq)
+            planner.costs.record_catchup(n, seconds)
+            while len(draft.tokens) < k and drafter.extend(seq, draft, params, noise):
+                pass
+            if draft.steps:
+                planner.costs.record_draft(draft.seconds / draft.steps)
+        elif plan.source == SOURCE_LOOKUP:
+            draft.tokens = lookup[:k]
         t_target = time.perf_counter()
+        n_acc, nxt = _verify(target, seq, draft.tokens, params, noise)
+        t_done = time.perf_counter()
+        planner.costs.record_verify(len(draft.tokens) + 1, t_done - t_target)
         stats.t_draft += t_target - t_draft
+        stats.t_target += t_done - t_target
         stats.n_draft_steps += draft.steps
-        n_acc, nxt = _verify(target, seq, draft, params, rng)
-        stats.t_target += time.perf_counter() - t_target
         stats.n_target_steps += 1
-        if draft.tokens:
-            stats.record_draft(len(draft.tokens), n_acc)
-        yield draft.tokens[:n_acc] + [nxt], n_acc
+        out = draft.tokens[:n_acc] + [nxt]
+        planner.record_round(plan, len(draft.tokens), n_acc, len(out))
+        if lookup and plan.source != SOURCE_LOOKUP:
+            planner.record_lookup_hindsight(lookup, out)
+        yield Round(out, len(draft.tokens), n_acc, plan.source)
 
 
-def _overlapped_rounds(target, drafter: ModelDrafter, seq, params, rng, room: Callable[[], int], stats) -> Rounds:
+def _overlapped_rounds(target, drafter, seq, params, noise, planner: Planner, room: Callable[[], int], stats) -> Rounds:
     """The target verifies the drafts that are ready (possibly none) in a worker thread while this thread
     drafts past them, betting that they will all be accepted and guessing the target's own next token;
     the drafts that survive the verdict are the next round's candidates. ctypes releases the GIL inside
@@ -211,21 +257,20 @@ def _overlapped_rounds(target, drafter: ModelDrafter, seq, params, rng, room: Ca
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dspark-verify")
     ahead = Draft([])  # drafted after seq, not verified yet
     try:
+        drafter.catch_up(seq)
         while True:
             n = room()
             steps, t_draft = ahead.steps, time.perf_counter()
-            if not params.greedy:
-                # Sampling verifies exactly n drafts (fewer only at an end token), so which positions get
-                # drafted, and with them every random draw, does not depend on timing: seeds reproduce.
-                while len(ahead.tokens) < n and drafter.extend(seq, ahead, params, rng):
+            if planner.fixed:  # exactly n drafts in every verify, not what happened to be ready
+                while len(ahead.tokens) < n and drafter.extend(seq, ahead, params, noise):
                     pass
-            cand = Draft(ahead.tokens[:n], ahead.q[:n])
+            cand = ahead.tokens[:n]
             t_target = time.perf_counter()
-            job = pool.submit(_verify, target, list(seq), cand, params, rng)
+            job = pool.submit(_verify, target, list(seq), cand, params, noise)
             # Draft past the candidates while the target works, at most one more full draft.
-            limit = min(len(cand.tokens) + 1 + max(n, 1), draft_model.n_ctx - len(seq) - 1)
+            limit = min(len(cand) + 1 + max(n, 1), draft_model.n_ctx - len(seq) - 1)
             while not job.done() and len(ahead.tokens) < limit:
-                if not drafter.extend(seq, ahead, params, rng):
+                if not drafter.extend(seq, ahead, params, noise):
                     break
             t_wait = time.perf_counter()
             n_acc, nxt = job.result()
@@ -234,16 +279,100 @@ def _overlapped_rounds(target, drafter: ModelDrafter, seq, params, rng, room: Ca
             stats.t_target += t_done - t_target
             stats.n_draft_steps += ahead.steps - steps
             stats.n_target_steps += 1
-            k = len(cand.tokens)
-            if k:
-                stats.record_draft(k, n_acc)
+            k = len(cand)
+            out = cand[:n_acc] + [nxt]
+            planner.record_round(Plan(SOURCE_MODEL if k else None, k), k, n_acc, len(out))
             if n_acc == k and len(ahead.tokens) > k and ahead.tokens[k] == nxt:
                 # The bet won, and the drafter guessed the target's token: what it drafted after stands.
-                ahead = Draft(ahead.tokens[k + 1 :], ahead.q[k + 1 :], steps=ahead.steps)
+                ahead = Draft(ahead.tokens[k + 1 :], steps=ahead.steps)
             else:
                 ahead = Draft([], steps=ahead.steps)
-            yield cand.tokens[:n_acc] + [nxt], n_acc
+            yield Round(out, k, n_acc, SOURCE_MODEL)
     finally:
-        pool.shutdown(wait=True)  # never leave a verify running on the target's cache
+        _wait_for(pool)  # never leave a verify running on the target's cache
         target.set_threads(threads[0])
         draft_model.set_threads(threads[1])
+
+
+def _wait_for(pool: ThreadPoolExecutor) -> None:
+    """Shut the verify worker down and wait for it, even through more Ctrl-C presses (a second one used to
+    let the caller truncate the target's cache while a verify still ran on it); re-raise one afterwards."""
+    interrupted = False
+    while True:
+        try:
+            pool.shutdown(wait=True)
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+# ------------------------------------------------------------------------------------- the schedule
+
+TRIAL_ROUNDS = 8  # rounds an engine runs before its tokens per second are compared with the other's
+RECHECK_ROUNDS = 64  # rounds before the engine that lost is tried again (doubling while it keeps losing)
+
+
+class _EngineChoice:
+    """Sequential or overlapped, by tokens per second measured on this very text. The sequential loop
+    starts (its cost model also decides whether to draft at all); once it keeps choosing the draft model,
+    the only drafter overlap helps, the overlapped loop gets a trial of TRIAL_ROUNDS, and whichever made
+    more tokens per second in its latest window goes on, the other tried again later."""
+
+    def __init__(self) -> None:
+        self.mode = ENGINE_SEQUENTIAL
+        self.rate: dict[str, float] = {}
+        self.window: list[tuple[int, float, bool]] = []  # this stretch: (tokens, seconds, drafted by the model)
+        self.check_at = TRIAL_ROUNDS
+        self.backoff = RECHECK_ROUNDS
+
+    def after(self, n_tokens: int, seconds: float, model_round: bool) -> str:
+        self.window.append((n_tokens, seconds, model_round))
+        if len(self.window) < self.check_at:
+            return self.mode
+        recent = self.window[-TRIAL_ROUNDS:]
+        rate = sum(n for n, _, _ in recent) / max(1e-9, sum(t for _, t, _ in recent))
+        self.rate[self.mode] = rate
+        if self.mode == ENGINE_SEQUENTIAL:
+            if sum(m for _, _, m in recent) < TRIAL_ROUNDS // 2:  # the draft model is not paying
+                self.check_at += TRIAL_ROUNDS
+                return self.mode
+            if self.rate.get(ENGINE_OVERLAPPED, float("inf")) > rate:
+                return self._switch(ENGINE_OVERLAPPED)
+            del self.rate[ENGINE_OVERLAPPED]  # it lost: try it again later
+            self.check_at += self.backoff
+            self.backoff *= 2
+            return self.mode
+        if self.rate.get(ENGINE_SEQUENTIAL, 0.0) > rate or len(self.window) >= RECHECK_ROUNDS:
+            return self._switch(ENGINE_SEQUENTIAL)  # it lost, or it is time to measure the other again
+        self.check_at = RECHECK_ROUNDS
+        return self.mode
+
+    def _switch(self, mode: str) -> str:
+        self.mode, self.window, self.check_at = mode, [], TRIAL_ROUNDS
+        return mode
+
+
+def _schedule(target, drafter, seq, params, noise, planner: Planner, room, stats, overlap: bool | None) -> Rounds:
+    """The rounds, from one engine throughout when `overlap` is forced (True/False), else as _EngineChoice
+    decides."""
+    engines = {ENGINE_SEQUENTIAL: _sequential_rounds, ENGINE_OVERLAPPED: _overlapped_rounds}
+    choice = _EngineChoice()
+    mode = ENGINE_OVERLAPPED if overlap else ENGINE_SEQUENTIAL
+    used: set[str] = set()
+    while True:
+        used.add(mode)
+        stats.engine = mode if len(used) == 1 else "mixed"
+        rounds = engines[mode](target, drafter, seq, params, noise, planner, room, stats)
+        try:
+            t = time.perf_counter()
+            for r in rounds:
+                seconds = time.perf_counter() - t
+                yield r
+                t = time.perf_counter()
+                if overlap is None and choice.after(len(r.tokens), seconds, r.n_drafted > 0 and r.source == SOURCE_MODEL) != mode:
+                    break
+        finally:
+            rounds.close()
+        mode = choice.mode

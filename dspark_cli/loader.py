@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .drafters import Drafter, ModelDrafter, PromptLookupDrafter
+from .drafters import Drafter, HybridDrafter, ModelDrafter, PromptLookupDrafter
 from .console import say
 from .errors import UsageError
 from .model import Model
@@ -25,6 +25,7 @@ class ModelOptions:
     n_gpu_layers_draft: int | None = None
     threads: int | None = None
     draft_p_min: float = 0.0
+    lookup: bool = True  # with a draft model, prompt lookup too (the hybrid drafter)
     pull: bool = False
     offline: bool = False
     force: bool = False
@@ -126,7 +127,7 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
 
             draft_model = Model(draft_path, role="draft", n_ctx=opts.ctx_size, n_gpu_layers=ngl_draft, n_threads=opts.threads)
             check_pair(target, draft_model)
-            drafter = ModelDrafter(draft_model, p_min=opts.draft_p_min)
+            drafter = (HybridDrafter if opts.lookup else ModelDrafter)(draft_model, p_min=opts.draft_p_min)
         elif draft == DRAFT_LOOKUP:
             drafter = PromptLookupDrafter()
     except BaseException:

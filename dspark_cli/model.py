@@ -366,18 +366,21 @@ class Model:
         if n_keep < len(self.cached) or self._stray:
             self._seq_rm(n_keep)
 
+    def common_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens` are already in the cache, from the start."""
+        cached = self.cached
+        if len(cached) <= len(tokens) and tokens[: len(cached)] == cached:
+            return len(cached)  # the usual case, compared at C speed
+        common = 0
+        limit = min(len(tokens), len(cached))
+        while common < limit and cached[common] == tokens[common]:
+            common += 1
+        return common
+
     def sync(self, tokens: list[int], n_logits: int = 1) -> np.ndarray | None:
         """Make the cache hold exactly `tokens`, evaluating only what is not already there, and return the
         logits of the last n_logits tokens (which are re-evaluated if they were cached already)."""
-        cached = self.cached
-        if len(cached) <= len(tokens) and tokens[: len(cached)] == cached:
-            common = len(cached)  # the usual case, compared at C speed
-        else:
-            common = 0
-            limit = min(len(tokens), len(cached))
-            while common < limit and cached[common] == tokens[common]:
-                common += 1
-        common = min(common, len(tokens) - n_logits)
+        common = min(self.common_prefix(tokens), len(tokens) - n_logits)
         self.truncate(common)
         return self.eval(tokens[len(self.cached) :], n_logits)
 

@@ -28,9 +28,11 @@ class Rates:
 
 @dataclass
 class GenerationStats(Rates):
-    method: str = "target"  # "target" (alone), "draft" (draft model) or "lookup" (prompt lookup)
+    method: str = "target"  # "target" (alone), "draft" (draft model), "lookup" (prompt lookup) or "hybrid" (both)
+    engine: str = "sequential"  # which loop ran the rounds: "sequential", "overlapped", or both ("mixed")
     n_prompt: int = 0  # prompt tokens
     n_prompt_evaluated: int = 0  # prompt tokens the target actually processed (cache reuse skips the rest)
+    n_prompt_evaluated_draft: int = 0  # prompt tokens the draft model processed (it reuses its cache too)
     n_generated: int = 0  # tokens yielded to the consumer
     n_drafted: int = 0
     n_accepted: int = 0
@@ -38,6 +40,9 @@ class GenerationStats(Rates):
     n_draft_steps: int = 0  # draft decode calls during generation
     drafted_at: list[int] = field(default_factory=list)  # per draft position: tokens drafted there
     accepted_at: list[int] = field(default_factory=list)  # per draft position: of those, accepted
+    rounds: list[tuple[int, int]] = field(default_factory=list)  # (drafted, accepted) per target step
+    draft_lengths: dict[str, int] = field(default_factory=dict)  # target steps by what they verified: "none", "draft@3"…
+    speculation_note: str | None = None  # why the cost model left speculation off, when it did
     t_prompt: float = 0.0  # seconds processing the prompt (target and draft)
     t_draft: float = 0.0  # seconds drafting during generation
     t_target: float = 0.0  # seconds in target verification during generation
@@ -57,6 +62,7 @@ class GenerationStats(Rates):
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
 
     def record_draft(self, n_drafted: int, n_accepted: int) -> None:
+        self.rounds.append((n_drafted, n_accepted))
         self.n_drafted += n_drafted
         self.n_accepted += n_accepted
         if len(self.drafted_at) < n_drafted:
@@ -71,6 +77,7 @@ class GenerationStats(Rates):
     def as_dict(self) -> dict:
         return {
             "method": self.method,
+            "engine": self.engine,
             "n_prompt_tokens": self.n_prompt,
             "n_prompt_evaluated": self.n_prompt_evaluated,
             "n_tokens": self.n_generated,
@@ -81,6 +88,8 @@ class GenerationStats(Rates):
             "draft_steps": self.n_draft_steps,
             "tokens_per_step": round(self.tokens_per_step, 4),
             "acceptance_by_position": [round(x, 4) for x in self.acceptance_by_position],
+            "draft_lengths": dict(self.draft_lengths),
+            "speculation_note": self.speculation_note,
             "tokens_per_second": round(self.tokens_per_second, 3),
             "prompt_seconds": round(self.t_prompt, 4),
             "prompt_tokens_per_second": round(self.prompt_tokens_per_second, 2),

@@ -101,3 +101,50 @@ def make_pair(directory: Path, *, noise: float = 0.3) -> tuple[Path, Path]:
     target = write_model(directory / "tiny-target.gguf", base)
     draft = write_model(directory / "tiny-draft.gguf", perturbed(base, 99, noise))
     return target, draft
+
+
+def make_padded_pair(directory: Path, *, pad: str, extra: int = 64, noise: float = 0.3) -> tuple[Path, Path]:
+    """(target, draft) whose vocabularies differ in size as real pairs' do (Qwen2.5 7B+ has 152,064 tokens, its
+    0.5B draft 151,936): `pad` is "target" or "draft", the one with `extra` more tokens at the end. The extra
+    rows have weights of their own, so the padded model does put probability on them."""
+    n_vocab = len(vocab()[0])
+    big = weights(1234, n_vocab + extra)
+    small = {k: (v[:n_vocab] if k in ("token_embd.weight", "output.weight") else v) for k, v in big.items()}
+    target_w, draft_w = (big, small) if pad == "target" else (small, big)
+    target = write_model(directory / f"padded-{pad}-target.gguf", target_w, extra_words=extra if pad == "target" else 0)
+    draft = write_model(directory / f"padded-{pad}-draft.gguf", perturbed(draft_w, 99, noise),
+                        extra_words=extra if pad == "draft" else 0)
+    return target, draft
+
+
+def pad_vocabulary(src: Path, dst: Path, extra: int = 64) -> Path:
+    """A copy of a real GGUF with `extra` unused tokens appended to its vocabulary and zero rows to its token
+    embedding (and output matrix), as model makers pad vocabularies to a round size."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(dst), arch)
+    grow = {
+        "tokenizer.ggml.tokens": [f"<|dspark_pad_{i}|>" for i in range(extra)],
+        "tokenizer.ggml.token_type": [5] * extra,  # LLAMA_TOKEN_TYPE_UNUSED
+        "tokenizer.ggml.scores": [0.0] * extra,
+    }
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = field.contents()
+        if key in grow:
+            value = list(value) + grow[key]
+        kind = field.types[0]
+        writer.add_key_value(key, value, kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        data = np.asarray(t.data)
+        if t.name in ("token_embd.weight", "output.weight"):
+            data = np.concatenate([data, np.zeros((extra,) + data.shape[1:], dtype=data.dtype)])
+        writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst

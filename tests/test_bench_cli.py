@@ -80,10 +80,11 @@ def test_draft_method_needs_a_draft_model():
 
 def test_bench_on_the_demo_pair(demo_paths, prompts_file, tmp_path):
     out_json, out_csv = tmp_path / "bench.json", tmp_path / "bench.csv"
-    # Sequential engine for both commands: overlapped rounds split drafts by timing, so their acceptance
-    # figures differ run to run (their tokens do not), and this test compares bench's figures with run's.
+    # Sequential engine and fixed draft lengths for both commands: overlapped rounds and the cost model decide
+    # by timing, so their acceptance figures differ run to run (their tokens do not), and this test compares
+    # bench's figures with run's.
     sequential = {"DSPARK_OVERLAP": "0"}
-    proc = dspark("bench", "--prompts", str(prompts_file), "--max-tokens", "32", "--repeats", "1",
+    proc = dspark("bench", "--prompts", str(prompts_file), "--max-tokens", "32", "--repeats", "1", "--draft-fixed",
                   "--json", str(out_json), "--csv", str(out_csv), env_extra=sequential)
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(out_json.read_text(encoding="utf-8"))
@@ -94,27 +95,28 @@ def test_bench_on_the_demo_pair(demo_paths, prompts_file, tmp_path):
     assert 0 < rep["acceptance_rate"] <= 1
     assert rep["mean_accepted_tokens"] >= 1.0  # the bonus token alone makes 1.00
     assert rep["identical"] is True and rep["mismatches"] == []
-    assert rep["best"]["variant"] == "draft@6"
+    assert rep["best"]["variant"] == "hybrid@8"
     assert [(r["prompt_id"], r["category"]) for r in rep["per_prompt"]] == [("sea", "chat"), ("paris", "qa")]
     assert all(r["identical"] is True and r["acceptance_by_position"] for r in rep["per_prompt"])
     assert {r["category"] for r in rep["per_category"]} == {"chat", "qa"}
     setup = rep["setup"]
     assert setup["target"]["quantization"] == "F32" and setup["draft"]["quantization"] == "Q4_1"
     assert setup["ctx_size"] == 4096 and "cpu" in setup["machine"]
-    # Interleaved runs: the target alone and draft@6 alternate, one each per prompt after the warm-up.
+    # Interleaved runs: the target alone and hybrid@8 alternate, one each per prompt after the warm-up.
     assert [(r["prompt_id"], r["variant"]) for r in rep["runs"]] == [
-        ("sea", "target"), ("sea", "draft@6"), ("paris", "target"), ("paris", "draft@6")]
+        ("sea", "target"), ("sea", "hybrid@8"), ("paris", "target"), ("paris", "hybrid@8")]
+    assert all(r["engine"] == "sequential" for r in rep["runs"])
 
     with out_csv.open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [r["prompt_id"] for r in rows] == ["sea", "paris"] and rows[0]["category"] == "chat"
 
     # The table on stdout, the identity verdict, and the chart.
-    assert "draft@6 vs the target alone" in proc.stdout
+    assert "hybrid@8 vs the target alone" in proc.stdout
     assert "identical" in proc.stdout and "Speedup by category" in proc.stdout
 
     # The same prompt through `dspark run` gives the same tokens, acceptance and tokens per step.
-    run = dspark("run", "--json", "--max-tokens", "32", PROMPTS[0]["turns"][0], env_extra=sequential)
+    run = dspark("run", "--json", "--max-tokens", "32", "--draft-fixed", PROMPTS[0]["turns"][0], env_extra=sequential)
     assert run.returncode == 0, run.stderr
     one = json.loads(run.stdout)
     row = rep["per_prompt"][0]

@@ -17,9 +17,10 @@ def test_draft_lengths_parse_and_dedupe():
 
 
 def test_default_method_follows_the_models():
-    assert _methods(None, None, None, None) == ["draft"]  # the demo pair
-    assert _methods(None, "d.gguf", "t.gguf", None) == ["draft"]
-    assert _methods(None, None, None, "some-pair") == ["draft"]
+    # With a draft model: the hybrid (model + prompt lookup), what `dspark run` uses.
+    assert _methods(None, None, None, None) == ["hybrid"]  # the demo pair
+    assert _methods(None, "d.gguf", "t.gguf", None) == ["hybrid"]
+    assert _methods(None, None, None, "some-pair") == ["hybrid"]
     assert _methods(None, "lookup", None, None) == ["lookup"]
     assert _methods(None, None, "t.gguf", None) == ["lookup"]  # a target with no draft named
 
@@ -32,3 +33,5 @@ def test_methods_are_checked():
         _methods("draft", "none", None, None)
     with pytest.raises(UsageError, match="needs a draft model"):
         _methods("draft", None, "t.gguf", None)
+    with pytest.raises(UsageError, match="needs a draft model"):
+        _methods("hybrid", "lookup", None, None)

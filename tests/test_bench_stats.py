@@ -10,22 +10,20 @@ import pytest
 
 from dspark_cli.bench_stats import (
     Cell, RunRecord, check_identity, compare, expected_tokens, first_difference, overlapped_ceiling,
-    predicted_speedup, record_from_events, rounds_from_proposals, sequential_ceiling, summarize,
+    predicted_speedup, record_from_events, sequential_ceiling, summarize,
 )
 from dspark_cli.engine import Event
 from dspark_cli.stats import GenerationStats
 
 
 def recorded(rounds, *, t_draft_step=0.0, t_target_step=0.01, n_prompt=10, first_token=100, method="draft"):
-    """An event stream for per-round (drafted, accepted), plus the drafter's proposal log. Every round
-    yields its accepted draft tokens then one target token; timings are exact multiples of step costs."""
+    """An event stream for per-round (drafted, accepted). Every round yields its accepted draft tokens then
+    one target token; timings are exact multiples of step costs."""
     stats = GenerationStats(method=method, n_prompt=n_prompt, t_start=0.0)
-    events, proposals, tok, seq_len = [], [], first_token, n_prompt
+    events, tok = [], first_token
     for drafted, accepted in rounds:
-        if method != "target":  # the engine asks the drafter every round; it may propose nothing
-            proposals.append((seq_len, drafted))
+        stats.record_draft(drafted, accepted)  # the engine records every target step, drafts or not
         if drafted:
-            stats.record_draft(drafted, accepted)
             stats.n_draft_steps += drafted if method == "draft" else 0  # prompt lookup runs no model
             stats.t_draft += drafted * t_draft_step
         stats.n_target_steps += 1
@@ -34,16 +32,14 @@ def recorded(rounds, *, t_draft_step=0.0, t_target_step=0.01, n_prompt=10, first
             stats.n_generated += 1
             events.append(Event(tok, f"t{tok}", i < accepted, stats))
             tok += 1
-        seq_len += accepted + 1
     stats.t_end = stats.t_draft + stats.t_target
     events.append(Event(None, "", False, stats, "length"))
-    return events, proposals
+    return events
 
 
 def record(rounds, variant="draft@4", prompt_id="p1", category="chat", repeat=0, **kw) -> RunRecord:
-    events, proposals = recorded(rounds, **kw)
-    return record_from_events(events, prompt_id=prompt_id, category=category, variant=variant, repeat=repeat,
-                              proposals=proposals)
+    events = recorded(rounds, **kw)
+    return record_from_events(events, prompt_id=prompt_id, category=category, variant=variant, repeat=repeat)
 
 
 def baseline(n_tokens, t_step=0.01, **kw) -> RunRecord:
@@ -94,12 +90,6 @@ def test_record_from_events_counts_tokens_positions_and_rounds():
     assert r.accepted_at == [3, 2, 1, 1]
     assert r.rounds == [(4, 4), (4, 1), (4, 0), (4, 2)]
     assert (r.rejections, r.draft_rounds) == (3, 4)
-
-
-def test_rounds_from_proposals_uses_the_total_for_the_last_round():
-    # seq grew 10 -> 15 (4 accepted + 1) -> 17 (1 accepted + 1); the last round took what the total leaves
-    assert rounds_from_proposals([(10, 4), (15, 4), (17, 4)], n_accepted=7) == [(4, 4), (4, 1), (4, 2)]
-    assert rounds_from_proposals([], n_accepted=0) == []
 
 
 def test_rounds_with_an_empty_draft_are_not_drafting_rounds():

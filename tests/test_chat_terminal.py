@@ -71,7 +71,9 @@ def test_two_turns_reuse_the_cache_and_land_in_the_transcript(tmp_path):
     stats = _say(child, "/stats")
     m = re.search(r"target processed (\d+), draft processed (\d+)", stats)
     assert m and int(m.group(1)) == s1["evaluated"] + s2["evaluated"]
-    assert int(m.group(2)) <= int(m.group(1)) + 2  # the draft reuses its cache as well
+    # The draft reuses its cache as well: beyond what the target processed, at most the answer tokens it sat
+    # out (rounds the cost model ran without it), never the conversation again.
+    assert int(m.group(2)) <= int(m.group(1)) + s1["n"] + 2 < s1["n_prompt"] + s2["n_prompt"]
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()

@@ -19,9 +19,11 @@ DEMO_PROMPTS = [
 ]
 
 
-def run(target, prompt, drafter=None, **kw):
+def run(target, prompt, drafter=None, fixed=True, **kw):
+    """The engine's mechanics at each draft length, so fixed lengths by default (the cost model would pick
+    its own; its choices are tested in test_costs.py)."""
     tokens, from_draft, last = [], [], None
-    for ev in generate(target, prompt, drafter=drafter, **kw):
+    for ev in generate(target, prompt, drafter=drafter, fixed=fixed, **kw):
         if ev.token is not None:
             tokens.append(ev.token)
             from_draft.append(ev.from_draft)
@@ -91,7 +93,7 @@ def test_abandoned_generator_leaves_caches_trimmed(tiny_models, overlap):
     target, draft = tiny_models
     prompt = target.tokenize("a cat and a dog", add_special=True)
     threads = (target.n_threads, draft.n_threads)
-    gen = generate(target, prompt, drafter=ModelDrafter(draft), max_tokens=50, draft_max=8, overlap=overlap)
+    gen = generate(target, prompt, drafter=ModelDrafter(draft), max_tokens=50, draft_max=8, overlap=overlap, fixed=True)
     got = [next(gen).token for _ in range(3)]
     gen.close()  # what Ctrl-C or a closed pipe does to the loop
     assert len(target.cached) <= len(prompt) + 3
@@ -112,12 +114,7 @@ def test_stop_token_inside_an_accepted_draft(demo_models, overlap):
     class Recording(ModelDrafter):
         proposals: list = []
 
-        def propose(self, seq, n_max, params, rng):
-            d = super().propose(seq, n_max, params, rng)
-            self.proposals.append(list(d.tokens))
-            return d
-
-        def extend(self, seq, ahead, params, rng):  # the overlapped engine drafts one token at a time
+        def extend(self, seq, ahead, params, rng):  # both engines draft one token at a time
             ok = super().extend(seq, ahead, params, rng)
             self.proposals.append(list(ahead.tokens))
             return ok

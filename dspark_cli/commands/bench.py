@@ -13,7 +13,7 @@ import typer
 
 from ..bench_prompts import builtin_prompts, load_prompts
 from ..bench_report import build_report, to_csv, to_json
-from ..bench_runner import METHOD_DRAFT, METHOD_LOOKUP, METHODS, BenchConfig, run_bench
+from ..bench_runner import METHOD_DRAFT, METHOD_HYBRID, METHOD_LOOKUP, METHODS, BenchConfig, run_bench
 from ..bench_setup import setup_info
 from ..bench_stats import summarize
 from ..console import console, say, write
@@ -47,7 +47,7 @@ def _methods(text: str | None, draft_flag: str | None, target: str | None, pair:
     if text is None:
         if not has_model and draft_flag is None:
             say("no draft model named: comparing prompt lookup (pass --draft PATH for a draft model)")
-        return [METHOD_DRAFT] if has_model else [METHOD_LOOKUP]
+        return [METHOD_HYBRID] if has_model else [METHOD_LOOKUP]
     out = []
     for m in (p.strip().lower() for p in text.split(",") if p.strip()):
         if m not in METHODS:
@@ -56,8 +56,9 @@ def _methods(text: str | None, draft_flag: str | None, target: str | None, pair:
             out.append(m)
     if not out:
         raise UsageError("--methods is empty; choose from " + ", ".join(METHODS))
-    if METHOD_DRAFT in out and not has_model:
-        raise UsageError("--methods draft needs a draft model: " + (f"--draft is {draft_flag!r}" if draft_flag else "pass --draft PATH"))
+    for m in (METHOD_HYBRID, METHOD_DRAFT):
+        if m in out and not has_model:
+            raise UsageError(f"--methods {m} needs a draft model: " + (f"--draft is {draft_flag!r}" if draft_flag else "pass --draft PATH"))
     return out
 
 
@@ -67,8 +68,9 @@ def register(app: typer.Typer) -> None:
         target: o.Target = None,
         draft: o.Draft = None,
         pair: o.Pair = None,
-        methods: Annotated[Optional[str], typer.Option("--methods", help="What to compare with the target alone, comma-separated: draft, lookup. Default: draft (lookup with --draft lookup).", rich_help_panel=o.MODELS)] = None,
-        draft_max: Annotated[str, typer.Option("--draft-max", help="Draft length, or several to sweep (2,4,8,16); the best is marked.", rich_help_panel=o.MODELS)] = str(DEFAULT_DRAFT_MAX),
+        methods: Annotated[Optional[str], typer.Option("--methods", help="What to compare with the target alone, comma-separated: hybrid (the draft model and prompt lookup, what `run` uses), draft (the model alone), lookup. Default: hybrid (lookup with --draft lookup).", rich_help_panel=o.MODELS)] = None,
+        draft_max: Annotated[str, typer.Option("--draft-max", help="Most tokens drafted per step, or several to sweep (2,4,8,16); the best is marked and measured again.", rich_help_panel=o.MODELS)] = str(DEFAULT_DRAFT_MAX),
+        draft_fixed: o.DraftFixed = False,
         draft_p_min: o.DraftPMin = 0.0,
         prompts: Annotated[Optional[Path], typer.Option("--prompts", "-p", help="Prompts file: JSON lines (Spec-Bench / MT-Bench: question_id, category, turns; first turn used) or plain text, one prompt per line. Default: the built-in suite.", show_default=False)] = None,
         repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed runs per prompt and method; medians are reported.")] = 3,
@@ -76,6 +78,7 @@ def register(app: typer.Typer) -> None:
         temp: o.Temp = 0.0,
         top_k: o.TopK = 0,
         top_p: o.TopP = 1.0,
+        min_p: o.MinP = o.MIN_P,
         seed: Annotated[int, typer.Option("--seed", help="Random seed, the same for every method and run.", rich_help_panel=o.SAMPLING)] = 0,
         max_tokens: o.MaxTokens = 128,
         ctx_size: o.CtxSize = 4096,
@@ -102,12 +105,12 @@ def register(app: typer.Typer) -> None:
         if csv_path == "-" and json_path == "-":
             raise UsageError("--json - and --csv - cannot both go to stdout")
         suite = load_prompts(prompts) if prompts is not None else builtin_prompts()
-        params = o.sampling_params(temp, top_k, top_p, seed)
+        params = o.sampling_params(temp, top_k, top_p, seed, min_p)
         if chosen == [METHOD_LOOKUP] and draft is None:
             draft = DRAFT_LOOKUP  # prompt lookup alone: do not load a draft model nobody uses
         opts = o.model_options(target, draft, pair, ctx_size, n_gpu_layers, n_gpu_layers_draft, threads, draft_p_min, pull, offline, force)
         config = BenchConfig(prompts=suite, methods=chosen, draft_max=lengths, repeats=repeats, warmup=warmup,
-                             max_tokens=max_tokens, params=params, raw=raw)
+                             max_tokens=max_tokens, params=params, raw=raw, fixed=draft_fixed)
 
         t0 = time.perf_counter()
         loaded = load(opts)

@@ -23,8 +23,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..chat_ui import PipeInput, Screen, TerminalInput, history_path
-from ..conversation import (FINISH_INTERRUPTED, Conversation, DraftPromptCounter, SessionTotals, Transcript,
-                            save_records)
+from ..conversation import FINISH_INTERRUPTED, Conversation, SessionTotals, Transcript, save_records
 from ..engine import DEFAULT_DRAFT_MAX, check_limits, generate
 from ..console import closed_at_start
 from ..errors import DsparkError, OutputError, PromptError, UsageError
@@ -46,22 +45,23 @@ A line ending in \\ continues on the next line; a pasted block is one message; /
 Ctrl-C stops an answer and keeps what was printed."""
 
 
-def _turn_stats(stats: GenerationStats, draft_prompt: int) -> dict:
+def _turn_stats(stats: GenerationStats) -> dict:
     return {
+        "engine": stats.engine,
         "tokens": stats.n_generated,
         "tokens_per_second": round(stats.tokens_per_second, 2),
         "acceptance_rate": round(stats.acceptance_rate, 4),
         "tokens_per_step": round(stats.tokens_per_step, 3),
         "prompt_tokens": stats.n_prompt,
         "prompt_evaluated": stats.n_prompt_evaluated,
-        "prompt_evaluated_draft": draft_prompt,
+        "prompt_evaluated_draft": stats.n_prompt_evaluated_draft,
         "prompt_seconds": round(stats.t_prompt, 4),
     }
 
 
 class ChatSession:
     def __init__(self, loaded, screen: Screen, reader, *, conversation: Conversation, transcript: Transcript | None,
-                 params, max_tokens: int, draft_max: int, interactive: bool):
+                 params, max_tokens: int, draft_max: int, interactive: bool, fixed: bool = False):
         self.loaded = loaded
         self.screen = screen
         self.reader = reader
@@ -70,8 +70,9 @@ class ChatSession:
         self.params = params
         self.max_tokens = max_tokens
         self.draft_max = draft_max
+        self.fixed = fixed
         self.interactive = interactive
-        self.drafter = DraftPromptCounter(loaded.drafter) if loaded.drafter is not None else None
+        self.drafter = loaded.drafter
         self.totals = SessionTotals()
         # Piped chats are scripts: the first message that failed decides the exit code (0 if none did).
         self.failure: DsparkError | None = None
@@ -145,14 +146,14 @@ class ChatSession:
             self.screen.note(f"context full ({target.n_ctx} tokens): dropped {what} (the system prompt stays); "
                              f"re-processing the remaining {len(turn.tokens)} tokens once", style="yellow")
 
-        cached = _common_prefix(target.cached, turn.tokens)
+        cached = target.common_prefix(turn.tokens)
         view = self.screen.answer_view(len(turn.tokens) - cached)
         tokens: list[int] = []
         pieces: list[str] = []
         stats = None
         finish = None
         events = generate(target, turn.tokens, drafter=self.drafter, params=self.params,
-                          max_tokens=self.max_tokens, draft_max=self.draft_max)
+                          max_tokens=self.max_tokens, draft_max=self.draft_max, fixed=self.fixed)
         view.start()
         with _soft_interrupt() as ctrl_c:
             try:
@@ -191,10 +192,9 @@ class ChatSession:
             if stats.t_end is None:  # interrupted: freeze the clock for tokens/s
                 stats.t_end = time.perf_counter()
             view.finish(stats, finish)
-            draft_prompt = self.drafter.last if self.drafter is not None else 0
-            record = self.conv.end_turn("".join(pieces), tokens, finish, stats=_turn_stats(stats, draft_prompt))
+            record = self.conv.end_turn("".join(pieces), tokens, finish, stats=_turn_stats(stats))
             self._log(record)
-            self.totals.add(stats, finish, draft_prompt)
+            self.totals.add(stats, finish)
             if finish == "context":
                 self.screen.note("the context is full; the next message drops the oldest turns", style="yellow")
         return finish
@@ -248,7 +248,7 @@ class ChatSession:
             f"generated: {t.n_generated} tokens in {t.t_generation:.2f}s, {t.tokens_per_second:.1f} tok/s",
         ]
         if self.drafter is not None:
-            lines.append(f"drafting ({self.drafter.name}): acceptance {t.acceptance_rate:.1%} ({t.n_accepted}/{t.n_drafted}), "
+            lines.append(f"drafting ({self.drafter.name}, {t.engine or 'sequential'} engine): acceptance {t.acceptance_rate:.1%} ({t.n_accepted}/{t.n_drafted}), "
                          f"{t.tokens_per_step:.2f} tokens/step")
         else:
             lines.append("drafting: none (target alone)")
@@ -291,16 +291,6 @@ def _soft_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def register(app: typer.Typer) -> None:
     @app.command("chat")
     def chat(
@@ -308,10 +298,13 @@ def register(app: typer.Typer) -> None:
         draft: o.Draft = None,
         pair: o.Pair = None,
         draft_max: o.DraftMax = DEFAULT_DRAFT_MAX,
+        draft_fixed: o.DraftFixed = False,
+        no_lookup: o.NoLookup = False,
         draft_p_min: o.DraftPMin = 0.0,
         temp: o.Temp = 0.0,
         top_k: o.TopK = 0,
         top_p: o.TopP = 1.0,
+        min_p: o.MinP = o.MIN_P,
         seed: o.Seed = None,
         max_tokens: o.MaxTokens = 1024,
         ctx_size: o.CtxSize = 4096,
@@ -333,8 +326,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError("standard input is closed: chat reads your messages from it",
                              hint="type them at a terminal, or pipe them in, one per line")
         system = clean_text(system) if system is not None else None
-        params = o.sampling_params(temp, top_k, top_p, seed)
-        opts = o.model_options(target, draft, pair, ctx_size, n_gpu_layers, n_gpu_layers_draft, threads, draft_p_min, pull, offline, force)
+        params = o.sampling_params(temp, top_k, top_p, seed, min_p)
+        opts = o.model_options(target, draft, pair, ctx_size, n_gpu_layers, n_gpu_layers_draft, threads, draft_p_min, pull, offline, force,
+                               lookup=not no_lookup)
         interactive = sys.stdin.isatty()
         screen = Screen(live=interactive and sys.stdout.isatty(), highlight=highlight)
         log = Transcript(transcript) if transcript else None  # a bad path fails before the models load
@@ -357,7 +351,7 @@ def register(app: typer.Typer) -> None:
                                                    f" ({loaded.drafter.name})" if loaded.drafter else " alone")
                 screen.note(f"dspark chat · {names} · context {loaded.target.n_ctx} tokens · /help for commands, Ctrl-D to leave")
             session = ChatSession(loaded, screen, reader, conversation=conv, transcript=log, params=params,
-                                  max_tokens=max_tokens, draft_max=draft_max, interactive=interactive)
+                                  max_tokens=max_tokens, draft_max=draft_max, interactive=interactive, fixed=draft_fixed)
             code = session.run()
             # Already said when it happened: a piped chat (a script) exits with the first failure's code, and
             # any chat whose transcript stopped with 8 (it is incomplete).

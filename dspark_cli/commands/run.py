@@ -39,7 +39,7 @@ def _summary(stats, finish: str | None) -> str:
     s = stats
     line = f"{s.n_generated} tokens, {s.tokens_per_second:.1f} tok/s"
     if s.method != "target":
-        line += f", acceptance {s.acceptance_rate:.1%}, {s.tokens_per_step:.2f} tokens/step ({s.method})"
+        line += f", acceptance {s.acceptance_rate:.1%}, {s.tokens_per_step:.2f} tokens/step ({s.method}, {s.engine})"
     else:
         line += " (target alone)"
     line += f"; prompt {s.n_prompt} tokens in {s.t_prompt:.2f}s; finish: {finish}"
@@ -54,10 +54,13 @@ def register(app: typer.Typer) -> None:
         draft: o.Draft = None,
         pair: o.Pair = None,
         draft_max: o.DraftMax = DEFAULT_DRAFT_MAX,
+        draft_fixed: o.DraftFixed = False,
+        no_lookup: o.NoLookup = False,
         draft_p_min: o.DraftPMin = 0.0,
         temp: o.Temp = 0.0,
         top_k: o.TopK = 0,
         top_p: o.TopP = 1.0,
+        min_p: o.MinP = o.MIN_P,
         seed: o.Seed = None,
         max_tokens: o.MaxTokens = 512,
         ctx_size: o.CtxSize = 4096,
@@ -79,8 +82,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--system needs the chat template; drop --raw or drop --system")
         system = clean_text(system) if system is not None else None
         stop = [clean_text(s) for s in stop or ()]
-        params = o.sampling_params(temp, top_k, top_p, seed)
-        opts = o.model_options(target, draft, pair, ctx_size, n_gpu_layers, n_gpu_layers_draft, threads, draft_p_min, pull, offline, force)
+        params = o.sampling_params(temp, top_k, top_p, seed, min_p)
+        opts = o.model_options(target, draft, pair, ctx_size, n_gpu_layers, n_gpu_layers_draft, threads, draft_p_min, pull, offline, force,
+                               lookup=not no_lookup)
         text_in = read_prompt(prompt)
 
         loaded = load(opts)
@@ -88,26 +92,26 @@ def register(app: typer.Typer) -> None:
             tokens, templated = build_prompt(loaded.target, text_in, raw=raw, system=system)
             if not raw and not templated:
                 say("the target has no chat template; sending the prompt as is")
-            _generate(loaded, tokens, params, max_tokens, draft_max, tuple(stop), as_json)
+            _generate(loaded, tokens, params, max_tokens, draft_max, tuple(stop), as_json, draft_fixed)
         finally:
             loaded.close()
 
 
-def _generate(loaded, tokens, params, max_tokens, draft_max, stop, as_json) -> None:
+def _generate(loaded, tokens, params, max_tokens, draft_max, stop, as_json, fixed) -> None:
     try:
-        _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json)
+        _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json, fixed)
     except BrokenPipeError:
         # The reader went away (`| head`): stop generating, say nothing, exit 0.
         quiet_stdout()
 
 
-def _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json) -> None:
+def _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json, fixed) -> None:
     pieces: list[str] = []
     stats = None
     finish = None
     try:
         for ev in generate(loaded.target, tokens, drafter=loaded.drafter, params=params,
-                           max_tokens=max_tokens, draft_max=draft_max, stop=stop):
+                           max_tokens=max_tokens, draft_max=draft_max, stop=stop, fixed=fixed):
             stats = ev.stats
             if ev.text:
                 pieces.append(ev.text)
@@ -129,6 +133,8 @@ def _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json) -> Non
     else:
         if pieces and not pieces[-1].endswith("\n"):
             write("\n")
+        if stats.speculation_note:
+            say(stats.speculation_note)
         say(_summary(stats, finish))
 
 
@@ -142,6 +148,7 @@ def _print_json(pieces, stats, finish, params, loaded) -> None:
         "temperature": params.temperature,
         "top_k": params.top_k,
         "top_p": params.top_p,
+        "min_p": params.min_p,
         "seed": params.seed,
     }
     write_json(record)

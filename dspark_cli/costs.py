@@ -1,0 +1,275 @@
+"""What a round of speculation costs on this machine and what it brings, measured while generating, and the
+choice each round makes from it.
+
+Leviathan et al.'s speedup, with the costs measured instead of assumed: a round that drafts k tokens brings
+E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i tokens (a_i: the chance that draft position i is accepted once the ones
+before it were) and costs the drafting plus a target step over k + 1 tokens. The target alone brings 1 token
+per one-token step. Each round takes the option with the most tokens per second:
+
+    none            1 / V(1)
+    draft model, k  E_model(k) / (catch-up + k * D + V(k + 1))
+    lookup, k       E_lookup(k) / V(k + 1)          (k <= the tokens the match offers; drafting is free)
+
+V(n) is the target step over n tokens (a verify, or a plain step when n = 1), D a draft-model step, catch-up
+what the draft model spends on tokens it has not seen (after rounds without it). On a GPU V is nearly flat in
+n and speculation pays; on a CPU V(8) can be 4-5 V(1) and it often does not: then the target runs alone, at
+its own speed.
+
+Knowing without a calibration run: costs and acceptance start from optimistic guesses, so the first rounds
+try speculation and measure it; what was measured replaces the guesses at once. Every measurement fades with
+time (the machine's load, and the text, change), so an option left aside is tried again when its estimate
+has drifted back up far enough, and only when trying costs little: prompt lookup is judged for free on every
+token the target makes anyway; the draft model only when catching it up is cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SOURCE_MODEL = "draft"
+SOURCE_LOOKUP = "lookup"
+
+EMA = 0.25  # weight of a new timing in its running estimate
+FORGET = 0.985  # per generated token, what acceptance evidence keeps (half-life ~46 tokens)
+PRIOR = {SOURCE_MODEL: 0.85, SOURCE_LOOKUP: 0.6}  # acceptance assumed before (or long after) any evidence
+PRIOR_WEIGHT = 1.5  # how many observations the prior is worth
+SLOPE_PRIOR = 0.05  # a verify's extra cost per token, relative to V(1), before two sizes were measured
+DRAFT_PRIOR = 0.1  # a draft step, relative to V(1), before one was measured
+PROBE_MARGIN = 0.8  # an option within this fraction of the best one is worth a probe now and then
+PROBE_FIRST = 16  # rounds before the first probe of a runner-up; doubles while probes change nothing
+PROBE_MAX = 256
+
+
+@dataclass
+class Plan:
+    source: str | None  # SOURCE_MODEL, SOURCE_LOOKUP, or None: a plain target step
+    k: int  # tokens to draft (0 with source None)
+    rate: float = 0.0  # expected tokens per second
+    probe: bool = False  # tried to re-measure an option that is not the best on current estimates
+
+
+class Acceptance:
+    """Conditional acceptance by draft position for one source, with fading evidence."""
+
+    def __init__(self, prior: float, width: int):
+        self.prior = prior
+        self.reached = [0.0] * width  # rounds whose drafts got as far as position i (all before accepted)
+        self.accepted = [0.0] * width
+
+    def record(self, n_drafted: int, n_accepted: int) -> None:
+        for i in range(min(n_drafted, n_accepted + 1, len(self.reached))):
+            self.reached[i] += 1.0
+            if i < n_accepted:
+                self.accepted[i] += 1.0
+
+    def fade(self, tokens: int) -> None:
+        f = FORGET ** tokens
+        self.reached = [x * f for x in self.reached]
+        self.accepted = [x * f for x in self.accepted]
+
+    def alpha(self, i: int) -> float:
+        # Positions past the first share its evidence while they have little of their own: acceptance
+        # hardly depends on the position, and the first is measured most.
+        prior = self.prior if i == 0 else self.alpha(0)
+        if i >= len(self.reached):
+            return prior
+        return (self.accepted[i] + PRIOR_WEIGHT * prior) / (self.reached[i] + PRIOR_WEIGHT)
+
+    def expected_tokens(self, k: int) -> float:
+        """Tokens a round drafting k brings, the target's own one included."""
+        total, chain = 1.0, 1.0
+        for i in range(k):
+            chain *= self.alpha(i)
+            total += chain
+        return total
+
+    @property
+    def evidence(self) -> float:
+        return self.reached[0] if self.reached else 0.0
+
+
+class StepCosts:
+    """Seconds per target step by its token count, and per draft-model step, as running averages."""
+
+    def __init__(self, width: int):
+        self.verify: list[float | None] = [None] * (width + 2)  # index n: a step over n tokens
+        self.draft: float | None = None
+        self.catchup_one: float | None = None  # draft-model seconds to catch up on a single token
+        self.catchup_per_token: float | None = None  # … per token, when it catches up on several in a batch
+
+    @staticmethod
+    def _mix(old: float | None, new: float) -> float:
+        # One sample moves an estimate by at most a factor of two: a round the OS preempted must not
+        # make an option look so bad that it is never measured again.
+        if old is None:
+            return new
+        new = min(max(new, old / 2), old * 2)
+        return old + EMA * (new - old)
+
+    def record_verify(self, n: int, seconds: float) -> None:
+        if n < len(self.verify):
+            self.verify[n] = self._mix(self.verify[n], seconds)
+
+    def record_draft(self, seconds: float) -> None:
+        self.draft = self._mix(self.draft, seconds)
+
+    def record_catchup(self, tokens: int, seconds: float) -> None:
+        if tokens == 1:
+            self.catchup_one = self._mix(self.catchup_one, seconds)
+        elif tokens > 1:
+            self.catchup_per_token = self._mix(self.catchup_per_token, seconds / tokens)
+
+    def catchup(self, tokens: int) -> float:
+        """Seconds the draft model needs to see `tokens` it has not seen (a batch costs less per token)."""
+        if tokens <= 0:
+            return 0.0
+        one = self.catchup_one if self.catchup_one is not None else (self.draft_step() or 0.0)
+        if tokens == 1:
+            return one
+        return tokens * (self.catchup_per_token if self.catchup_per_token is not None else one)
+
+    def step(self, n: int) -> float | None:
+        """V(n): measured, else on the line through the measured sizes around it (the nearest two on one
+        side past the ends; a slope guess while one size alone is known). None before any step was timed."""
+        if n < len(self.verify) and self.verify[n] is not None:
+            return self.verify[n]
+        known = [(i, v) for i, v in enumerate(self.verify) if v is not None]
+        if not known:
+            return None
+        if len(known) == 1:
+            i, v = known[0]
+            return max(1e-9, v * (1 + SLOPE_PRIOR * (n - i)))
+        below = [x for x in known if x[0] < n]
+        above = [x for x in known if x[0] > n]
+        if below and above:
+            (i0, v0), (i1, v1) = below[-1], above[0]
+        elif below:
+            (i0, v0), (i1, v1) = below[-2], below[-1]
+        else:
+            (i0, v0), (i1, v1) = above[0], above[1]
+        slope = max(0.0, (v1 - v0) / (i1 - i0))
+        return max(1e-9, v0 + slope * (n - i0))
+
+    def draft_step(self) -> float | None:
+        if self.draft is not None:
+            return self.draft
+        v1 = self.step(1)
+        return None if v1 is None else DRAFT_PRIOR * v1
+
+
+@dataclass
+class Planner:
+    """Chooses every round's source and draft length from StepCosts and Acceptance, and keeps the record
+    (`chosen`: rounds per (source, k); `off_reason`: why speculation was left off, if it was)."""
+
+    draft_max: int
+    has_model: bool
+    has_lookup: bool
+    fixed: bool = False  # always draft draft_max tokens (from the model, else lookup): no cost model
+    costs: StepCosts = field(init=False)
+    acceptance: dict[str, Acceptance] = field(init=False)
+    chosen: dict[tuple[str | None, int], int] = field(default_factory=dict)
+    off_reason: str | None = None
+    _rounds_since_probe: int = 0
+    _probe_every: int = PROBE_FIRST
+
+    def __post_init__(self):
+        self.costs = StepCosts(self.draft_max)
+        self.acceptance = {s: Acceptance(PRIOR[s], self.draft_max) for s in (SOURCE_MODEL, SOURCE_LOOKUP)}
+
+    # ---- choosing -----------------------------------------------------------------------------------
+    def plan(self, lookup_len: int, model_behind: int) -> Plan:
+        """This round's plan. lookup_len: tokens a prompt-lookup match offers now (0: no match);
+        model_behind: tokens the draft model has yet to see before it can draft."""
+        if self.fixed:
+            if self.has_model:
+                return self._keep(Plan(SOURCE_MODEL, self.draft_max))
+            if self.has_lookup and lookup_len:
+                return self._keep(Plan(SOURCE_LOOKUP, min(self.draft_max, lookup_len)))
+            return self._keep(Plan(None, 0))
+        v1 = self.costs.step(1)
+        if v1 is None:  # nothing timed yet: a first speculative round measures the most
+            if self.has_lookup and lookup_len:
+                return self._keep(Plan(SOURCE_LOOKUP, min(self.draft_max, lookup_len)))
+            if self.has_model:
+                return self._keep(Plan(SOURCE_MODEL, min(self.draft_max, 3)))
+            return self._keep(Plan(None, 0))
+        if self.costs.verify[1] is None:  # the plain step, the yardstick, has not been timed: time it
+            return self._keep(Plan(None, 0))
+        options = [Plan(None, 0, 1.0 / v1)] + self._options(lookup_len, model_behind)
+        options.sort(key=lambda p: p.rate, reverse=True)
+        best = options[0]
+        self._rounds_since_probe += 1
+        if self._rounds_since_probe >= self._probe_every:
+            runner_up = next((p for p in options[1:] if p.source != best.source), None)
+            if runner_up is not None and runner_up.rate >= PROBE_MARGIN * best.rate:
+                self._rounds_since_probe = 0
+                self._probe_every = min(PROBE_MAX, self._probe_every * 2)
+                runner_up.probe = True
+                return self._keep(runner_up)
+        if best.source is None:
+            self.off_reason = self._why_off(options, v1)
+        return self._keep(best)
+
+    def _options(self, lookup_len: int, model_behind: int) -> list[Plan]:
+        out = []
+        for source, available in ((SOURCE_MODEL, self.has_model), (SOURCE_LOOKUP, self.has_lookup and lookup_len > 0)):
+            if not available:
+                continue
+            acc = self.acceptance[source]
+            if source == SOURCE_MODEL:
+                d = self.costs.draft_step() or 0.0
+                catch = self.costs.catchup(model_behind)
+                top = self.draft_max
+            else:
+                d, catch, top = 0.0, 0.0, min(self.draft_max, lookup_len)
+            best = None
+            for k in range(1, top + 1):
+                rate = acc.expected_tokens(k) / (catch + k * d + self.costs.step(k + 1))
+                if best is None or rate > best.rate:
+                    best = Plan(source, k, rate)
+            if best is not None:
+                out.append(best)
+        return out
+
+    def _why_off(self, options: list[Plan], v1: float) -> str:
+        spec = [p for p in options if p.source is not None]
+        if not spec:
+            return "no draft to verify (no prompt-lookup match)"
+        p = spec[0]
+        n = p.k + 1
+        line = (f"speculation off: a verify of {n} tokens costs {self.costs.step(n) / v1:.1f} target steps"
+                + (f", a draft step {self.costs.draft_step() / v1:.2f}" if p.source == SOURCE_MODEL else "")
+                + f"; at {self.acceptance[p.source].alpha(0):.0%} acceptance the best draft ({p.source}, {p.k}) "
+                  f"would run at {p.rate * v1:.2f}x the target alone")
+        return line
+
+    def _keep(self, plan: Plan) -> Plan:
+        key = (plan.source, plan.k)
+        self.chosen[key] = self.chosen.get(key, 0) + 1
+        return plan
+
+    # ---- learning -----------------------------------------------------------------------------------
+    def record_round(self, plan: Plan, n_drafted: int, n_accepted: int, n_new: int) -> None:
+        """After a round: what its drafts did. n_new: tokens the round added (accepted + the target's)."""
+        for acc in self.acceptance.values():
+            acc.fade(n_new)
+        if plan.source is not None and n_drafted:
+            self.acceptance[plan.source].record(n_drafted, n_accepted)
+
+    def record_lookup_hindsight(self, proposed: list[int], actual: list[int]) -> None:
+        """Prompt lookup judged for free: what it would have proposed against what the target made."""
+        if proposed and actual:
+            n = 0
+            while n < min(len(proposed), len(actual)) and proposed[n] == actual[n]:
+                n += 1
+            # A round that ended before a mismatch showed only that much: evidence for those positions alone.
+            self.acceptance[SOURCE_LOOKUP].record(len(proposed) if n < len(actual) else n, n)
+
+    @property
+    def chosen_lengths(self) -> dict[str, int]:
+        """Rounds by what they drafted, e.g. {"none": 12, "draft@3": 40, "lookup@6": 5}."""
+        out: dict[str, int] = {}
+        for (source, k), n in sorted(self.chosen.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+            out["none" if source is None else f"{source}@{k}"] = n
+        return out
