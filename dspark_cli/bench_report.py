@@ -40,6 +40,8 @@ def build_report(run: BenchRun, summary: dict, config: BenchConfig, setup: dict)
         "per_prompt": best["per_prompt"] if best else [],
         "per_category": best["per_category"] if best else [],
         "variants": summary["variants"],
+        # After a sweep, the best variant measured again against the target alone (None without a sweep).
+        "confirmed": _confirmed(run),
         "mismatches": [vars(m) for m in run.mismatches or []],
         "settings": {
             "methods": config.methods, "draft_max": config.draft_max, "repeats": config.repeats,
@@ -47,7 +49,7 @@ def build_report(run: BenchRun, summary: dict, config: BenchConfig, setup: dict)
             "temperature": config.params.temperature, "top_k": config.params.top_k,
             "top_p": config.params.top_p, "seed": config.params.seed, "raw": config.raw,
             "chat_template": run.templated, "prompts": len(config.prompts),
-            "order": "interleaved, reversed on odd repeats, fresh KV cache per run",
+            "order": "interleaved, rotated every repeat, fresh KV cache per run",
         },
         "setup": setup,
         "wall_seconds": run.wall_seconds,
@@ -58,6 +60,16 @@ def build_report(run: BenchRun, summary: dict, config: BenchConfig, setup: dict)
     if run.corrupted:
         report["test_corrupted_output"] = True  # the test-only hook was active: this is not a real result
     return _clean(report)
+
+
+def _confirmed(run: BenchRun) -> dict | None:
+    if not run.confirmation:
+        return None
+    from .bench_stats import summarize
+
+    again = summarize(run.confirmation)
+    v = again["variants"][0]
+    return {"variant": v["variant"], **v["overall"]}
 
 
 def _run_row(r) -> dict:

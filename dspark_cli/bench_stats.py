@@ -293,8 +293,18 @@ def summarize(records: list[RunRecord], prompt_order: list[str] | None = None) -
             by_cat_base[cat] = by_cat_base.get(cat, Cell()) + base
             total_spec, total_base = total_spec + spec, total_base + base
         method, draft_max = parse_variant(v)
+        runs = [r for r in records if r.variant == v]
+        lengths: dict[str, int] = {}
+        for r in runs:
+            for key, n in r.draft_lengths.items():
+                lengths[key] = lengths.get(key, 0) + n
         result["variants"].append({
             "variant": v, "method": method, "draft_max": draft_max,
+            "engine": runs[0].engine if runs else None,
+            # Target steps by what they verified, over every run: the cost model's choices ("none" = a plain step).
+            "draft_lengths": dict(sorted(lengths.items(), key=lambda kv: -kv[1])),
+            # Prompts on which the cost model left speculation off for most steps, and why (first repeat's words).
+            "speculation_off": {r.prompt_id: r.speculation_note for r in runs if r.speculation_note and r.repeat <= 0},
             "overall": compare(total_spec, total_base),
             "per_category": [{"category": c, **compare(by_cat_spec[c], by_cat_base[c])} for c in by_cat_spec],
             "per_prompt": per_prompt,

@@ -16,14 +16,16 @@ n and speculation pays; on a CPU V(8) can be 4-5 V(1) and it often does not: the
 its own speed.
 
 Knowing without a calibration run: costs and acceptance start from optimistic guesses, so the first rounds
-try speculation and measure it; what was measured replaces the guesses at once. Every measurement fades with
-time (the machine's load, and the text, change), so an option left aside is tried again when its estimate
-has drifted back up far enough, and only when trying costs little: prompt lookup is judged for free on every
-token the target makes anyway; the draft model only when catching it up is cheap.
+try speculation and measure it; what was measured replaces the guesses at once. Acceptance evidence fades as
+tokens go by (the text changes: a code block, a passage quoted from the prompt), drifting back toward the
+optimistic guess, so an option left aside comes back by itself once it could pay again, catch-up cost
+included: prompt lookup is judged for free on every token the target makes anyway, and the draft model
+returns only where catching it up is cheap (on a GPU, not on a CPU where it costs a fifth of a step a token).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 SOURCE_MODEL = "draft"
@@ -32,12 +34,12 @@ SOURCE_LOOKUP = "lookup"
 EMA = 0.25  # weight of a new timing in its running estimate
 FORGET = 0.985  # per generated token, what acceptance evidence keeps (half-life ~46 tokens)
 PRIOR = {SOURCE_MODEL: 0.85, SOURCE_LOOKUP: 0.6}  # acceptance assumed before (or long after) any evidence
-PRIOR_WEIGHT = 1.5  # how many observations the prior is worth
+PRIOR_WEIGHT = 2.0  # how many observations the prior is worth
+OPTIMISM = 1.0  # choices use acceptance this many standard deviations above its estimate: little evidence
+# (one unlucky first round) leaves room to try again, much evidence pins it down
 SLOPE_PRIOR = 0.05  # a verify's extra cost per token, relative to V(1), before two sizes were measured
 DRAFT_PRIOR = 0.1  # a draft step, relative to V(1), before one was measured
-PROBE_MARGIN = 0.8  # an option within this fraction of the best one is worth a probe now and then
-PROBE_FIRST = 16  # rounds before the first probe of a runner-up; doubles while probes change nothing
-PROBE_MAX = 256
+EXPLORE_K = 2  # the draft length of the first draft-model round
 
 
 @dataclass
@@ -45,7 +47,6 @@ class Plan:
     source: str | None  # SOURCE_MODEL, SOURCE_LOOKUP, or None: a plain target step
     k: int  # tokens to draft (0 with source None)
     rate: float = 0.0  # expected tokens per second
-    probe: bool = False  # tried to re-measure an option that is not the best on current estimates
 
 
 class Acceptance:
@@ -67,19 +68,25 @@ class Acceptance:
         self.reached = [x * f for x in self.reached]
         self.accepted = [x * f for x in self.accepted]
 
-    def alpha(self, i: int) -> float:
+    def alpha(self, i: int, optimistic: bool = False) -> float:
+        """The estimate for position i (the posterior mean), or with `optimistic` its upper bound."""
         # Positions past the first share its evidence while they have little of their own: acceptance
         # hardly depends on the position, and the first is measured most.
         prior = self.prior if i == 0 else self.alpha(0)
         if i >= len(self.reached):
             return prior
-        return (self.accepted[i] + PRIOR_WEIGHT * prior) / (self.reached[i] + PRIOR_WEIGHT)
+        n = self.reached[i] + PRIOR_WEIGHT
+        mean = (self.accepted[i] + PRIOR_WEIGHT * prior) / n
+        if not optimistic:
+            return mean
+        return min(1.0, mean + OPTIMISM * math.sqrt(mean * (1.0 - mean) / (n + 1.0)))
 
-    def expected_tokens(self, k: int) -> float:
-        """Tokens a round drafting k brings, the target's own one included."""
+    def expected_tokens(self, k: int, optimistic: bool = False) -> float:
+        """Tokens a round drafting k brings, the target's own one included. `optimistic` takes the first
+        position's upper bound (the rest as estimated): optimism once, not compounded over k positions."""
         total, chain = 1.0, 1.0
         for i in range(k):
-            chain *= self.alpha(i)
+            chain *= self.alpha(i, optimistic and i == 0)
             total += chain
         return total
 
@@ -170,8 +177,7 @@ class Planner:
     acceptance: dict[str, Acceptance] = field(init=False)
     chosen: dict[tuple[str | None, int], int] = field(default_factory=dict)
     off_reason: str | None = None
-    _rounds_since_probe: int = 0
-    _probe_every: int = PROBE_FIRST
+    _pending: tuple[int, list[int]] | None = None  # a lookup proposal waiting for its verdict (lookup_hindsight)
 
     def __post_init__(self):
         self.costs = StepCosts(self.draft_max)
@@ -187,26 +193,16 @@ class Planner:
             if self.has_lookup and lookup_len:
                 return self._keep(Plan(SOURCE_LOOKUP, min(self.draft_max, lookup_len)))
             return self._keep(Plan(None, 0))
-        v1 = self.costs.step(1)
-        if v1 is None:  # nothing timed yet: a first speculative round measures the most
-            if self.has_lookup and lookup_len:
-                return self._keep(Plan(SOURCE_LOOKUP, min(self.draft_max, lookup_len)))
-            if self.has_model:
-                return self._keep(Plan(SOURCE_MODEL, min(self.draft_max, 3)))
+        v1 = self.costs.verify[1]
+        if v1 is None:  # first the yardstick: a plain step, as the target alone would take
             return self._keep(Plan(None, 0))
-        if self.costs.verify[1] is None:  # the plain step, the yardstick, has not been timed: time it
-            return self._keep(Plan(None, 0))
+        if self.has_model and self.costs.draft is None:
+            # Then one short draft, to time a draft step and a small verify: cheap to try where the model
+            # does not pay (a CPU), and what the line through V(1) and V(3) extrapolates from.
+            return self._keep(Plan(SOURCE_MODEL, min(self.draft_max, EXPLORE_K)))
         options = [Plan(None, 0, 1.0 / v1)] + self._options(lookup_len, model_behind)
         options.sort(key=lambda p: p.rate, reverse=True)
         best = options[0]
-        self._rounds_since_probe += 1
-        if self._rounds_since_probe >= self._probe_every:
-            runner_up = next((p for p in options[1:] if p.source != best.source), None)
-            if runner_up is not None and runner_up.rate >= PROBE_MARGIN * best.rate:
-                self._rounds_since_probe = 0
-                self._probe_every = min(PROBE_MAX, self._probe_every * 2)
-                runner_up.probe = True
-                return self._keep(runner_up)
         if best.source is None:
             self.off_reason = self._why_off(options, v1)
         return self._keep(best)
@@ -217,6 +213,8 @@ class Planner:
             if not available:
                 continue
             acc = self.acceptance[source]
+            # Optimism where evidence costs a round to get (the model); lookup's comes free every round.
+            optimistic = source == SOURCE_MODEL
             if source == SOURCE_MODEL:
                 d = self.costs.draft_step() or 0.0
                 catch = self.costs.catchup(model_behind)
@@ -225,7 +223,7 @@ class Planner:
                 d, catch, top = 0.0, 0.0, min(self.draft_max, lookup_len)
             best = None
             for k in range(1, top + 1):
-                rate = acc.expected_tokens(k) / (catch + k * d + self.costs.step(k + 1))
+                rate = acc.expected_tokens(k, optimistic) / (catch + k * d + self.costs.step(k + 1))
                 if best is None or rate > best.rate:
                     best = Plan(source, k, rate)
             if best is not None:
@@ -256,15 +254,24 @@ class Planner:
             acc.fade(n_new)
         if plan.source is not None and n_drafted:
             self.acceptance[plan.source].record(n_drafted, n_accepted)
+        if plan.source == SOURCE_LOOKUP:
+            self._pending = None  # this round verified it: already recorded
 
-    def record_lookup_hindsight(self, proposed: list[int], actual: list[int]) -> None:
-        """Prompt lookup judged for free: what it would have proposed against what the target made."""
-        if proposed and actual:
+    def lookup_hindsight(self, seq: list[int], proposed: list[int]) -> None:
+        """Prompt lookup judged for free, at every depth: a proposal it made after seq (in a round that did
+        not use it) is held until the tokens the target makes in its place show how far it was right."""
+        pending = self._pending
+        if pending is not None:
+            start, tokens = pending
             n = 0
-            while n < min(len(proposed), len(actual)) and proposed[n] == actual[n]:
+            while n < len(tokens) and start + n < len(seq) and seq[start + n] == tokens[n]:
                 n += 1
-            # A round that ended before a mismatch showed only that much: evidence for those positions alone.
-            self.acceptance[SOURCE_LOOKUP].record(len(proposed) if n < len(actual) else n, n)
+            if n == len(tokens) or start + n < len(seq):  # fully right, or wrong at n: settled
+                self.acceptance[SOURCE_LOOKUP].record(len(tokens), n)
+                pending = None
+        if pending is None and proposed:
+            pending = (len(seq), list(proposed))
+        self._pending = pending
 
     @property
     def chosen_lengths(self) -> dict[str, int]:

@@ -11,10 +11,11 @@ holds seq[:-1]; the last token is pending. One round:
   4. the target's cache drops the rejected tail; the draft model catches up on its next round.
 With no drafter every round is a plain step: the target alone, yielding the same events.
 
-On CPU, when the draft model pays, the rounds can also overlap (`_overlapped_rounds`): the cores are split
-between the two models, and while the target verifies one draft the drafter keeps drafting past it, betting
-that it will be accepted whole. `_schedule` tries that against the sequential loop on the same text and keeps
-whichever delivers more tokens per second.
+On CPU the rounds can also overlap (`_overlapped_rounds`, DSPARK_OVERLAP=1): the cores are split between
+the two models, and while the target verifies one draft the drafter keeps drafting past it, betting that it
+will be accepted whole. It is not the default: with the cost model choosing the draft length, the sequential
+loop measured as fast or faster on the demo pair (1.62x against 1.58x the target alone, 2 cores), and it
+can also turn speculation off, which the overlapped loop cannot.
 
 The `finally` block trims both caches back to the tokens the consumer has seen, so an abandoned generator
 (Ctrl-C, a closed pipe, a consumer that stops reading) leaves them consistent for the next call.
@@ -99,8 +100,8 @@ def generate(
     overlap: bool | None = None,
     fixed: bool = False,
 ) -> Iterator[Event]:
-    """Events for the answer to `prompt`. `overlap`: None lets the schedule decide (DSPARK_OVERLAP=0/1
-    forces it), False never overlaps, True always does (with a draft model on the CPU). `fixed`: draft
+    """Events for the answer to `prompt`. `overlap`: True runs the overlapped loop (with a draft model on the
+    CPU), False or None the sequential one (None: DSPARK_OVERLAP=1 chooses overlap). `fixed`: draft
     `draft_max` tokens every round instead of what the cost model picks."""
     check_limits(max_tokens, draft_max if drafter is not None else None)
     if not prompt:
@@ -110,11 +111,9 @@ def generate(
             f"the prompt is {len(prompt)} tokens but the context holds {target.n_ctx}",
             hint="shorten the prompt or raise --ctx-size",
         )
-    forced = os.environ.get("DSPARK_OVERLAP", "")
-    if overlap is None and forced in ("0", "1"):
-        overlap = forced == "1"
-    if not overlap_allowed(target, drafter):
-        overlap = False
+    if overlap is None:
+        overlap = os.environ.get("DSPARK_OVERLAP", "") == "1"
+    overlap = overlap and overlap_allowed(target, drafter)
 
     stats = GenerationStats(method=drafter.name if drafter else "target", n_prompt=len(prompt))
     noise = Noise(params.seed)
@@ -140,11 +139,16 @@ def generate(
         target.sync(seq[:-1], n_logits=0)
         stats.n_prompt_evaluated = target.n_evaluated - evaluated + 1  # + the pending last token
         if drafter is not None and len(seq) < draft_ctx:
+            t_draft = time.perf_counter()
             stats.n_prompt_evaluated_draft = drafter.prepare(seq)
+            # The draft model's prompt is a batch like any catch-up: its first per-token cost estimate.
+            planner.costs.record_catchup(stats.n_prompt_evaluated_draft, time.perf_counter() - t_draft)
         stats.t_start = time.perf_counter()
         stats.t_prompt = stats.t_start - t0
 
-        rounds = _schedule(target, drafter, seq, params, noise, planner, room, stats, overlap)
+        stats.engine = ENGINE_OVERLAPPED if overlap else ENGINE_SEQUENTIAL
+        rounds = (_overlapped_rounds if overlap else _sequential_rounds)(target, drafter, seq, params, noise, planner,
+                                                                          room, stats)
         finish = None
         while finish is None:
             r = next(rounds)
@@ -214,6 +218,8 @@ def _sequential_rounds(target, drafter, seq, params, noise, planner: Planner, ro
     while True:
         cap = room()
         lookup = drafter.lookup_tokens(seq, cap) if cap and drafter.lookup else []
+        if drafter is not None and drafter.lookup:
+            planner.lookup_hindsight(seq, lookup)
         behind = drafter.behind(seq) if cap and drafter.model is not None else 0
         plan = planner.plan(len(lookup), behind) if cap else Plan(None, 0)
         k = min(plan.k, cap)
@@ -238,8 +244,6 @@ def _sequential_rounds(target, drafter, seq, params, noise, planner: Planner, ro
         stats.n_target_steps += 1
         out = draft.tokens[:n_acc] + [nxt]
         planner.record_round(plan, len(draft.tokens), n_acc, len(out))
-        if lookup and plan.source != SOURCE_LOOKUP:
-            planner.record_lookup_hindsight(lookup, out)
         yield Round(out, len(draft.tokens), n_acc, plan.source)
 
 
@@ -306,73 +310,3 @@ def _wait_for(pool: ThreadPoolExecutor) -> None:
             interrupted = True
     if interrupted:
         raise KeyboardInterrupt
-
-
-# ------------------------------------------------------------------------------------- the schedule
-
-TRIAL_ROUNDS = 8  # rounds an engine runs before its tokens per second are compared with the other's
-RECHECK_ROUNDS = 64  # rounds before the engine that lost is tried again (doubling while it keeps losing)
-
-
-class _EngineChoice:
-    """Sequential or overlapped, by tokens per second measured on this very text. The sequential loop
-    starts (its cost model also decides whether to draft at all); once it keeps choosing the draft model,
-    the only drafter overlap helps, the overlapped loop gets a trial of TRIAL_ROUNDS, and whichever made
-    more tokens per second in its latest window goes on, the other tried again later."""
-
-    def __init__(self) -> None:
-        self.mode = ENGINE_SEQUENTIAL
-        self.rate: dict[str, float] = {}
-        self.window: list[tuple[int, float, bool]] = []  # this stretch: (tokens, seconds, drafted by the model)
-        self.check_at = TRIAL_ROUNDS
-        self.backoff = RECHECK_ROUNDS
-
-    def after(self, n_tokens: int, seconds: float, model_round: bool) -> str:
-        self.window.append((n_tokens, seconds, model_round))
-        if len(self.window) < self.check_at:
-            return self.mode
-        recent = self.window[-TRIAL_ROUNDS:]
-        rate = sum(n for n, _, _ in recent) / max(1e-9, sum(t for _, t, _ in recent))
-        self.rate[self.mode] = rate
-        if self.mode == ENGINE_SEQUENTIAL:
-            if sum(m for _, _, m in recent) < TRIAL_ROUNDS // 2:  # the draft model is not paying
-                self.check_at += TRIAL_ROUNDS
-                return self.mode
-            if self.rate.get(ENGINE_OVERLAPPED, float("inf")) > rate:
-                return self._switch(ENGINE_OVERLAPPED)
-            del self.rate[ENGINE_OVERLAPPED]  # it lost: try it again later
-            self.check_at += self.backoff
-            self.backoff *= 2
-            return self.mode
-        if self.rate.get(ENGINE_SEQUENTIAL, 0.0) > rate or len(self.window) >= RECHECK_ROUNDS:
-            return self._switch(ENGINE_SEQUENTIAL)  # it lost, or it is time to measure the other again
-        self.check_at = RECHECK_ROUNDS
-        return self.mode
-
-    def _switch(self, mode: str) -> str:
-        self.mode, self.window, self.check_at = mode, [], TRIAL_ROUNDS
-        return mode
-
-
-def _schedule(target, drafter, seq, params, noise, planner: Planner, room, stats, overlap: bool | None) -> Rounds:
-    """The rounds, from one engine throughout when `overlap` is forced (True/False), else as _EngineChoice
-    decides."""
-    engines = {ENGINE_SEQUENTIAL: _sequential_rounds, ENGINE_OVERLAPPED: _overlapped_rounds}
-    choice = _EngineChoice()
-    mode = ENGINE_OVERLAPPED if overlap else ENGINE_SEQUENTIAL
-    used: set[str] = set()
-    while True:
-        used.add(mode)
-        stats.engine = mode if len(used) == 1 else "mixed"
-        rounds = engines[mode](target, drafter, seq, params, noise, planner, room, stats)
-        try:
-            t = time.perf_counter()
-            for r in rounds:
-                seconds = time.perf_counter() - t
-                yield r
-                t = time.perf_counter()
-                if overlap is None and choice.after(len(r.tokens), seconds, r.n_drafted > 0 and r.source == SOURCE_MODEL) != mode:
-                    break
-        finally:
-            rounds.close()
-        mode = choice.mode

@@ -289,7 +289,17 @@ def _render(report: dict, *, to_stderr: bool) -> None:
                   _f(r["predicted_mean_accepted_tokens"]), _f(r["mean_draft_length"], 1), _f(r["cost_ratio"], 3),
                   _f(r["verify_cost"]))
     con.print(s)
+    confirmed = report.get("confirmed")
+    if confirmed:
+        con.print(Text(f"★ {confirmed['variant']} scored best in the sweep ({_x(bv['overall']['speedup'])}); measured "
+                       f"again against the target alone: {_x(confirmed['speedup'])}", style="bold"))
     width = max(len(v["variant"]) for v in variants)
+    con.print(Text("draft lengths the cost model chose (target steps; none = a plain step)", style="bold"))
+    for v in variants:
+        chosen = ", ".join(f"{k} {n}" for k, n in list(v.get("draft_lengths", {}).items())[:6]) or "—"
+        con.print(Text(f"  {v['variant']:<{width}}  {chosen}"))
+        for pid, note in v.get("speculation_off", {}).items():
+            con.print(Text(f"  {'':<{width}}  {pid}: {note}", style="yellow"))
     con.print(Text("acceptance by draft position, % (measured)", style="bold"))
     for v in variants:
         pos = v["overall"]["acceptance_by_position"]
@@ -300,8 +310,8 @@ def _render(report: dict, *, to_stderr: bool) -> None:
                  "c = draft step / target-alone step; verify = speculative target step / target-alone step (measured)",
                  "predicted = E / (f·γ·c + verify), E = f·(1 − α^(γ+1)) / (1 − α) + (1 − f)  (Leviathan et al. 2023;",
                  "          f = share of target steps that had a draft, 1.00 for a draft model)",
-                 "the formula models draft-then-verify; on CPU a draft model runs overlapped with the verify (each on",
-                 "          part of the cores), which it does not model: DSPARK_OVERLAP=0 runs the sequential engine"):
+                 "the cost model picks each step's draft length up to --draft-max (γ is their mean; 0 steps count too);",
+                 "          --draft-fixed drafts --draft-max every step"):
         con.print(Text(line, style="dim"))
     ov = bv["overall"]
     n_prompt = sum(r.get("prompt_tokens") or 0 for r in bv["per_prompt"])
