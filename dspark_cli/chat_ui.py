@@ -195,8 +195,9 @@ class LiveAnswer:
 
 # ---- input ---------------------------------------------------------------------------------------------
 def history_path() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(state) / "dspark" / "chat_history"
+    from .places import user_dir
+
+    return user_dir("XDG_STATE_HOME", ".local/state") / "dspark" / "chat_history"
 
 
 class TerminalInput:

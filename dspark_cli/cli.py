@@ -7,12 +7,13 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import signal
 import sys
 import traceback
 
 import typer
 
-from . import __version__
+from . import __version__, signals
 from .console import closed_at_start, err_text, prepare_streams, quiet_stdout, say, write
 from .errors import DsparkError, Interrupted, OutputError, ReaderGone, ResourceError
 
@@ -76,6 +77,10 @@ def _click_errors(command) -> tuple[type, type, type]:
     raise RuntimeError(f"cannot find the click under Typer's {type(command).__name__}")
 
 
+def _stopped() -> str:
+    return "interrupted" if signals.received is None else f"stopped by {signal.Signals(signals.received).name}"
+
+
 def _error_line(message: str, hint: str | None = None) -> None:
     say(f"error: {message}")
     if hint:
@@ -84,6 +89,10 @@ def _error_line(message: str, hint: str | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     prepare_streams()
+    signals.install()
+    for variable in ("COLUMNS", "LINES"):  # Rich draws nothing at all in a width of 0: ignore nonsense sizes
+        if not os.environ.get(variable, "80").isdigit() or int(os.environ.get(variable, "80")) < 10:
+            os.environ.pop(variable, None)
     if "stdout" in closed_at_start:
         _error_line("standard output is closed, so there is nowhere to write to",
                     hint="redirect it instead: > FILE, or > /dev/null to discard it")
@@ -102,19 +111,22 @@ def main(argv: list[str] | None = None) -> int:
         except click_exit as e:
             code = e.exit_code
         except click_abort:
-            _error_line("interrupted")
-            code = 130
+            _error_line(_stopped())
+            code = signals.exit_code()
         except click_exception as e:  # a usage error: click's message as dspark's one line, exit 2
             ctx = getattr(e, "ctx", None)
             _error_line(e.format_message(), hint=f"`{ctx.command_path} -h` lists the {'commands' if ctx.parent is None else 'options'}"
                         if ctx else None)
             code = e.exit_code
+    except Interrupted:
+        _error_line(_stopped())
+        code = signals.exit_code()
     except DsparkError as e:
         _error_line(e.message, e.hint)
         code = e.exit_code
     except KeyboardInterrupt:
-        _error_line("interrupted")
-        code = 130
+        _error_line(_stopped())
+        code = signals.exit_code()
     except (BrokenPipeError, ReaderGone):
         quiet_stdout()
         code = 0

@@ -230,8 +230,8 @@ class Transcript:
     stops the transcript, not the chat: `error` then says so."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser()
-        self._f = open_append(self.path, "--transcript", make_dirs=True)  # UsageError before the models load
+        self._f = open_append(path, "--transcript", make_dirs=True)
+        self.path = Path(path).expanduser()  # UsageError before the models load
         self.error: str | None = None
 
     def write(self, record: dict) -> bool:

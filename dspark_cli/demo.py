@@ -27,10 +27,10 @@ TARGET_NAME = "SmolLM2-135M-Instruct.F32.gguf"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DSPARK_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dspark"
-    )
-    return Path(root) / "demo"
+    from .places import user_dir
+
+    root = os.environ.get("DSPARK_CACHE")
+    return (Path(root).expanduser() if root else user_dir("XDG_CACHE_HOME", ".cache") / "dspark") / "demo"
 
 
 @contextmanager

@@ -48,6 +48,8 @@ def _problem(path: Path, make_dirs: bool) -> str | None:
 
 def check_writable(path: str | Path, flag: str, *, make_dirs: bool = False) -> Path:
     """Fail before any work starts if a result file could not be written (UsageError: a bad flag value)."""
+    if not str(path).strip():
+        raise UsageError(f"{flag} needs a file name, got an empty one")
     why = _problem(_target(path), make_dirs)
     if why is not None:
         raise UsageError(f"{flag} {path}: {why}")

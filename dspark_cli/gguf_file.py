@@ -64,12 +64,22 @@ def check_gguf_file(path: str | Path, role: str = "model") -> GGUFHeader:
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+# ggml tensor types: (values per block, bytes per block), to know where each tensor's data ends. A type not
+# listed here (a newer one) is not checked.
+_TYPE_SIZES = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
+    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
+    34: (256, 54), 35: (256, 66), 39: (32, 17),
+}
 
 
 def read_metadata(path: str | Path, role: str = "model") -> dict:
     """The key/value section of a GGUF header (after check_gguf_file). Arrays of strings come back as their
     length only; long arrays of numbers (per-token scores and types) too; other arrays as lists.
-    ModelFileError when the header is cut short or malformed."""
+    ModelFileError when the header is cut short or malformed, or when the file ends before the tensor data
+    the header describes (a truncated download: llama.cpp would refuse it at load)."""
     header = check_gguf_file(path, role)
     p = header.path
 
@@ -118,6 +128,25 @@ def read_metadata(path: str | Path, role: str = "model") -> dict:
             for _ in range(header.n_kv):
                 key = string(f)
                 meta[key] = value(f, unpack(f, "<I"))
+            end = 0  # where the last tensor's data ends, from the start of the data section
+            for _ in range(header.n_tensors):
+                string(f, skip=True)
+                n_dims = unpack(f, "<I")
+                if n_dims > 8:
+                    raise ValueError(f"a tensor with {n_dims} dimensions")
+                count = 1
+                for _ in range(n_dims):
+                    count *= unpack(f, "<Q")
+                kind, offset = unpack(f, "<I"), unpack(f, "<Q")
+                if kind in _TYPE_SIZES:
+                    per_block, block_bytes = _TYPE_SIZES[kind]
+                    end = max(end, offset + -(-count // per_block) * block_bytes)
+            align = meta.get("general.alignment", 32)
+            align = align if isinstance(align, int) and align > 0 else 32
+            data_start = -(-f.tell() // align) * align
+            if data_start + end > header.size:
+                raise ModelFileError(f"{role} file is truncated: its tensors need {data_start + end:,} bytes, the file has "
+                                     f"{header.size:,} (an interrupted download?): {p}")
             return meta
     except OSError as e:
         raise ModelFileError(f"cannot read {role} file {p}: {e.strerror or e}") from None

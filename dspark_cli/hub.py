@@ -241,7 +241,8 @@ def _download_error(e: BaseException, repo: str, filename: str | None) -> Downlo
         return DownloadError(f"cannot write {what} into {cache_dir()}: {e.strerror or _first_line(e)}")
     if isinstance(e, ValueError):
         return DownloadError(f"bad model reference {what}: {_first_line(e)}")
-    return DownloadError(f"download of {what} failed: {type(e).__name__}: {_first_line(e)}")
+    return DownloadError(f"unexpected answer from {host} for {what} ({type(e).__name__}: {_first_line(e)})",
+                         hint="is HF_ENDPOINT a Hugging Face hub (or a mirror of one)?")
 
 
 def _is_network_error(e: BaseException, *, connect_only: bool = False) -> bool:

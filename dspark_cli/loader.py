@@ -11,6 +11,8 @@ from .console import say
 from .errors import UsageError
 from .model import Model
 
+MAX_CTX = 2**31 - 1
+MAX_THREADS = 512  # GGML_MAX_N_THREADS
 DRAFT_NONE = "none"  # --draft none: the target alone
 DRAFT_LOOKUP = "lookup"  # --draft lookup: prompt lookup, no second model
 
@@ -33,13 +35,18 @@ class ModelOptions:
     def validate(self) -> None:
         if self.ctx_size < 16:
             raise UsageError(f"--ctx-size must be at least 16, got {self.ctx_size}")
+        if self.ctx_size > MAX_CTX:  # llama.cpp keeps it in 32 bits: larger values wrap around
+            raise UsageError(f"--ctx-size must be at most {MAX_CTX}, got {self.ctx_size}")
         for flag, v in (("--n-gpu-layers", self.n_gpu_layers), ("--n-gpu-layers-draft", self.n_gpu_layers_draft)):
             if v is not None and v < 0:
                 raise UsageError(f"{flag} must be 0 or more, got {v}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise UsageError(f"--threads must be between 1 and {MAX_THREADS} (llama.cpp's limit), got {self.threads}")
         if not 0.0 <= self.draft_p_min < 1.0:
             raise UsageError(f"--draft-p-min must be in [0, 1), got {self.draft_p_min}")
+        for flag, v in (("--target", self.target), ("--draft", self.draft), ("--pair", self.pair)):
+            if v is not None and not v.strip():
+                raise UsageError(f"{flag} is empty: name a model (a GGUF path, org/repo:file.gguf, a registry name)")
         if self.pair and (self.target or self.draft not in (None, DRAFT_NONE, DRAFT_LOOKUP)):
             raise UsageError("--pair sets both models; drop --target/--draft or drop --pair")
 

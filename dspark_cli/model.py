@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelFileError, PromptError
+from .errors import ModelFileError, PromptError, ResourceError
 from .gguf_file import check_gguf_file
 
 # llama.cpp's CPU backend sends K-quant (Q4_K, Q5_K, Q6_K, ...) matmuls of 8 or more tokens through its tiled
@@ -27,6 +27,8 @@ from .gguf_file import check_gguf_file
 # (DSPARK_FAST_KERNELS=1) or set it. ggml reads the variable once, at the first matmul: set it before any.
 if os.environ.get("DSPARK_FAST_KERNELS") != "1":
     os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+# If llama.cpp ever aborts, it would attach gdb and print its backtrace on stdout, the answer's channel.
+os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 
 import llama_cpp  # noqa: E402  (after our modules so import errors point at the binding itself)
 
@@ -125,6 +127,18 @@ def _reason(lines: list[str]) -> str:
     return lines[-1] if lines else "llama.cpp could not load it"
 
 
+_OUT_OF_MEMORY = ("bad_alloc", "failed to allocate", "out of memory", "unable to allocate", "cannot allocate")
+
+
+def _load_error(what: str, lines: list[str]):
+    """ResourceError when llama.cpp ran out of memory (a huge --ctx-size, say), else ModelFileError."""
+    reason = _reason(lines)
+    if any(m in line.lower() for line in lines for m in _OUT_OF_MEMORY):
+        return ResourceError(f"{what}: not enough memory ({reason})",
+                             hint="a smaller --ctx-size, fewer GPU layers, or close other programs")
+    return ModelFileError(f"{what}: {reason}")
+
+
 def default_threads() -> int:
     try:
         import psutil
@@ -167,7 +181,7 @@ class Model:
         with _capture_log() as lines:
             model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not model:
-            raise ModelFileError(f"cannot load {role} model {self.path}: {_reason(lines)}")
+            raise _load_error(f"cannot load {role} model {self.path}", lines)
         self._model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -195,13 +209,15 @@ class Model:
             ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             self.close()
-            raise ModelFileError(f"cannot create a context for the {role} model {self.path}: {_reason(lines)}")
+            raise _load_error(f"cannot create a context for the {role} model {self.path}", lines)
         self._ctx = ctx
         self.n_threads = threads
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
-        self.n_batch = n_batch
+        # llama.cpp caps a batch at the context it was asked for (and rounds the context up to 256): send it
+        # batches of what it says it takes, or it aborts the process on an assert.
+        self.n_batch = min(llama_cpp.llama_n_batch(ctx), llama_cpp.llama_n_ubatch(ctx))
         self._mem = llama_cpp.llama_get_memory(ctx)
-        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
     def set_threads(self, n: int) -> None:
         """Change the CPU threads decoding uses from now on (the overlapped engine splits the cores)."""

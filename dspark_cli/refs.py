@@ -60,8 +60,14 @@ def parse_ref(text: str, registry: Registry | None = None) -> ModelRef:
 
     local = Path(text).expanduser()
     m = _HUB_REF.match(text)
+    if not local.exists() and ":" in text and not m and not text.startswith(("/", ".", "~")):
+        repo, _, sel = text.partition(":")
+        if not _REPO_ONLY.match(repo) or not sel.strip():
+            raise UsageError(f"'{text}' is not a model reference: use org/repo:FILE.gguf or org/repo:QUANT")
     if m and not local.exists():
         repo, sel = m["repo"], m["sel"]
+        if any(part in ("", ".", "..") for part in sel.split("/")):
+            raise UsageError(f"'{text}': the file part must be a plain path inside the repo (no '..', no empty parts)")
         if sel.lower().endswith(".gguf"):
             return ModelRef(text, "hub", repo=repo, file=sel, spec=reg.find_by_file(repo, sel))
         if "/" in sel or "." in sel:

@@ -103,8 +103,9 @@ def user_config_dir() -> Path:
     """dspark's config dir: $DSPARK_CONFIG_DIR, else $XDG_CONFIG_HOME/dspark, else ~/.config/dspark."""
     if os.environ.get("DSPARK_CONFIG_DIR"):
         return Path(os.environ["DSPARK_CONFIG_DIR"]).expanduser()
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "dspark"
+    from .places import user_dir
+
+    return user_dir("XDG_CONFIG_HOME", ".config") / "dspark"
 
 
 def user_registry_path() -> Path:

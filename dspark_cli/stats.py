@@ -83,7 +83,7 @@ class GenerationStats(Rates):
             "n_tokens": self.n_generated,
             "drafted": self.n_drafted,
             "accepted": self.n_accepted,
-            "acceptance_rate": round(self.acceptance_rate, 4),
+            "acceptance_rate": round(self.acceptance_rate, 4) if self.n_drafted else None,  # nothing drafted: n/a
             "target_steps": self.n_target_steps,
             "draft_steps": self.n_draft_steps,
             "tokens_per_step": round(self.tokens_per_step, 4),

@@ -346,3 +346,98 @@ def test_chat_messages_and_system_prompts_too_long_for_the_context(demo_paths):
     one_error(r, 5, "the system prompt needs")
     assert r.stdout.strip()  # the system prompt was refused, the message after it answered
     one_error(run("chat", "-n", "4", "-c", "256", "-s", long_system), 5, "the system prompt needs")
+
+
+# ---------------------------------------------------- found by probing the CLI with a helper (second round)
+
+
+def test_a_context_smaller_than_a_batch_does_not_abort(demo_paths):
+    # llama.cpp caps its batch at the context asked for: a long prompt must be fed in batches it takes.
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 12
+    for args in (["-c", "16", "hi"], ["-c", "128", long_prompt]):
+        r = run("run", "-n", "4", *args)
+        assert r.returncode == 0 and r.stdout.strip(), no_traceback(r)
+
+
+def test_impossible_thread_counts_and_context_sizes():
+    one_error(run("run", "hi", "-t", "100000"), 2, "--threads", "512")
+    one_error(run("run", "hi", "-c", str(2**32 + 16)), 2, "--ctx-size")
+
+
+def test_endless_stdin_is_refused_not_read_into_memory():
+    p = subprocess.Popen(DSPARK + ["run", "-n", "4"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=ENV)
+    chunk = b"y\n" * (1 << 20)
+    try:
+        for _ in range(40):  # 80 MiB, more than dspark reads
+            p.stdin.write(chunk)
+        p.stdin.close()
+    except (BrokenPipeError, ValueError):
+        pass  # dspark stopped reading: that is the point
+    out, err = p.stdout.read(), p.stderr.read()
+    p.wait(timeout=120)
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    one_error(r, 5, "more than 64 MiB")
+
+
+def test_doctor_and_run_both_refuse_a_truncated_model(demo_paths, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    with open(demo_paths[1], "rb") as f:
+        cut.write_bytes(f.read(5_000_000))
+    a = one_error(run("doctor", "-m", str(cut), "-d", "none"), 3, "truncated")
+    b = one_error(run("run", "-m", str(cut), "-d", "none", "hi"), 3, "truncated")
+    assert a == b
+
+
+def test_empty_names_are_bad_flags(tmp_path):
+    one_error(run("chat", "--transcript", ""), 2, "--transcript", "empty")
+    one_error(run("bench", "--json", ""), 2, "--json", "empty")
+    one_error(run("run", "--pair", "", "hi"), 2, "--pair", "empty")
+    one_error(run("bench", "--json", str(tmp_path / "r"), "--csv", str(tmp_path / "r")), 2, "same file")
+
+
+def test_piped_chat_usage_errors_decide_the_exit(demo_paths):
+    r = run("chat", "-n", "4", input=b"hi\n/nosuch\n/save\n")
+    err = no_traceback(r)
+    assert r.returncode == 2 and "unknown command /nosuch" in err and "usage: /save FILE" in err
+    assert r.stdout.strip()  # the message before them was answered
+
+
+@pytest.mark.parametrize("ref", ["a/b:", ":x.gguf", "org/repo:../../x.gguf"])
+def test_malformed_model_references_are_usage_errors(ref):
+    one_error(run("pull", ref), 2, ref)
+
+
+def test_a_nonsense_terminal_width_still_shows_the_help():
+    r = run("-h", env={**ENV, "COLUMNS": "0"})
+    assert r.returncode == 0 and b"run" in r.stdout and b"Usage" in r.stdout
+
+
+def test_an_empty_home_is_not_the_root_directory(monkeypatch):
+    from dspark_cli import demo
+    from dspark_cli.places import home
+
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("DSPARK_CACHE", raising=False)
+    assert home() != Path("/") or os.geteuid() == 0 and Path("/root").exists() is False
+    assert demo.cache_dir().parent.parent.parent == home()
+    assert str(demo.cache_dir()).startswith(str(home()))
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_and_sighup_keep_what_was_generated(demo_paths, tmp_path, sig, code):
+    transcript = tmp_path / "t.jsonl"
+    p = subprocess.Popen(DSPARK + ["chat", "-n", "500", "--transcript", str(transcript)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    p.stdin.write(b"Write a long essay about the history of bridges.\nAnd another one.\n")
+    p.stdin.flush()
+    got = p.stdout.read(30)  # the answer is streaming
+    p.send_signal(sig)
+    rest, err = p.communicate(timeout=60)
+    assert p.returncode == code, err
+    assert "Traceback" not in err.decode()
+    records = [json.loads(line) for line in transcript.read_text().splitlines()]
+    answer = records[-1]
+    assert answer["role"] == "assistant" and answer["finish_reason"] == "interrupted"
+    assert (got + rest).decode().startswith(answer["content"][:20])

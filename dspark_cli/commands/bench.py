@@ -104,10 +104,14 @@ def register(app: typer.Typer) -> None:
                 check_writable(path, flag)
         if csv_path == "-" and json_path == "-":
             raise UsageError("--json - and --csv - cannot both go to stdout")
+        if json_path and csv_path and json_path != "-" and Path(json_path).expanduser().resolve() == Path(csv_path).expanduser().resolve():
+            raise UsageError(f"--json and --csv name the same file ({json_path}): one would overwrite the other")
         suite = load_prompts(prompts) if prompts is not None else builtin_prompts()
         params = o.sampling_params(temp, top_k, top_p, seed, min_p)
         if chosen == [METHOD_LOOKUP] and draft is None:
             draft = DRAFT_LOOKUP  # prompt lookup alone: do not load a draft model nobody uses
+        if draft == DRAFT_NONE and methods is None:
+            say("--draft none: comparing prompt lookup with the target alone (it needs no draft model)")
         opts = o.model_options(target, draft, pair, ctx_size, n_gpu_layers, n_gpu_layers_draft, threads, draft_p_min, pull, offline, force)
         config = BenchConfig(prompts=suite, methods=chosen, draft_max=lengths, repeats=repeats, warmup=warmup,
                              max_tokens=max_tokens, params=params, raw=raw, fixed=draft_fixed)

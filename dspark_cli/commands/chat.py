@@ -25,6 +25,7 @@ import typer
 from ..chat_ui import PipeInput, Screen, TerminalInput, history_path
 from ..conversation import FINISH_INTERRUPTED, Conversation, SessionTotals, Transcript, save_records
 from ..engine import DEFAULT_DRAFT_MAX, check_limits, generate
+from .. import signals
 from ..console import closed_at_start
 from ..errors import DsparkError, OutputError, PromptError, UsageError
 from ..loader import load
@@ -85,8 +86,8 @@ class ChatSession:
             try:
                 message = self.reader.read()
             except KeyboardInterrupt:
-                if not self.interactive:
-                    return 130
+                if not self.interactive or signals.received is not None:
+                    return signals.exit_code()
                 typed = self.reader.line_buffer()
                 now = time.monotonic()
                 self._newline()
@@ -110,8 +111,8 @@ class ChatSession:
             if message.startswith("//"):
                 message = message[1:]
             if self.answer(message) == FINISH_INTERRUPTED:
-                if not self.interactive:
-                    return 130
+                if not self.interactive or signals.received is not None:  # SIGTERM/SIGHUP: the answer is saved; leave
+                    return signals.exit_code()
                 armed_at, grace = time.monotonic(), MASH_S
 
     def _newline(self) -> None:
@@ -227,7 +228,7 @@ class ChatSession:
                 self.screen.note("system prompt set" + ("; the next turn re-processes the conversation" if self.conv.messages else ""))
         elif name == "/save":
             if not arg:
-                self.screen.error("usage: /save FILE")
+                self._fail(UsageError("usage: /save FILE"))
             else:
                 try:
                     path = save_records(arg, self.conv.log)
@@ -237,7 +238,7 @@ class ChatSession:
                     n = sum(r.get("role") in ("user", "assistant") for r in self.conv.log)
                     self.screen.note(f"saved {n} messages to {path}")
         else:
-            self.screen.error(f"unknown command {name}; /help lists them (//text sends a message starting with /)")
+            self._fail(UsageError(f"unknown command {name}; /help lists them (//text sends a message starting with /)"))
         return None
 
     def stats_text(self) -> str:
@@ -331,7 +332,7 @@ def register(app: typer.Typer) -> None:
                                lookup=not no_lookup)
         interactive = sys.stdin.isatty()
         screen = Screen(live=interactive and sys.stdout.isatty(), highlight=highlight)
-        log = Transcript(transcript) if transcript else None  # a bad path fails before the models load
+        log = Transcript(transcript) if transcript is not None else None  # a bad path fails before the models load
 
         try:
             loaded = load(opts)

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .. import signals
 from ..console import closed_at_start, quiet_stdout, say, write, write_json
 from ..engine import DEFAULT_DRAFT_MAX, check_limits, generate
 from ..errors import PromptError, UsageError
@@ -15,12 +16,19 @@ from ..prompt import build_prompt, clean_text
 from . import _options as o
 
 
+MAX_STDIN = 64 << 20  # bytes: about 16 million tokens, past any model's context
+
+
 def read_prompt(argument: str | None) -> str:
     """The argument, stdin, or both: piped text is appended to the argument (`cat f | dspark run "Sum:"`)."""
     stdin = sys.stdin
     piped = ""
     if argument == "-" or not stdin.isatty():
-        piped = stdin.buffer.read().decode("utf-8", errors="replace")
+        data = stdin.buffer.read(MAX_STDIN + 1)
+        if len(data) > MAX_STDIN:  # `yes | dspark run` would otherwise fill the memory
+            raise PromptError(f"standard input holds more than {MAX_STDIN >> 20} MiB: longer than any context",
+                              hint="pass a part of it, or summarize it in pieces")
+        piped = data.decode("utf-8", errors="replace")
         if argument == "-":
             argument = None
     elif argument is None:
@@ -39,7 +47,8 @@ def _summary(stats, finish: str | None) -> str:
     s = stats
     line = f"{s.n_generated} tokens, {s.tokens_per_second:.1f} tok/s"
     if s.method != "target":
-        line += f", acceptance {s.acceptance_rate:.1%}, {s.tokens_per_step:.2f} tokens/step ({s.method}, {s.engine})"
+        acceptance = f"{s.acceptance_rate:.1%}" if s.n_drafted else "n/a (nothing drafted)"
+        line += f", acceptance {acceptance}, {s.tokens_per_step:.2f} tokens/step ({s.method}, {s.engine})"
     else:
         line += " (target alone)"
     line += f"; prompt {s.n_prompt} tokens in {s.t_prompt:.2f}s; finish: {finish}"
@@ -127,7 +136,7 @@ def _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json, fixed)
             write("\n")
         n = stats.n_generated if stats is not None else 0
         say(f"interrupted after {n} tokens")
-        raise SystemExit(130)
+        raise SystemExit(signals.exit_code())
     if as_json:
         _print_json(pieces, stats, finish, params, loaded)
     else:
