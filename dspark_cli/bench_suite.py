@@ -1,6 +1,7 @@
 """The built-in benchmark prompts, written for dspark: two per category, short enough that a 2-core CPU runs
 the whole suite in minutes. Categories follow Spec-Bench's so figures can be read side by side; the ones with
-a passage (summarization, qa) are where prompt lookup shines, the open-ended ones (chat) where it cannot."""
+a passage (summarization, qa) and the edits (editing) are where prompt lookup shines, the open-ended ones (chat)
+where it cannot."""
 
 from __future__ import annotations
 
@@ -21,6 +22,22 @@ _PASSAGE_BEES = (
     "that follow the dance then fly out and search the indicated area."
 )
 
+_TYPOS = (
+    "The quick development of small language models has changed how people think about running AI on their own "
+    "computers. A few years ago, a model that could write a reasonable paragraph needed a data center; today a "
+    "laptop can do it in seconds. Developers can build tools that work offline, protect user privacy, and cost "
+    "nothing to run once the model is downloded. But for many everyday tasks, like summarizing a document, "
+    "fixing grammer, or writing a short email, they are more then good enough."
+)
+
+_CODE = (
+    "def mean(values):\n"
+    "    total = 0\n"
+    "    for v in values:\n"
+    "        total = total + v\n"
+    "    return total / len(values)\n"
+)
+
 # (id, category, prompt)
 SUITE: tuple[tuple[str, str, str], ...] = (
     ("chat-1", "chat", "What are three simple ways to sleep better at night?"),
@@ -35,6 +52,9 @@ SUITE: tuple[tuple[str, str, str], ...] = (
     ("math-2", "math", "Tom has 15 apples. He gives 4 to Anna and then buys twice as many as he has left. How many apples does he have now? Think step by step."),
     ("qa-1", "qa", f"{_PASSAGE_LIGHTHOUSE}\n\nQuestion: Who built the Bell Rock Lighthouse, and when was it first lit?"),
     ("qa-2", "qa", f"{_PASSAGE_BEES}\n\nQuestion: How does the waggle dance tell other bees how far away the food is?"),
+    # Input-heavy: the answer mostly copies the input, where prompt lookup drafts for free.
+    ("editing-1", "editing", f"Fix the typos in the following text. Reply with the corrected text only.\n\n{_TYPOS}"),
+    ("editing-2", "editing", f"Add type hints and a docstring to this Python function. Reply with the code only.\n\n{_CODE}"),
 )
 
 CATEGORIES = tuple(dict.fromkeys(cat for _, cat, _ in SUITE))

@@ -172,3 +172,56 @@ def test_build_is_batch_invariant(demo_models, kquant_target, fmt):
         target.sync(seq[:-n], n_logits=0)
         in_batch = np.array(target.eval(seq[-n:], n_logits=n)[0])
         assert np.array_equal(alone, in_batch), f"{fmt}, batch of {n}: max difference {abs(alone - in_batch).max()}"
+
+
+@OVERLAP
+def test_accepted_counts_only_tokens_the_answer_kept(demo_models, overlap):
+    """A stop string or an end token inside an accepted draft ends the answer there: what was accepted past
+    it is not counted as accepted (every accepted token is one the consumer saw, marked from_draft)."""
+    target, draft = demo_models
+    prompt, _ = build_prompt(target, "Count from one to twenty in words, separated by commas.")
+    for stop in (("seven",), ()):
+        out, from_draft, last = run(target, prompt, ModelDrafter(draft), max_tokens=80, draft_max=8,
+                                    overlap=overlap, stop=stop)
+        assert last.finish_reason == "stop"
+        assert sum(from_draft) == last.stats.n_accepted
+
+
+def test_a_draft_with_a_smaller_context_stops_drafting_not_the_answer(tiny_paths):
+    target = Model(tiny_paths[0], role="target", n_ctx=512)
+    draft = Model(tiny_paths[1], role="draft", n_ctx=256)
+    try:
+        prompt = target.tokenize("the cat sat on the mat " * 30, add_special=True)[:200]
+        base, _, _ = run(target, prompt, max_tokens=200)
+        out, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=200, draft_max=4)
+        assert out == base and len(out) == 200
+        assert last.stats.n_drafted > 0  # it drafted while the draft's context had room
+        assert len(draft.cached) < draft.n_ctx
+    finally:
+        draft.close()
+        target.close()
+
+
+def test_the_verify_worker_is_waited_for_through_more_ctrl_c(monkeypatch):
+    """A second Ctrl-C while the overlapped engine shuts its worker down must not cut the wait short (the
+    caller would then trim the target's cache under a running verify)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dspark_cli import engine
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    job = pool.submit(time.sleep, 0.3)
+    real_shutdown = pool.shutdown
+    calls = []
+
+    def interrupted_shutdown(wait=True):
+        calls.append(1)
+        if len(calls) <= 2:  # the first two waits are cut by Ctrl-C
+            raise KeyboardInterrupt
+        real_shutdown(wait=wait)
+
+    monkeypatch.setattr(pool, "shutdown", interrupted_shutdown)
+    with pytest.raises(KeyboardInterrupt):
+        engine._wait_for(pool)
+    assert job.done() and len(calls) == 3

@@ -1,0 +1,153 @@
+"""The cost model on costs it is told: what it chooses on a GPU-like and a CPU-like cost curve, with a free
+drafter, with catch-up costs, and how its estimates learn, fade and resist an outlier. No timing here: the
+machine's own costs are measured by the benchmarks (scripts/bench_vs_llamacpp.py, dspark bench)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dspark_cli.costs import (EXPLORE_K, SOURCE_LOOKUP, SOURCE_MODEL, Acceptance, Planner, StepCosts)
+
+V1 = 0.030  # a 30 ms one-token target step
+
+
+def told(planner: Planner, verify: dict[int, float], draft: float | None = None, catchup: float | None = None):
+    for _ in range(8):  # enough samples for the running averages to settle on what they are told
+        for n, s in verify.items():
+            planner.costs.record_verify(n, s)
+        if draft is not None:
+            planner.costs.record_draft(draft)
+        if catchup is not None:
+            planner.costs.record_catchup(1, catchup)
+            planner.costs.record_catchup(10, 10 * catchup / 4)
+    return planner
+
+
+def accept(planner: Planner, source: str, alpha: float, rounds: int = 200, k: int = 6):
+    """Feed `rounds` rounds whose drafts are each accepted with probability alpha (in expectation)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(rounds):
+        n = 0
+        while n < k and rng.random() < alpha:
+            n += 1
+        planner.acceptance[source].record(k, n)
+
+
+def gpu_like(n: int) -> float:
+    return V1 * (1 + 0.03 * (n - 1))  # a batch costs about one step
+
+
+def cpu_like(n: int) -> float:
+    return V1 * (1 + 0.8 * (n - 1)) if n > 1 else V1  # every extra token costs most of a step
+
+
+def test_the_first_rounds_time_a_plain_step_then_a_short_draft():
+    p = Planner(8, has_model=True, has_lookup=True)
+    assert (p.plan(0, 0).source, p.plan(0, 0).k) == (None, 0)
+    p.costs.record_verify(1, V1)
+    first = p.plan(0, 0)
+    assert (first.source, first.k) == (SOURCE_MODEL, EXPLORE_K)
+
+
+def test_a_flat_verify_and_a_cheap_draft_draft_long():
+    p = told(Planner(8, True, False), {n: gpu_like(n) for n in range(1, 10)}, draft=0.05 * V1)
+    accept(p, SOURCE_MODEL, 0.9)
+    plan = p.plan(0, 0)
+    assert plan.source == SOURCE_MODEL and plan.k >= 6
+    assert plan.rate > 3 / V1
+
+
+def test_a_steep_verify_turns_speculation_off_and_says_why():
+    p = told(Planner(8, True, False), {n: cpu_like(n) for n in range(1, 10)}, draft=0.5 * V1)
+    accept(p, SOURCE_MODEL, 0.85)
+    plan = p.plan(0, 0)
+    assert plan.source is None and plan.k == 0
+    assert p.off_reason.startswith("speculation off: a verify of") and "target steps" in p.off_reason
+    # Even a perfect draft cannot pay for a draft step of half a target step plus such a verify.
+    accept(p, SOURCE_MODEL, 1.0, rounds=2000)
+    assert p.plan(0, 0).source is None
+
+
+def test_free_lookup_pays_where_the_draft_model_does_not():
+    p = told(Planner(8, True, True), {n: V1 * (1 + 0.4 * (n - 1)) for n in range(1, 10)}, draft=0.5 * V1)
+    accept(p, SOURCE_MODEL, 0.8)
+    accept(p, SOURCE_LOOKUP, 0.95)
+    with_match = p.plan(8, 0)
+    assert with_match.source == SOURCE_LOOKUP and with_match.k >= 4
+    assert p.plan(3, 0).k <= 3  # never more than the match offers
+    assert p.plan(0, 0).source is None  # no match: the model does not pay here either
+
+
+def test_catching_the_draft_model_up_counts():
+    p = told(Planner(8, True, False), {n: gpu_like(n) for n in range(1, 10)}, draft=0.1 * V1, catchup=0.1 * V1)
+    accept(p, SOURCE_MODEL, 0.7)
+    assert p.plan(0, 0).source == SOURCE_MODEL
+    assert p.plan(0, 2000).source is None  # thousands of tokens to catch up on: not worth a round
+
+
+def test_fixed_lengths_ignore_the_costs():
+    p = told(Planner(5, True, True, fixed=True), {n: cpu_like(n) for n in range(1, 10)}, draft=V1)
+    assert (p.plan(0, 0).source, p.plan(0, 0).k) == (SOURCE_MODEL, 5)
+    q = Planner(5, False, True, fixed=True)
+    assert (q.plan(2, 0).source, q.plan(2, 0).k) == (SOURCE_LOOKUP, 2)
+    assert q.plan(0, 0).source is None
+
+
+def test_one_bad_round_does_not_end_the_draft_model():
+    p = told(Planner(8, True, False), {n: gpu_like(n) for n in range(1, 10)}, draft=0.2 * V1)
+    p.acceptance[SOURCE_MODEL].record(2, 0)  # the first round: nothing accepted
+    assert p.plan(0, 0).source == SOURCE_MODEL  # little evidence: still worth trying
+
+
+def test_evidence_fades_so_a_drafter_left_aside_comes_back():
+    acc = Acceptance(0.85, 8)
+    for _ in range(20):
+        acc.record(4, 0)
+    low = acc.alpha(0)
+    assert low < 0.2
+    acc.fade(400)  # a few hundred tokens later: the text moved on
+    assert acc.alpha(0) > 0.7
+    assert acc.alpha(0, optimistic=True) >= acc.alpha(0)
+
+
+def test_expected_tokens_matches_leviathan_for_a_constant_rate():
+    acc = Acceptance(0.8, 8)
+    for _ in range(5000):
+        acc.record(8, 8)
+        acc.record(8, 0)  # position 0 accepted half the time, the deeper ones always once reached
+    assert acc.alpha(0) == pytest.approx(0.5, abs=0.01)
+    assert acc.expected_tokens(3) == pytest.approx(1 + 0.5 * 3, abs=0.05)
+
+
+def test_step_costs_interpolate_extrapolate_and_resist_an_outlier():
+    c = StepCosts(8)
+    assert c.step(1) is None
+    c.record_verify(1, 0.03)
+    assert c.step(5) == pytest.approx(0.03 * (1 + 0.05 * 4))  # the slope guess, one size known
+    c.record_verify(3, 0.07)
+    assert c.step(2) == pytest.approx(0.05)  # between measured sizes
+    assert c.step(5) == pytest.approx(0.11)  # past them, on their line
+    c.record_verify(3, 5.0)  # a round the OS preempted
+    assert c.step(3) < 0.07 * 2 * 1.01
+
+
+def test_lookup_is_judged_in_hindsight_at_every_depth():
+    p = Planner(8, False, True)
+    seq = [1, 2, 3]
+    p.lookup_hindsight(seq, [7, 8, 9])  # proposed after [1, 2, 3]
+    seq += [7, 8]
+    p.lookup_hindsight(seq, [])  # not settled yet: 7 and 8 right, 9 unknown
+    assert p.acceptance[SOURCE_LOOKUP].evidence == 0
+    seq += [4]
+    p.lookup_hindsight(seq, [])  # 9 was wrong: two accepted, the third rejected
+    acc = p.acceptance[SOURCE_LOOKUP]
+    assert (acc.reached[:3], acc.accepted[:3]) == ([1.0, 1.0, 1.0], [1.0, 1.0, 0.0])
+
+
+def test_chosen_lengths_are_counted_for_the_report():
+    p = told(Planner(8, True, False), {n: cpu_like(n) for n in range(1, 10)}, draft=0.5 * V1)
+    for _ in range(3):
+        p.plan(0, 0)
+    assert p.chosen_lengths == {"none": 3}
