@@ -9,7 +9,6 @@ Two shapes, chosen once:
 
 from __future__ import annotations
 
-import os
 import select
 import sys
 import time
@@ -57,7 +56,8 @@ def status_line(stats, width: int) -> str:
     """While an answer streams."""
     long, short = _speed_parts(stats, True), _speed_parts(stats, False)
     return _fit(
-        [_join(long + [f"{stats.n_generated} tokens"]), _join(short + [f"{stats.n_generated} tok"]), _join(short), short[0]],
+        [_join(long + [f"{stats.n_generated} tokens", f"{stats.t_generation:.1f}s"]),
+         _join(long + [f"{stats.n_generated} tokens"]), _join(short + [f"{stats.n_generated} tok"]), _join(short), short[0]],
         width,
     )
 
@@ -153,11 +153,12 @@ class LiveAnswer:
     status line are live; finished rows are printed above them for good, so an answer longer than the
     screen scrolls like any output and what was printed stays when Ctrl-C stops it."""
 
-    def __init__(self, screen: Screen, n_new_prompt_tokens: int):
+    def __init__(self, screen: Screen, n_new_prompt_tokens: int | None):
         self.screen = screen
         self.console = screen.out
         self.pending = Text()  # the row being written: never wider than the terminal
-        self.status = Text(f"processing {n_new_prompt_tokens} prompt tokens…", style="dim", no_wrap=True, overflow="ellipsis")
+        what = "the prompt" if n_new_prompt_tokens is None else f"{n_new_prompt_tokens} prompt tokens"
+        self.status = Text(f"processing {what}…", style="dim", no_wrap=True, overflow="ellipsis")
         self._live = Live(console=self.console, auto_refresh=False, transient=True, redirect_stdout=False,
                           redirect_stderr=False, get_renderable=lambda: Group(self.pending, self.status))
         self._drawn = 0.0
@@ -191,6 +192,33 @@ class LiveAnswer:
             self.console.print(self.pending)
         if stats is not None:
             self.console.print(Text(summary_line(stats, finish, self.console.width - 1), style="dim"))
+
+
+class StatusLine:
+    """`dspark run` with stdout piped and stderr a terminal: the text goes to stdout as it comes, and a status
+    line on stderr is redrawn in place, then removed (the summary replaces it)."""
+
+    def __init__(self):
+        self.console = console(stderr=True, highlight=False)
+        self.status = Text("processing the prompt…", style="dim", no_wrap=True, overflow="ellipsis")
+        self._live = Live(console=self.console, auto_refresh=False, transient=True, redirect_stdout=False,
+                          redirect_stderr=False, get_renderable=lambda: self.status)
+        self._drawn = 0.0
+
+    def start(self) -> None:
+        self._live.start(refresh=True)
+
+    def add(self, text: str, from_draft: bool, stats) -> None:
+        if text:
+            write(text)
+        now = time.perf_counter()
+        if now - self._drawn >= REFRESH_S:
+            self.status = Text(status_line(stats, self.console.width - 1), style="dim", no_wrap=True, overflow="ellipsis")
+            self._live.refresh()
+            self._drawn = now
+
+    def finish(self, stats, finish: str | None) -> None:
+        self._live.stop()
 
 
 # ---- input ---------------------------------------------------------------------------------------------

@@ -2,15 +2,10 @@
 
 No terminal code here: `dspark chat` drives it, tests drive it directly.
 
-Why the token bookkeeping: re-rendering the whole conversation through the chat template and tokenizing
-it again does not always give back the tokens the model generated (tokenization is not unique), and any
-difference makes `Model.sync` re-process everything after it. So a turn's prompt is built as
-    (tokens already in context: previous prompt + the answer's own tokens) + tokens(rendered tail)
-where the tail is what the template writes after the previous answer's text: the end of that turn
-(e.g. `<|im_end|>\\n`), the new user message and the assistant header. The tail is found by rendering the
-whole conversation and checking that it starts with exactly the text the cached tokens stand for; when it
-does not (the system prompt changed, a template rewrites old answers, turns were dropped), the prompt is
-rendered and tokenized whole and the caches keep whatever prefix still matches.
+A turn's prompt is built by prompt.Continuation: (tokens already in context: the previous prompt and the
+answer's own tokens) + tokens(the rendered tail), where the tail is what the template writes after the
+previous answer's text: the end of that turn (e.g. `<|im_end|>\\n`), the new user message and the assistant
+header. So only the new tokens are processed, and exactly the ones the models have.
 
 The end-of-turn token is never yielded by the engine (it stops on it), and an interrupted or cut answer
 has none; the template's own closing text in the tail supplies it in every case, so each turn is closed
@@ -25,40 +20,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DsparkError, PromptError
+from .errors import PromptError
 from .files import open_append, write_atomic
 from .model import Model
-from .prompt import tokenize_prompt
+from .prompt import ChatTemplate, Continuation, tokenize_prompt
 from .stats import Rates
 
 FINISH_INTERRUPTED = "interrupted"  # Ctrl-C during the answer (the engine's reasons are stop/length/context)
-
-# Used when a GGUF carries no chat template, as llama.cpp does: ChatML.
-FALLBACK_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-class ChatTemplate:
-    """The model's Jinja chat template (or ChatML), compiled once."""
-
-    def __init__(self, model: Model):
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = model.chat_template()
-        self.is_fallback = not template
-        template = template or FALLBACK_TEMPLATE
-        bos = model.token_text(model.bos).decode("utf-8", "replace") if model.bos >= 0 else ""
-        eos = model.token_text(model.eos).decode("utf-8", "replace") if model.eos >= 0 else ""
-        self._open = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
-
-    def render(self, messages: list[dict]) -> str:
-        """The conversation followed by the assistant header, ready for the answer."""
-        try:
-            return self._open(messages=messages).prompt
-        except Exception as e:  # a template may raise_exception() on a conversation shape it rejects
-            raise DsparkError(f"the model's chat template failed on this conversation: {e}") from None
 
 
 @dataclass
@@ -110,9 +78,7 @@ class Conversation:
         self.messages: list[dict] = []  # alternating user/assistant that still fit the context
         self.log: list[dict] = []  # every message since the last reset, dropped ones too (/save)
         self._start_log()
-        # What the caches hold after the last answer: its prompt + its tokens, and the text they stand for.
-        self._tokens: list[int] = []
-        self._text: str | None = None  # None: nothing reusable (start, reset, system change, dropped turns)
+        self._context = Continuation(model)  # what the caches hold after the last answer
         self._pending: tuple[str, str, list[int]] | None = None  # (user text, rendered prompt, prompt tokens)
 
     # ---- state changes from commands ------------------------------------------------------------------
@@ -121,7 +87,7 @@ class Conversation:
         self.messages.clear()
         self.log.clear()
         self._start_log()
-        self._text = None
+        self._context.forget()
         self._pending = None
 
     def set_system(self, text: str | None) -> None:
@@ -129,7 +95,7 @@ class Conversation:
         self._check_system(text)
         self.system = text or None
         self.log.append(self._record("system", self.system or ""))
-        self._text = None  # it sits at the start: the next prompt is rendered and processed whole
+        self._context.forget()  # it sits at the start: the next prompt is rendered and processed whole
 
     @property
     def n_turns(self) -> int:
@@ -144,7 +110,7 @@ class Conversation:
         n_ctx = self.model.n_ctx
         user = {"role": "user", "content": user_text}
         text = self.template.render(self._with_system(self.messages + [user]))
-        tokens, n_reusable = self._incremental(text)
+        tokens, n_reusable = self._context.tokens_for(text)
         dropped = 0
         # Dropping turns costs re-processing everything after the system prompt, so drop enough at once
         # to leave a quarter of the context free for the turns that follow, not just this one.
@@ -173,11 +139,7 @@ class Conversation:
         user_text, prompt_text, prompt_tokens = self._pending
         self._pending = None
         self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer_text}]
-        self._tokens = prompt_tokens + list(answer_tokens)
-        # The tail trick needs the tokens to spell exactly the answer's text; an answer cut inside a UTF-8
-        # character (Ctrl-C) does not, and then the next prompt is rebuilt whole instead.
-        exact = self.model.detokenize(list(answer_tokens)) == answer_text
-        self._text = prompt_text + answer_text if exact else None
+        self._context.remember(prompt_text, prompt_tokens, answer_text, list(answer_tokens))
         record = self._record("assistant", answer_text, finish_reason=finish)
         if stats is not None:
             record["stats"] = stats
@@ -209,12 +171,6 @@ class Conversation:
 
     def _with_system(self, messages: list[dict]) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + messages
-
-    def _incremental(self, text: str) -> tuple[list[int], int]:
-        if self._text is not None and self._tokens and text.startswith(self._text):
-            tail = text[len(self._text) :]
-            return self._tokens + self.model.tokenize(tail, add_special=False, parse_special=True), len(self._tokens)
-        return tokenize_prompt(self.model, text), 0
 
     def _record(self, role: str, content: str, **extra) -> dict:
         return {"role": role, "content": content, **extra, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

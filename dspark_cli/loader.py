@@ -99,10 +99,8 @@ def resolve_paths(opts: ModelOptions) -> tuple[Path, Path | str | None]:
 
 
 def _resolve(ref: str, opts: ModelOptions) -> Path:
-    try:
-        from .refs import resolve_model
-    except ImportError:  # registry support absent: references are plain paths
-        return Path(ref).expanduser()
+    from .refs import resolve_model
+
     return resolve_model(ref, pull=opts.pull, offline=opts.offline)
 
 
@@ -111,12 +109,9 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
     target_path, draft = resolve_paths(opts)
     draft_path = draft if isinstance(draft, Path) else None
     ngl, ngl_draft = _gpu_layers(opts.n_gpu_layers), _gpu_layers(opts.n_gpu_layers_draft)
-    try:
-        from .memory import preflight
-    except ImportError:
-        preflight = None
-    if preflight is not None:
-        preflight(target_path, draft_path, n_ctx=opts.ctx_size, n_gpu_layers=ngl, n_gpu_layers_draft=ngl_draft, force=opts.force)
+    from .memory import preflight
+
+    preflight(target_path, draft_path, n_ctx=opts.ctx_size, n_gpu_layers=ngl, n_gpu_layers_draft=ngl_draft, force=opts.force)
 
     hardware = os.cpu_count() or 1
     if opts.threads is not None and opts.threads > hardware:

@@ -20,17 +20,7 @@ import numpy as np
 from .errors import ModelFileError, PromptError, ResourceError
 from .gguf_file import check_gguf_file
 
-# llama.cpp's CPU backend sends K-quant (Q4_K, Q5_K, Q6_K, ...) matmuls of 8 or more tokens through its tiled
-# kernel, which sums in another order than the one-token path: a token's logits then move by up to ~0.6
-# between a verify batch and plain decoding, enough to flip greedy near-ties. Like the llamafile and repack
-# kernels that scripts/install.sh builds out, keep it off unless the user chose speed over bit-exactness
-# (DSPARK_FAST_KERNELS=1) or set it. ggml reads the variable once, at the first matmul: set it before any.
-if os.environ.get("DSPARK_FAST_KERNELS") != "1":
-    os.environ.setdefault("GGML_CPU_TILED_MM", "0")
-# If llama.cpp ever aborts, it would attach gdb and print its backtrace on stdout, the answer's channel.
-os.environ.setdefault("GGML_NO_BACKTRACE", "1")
-
-import llama_cpp  # noqa: E402  (after our modules so import errors point at the binding itself)
+import llama_cpp
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -94,10 +84,25 @@ def deferred_interrupt():
             raise KeyboardInterrupt
 
 
+def _prepare_environment() -> None:
+    """What dspark asks of llama.cpp through its environment, set once, before the first model loads.
+
+    llama.cpp's CPU backend sends K-quant (Q4_K, Q5_K, Q6_K, ...) matmuls of 8 or more tokens through its tiled
+    kernel, which sums in another order than the one-token path: a token's logits then move by up to ~0.6
+    between a verify batch and plain decoding, enough to flip greedy near-ties. Like the llamafile and repack
+    kernels that scripts/install.sh builds out, it stays off unless the user chose speed over bit-exactness
+    (DSPARK_FAST_KERNELS=1) or set the variable. ggml reads it at the first matmul.
+    And if llama.cpp ever aborts, it would attach gdb and print a backtrace on stdout, the answer's channel."""
+    if os.environ.get("DSPARK_FAST_KERNELS") != "1":
+        os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+
+
 def _init_backend() -> None:
     global _backend_ready
     with _backend_lock:
         if not _backend_ready:
+            _prepare_environment()
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True
@@ -205,6 +210,12 @@ class Model:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
+        if self.on_cpu and os.environ.get("DSPARK_FAST_KERNELS") != "1":
+            # On the CPU, llama.cpp's flash attention splits a one-token step's keys across threads once the
+            # cache passes 256 positions, and a batch's not: past that point a verify batch's logits moved by
+            # up to ~0.6 against one-token decoding (Qwen2.5-Coder 1.5B Q4_K_M), enough to flip greedy
+            # near-ties. Without it every row is bit-identical, at ~1% of decode and ~5% of prefill speed.
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         with _capture_log() as lines:
             ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:

@@ -170,20 +170,16 @@ def _builtin(r: ModelRef, reg: Registry) -> Path:
     pair = next((p for p in reg.pairs.values() if p.builtin and r.spec in (p.target, p.draft)), None)
     if pair is None or pair.name != "demo":
         raise ModelFileError(f"no way to build the built-in model '{r.text}'")
-    try:
-        from .demo import demo_pair  # lazy: building the demo pair is only needed when it is asked for
-    except ImportError as e:
-        raise ModelFileError(f"the built-in demo pair is not available in this dspark ({e})") from None
+    from .demo import demo_pair  # lazy: building the demo pair is only needed when it is asked for
+
     target, draft = demo_pair()
     return Path(target if r.spec == pair.target else draft)
 
 
 def _builtin_path(r: ModelRef, reg: Registry) -> Path | None:
-    """Where the built-in model lies once built (None: not built yet, or demo support absent)."""
-    try:
-        from .demo import DRAFT_NAME, TARGET_NAME, cache_dir
-    except ImportError:
-        return None
+    """Where the built-in model lies once built (None: not built yet)."""
+    from .demo import DRAFT_NAME, TARGET_NAME, cache_dir
+
     pair = reg.pairs.get("demo")
     if pair is None:
         return None

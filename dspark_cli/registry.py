@@ -1,7 +1,7 @@
 """The registry of known-good draft/target pairs: models.toml shipped with dspark, plus the user's own file.
 
-The canonical file is models.toml at the top of the source tree; an installed dspark carries the same file
-as package data (dspark_cli/data/models.toml, a symlink in the tree that the wheel build copies). A user file
+The one real file is models.toml at the top of the source tree; a built wheel carries a copy as package data
+(dspark_cli/data/models.toml), which setup.py writes at build time. A user file
 in the config dir uses the same format and can add models, pairs and aliases, or replace packaged ones.
 """
 
@@ -54,6 +54,7 @@ class Pair:
     note: str
     builtin: bool = False
     source: str = "packaged"
+    unverified: bool = False  # may well not pair: llama.cpp's vocabulary rule was not checked on these files
 
 
 @dataclass
@@ -181,10 +182,12 @@ def _merge(reg: Registry, path: Path, *, source: str) -> None:
         if not isinstance(p["note"], str) or not p["note"].strip():
             raise bad(f"pairs.{name}.note must be a non-empty string")
         builtin = bool(p.get("builtin", False))
+        if not isinstance(p.get("unverified", False), bool):
+            raise bad(f"pairs.{name}.unverified must be true or false")
         if builtin != (specs[0].builtin and specs[1].builtin):
             raise bad(f"pairs.{name}: a builtin pair must name builtin models, and only it may")
         reg.pairs[name] = Pair(name, specs[0], specs[1], p["template"], p["draft_len"], p["note"].strip(), builtin,
-                               source)
+                               source, p.get("unverified", False))
     for alias, target in (data.get("aliases") or {}).items():
         if not isinstance(target, str):
             raise bad(f"aliases.{alias} must be a string")

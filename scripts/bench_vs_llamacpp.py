@@ -41,7 +41,7 @@ from dspark_cli.demo import demo_pair  # noqa: E402
 from dspark_cli.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter  # noqa: E402
 from dspark_cli.engine import generate  # noqa: E402
 from dspark_cli.model import Model  # noqa: E402
-from dspark_cli.prompt import build_prompt, render_chat  # noqa: E402
+from dspark_cli.prompt import ChatTemplate, build_prompt  # noqa: E402
 
 _TYPOS = (
     "Fix the typos in the following text. Reply with the corrected text only.\n\n"
@@ -173,10 +173,11 @@ def main() -> None:
         [f"llama-spec-simple {d}" for d in llama_dms]
 
     prompts = {}
+    template = ChatTemplate(target)
     for pid in prompt_ids:
         text, n = PROMPTS[pid]
         tokens, _ = build_prompt(target, text)
-        prompts[pid] = (tokens, render_chat(target, [{"role": "user", "content": text}]), args.n or n)
+        prompts[pid] = (tokens, template.render([{"role": "user", "content": text}]), args.n or n)
 
     def run_one(name: str, pid: str):
         """(tokens per second, acceptance or None, output tokens or None)"""

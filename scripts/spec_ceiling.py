@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from dspark_cli.bench_stats import overlapped_ceiling, sequential_ceiling
+from dspark_cli.bench.stats import overlapped_ceiling, sequential_ceiling
 from dspark_cli.demo import demo_pair
 from dspark_cli.engine import split_threads
 from dspark_cli.model import Model

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dspark_cli.bench_prompts import builtin_prompts, load_prompts
+from dspark_cli.bench.prompts import builtin_prompts, load_prompts
 from dspark_cli.errors import PromptError
 
 

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from dspark_cli.bench_runner import NEAR_TIE_LOGITS, _classify
-from dspark_cli.bench_stats import RunRecord, check_identity
+from dspark_cli.bench.runner import NEAR_TIE_LOGITS, _classify
+from dspark_cli.bench.stats import RunRecord, check_identity
 
 
 class FakeTarget:

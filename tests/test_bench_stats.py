@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from dspark_cli.bench_stats import (
+from dspark_cli.bench.stats import (
     Cell, RunRecord, check_identity, compare, expected_tokens, first_difference, overlapped_ceiling,
     predicted_speedup, record_from_events, sequential_ceiling, summarize,
 )

@@ -21,7 +21,7 @@ PROMPT = ">>> "
 
 
 def _env(tmp_path, **extra):
-    env = dict(os.environ, NO_COLOR="1", TERM="xterm", XDG_STATE_HOME=str(tmp_path / "state"), **extra)
+    env = {**os.environ, "NO_COLOR": "1", "TERM": "xterm", "XDG_STATE_HOME": str(tmp_path / "state"), **extra}
     env.pop("COLUMNS", None)
     env.pop("LINES", None)
     return env
@@ -189,3 +189,49 @@ def test_piped_stdin_prints_only_the_answers(tmp_path):
     s1, s2 = (_summary(line) for line in lines)
     assert s2["evaluated"] - (s2["n_prompt"] - (s1["n_prompt"] + s1["n"])) in (0, 1)
     assert "target processed" in proc.stderr  # /stats went to stderr, not into the answers
+
+
+def _colour_env(tmp_path, **extra):
+    env = _env(tmp_path, **extra)
+    if "NO_COLOR" not in extra:
+        env.pop("NO_COLOR")  # the live line is off with NO_COLOR
+    return env
+
+
+def test_run_in_a_terminal_shows_a_live_status_line(tmp_path):
+    """`dspark run` with a terminal: tok/s, acceptance and tokens per step are redrawn under the streaming
+    text, then replaced by the summary line; the answer itself is printed whole."""
+    child = pexpect.spawn(sys.executable, ["-m", "dspark_cli", "run", "-t", "1", "-n", "48",
+                                           "Write a short story about a robot learning to paint."],
+                          env=_colour_env(tmp_path), dimensions=(40, 120), encoding="utf-8", timeout=120)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    out = ANSI.sub("", child.before).replace("\r", "")
+    assert "tok/s · acceptance" in out  # the live line (its long form), redrawn while the answer streamed
+    assert re.search(r"48 tokens, [\d.]+ tok/s, acceptance", out)  # the summary replaced it
+
+
+def test_run_piped_with_stderr_on_a_terminal_keeps_stdout_clean(tmp_path):
+    answer = tmp_path / "answer.txt"
+    cmd = f"{sys.executable} -m dspark_cli run -t 1 -n 32 'Write a short story about a robot.' > {answer}"
+    child = pexpect.spawn("bash", ["-c", cmd], env=_colour_env(tmp_path), dimensions=(40, 120), encoding="utf-8",
+                          timeout=120)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    screen = ANSI.sub("", child.before)
+    assert "tok/s" in screen  # the status and summary lines, on the terminal (stderr)
+    text = answer.read_text()
+    assert text.strip() and "tok/s" not in text and "\x1b" not in text  # stdout: the answer only
+
+
+def test_run_with_no_color_or_json_shows_no_live_line(tmp_path):
+    for extra, env in ((["--json"], {}), ([], {"NO_COLOR": "1"}), ([], {"TERM": "dumb"})):
+        child = pexpect.spawn(sys.executable, ["-m", "dspark_cli", "run", "-t", "1", "-n", "16", *extra, "Hello"],
+                              env=_colour_env(tmp_path, **env), dimensions=(40, 120), encoding="utf-8", timeout=120)
+        child.expect(pexpect.EOF)
+        child.close()
+        out = child.before
+        assert child.exitstatus == 0
+        assert "processing the prompt" not in out and "\x1b[2K" not in out  # no line was redrawn

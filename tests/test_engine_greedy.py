@@ -150,7 +150,7 @@ def kquant_target(demo_paths, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("kquant") / "demo-target.Q4_K_M.gguf"
     requantize(demo_paths[0], out, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)
-    model = Model(out, role="target", n_ctx=512)
+    model = Model(out, role="target", n_ctx=1024)
     yield model
     model.close()
 
@@ -172,6 +172,30 @@ def test_build_is_batch_invariant(demo_models, kquant_target, fmt):
         target.sync(seq[:-n], n_logits=0)
         in_batch = np.array(target.eval(seq[-n:], n_logits=n)[0])
         assert np.array_equal(alone, in_batch), f"{fmt}, batch of {n}: max difference {abs(alone - in_batch).max()}"
+
+
+@pytest.mark.skipif(os.environ.get("DSPARK_FAST_KERNELS") == "1", reason="built with the fast, non-batch-invariant kernels")
+@pytest.mark.parametrize("fmt", ["F32", "Q4_K_M"])
+def test_every_row_of_a_verify_batch_is_invariant_past_256_positions(demo_models, kquant_target, fmt):
+    """Each row of a batch, at positions on both sides of 256 and 512, against one-token decoding of the same
+    cache: llama.cpp's CPU flash attention splits long one-token steps across threads (dspark turns it off on
+    the CPU), which once moved logits by ~0.5 past position 256, and greedy outputs with them."""
+    target = demo_models[0] if fmt == "F32" else kquant_target
+    line = "The quick brown fox jumps over the lazy dog and keeps running through the forest. "
+    seq = target.tokenize(line * 60, add_special=True)[:560]
+    target.truncate(0)
+    target.sync(seq[:200], n_logits=0)
+    alone = {}
+    for p in range(200, 540):
+        alone[p] = np.array(target.eval([seq[p]], n_logits=1)[0])
+    for start in (520, 508, 300, 254, 240):  # from the end down: truncating keeps one-token decoding's cache
+        for n in (2, 9):
+            target.truncate(start)
+            rows = np.array(target.eval(seq[start : start + n], n_logits=n))
+            for j in range(n):
+                assert np.array_equal(rows[j], alone[start + j]), f"{fmt}: position {start + j} in a batch of {n}"
+            target.truncate(start)
+    target.truncate(0)
 
 
 @OVERLAP

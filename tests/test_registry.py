@@ -25,10 +25,20 @@ def config_dir(tmp_path, monkeypatch):
     return d
 
 
-def test_packaged_file_is_the_top_level_one_and_the_package_copy_matches():
+def test_packaged_file_is_the_top_level_one_and_a_built_wheel_carries_it(tmp_path):
+    """One real file in the tree (no symlink: they break on some systems and in some sdists); setup.py copies
+    it into the wheel, where an installed dspark finds it."""
+    import subprocess
+    import sys
+    import zipfile
+
     assert packaged_registry_path() == ROOT / "models.toml"
-    data_copy = ROOT / "dspark_cli" / "data" / "models.toml"
-    assert data_copy.read_bytes() == (ROOT / "models.toml").read_bytes()
+    assert not (ROOT / "dspark_cli" / "data").exists()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("dspark-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read("dspark_cli/data/models.toml") == (ROOT / "models.toml").read_bytes()
 
 
 def test_every_entry_is_complete(config_dir):

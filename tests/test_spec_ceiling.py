@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dspark_cli.bench_stats import overlapped_ceiling, sequential_ceiling
+from dspark_cli.bench.stats import overlapped_ceiling, sequential_ceiling
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "spec_ceiling.py"
 

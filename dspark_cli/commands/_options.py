@@ -35,18 +35,49 @@ Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed; the sa
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.", rich_help_panel=SAMPLING)]
 
 
-def model_options(target, draft, pair, ctx_size, n_gpu_layers, n_gpu_layers_draft, threads, draft_p_min, pull, offline, force,
-                  lookup: bool = True) -> ModelOptions:
-    opts = ModelOptions(
-        target=target, draft=draft, pair=pair, ctx_size=ctx_size, n_gpu_layers=n_gpu_layers,
-        n_gpu_layers_draft=n_gpu_layers_draft, threads=threads, draft_p_min=draft_p_min, lookup=lookup,
-        pull=pull, offline=offline, force=force,
-    )
-    opts.validate()
-    return opts
-
-
 MIN_P = 0.05  # llama.cpp's default (llama-cli, llama-server), so the same flags sample alike
+
+# The shared options, each declared once: (parameter name, its Typer annotation, default).
+MODEL_OPTIONS = [
+    ("target", Target, None), ("draft", Draft, None), ("pair", Pair, None), ("draft_p_min", DraftPMin, 0.0),
+    ("no_lookup", NoLookup, False), ("ctx_size", CtxSize, 4096), ("n_gpu_layers", GpuLayers, None),
+    ("n_gpu_layers_draft", GpuLayersDraft, None), ("threads", Threads, None), ("pull", Pull, False),
+    ("offline", Offline, False), ("force", Force, False),
+]
+SAMPLING_OPTIONS = [("temp", Temp, 0.0), ("top_k", TopK, 0), ("top_p", TopP, 1.0), ("min_p", MinP, MIN_P)]
+
+
+def shared_options(fn):
+    """A command taking the shared model and sampling options once, as `models: ModelOptions` and
+    `sampling: SamplingParams` (its seed is the command's own `seed` option, or drawn at random and recorded).
+    The options are checked before the command runs, so before any model is loaded."""
+    import functools
+    import inspect
+
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+           for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name not in ("models", "sampling")]
+
+    def declared(options):
+        return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                for name, annotation, default in options]
+
+    @functools.wraps(fn)
+    def command(**kw):
+        m = {name: kw.pop(name) for name, _, _ in MODEL_OPTIONS}
+        opts = ModelOptions(target=m["target"], draft=m["draft"], pair=m["pair"], ctx_size=m["ctx_size"],
+                            n_gpu_layers=m["n_gpu_layers"], n_gpu_layers_draft=m["n_gpu_layers_draft"],
+                            threads=m["threads"], draft_p_min=m["draft_p_min"], lookup=not m["no_lookup"],
+                            pull=m["pull"], offline=m["offline"], force=m["force"])
+        opts.validate()
+        s = {name: kw.pop(name) for name, _, _ in SAMPLING_OPTIONS}
+        sampling = sampling_params(s["temp"], s["top_k"], s["top_p"], kw.get("seed"), s["min_p"])
+        return fn(models=opts, sampling=sampling, **kw)
+
+    params = declared(MODEL_OPTIONS) + own + declared(SAMPLING_OPTIONS)  # the order of --help
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    del command.__wrapped__  # Typer must see this signature, not the function's own
+    return command
 
 
 def sampling_params(temp: float, top_k: int, top_p: float, seed: int | None, min_p: float = MIN_P) -> SamplingParams:

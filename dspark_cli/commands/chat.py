@@ -24,11 +24,13 @@ import typer
 
 from ..chat_ui import PipeInput, Screen, TerminalInput, history_path
 from ..conversation import FINISH_INTERRUPTED, Conversation, SessionTotals, Transcript, save_records
-from ..engine import DEFAULT_DRAFT_MAX, check_limits, generate
+from ..api import open_pair
+from ..engine import DEFAULT_DRAFT_MAX, check_limits
 from .. import signals
 from ..console import closed_at_start
 from ..errors import DsparkError, OutputError, PromptError, UsageError
-from ..loader import load
+from ..loader import ModelOptions
+from ..sampling import SamplingParams
 from ..prompt import clean_text
 from ..stats import GenerationStats
 from . import _options as o
@@ -153,7 +155,7 @@ class ChatSession:
         pieces: list[str] = []
         stats = None
         finish = None
-        events = generate(target, turn.tokens, drafter=self.drafter, params=self.params,
+        events = self.loaded.generate_tokens(turn.tokens, params=self.params,
                           max_tokens=self.max_tokens, draft_max=self.draft_max, fixed=self.fixed)
         view.start()
         with _soft_interrupt() as ctrl_c:
@@ -294,30 +296,17 @@ def _soft_interrupt():
 
 def register(app: typer.Typer) -> None:
     @app.command("chat")
+    @o.shared_options
     def chat(
-        target: o.Target = None,
-        draft: o.Draft = None,
-        pair: o.Pair = None,
+        models: ModelOptions,
+        sampling: SamplingParams,
         draft_max: o.DraftMax = DEFAULT_DRAFT_MAX,
         draft_fixed: o.DraftFixed = False,
-        no_lookup: o.NoLookup = False,
-        draft_p_min: o.DraftPMin = 0.0,
-        temp: o.Temp = 0.0,
-        top_k: o.TopK = 0,
-        top_p: o.TopP = 1.0,
-        min_p: o.MinP = o.MIN_P,
         seed: o.Seed = None,
         max_tokens: o.MaxTokens = 1024,
-        ctx_size: o.CtxSize = 4096,
-        n_gpu_layers: o.GpuLayers = None,
-        n_gpu_layers_draft: o.GpuLayersDraft = None,
-        threads: o.Threads = None,
         system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt (also /system in the chat).")] = None,
         transcript: Annotated[Optional[str], typer.Option("--transcript", help="Append every message to this file as JSON lines, as soon as it is complete.")] = None,
         highlight: Annotated[bool, typer.Option("--highlight", help="Colour the tokens that came from the draft.")] = False,
-        pull: o.Pull = False,
-        offline: o.Offline = False,
-        force: o.Force = False,
     ) -> None:
         """Chat with the model, multi-turn; each turn processes only its new tokens. /help inside.
 
@@ -327,15 +316,13 @@ def register(app: typer.Typer) -> None:
             raise UsageError("standard input is closed: chat reads your messages from it",
                              hint="type them at a terminal, or pipe them in, one per line")
         system = clean_text(system) if system is not None else None
-        params = o.sampling_params(temp, top_k, top_p, seed, min_p)
-        opts = o.model_options(target, draft, pair, ctx_size, n_gpu_layers, n_gpu_layers_draft, threads, draft_p_min, pull, offline, force,
-                               lookup=not no_lookup)
+        params, opts = sampling, models
         interactive = sys.stdin.isatty()
         screen = Screen(live=interactive and sys.stdout.isatty(), highlight=highlight)
         log = Transcript(transcript) if transcript is not None else None  # a bad path fails before the models load
 
         try:
-            loaded = load(opts)
+            loaded = open_pair(opts)
         except BaseException:
             if log is not None:
                 log.close()

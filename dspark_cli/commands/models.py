@@ -81,6 +81,7 @@ def list_pairs(n_ctx: int = 4096) -> list[dict]:
             "draft_len": pair.draft_len,
             "note": pair.note,
             "builtin": pair.builtin,
+            "unverified": pair.unverified,
             "aliases": sorted(aliases.get(pair.name, [])),
             "source": pair.source,
             "cached": t["cached"] and d["cached"],
@@ -106,7 +107,8 @@ def _table(pairs: list[dict]) -> None:
         approx = "~" if fit["estimate"] == "rough" else ""
         need = f" ({approx}{fmt_bytes(fit['needed'])})"
         row = [
-            p["name"] + (f" ({', '.join(p['aliases'])})" if p["aliases"] else ""),
+            p["name"] + (f" ({', '.join(p['aliases'])})" if p["aliases"] else "")
+            + (" [yellow](unverified)[/]" if p["unverified"] else ""),
             f"{t['name']} {t['quant']}",
             f"{d['name']} {d['quant']}",
             f"{fmt_bytes(t['size'])} + {fmt_bytes(d['size'])}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -9,10 +10,12 @@ import typer
 
 from .. import signals
 from ..console import closed_at_start, quiet_stdout, say, write, write_json
-from ..engine import DEFAULT_DRAFT_MAX, check_limits, generate
+from ..api import open_pair
+from ..engine import DEFAULT_DRAFT_MAX, check_limits
 from ..errors import PromptError, UsageError
-from ..loader import load
-from ..prompt import build_prompt, clean_text
+from ..loader import ModelOptions
+from ..sampling import SamplingParams
+from ..prompt import clean_text
 from . import _options as o
 
 
@@ -57,32 +60,19 @@ def _summary(stats, finish: str | None) -> str:
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
+    @o.shared_options
     def run(
+        models: ModelOptions,
+        sampling: SamplingParams,
         prompt: Annotated[Optional[str], typer.Argument(help="The prompt; '-' reads stdin. Piped stdin is appended to it.", show_default=False)] = None,
-        target: o.Target = None,
-        draft: o.Draft = None,
-        pair: o.Pair = None,
         draft_max: o.DraftMax = DEFAULT_DRAFT_MAX,
         draft_fixed: o.DraftFixed = False,
-        no_lookup: o.NoLookup = False,
-        draft_p_min: o.DraftPMin = 0.0,
-        temp: o.Temp = 0.0,
-        top_k: o.TopK = 0,
-        top_p: o.TopP = 1.0,
-        min_p: o.MinP = o.MIN_P,
         seed: o.Seed = None,
         max_tokens: o.MaxTokens = 512,
-        ctx_size: o.CtxSize = 4096,
-        n_gpu_layers: o.GpuLayers = None,
-        n_gpu_layers_draft: o.GpuLayersDraft = None,
-        threads: o.Threads = None,
         raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the target's chat template.")] = False,
         system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt (chat template only).")] = None,
         stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this string appears (repeatable).")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text and stats) instead of streaming.")] = False,
-        pull: o.Pull = False,
-        offline: o.Offline = False,
-        force: o.Force = False,
     ) -> None:
         """Answer one prompt, speculatively: text to stdout, a summary line to stderr."""
         # Every check on flags and input happens before a model is loaded.
@@ -91,69 +81,81 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--system needs the chat template; drop --raw or drop --system")
         system = clean_text(system) if system is not None else None
         stop = [clean_text(s) for s in stop or ()]
-        params = o.sampling_params(temp, top_k, top_p, seed, min_p)
-        opts = o.model_options(target, draft, pair, ctx_size, n_gpu_layers, n_gpu_layers_draft, threads, draft_p_min, pull, offline, force,
-                               lookup=not no_lookup)
+        params = sampling
         text_in = read_prompt(prompt)
 
-        loaded = load(opts)
-        try:
-            tokens, templated = build_prompt(loaded.target, text_in, raw=raw, system=system)
-            if not raw and not templated:
-                say("the target has no chat template; sending the prompt as is")
-            _generate(loaded, tokens, params, max_tokens, draft_max, tuple(stop), as_json, draft_fixed)
-        finally:
-            loaded.close()
+        with open_pair(models) as loaded:
+            if not raw and loaded.template.is_fallback:
+                say("the target has no chat template; using ChatML")
+            events = loaded.generate(text_in, raw=raw, system=system, max_tokens=max_tokens, stop=stop,
+                                     draft_max=draft_max, fixed=draft_fixed, temperature=params.temperature,
+                                     top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, seed=params.seed)
+            try:
+                _stream(loaded, events, params, as_json)
+            except BrokenPipeError:
+                quiet_stdout()  # the reader went away (`| head`): stop generating, say nothing, exit 0
 
 
-def _generate(loaded, tokens, params, max_tokens, draft_max, stop, as_json, fixed) -> None:
-    try:
-        _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json, fixed)
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop generating, say nothing, exit 0.
-        quiet_stdout()
+def _view(as_json: bool):
+    """How the answer is shown. The live status line needs stderr on a terminal that can redraw (not with
+    --json, NO_COLOR or TERM=dumb); when stdout is that terminal too, the line sits under the streaming text."""
+    if as_json or not sys.stderr.isatty() or os.environ.get("TERM") == "dumb" or "NO_COLOR" in os.environ:
+        return None
+    from ..chat_ui import LiveAnswer, Screen, StatusLine
+
+    if sys.stdout.isatty():
+        return LiveAnswer(Screen(live=True, highlight=False), None)
+    return StatusLine()
 
 
-def _stream(loaded, tokens, params, max_tokens, draft_max, stop, as_json, fixed) -> None:
+def _stream(models, events, params, as_json) -> None:
     pieces: list[str] = []
     stats = None
     finish = None
+    view = _view(as_json)
+    if view is not None:
+        view.start()
     try:
-        for ev in generate(loaded.target, tokens, drafter=loaded.drafter, params=params,
-                           max_tokens=max_tokens, draft_max=draft_max, stop=stop, fixed=fixed):
+        for ev in events:
             stats = ev.stats
             if ev.text:
                 pieces.append(ev.text)
-                if not as_json:
-                    write(ev.text)
+            if view is not None:
+                view.add(ev.text, ev.from_draft, ev.stats)
+            elif ev.text and not as_json:
+                write(ev.text)
             if ev.finish_reason is not None:
                 finish = ev.finish_reason
     except KeyboardInterrupt:
         finish = "interrupted"
+        if view is not None:
+            view.finish(None, None)
         if as_json and stats is not None:
-            _print_json(pieces, stats, finish, params, loaded)
-        elif pieces:
+            _print_json(pieces, stats, finish, params, models)
+        elif pieces and view is None:
             write("\n")
         n = stats.n_generated if stats is not None else 0
         say(f"interrupted after {n} tokens")
         raise SystemExit(signals.exit_code())
+    if view is not None:
+        view.finish(None, None)  # the status line goes; the summary below goes to stderr
     if as_json:
-        _print_json(pieces, stats, finish, params, loaded)
+        _print_json(pieces, stats, finish, params, models)
     else:
-        if pieces and not pieces[-1].endswith("\n"):
+        if view is None and pieces and not pieces[-1].endswith("\n"):
             write("\n")
         if stats.speculation_note:
             say(stats.speculation_note)
         say(_summary(stats, finish))
 
 
-def _print_json(pieces, stats, finish, params, loaded) -> None:
+def _print_json(pieces, stats, finish, params, models) -> None:
     record = {
         "text": "".join(pieces),
         "finish_reason": finish,
         **stats.as_dict(),
-        "target": str(loaded.target_path),
-        "draft": str(loaded.draft_path) if loaded.draft_path else (loaded.drafter.name if loaded.drafter else None),
+        "target": str(models.target_path),
+        "draft": str(models.draft_path) if models.draft_path else (models.drafter.name if models.drafter else None),
         "temperature": params.temperature,
         "top_k": params.top_k,
         "top_p": params.top_p,

@@ -8,7 +8,7 @@ import io
 import json
 import math
 
-from .bench_runner import BenchConfig, BenchRun
+from .runner import BenchConfig, BenchRun
 
 TOP_LEVEL = ("speedup", "baseline_tokens_per_second", "speculative_tokens_per_second", "acceptance_rate",
              "mean_accepted_tokens", "alpha", "mean_draft_length", "cost_ratio", "verify_cost",
@@ -65,7 +65,7 @@ def build_report(run: BenchRun, summary: dict, config: BenchConfig, setup: dict)
 def _confirmed(run: BenchRun) -> dict | None:
     if not run.confirmation:
         return None
-    from .bench_stats import summarize
+    from .stats import summarize
 
     again = summarize(run.confirmation)
     v = again["variants"][0]

@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bench_suite import SUITE
-from .errors import PromptError
+from .suite import SUITE
+from ..errors import PromptError
 
 TEXT_CATEGORY = "custom"  # category of plain-text prompts and of JSON lines without one
 

@@ -16,15 +16,15 @@ from typing import Callable
 
 import numpy as np
 
-from .bench_prompts import BenchPrompt
-from .bench_stats import (BASELINE, Mismatch, RunRecord, check_identity, parse_variant, record_from_events, summarize,
+from .prompts import BenchPrompt
+from .stats import (BASELINE, Mismatch, RunRecord, check_identity, parse_variant, record_from_events, summarize,
                           variant_name)
-from .drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
-from .engine import generate
-from .errors import PromptError, UsageError
-from .loader import Loaded
-from .prompt import build_prompt
-from .sampling import SamplingParams
+from ..drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
+from ..engine import generate
+from ..errors import PromptError, UsageError
+from ..loader import Loaded
+from ..prompt import build_prompt
+from ..sampling import SamplingParams
 
 METHOD_HYBRID = "hybrid"  # the draft model and prompt lookup: what `dspark run` uses with a draft model
 METHOD_DRAFT = "draft"  # the draft model alone (--no-lookup)

@@ -4,8 +4,8 @@ change the figures (context, GPU layers, threads)."""
 
 from __future__ import annotations
 
-from .loader import Loaded, ModelOptions
-from .model import Model, default_threads
+from ..loader import Loaded, ModelOptions
+from ..model import Model, default_threads
 
 
 def _ftype_names() -> dict[int, str]:
@@ -38,10 +38,8 @@ def model_info(model: Model) -> dict:
 
 
 def _machine() -> dict:
-    try:
-        from .machine import machine_info
-    except ImportError:  # machine.py ships with doctor; keep bench usable without it
-        return _minimal_machine()
+    from ..machine import machine_info
+
     try:
         return machine_info()
     except Exception as e:  # a header must never stop a benchmark
