@@ -33,11 +33,11 @@ SOURCE_LOOKUP = "lookup"
 
 EMA = 0.25  # weight of a new timing in its running estimate
 FORGET = 0.985  # per generated token, what acceptance evidence keeps (half-life ~46 tokens)
-PRIOR = {SOURCE_MODEL: 0.85, SOURCE_LOOKUP: 0.6}  # acceptance assumed before (or long after) any evidence
+PRIOR = {SOURCE_MODEL: 0.85, SOURCE_LOOKUP: 0.5}  # acceptance assumed before (or long after) any evidence
 PRIOR_WEIGHT = 2.0  # how many observations the prior is worth
 OPTIMISM = 1.0  # choices use acceptance this many standard deviations above its estimate: little evidence
 # (one unlucky first round) leaves room to try again, much evidence pins it down
-SLOPE_PRIOR = 0.05  # a verify's extra cost per token, relative to V(1), before two sizes were measured
+SLOPE_PRIOR = 0.05  # a verify's extra cost per token, relative to V(1), before two sizes (or a prefill) were timed
 DRAFT_PRIOR = 0.1  # a draft step, relative to V(1), before one was measured
 EXPLORE_K = 2  # the draft length of the first draft-model round
 
@@ -101,6 +101,7 @@ class StepCosts:
     def __init__(self, width: int):
         self.verify: list[float | None] = [None] * (width + 2)  # index n: a step over n tokens
         self.draft: float | None = None
+        self.prefill_per_token: float | None = None  # the target's prompt, a large batch: seconds per token
         self.catchup_one: float | None = None  # draft-model seconds to catch up on a single token
         self.catchup_per_token: float | None = None  # … per token, when it catches up on several in a batch
 
@@ -116,6 +117,10 @@ class StepCosts:
     def record_verify(self, n: int, seconds: float) -> None:
         if n < len(self.verify):
             self.verify[n] = self._mix(self.verify[n], seconds)
+
+    def record_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens >= 16:  # a real batch; a few tokens (a chat turn) are dominated by fixed costs
+            self.prefill_per_token = seconds / tokens
 
     def record_draft(self, seconds: float) -> None:
         self.draft = self._mix(self.draft, seconds)
@@ -144,8 +149,11 @@ class StepCosts:
         if not known:
             return None
         if len(known) == 1:
+            # One size timed: the slope is a batch's cost per token, which the prompt's prefill measured (on a
+            # CPU most of a step, on a GPU next to nothing), or a guess.
             i, v = known[0]
-            return max(1e-9, v * (1 + SLOPE_PRIOR * (n - i)))
+            slope = self.prefill_per_token if self.prefill_per_token is not None else SLOPE_PRIOR * v
+            return max(1e-9, v + slope * (n - i))
         below = [x for x in known if x[0] < n]
         above = [x for x in known if x[0] > n]
         if below and above:

@@ -126,6 +126,8 @@ def test_step_costs_interpolate_extrapolate_and_resist_an_outlier():
     assert c.step(1) is None
     c.record_verify(1, 0.03)
     assert c.step(5) == pytest.approx(0.03 * (1 + 0.05 * 4))  # the slope guess, one size known
+    c.record_prefill(100, 1.0)  # a prompt of 100 tokens in a second: 10 ms a token in a batch
+    assert c.step(5) == pytest.approx(0.03 + 4 * 0.01)
     c.record_verify(3, 0.07)
     assert c.step(2) == pytest.approx(0.05)  # between measured sizes
     assert c.step(5) == pytest.approx(0.11)  # past them, on their line

@@ -1,0 +1,85 @@
+"""`dspark serve`: an OpenAI-compatible HTTP server with speculative decoding (dspark_cli/server/)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+from typing import Annotated, Optional
+
+import typer
+
+from ..api import open_pair
+from ..console import say
+from ..engine import DEFAULT_DRAFT_MAX
+from ..errors import UsageError
+from ..loader import ModelOptions
+from ..sampling import SamplingParams
+from . import _options as o
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    @o.shared_options
+    def serve(
+        models: ModelOptions,
+        sampling: SamplingParams,
+        host: Annotated[str, typer.Option("--host", help="Address to listen on. Anything but loopback exposes the models to the network (a warning says so).")] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
+        api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="DSPARK_API_KEY", help="Require 'Authorization: Bearer KEY' on every endpoint but /health (also DSPARK_API_KEY).", show_default=False)] = None,
+        max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait while one generates; more get 429 with Retry-After.")] = 16,
+        max_body: Annotated[int, typer.Option("--max-body", help="Largest request body in bytes (413 beyond).")] = 8 << 20,
+        model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send (default: the target's name).", show_default=False)] = None,
+        draft_max: o.DraftMax = DEFAULT_DRAFT_MAX,
+        draft_fixed: o.DraftFixed = False,
+        max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per answer when a request does not say.")] = 2048,
+        seed: o.Seed = None,
+    ) -> None:
+        """Serve the pair over the OpenAI API (chat completions, completions, models), one request at a time.
+
+        Point any OpenAI client at it: base_url http://HOST:PORT/v1. The Sampling flags are the defaults for
+        requests that do not set temperature, top_p, top_k, min_p or seed themselves (greedy by default)."""
+        import uvicorn
+
+        from ..server.app import ServeOptions, create_app
+        from ..server.worker import Worker
+
+        if not 1 <= port <= 65535:
+            raise UsageError(f"--port must be between 1 and 65535, got {port}")
+        if max_queue < 0 or max_body < 1024 or max_tokens < 1 or draft_max < 1:
+            raise UsageError("--max-queue must be 0 or more, --max-body at least 1024, --max-tokens and --draft-max at least 1")
+        if api_key is not None and not api_key.strip():
+            raise UsageError("--api-key is empty")
+        if not _is_loopback(host):
+            say(f"warning: listening on {host}: anyone who can reach this address can use the models"
+                + ("" if api_key else "; set --api-key"))
+
+        with open_pair(models) as pair:
+            name = model_name or (models.pair or pair.target_path.stem)
+            worker = Worker(max_queue)
+            options = ServeOptions(model_id=name, api_key=api_key, max_body=max_body, max_tokens=max_tokens,
+                                   draft_max=draft_max, fixed=draft_fixed,
+                                   defaults=sampling if seed is not None else replace(sampling, seed=None))
+            app = create_app(pair, options, worker)
+
+            class Server(uvicorn.Server):
+                def handle_exit(self, sig, frame):  # Ctrl-C, SIGTERM: end the answer being streamed, then exit
+                    worker.stopping.set()
+                    super().handle_exit(sig, frame)
+
+            config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                    timeout_graceful_shutdown=10, lifespan="off")
+            say(f"serving {name} on http://{host}:{port}/v1 ({pair.method}); Ctrl-C stops")
+            try:
+                Server(config).run()
+            finally:
+                worker.close()
+        say("stopped")

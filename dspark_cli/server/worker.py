@@ -1,0 +1,88 @@
+"""One pair of models, so one generation at a time: requests take turns in arrival order (asyncio.Lock is
+first-come first-served), at most `max_queue` of them waiting; each generation runs in one worker thread
+(llama.cpp releases the GIL, so the event loop keeps serving /health, queueing and streaming meanwhile)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable, Iterator
+
+from ..engine import Event
+
+
+class Busy(Exception):
+    """The queue is full."""
+
+
+class Stopped(Exception):
+    """The server is shutting down: the generation was cut short."""
+
+
+class Worker:
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.stopping = threading.Event()  # set on Ctrl-C / SIGTERM: the current generation ends at its next token
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dspark-generate")
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    async def acquire(self) -> None:
+        """Wait for the models (Busy right away when max_queue requests already wait)."""
+        if self._lock.locked() and self._waiting >= self.max_queue:
+            raise Busy
+        self._waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+    async def events(self, start: Callable[[], Iterator[Event]]) -> AsyncIterator[Event]:
+        """The events of `start()`, generated in the worker thread. Closing this iterator (the client went away)
+        stops the generation at its next token and returns once the models' caches are trimmed and free."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def run() -> None:
+            try:
+                events = start()
+                try:
+                    for ev in events:
+                        loop.call_soon_threadsafe(queue.put_nowait, ("event", ev))
+                        if cancel.is_set():
+                            return
+                        if self.stopping.is_set():
+                            loop.call_soon_threadsafe(queue.put_nowait, ("error", Stopped()))
+                            return
+                finally:
+                    events.close()  # the engine's finally trims both caches
+                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+            except BaseException as e:  # noqa: BLE001 - handed to the request, which answers for it
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+        done = loop.run_in_executor(self._thread, run)
+        try:
+            while True:
+                kind, item = await queue.get()
+                if kind == "event":
+                    yield item
+                elif kind == "error":
+                    raise item
+                else:
+                    return
+        finally:
+            cancel.set()
+            await asyncio.shield(done)  # the models are free only when the thread has let go of them
+
+    def close(self) -> None:
+        self.stopping.set()
+        self._thread.shutdown(wait=True)
