@@ -50,6 +50,7 @@ class Pair:
         self._loaded = loaded
         self.template = ChatTemplate(loaded.target)
         self._continuation = Continuation(loaded.target)
+        self._active = None  # the generation under way, closed before the models are
 
     # ---- what was loaded ------------------------------------------------------------------------------
     @property
@@ -113,8 +114,8 @@ class Pair:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
         text = self.prompt_text(prompt, raw=raw, system=system)
         tokens = tokenize_prompt(self.target, text) if raw else self._continuation.tokens_for(text)[0]
-        return self._run(text, tokens, params, max_tokens=max_tokens, stop=tuple(stop), draft_max=draft_max,
-                         fixed=fixed, remember=not raw)
+        return self._track(self._run(text, tokens, params, max_tokens=max_tokens, stop=tuple(stop),
+                                     draft_max=draft_max, fixed=fixed, remember=not raw))
 
     def generate_tokens(self, tokens: list[int], *, params: SamplingParams, max_tokens: int = 512,
                         stop: Sequence[str] = (), draft_max: int = DEFAULT_DRAFT_MAX, fixed: bool = False,
@@ -122,8 +123,14 @@ class Pair:
         """The same from token ids the caller built (a chat keeping its own conversation state). `method`
         runs another drafter on the same models: "target" (alone), "draft", "lookup" or "hybrid"."""
         drafter = self.drafter if method is None else self._drafter_for(method)
-        return _generate(self.target, tokens, drafter=drafter, params=params, max_tokens=max_tokens,
-                         draft_max=draft_max, stop=tuple(stop), fixed=fixed)
+        return self._track(_generate(self.target, tokens, drafter=drafter, params=params, max_tokens=max_tokens,
+                                     draft_max=draft_max, stop=tuple(stop), fixed=fixed))
+
+    def _track(self, events: Iterator[Event]) -> Iterator[Event]:
+        if self._active is not None:
+            self._active.close()  # one generation at a time: a new one ends an abandoned one
+        self._active = events
+        return events
 
     def _drafter_for(self, method: str):
         from .drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
@@ -169,6 +176,9 @@ class Pair:
 
     # ---- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
+        if self._active is not None:
+            self._active.close()  # its finally trims the caches: it must run while the models exist
+            self._active = None
         self._loaded.close()
 
     def __enter__(self) -> "Pair":

@@ -330,6 +330,8 @@ class Model:
     def eval(self, tokens: list[int], n_logits: int = 1) -> np.ndarray | None:
         """Append `tokens` to the cache. Returns the logits of the last `n_logits` of them as an
         (n_logits, n_vocab) float32 view, valid until the next eval."""
+        if self._ctx is None:
+            raise ModelFileError(f"the {self.role} model was closed")
         if not tokens:
             if n_logits:
                 raise ValueError("eval: logits asked for with no tokens")
@@ -389,7 +391,9 @@ class Model:
         self._stray = False
 
     def truncate(self, n_keep: int) -> None:
-        """Drop every cached token from position n_keep on."""
+        """Drop every cached token from position n_keep on (nothing to do once the model is closed)."""
+        if self._ctx is None:
+            return
         if n_keep < len(self.cached) or self._stray:
             self._seq_rm(n_keep)
 

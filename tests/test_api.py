@@ -101,3 +101,19 @@ def test_the_public_surface_is_documented():
     for option in ("target", "draft", "pair", "ctx_size", "n_gpu_layers", "threads", "lookup", "pull", "offline",
                    "force", "quiet"):
         assert option in doc, option
+
+
+def test_closing_the_pair_under_an_abandoned_generation_is_safe(demo_paths):
+    """An answer left half-read when the pair closes: its generator trims the caches first, while the models
+    exist (this used to abort llama.cpp: `dspark run ... | head` did it). In a subprocess, as an abort would
+    take pytest down with it."""
+    code = ("import dspark_cli as d\n"
+            "p = d.load(quiet=True)\n"
+            "g = p.generate('Write a long story about a dragon.', max_tokens=300)\n"
+            "next(g); next(g)\n"
+            "h = p.generate('And another one.', max_tokens=300)\n"  # a new one ends the abandoned one
+            "next(h)\n"
+            "p.close()\n"
+            "print('closed cleanly')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "closed cleanly" in r.stdout, r.stderr

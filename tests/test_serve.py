@@ -58,7 +58,7 @@ class Server:
         r = c.getresponse()
         payload = r.read()
         c.close()
-        return r.status, (json.loads(payload) if payload.strip().startswith(b"{") else payload), dict(r.getheaders())
+        return r.status, (json.loads(payload) if payload.strip().startswith(b"{") else payload), {k.lower(): v for k, v in r.getheaders()}
 
     def client(self, key="none"):
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=120)
@@ -180,7 +180,7 @@ def test_a_client_that_drops_mid_stream_frees_the_server(server):
         headers={"Content-Type": "application/json"})
     r = c.getresponse()
     assert r.status == 200
-    r.fp.readline()  # the first chunk arrived: it is generating
+    r.readline()  # the first chunk arrived: it is generating
     c.close()  # the client goes away
     start = time.time()
     quick = server.client().chat.completions.create(model=model_id(server), temperature=0, max_tokens=4,
@@ -226,10 +226,10 @@ def test_a_full_queue_is_429_with_retry_after(demo_paths):
             "messages": [{"role": "user", "content": "Write a long essay about bridges."}]}),
             headers={"Content-Type": "application/json"})
         r = c.getresponse()
-        r.fp.readline()  # the first request is generating
+        r.readline()  # the first request is generating
         got, answer, headers = s.request("POST", "/v1/chat/completions", {
             "model": model_id(s), "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
-        assert got == 429 and headers.get("Retry-After") and answer["error"]["type"] == "rate_limit_error"
+        assert got == 429 and headers.get("retry-after") and answer["error"]["type"] == "rate_limit_error"
         c.close()
     finally:
         s.stop()
@@ -256,7 +256,7 @@ def test_ctrl_c_ends_the_stream_with_an_error_chunk_and_exits_cleanly(demo_paths
         "messages": [{"role": "user", "content": "Write a very long essay about the history of bridges."}]}),
         headers={"Content-Type": "application/json"})
     r = c.getresponse()
-    r.fp.readline()
+    r.readline()
     s.proc.send_signal(signal.SIGINT)
     rest = r.read().decode()
     assert '"error"' in rest and "shutting down" in rest and rest.rstrip().endswith("data: [DONE]")

@@ -94,6 +94,8 @@ def register(app: typer.Typer) -> None:
                 _stream(loaded, events, params, as_json)
             except BrokenPipeError:
                 quiet_stdout()  # the reader went away (`| head`): stop generating, say nothing, exit 0
+            finally:
+                events.close()  # before the models are freed: it trims their caches
 
 
 def _view(as_json: bool):

@@ -80,6 +80,8 @@ def register(app: typer.Typer) -> None:
             say(f"serving {name} on http://{host}:{port}/v1 ({pair.method}); Ctrl-C stops")
             try:
                 Server(config).run()
+            except KeyboardInterrupt:
+                pass  # uvicorn re-raises the Ctrl-C/SIGTERM it handled: stopping a server is a clean exit
             finally:
                 worker.close()
         say("stopped")
