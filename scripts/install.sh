@@ -2,10 +2,12 @@
 # Install dspark into the active Python (a venv if one is active).
 #
 #   bash scripts/install.sh          # dspark + a llama-cpp-python built for this machine
-#   bash scripts/install.sh --test   # the same, plus the test extras (pytest, gguf, pexpect)
+#   bash scripts/install.sh --test   # the same, plus the test extras (pytest, gguf, pexpect, openai)
+#   DSPARK_PACK=DIR bash scripts/install.sh   # offline, from what scripts/pack_for_device.sh packed into DIR
 #
 # llama-cpp-python is compiled from source. The build flags are picked by platform:
-#   - CUDA       when `nvcc` is on PATH and `nvidia-smi -L` lists a GPU
+#   - CUDA       when `nvcc` is on PATH and `nvidia-smi -L` lists a GPU, for that GPU's architecture only
+#                (nvidia-smi's compute_cap; all architectures would take far longer to compile)
 #   - Metal      on macOS
 #   - CPU        otherwise: a portable build (GGML_NATIVE=OFF) with the SIMD extensions this CPU reports,
 #                and never AMX (some VMs report AMX but fault on it inside ggml_backend_amx_mul_mat).
@@ -63,7 +65,8 @@ if [[ -z "${CMAKE_ARGS:-}" ]]; then
   if [[ "$(uname -s)" == "Darwin" ]]; then
     CMAKE_ARGS="-DGGML_METAL=on"
   elif command -v nvcc >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    CMAKE_ARGS="-DGGML_CUDA=on"
+    arch="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' .' || true)"
+    CMAKE_ARGS="-DGGML_CUDA=on${arch:+ -DCMAKE_CUDA_ARCHITECTURES=$arch}"
   elif [[ "$(uname -m)" == "x86_64" && -r /proc/cpuinfo ]]; then
     CMAKE_ARGS="$(cpu_flags)"
   else
@@ -74,6 +77,17 @@ fi
 export CMAKE_ARGS
 if [[ "$PRINT_ONLY" == 1 ]]; then echo "$CMAKE_ARGS"; exit 0; fi
 log "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION with CMAKE_ARGS=\"$CMAKE_ARGS\""
+
+# Offline, from a pack: the patched source and every wheel come from DSPARK_PACK, nothing is downloaded.
+pack="${DSPARK_PACK:-}"
+pip_from=()
+if [[ -n "$pack" ]]; then
+  if [[ ! -d "$pack/llama-cpp-python" || ! -d "$pack/wheels" ]]; then
+    echo "install.sh: DSPARK_PACK=$pack is not a pack (bash scripts/pack_for_device.sh makes one)" >&2; exit 2
+  fi
+  pip_from=(--no-index --find-links "$pack/wheels")
+  log "offline: building from $pack"
+fi
 
 pyver="$("$PYTHON" -c 'import sys, platform; print(f"{sys.implementation.name}{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')"
 sha256() { sha256sum 2>/dev/null || shasum -a 256; }
@@ -102,7 +116,16 @@ else
     log "building llama-cpp-python from source (a few minutes on 2 cores) into $cache"
     rm -rf "$cache.tmp" && mkdir -p "$cache.tmp/src"
     source_spec="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
-    if (( ${#patches[@]} )); then
+    build_flags=()
+    if [[ -n "$pack" ]]; then
+      # The pack's source has the patches applied already; build it without an isolated environment (that
+      # would download the build backend), with scikit-build-core from the pack.
+      cp -r "$pack/llama-cpp-python" "$cache.tmp/src/"
+      source_spec="$cache.tmp/src/llama-cpp-python"
+      cp "$pack/applied-patches" "$cache.tmp/applied-patches"
+      "$PYTHON" -m pip install -q "${pip_from[@]}" scikit-build-core
+      build_flags=(--no-build-isolation "${pip_from[@]}")
+    elif (( ${#patches[@]} )); then
       # The sdist, unpacked, with our patches applied to its vendored llama.cpp.
       "$PYTHON" -m pip download --no-deps --no-binary :all: --no-cache-dir -d "$cache.tmp/src" "$source_spec"
       tar -xzf "$cache.tmp"/src/llama_cpp_python-*.tar.gz -C "$cache.tmp/src"
@@ -118,7 +141,7 @@ else
       done
     fi
     CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}" \
-      "$PYTHON" -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
+      "$PYTHON" -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python ${build_flags[@]+"${build_flags[@]}"} \
       -w "$cache.tmp" "$source_spec"
     rm -rf "$cache.tmp/src"
     touch "$cache.tmp/applied-patches"
@@ -129,7 +152,7 @@ else
   fi
   # Replace any llama-cpp-python built with other flags, then let pip add its dependencies.
   "$PYTHON" -m pip install --no-cache-dir --force-reinstall --no-deps "$wheel"
-  "$PYTHON" -m pip install --no-cache-dir "$wheel"
+  "$PYTHON" -m pip install --no-cache-dir ${pip_from[@]+"${pip_from[@]}"} "$wheel"
   "$PYTHON" - "$key" "$cache/applied-patches" <<'PY'
 import importlib.util, os, shutil, sys
 pkg = os.path.dirname(importlib.util.find_spec("llama_cpp").origin)
@@ -141,5 +164,5 @@ if os.path.exists(sys.argv[2]):
 PY
 fi
 
-"$PYTHON" -m pip install -e "$here$EXTRAS"
+"$PYTHON" -m pip install ${pip_from[@]+"${pip_from[@]}"} -e "$here$EXTRAS"
 log "done: run  dspark --help"

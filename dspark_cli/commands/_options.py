@@ -22,7 +22,7 @@ DraftPMin = Annotated[float, typer.Option("--draft-p-min", help="Greedy drafting
 CtxSize = Annotated[int, typer.Option("--ctx-size", "-c", help="Context size in tokens (prompt + answer).", rich_help_panel=MODELS)]
 GpuLayers = Annotated[Optional[int], typer.Option("--n-gpu-layers", "-ngl", help="Target layers to offload to the GPU (default: all when llama.cpp has a GPU backend).", rich_help_panel=MODELS)]
 GpuLayersDraft = Annotated[Optional[int], typer.Option("--n-gpu-layers-draft", "-ngld", help="Draft layers to offload to the GPU (default: as for the target).", rich_help_panel=MODELS)]
-Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores).", rich_help_panel=MODELS)]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: physical cores). With a GPU backend only the layers left on the CPU use them.", rich_help_panel=MODELS)]
 Pull = Annotated[bool, typer.Option("--pull", help="Download models that are not cached yet.", rich_help_panel=MODELS)]
 Offline = Annotated[bool, typer.Option("--offline", help="Use the local cache only (like HF_HUB_OFFLINE=1).", rich_help_panel=MODELS)]
 Force = Annotated[bool, typer.Option("--force", help="Load even if the memory preflight says it will not fit.", rich_help_panel=MODELS)]
