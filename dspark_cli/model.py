@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,11 +99,54 @@ def _prepare_environment() -> None:
     os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 
 
+_ABORT_EXIT = 1  # README: exit 1, an internal error (here: llama.cpp's own)
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+def _on_llama_abort(message: bytes) -> None:
+    # llama.cpp hits an assertion or loses an RPC server: it is about to abort() the process. What was printed
+    # stays printed; say why in one line instead of a core dump, and leave with a documented code.
+    try:
+        text = (message or b"").decode("utf-8", "replace").strip()
+        reason = text.split(": ", 1)[-1] if ": " in text else text
+        sys.stdout.flush()
+        sys.stderr.write(f"dspark: error: llama.cpp stopped: {reason}\n")
+        sys.stderr.write("  hint: DSPARK_VERBOSE=1 shows llama.cpp's log; please report it if it looks like a bug\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(_ABORT_EXIT)
+
+
+def _install_abort_handler() -> None:
+    """ggml_set_abort_callback, in the very libggml-base this process loaded: a wheel carries several copies of
+    it (libggml-base.so, .so.0, ...: no symlinks in wheels), and LLAMA_CPP_LIB_PATH may point elsewhere."""
+    import glob
+
+    loaded = []
+    try:
+        with open("/proc/self/maps") as maps:  # Linux: what the dynamic loader really mapped
+            loaded = sorted({line.split()[-1] for line in maps if "libggml-base" in line and "/" in line})
+    except OSError:
+        pass
+    if not loaded:  # elsewhere: the copy in llama-cpp-python's library folder
+        base = getattr(getattr(llama_cpp, "llama_cpp", None), "_base_path", None)
+        loaded = sorted(glob.glob(os.path.join(str(base), "libggml-base.*"))) if base else []
+    for path in loaded:
+        try:
+            setter = ctypes.CDLL(path, mode=getattr(os, "RTLD_GLOBAL", 0)).ggml_set_abort_callback
+        except (OSError, AttributeError):
+            continue
+        setter.restype = ctypes.c_void_p
+        setter.argtypes = [type(_on_llama_abort)]
+        setter(_on_llama_abort)
+
+
 def _init_backend() -> None:
     global _backend_ready
     with _backend_lock:
         if not _backend_ready:
             _prepare_environment()
+            _install_abort_handler()
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True

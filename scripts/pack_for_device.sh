@@ -63,6 +63,7 @@ reqs += [r for r in project["optional-dependencies"]["test"] if r.startswith("gg
 # llama-cpp-python's own dependencies, and its build backend
 reqs += ["typing-extensions>=4.5", "diskcache>=5.6.1", "jinja2>=2.11.3", "scikit-build-core>=0.9.2",
          "setuptools>=68", "wheel"]  # and dspark's own build backend
+reqs += ["pip>=24"]  # a pip that resolves for another Python (23.x checked Requires-Python against its own)
 print("\n".join(reqs))
 PY
 "$python" -m pip download -q --only-binary :all: --python-version "$py_version" --implementation cp \

@@ -441,3 +441,22 @@ def test_sigterm_and_sighup_keep_what_was_generated(demo_paths, tmp_path, sig, c
     answer = records[-1]
     assert answer["role"] == "assistant" and answer["finish_reason"] == "interrupted"
     assert (got + rest).decode().startswith(answer["content"][:20])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="finds the loaded library in /proc/self/maps")
+def test_an_abort_inside_llama_cpp_is_one_line_and_exit_1(tiny_paths):
+    """If llama.cpp ever asserts (or, with RPC, loses a server), it aborts the process: dspark's abort callback
+    says why in one line and exits 1 instead of dumping core or a backtrace onto stdout."""
+    code = ("import ctypes, glob, os, sys\n"
+            "import llama_cpp\n"
+            "from dspark_cli.model import Model\n"
+            f"Model({str(tiny_paths[0])!r}, vocab_only=True)\n"
+            "print('text already printed', flush=True)\n"
+            "maps = open('/proc/self/maps').read().split()\n"
+            "lib = ctypes.CDLL(next(p for p in maps if 'libggml-base' in p))\n"
+            "lib.ggml_abort(b'ggml.c', 1, b'GGML_ASSERT(%s) failed', b'something')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert r.stdout == "text already printed\n"
+    lines = [line for line in r.stderr.splitlines() if line.startswith("dspark: error:")]
+    assert lines == ["dspark: error: llama.cpp stopped: GGML_ASSERT(something) failed"]

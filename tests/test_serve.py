@@ -60,6 +60,18 @@ class Server:
         c.close()
         return r.status, (json.loads(payload) if payload.strip().startswith(b"{") else payload), {k.lower(): v for k, v in r.getheaders()}
 
+    def long_stream(self, max_tokens: int):
+        """A streaming request for a long answer, read until its first chunk: (connection, response)."""
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        c.request("POST", "/v1/chat/completions", body=json.dumps({
+            "model": model_id(self), "stream": True, "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": "Write a very long essay about the history of bridges."}]}),
+            headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200
+        r.readline()  # the first chunk arrived: it is generating
+        return c, r
+
     def client(self, key="none"):
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=120)
 
@@ -173,14 +185,7 @@ def test_concurrent_streams_all_complete_in_order(server):
 
 
 def test_a_client_that_drops_mid_stream_frees_the_server(server):
-    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    c.request("POST", "/v1/chat/completions", body=json.dumps({
-        "model": model_id(server), "stream": True, "max_tokens": 2000, "temperature": 0,
-        "messages": [{"role": "user", "content": "Write a very long essay about the history of bridges."}]}),
-        headers={"Content-Type": "application/json"})
-    r = c.getresponse()
-    assert r.status == 200
-    r.readline()  # the first chunk arrived: it is generating
+    c, _ = server.long_stream(2000)
     c.close()  # the client goes away
     start = time.time()
     quick = server.client().chat.completions.create(model=model_id(server), temperature=0, max_tokens=4,
@@ -220,13 +225,7 @@ def test_an_oversized_body_is_413(server):
 def test_a_full_queue_is_429_with_retry_after(demo_paths):
     s = Server("--max-queue", "0")
     try:
-        c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
-        c.request("POST", "/v1/chat/completions", body=json.dumps({
-            "model": model_id(s), "stream": True, "max_tokens": 300, "temperature": 0,
-            "messages": [{"role": "user", "content": "Write a long essay about bridges."}]}),
-            headers={"Content-Type": "application/json"})
-        r = c.getresponse()
-        r.readline()  # the first request is generating
+        c, _ = s.long_stream(300)  # the first request is generating
         got, answer, headers = s.request("POST", "/v1/chat/completions", {
             "model": model_id(s), "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
         assert got == 429 and headers.get("retry-after") and answer["error"]["type"] == "rate_limit_error"
@@ -250,13 +249,7 @@ def test_api_key(demo_paths):
 
 def test_ctrl_c_ends_the_stream_with_an_error_chunk_and_exits_cleanly(demo_paths):
     s = Server()
-    c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
-    c.request("POST", "/v1/chat/completions", body=json.dumps({
-        "model": model_id(s), "stream": True, "max_tokens": 3000, "temperature": 0,
-        "messages": [{"role": "user", "content": "Write a very long essay about the history of bridges."}]}),
-        headers={"Content-Type": "application/json"})
-    r = c.getresponse()
-    r.readline()
+    _, r = s.long_stream(3000)
     s.proc.send_signal(signal.SIGINT)
     rest = r.read().decode()
     assert '"error"' in rest and "shutting down" in rest and rest.rstrip().endswith("data: [DONE]")
