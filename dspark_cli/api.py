@@ -203,7 +203,8 @@ def _checked_messages(messages: Sequence[Message]) -> list[Message]:
 def load(target: str | None = None, draft: str | None = None, pair: str | None = None, *, ctx_size: int = 4096,
          n_gpu_layers: int | None = None, n_gpu_layers_draft: int | None = None, threads: int | None = None,
          draft_p_min: float = 0.0, lookup: bool = True, pull: bool = False, offline: bool = False,
-         force: bool = False, quiet: bool = False) -> Pair:
+         force: bool = False, rpc: str | None = None, rpc_draft: str | None = None,
+         tensor_split: str | None = None, quiet: bool = False) -> Pair:
     """Load a target and its drafter, as the CLI's model options do.
 
     target, draft: a GGUF path, "org/repo:file.gguf", "org/repo:QUANT" or a registry name; draft may also be
@@ -212,12 +213,14 @@ def load(target: str | None = None, draft: str | None = None, pair: str | None =
     n_gpu_layers / n_gpu_layers_draft: layers offloaded (None: all when llama.cpp has a GPU backend).
     threads: CPU threads (None: the physical cores). draft_p_min: greedy drafting stops below this top
     probability. lookup: with a draft model, use prompt-lookup matches too (the hybrid). pull: download
-    models not in the cache; offline: the cache only. force: skip the memory preflight. quiet: no status
-    line on stderr.
+    models not in the cache; offline: the cache only. force: skip the memory preflight. rpc / rpc_draft:
+    "HOST:PORT,..." llama.cpp RPC servers for the target's / the draft's layers; tensor_split: "3,1", the
+    devices' shares of the target. quiet: no status line on stderr.
     """
     opts = ModelOptions(target=target, draft=draft, pair=pair, ctx_size=ctx_size, n_gpu_layers=n_gpu_layers,
                         n_gpu_layers_draft=n_gpu_layers_draft, threads=threads, draft_p_min=draft_p_min,
-                        lookup=lookup, pull=pull, offline=offline, force=force)
+                        lookup=lookup, pull=pull, offline=offline, force=force, rpc=rpc, rpc_draft=rpc_draft,
+                        tensor_split=tensor_split)
     return open_pair(opts, quiet=quiet)
 
 

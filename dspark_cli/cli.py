@@ -40,9 +40,9 @@ def _root(
 
 
 def _register_commands() -> None:
-    from .commands import bench, chat, doctor, models, pull, run, serve
+    from .commands import bench, chat, doctor, models, pull, rpc_server, run, serve
 
-    for module in (run, chat, serve, bench, models, pull, doctor):
+    for module in (run, chat, serve, bench, models, pull, doctor, rpc_server):
         module.register(app)
     for info in app.registered_commands:
         info.callback = _guarded(info.callback)

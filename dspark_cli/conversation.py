@@ -26,6 +26,7 @@ from .model import Model
 from .prompt import ChatTemplate, Continuation, tokenize_prompt
 from .stats import Rates
 
+FINISH_ERROR = "error"  # the process is ending on a failure mid-answer (an RPC server went away)
 FINISH_INTERRUPTED = "interrupted"  # Ctrl-C during the answer (the engine's reasons are stop/length/context)
 
 
@@ -143,6 +144,13 @@ class Conversation:
         record = self._record("assistant", answer_text, finish_reason=finish)
         if stats is not None:
             record["stats"] = stats
+        self.log.append(record)
+        return record
+
+    def failed_answer(self, answer_text: str, reason: str) -> dict:
+        """The record of an answer cut off by a failure that ends the process (an RPC server lost): what was
+        generated, for the transcript. The conversation itself is not continued."""
+        record = self._record("assistant", answer_text, finish_reason=FINISH_ERROR, error=reason)
         self.log.append(record)
         return record
 

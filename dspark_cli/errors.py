@@ -56,6 +56,13 @@ class OutputError(DsparkError):
     exit_code = 8
 
 
+class RemoteError(DsparkError):
+    """An RPC server (`dspark rpc-server`, llama.cpp's rpc-server) that cannot be reached, does not speak the
+    protocol, or stops answering mid-generation (exit 9)."""
+
+    exit_code = 9
+
+
 class Interrupted(DsparkError):
     """Ctrl-C (exit 130). Raised in place of KeyboardInterrupt at the command boundary, because Typer's own
     handling of KeyboardInterrupt differs between its versions (some exit 130 silently, some print "Aborted!")."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .drafters import Drafter, HybridDrafter, ModelDrafter, PromptLookupDrafter
@@ -31,6 +31,26 @@ class ModelOptions:
     pull: bool = False
     offline: bool = False
     force: bool = False
+    rpc: str | None = None  # "HOST:PORT[,...]": RPC servers holding the target's layers
+    rpc_draft: str | None = None  # the same for the draft (which stays on this machine by default)
+    tensor_split: str | None = None  # "3,1": each device's share of the target's layers
+
+    def rpc_endpoints(self, draft: bool = False):
+        from .rpc import parse_endpoints
+
+        text = self.rpc_draft if draft else self.rpc
+        return parse_endpoints(text, "--rpc-draft" if draft else "--rpc") if text is not None else []
+
+    def split_shares(self) -> list[float] | None:
+        if self.tensor_split is None:
+            return None
+        try:
+            shares = [float(x) for x in self.tensor_split.split(",")]
+        except ValueError:
+            shares = []
+        if not shares or any(not (x >= 0) or x == float("inf") for x in shares) or not sum(shares) > 0:
+            raise UsageError(f"--tensor-split takes shares like 3,1 (numbers, 0 or more, not all 0), got {self.tensor_split!r}")
+        return shares
 
     def validate(self) -> None:
         if self.ctx_size < 16:
@@ -49,6 +69,13 @@ class ModelOptions:
                 raise UsageError(f"{flag} is empty: name a model (a GGUF path, org/repo:file.gguf, a registry name)")
         if self.pair and (self.target or self.draft not in (None, DRAFT_NONE, DRAFT_LOOKUP)):
             raise UsageError("--pair sets both models; drop --target/--draft or drop --pair")
+        target_servers, draft_servers = self.rpc_endpoints(), self.rpc_endpoints(draft=True)
+        self.split_shares()
+        if draft_servers and self.draft in (DRAFT_NONE, DRAFT_LOOKUP):
+            raise UsageError(f"--rpc-draft: there is no draft model with --draft {self.draft}")
+        for flag, n in (("--n-gpu-layers", self.n_gpu_layers), ("--n-gpu-layers-draft", self.n_gpu_layers_draft)):
+            if n == 0 and (target_servers if flag == "--n-gpu-layers" else draft_servers):
+                raise UsageError(f"{flag} 0 keeps every layer on this machine: the RPC servers would hold none")
 
 
 @dataclass
@@ -65,12 +92,49 @@ class Loaded:
         self.target.close()
 
 
-def _gpu_layers(requested: int | None) -> int:
+def _gpu_layers(requested: int | None, servers: list) -> int:
+    """Layers to offload: as asked, else all of them when there is somewhere to put them (a GPU here, or
+    RPC servers), else none."""
     if requested is not None:
         return requested
-    import llama_cpp
+    from .ggml import local_accelerators
 
-    return 999 if llama_cpp.llama_supports_gpu_offload() else 0
+    return 999 if servers or local_accelerators() else 0
+
+
+@dataclass
+class Placement:
+    """Where one model's offloaded layers go: ggml devices (None: llama.cpp's default, this machine's GPUs)."""
+
+    n_gpu_layers: int
+    devices: list[int] | None = None
+    servers: list = field(default_factory=list)  # the RPC endpoints among them
+    tensor_split: list[float] | None = None
+
+    def model_args(self) -> dict:
+        return dict(n_gpu_layers=self.n_gpu_layers, devices=self.devices, tensor_split=self.tensor_split,
+                    remote=bool(self.servers))
+
+
+def placement(opts: ModelOptions, *, draft: bool) -> Placement:
+    """Connects to the model's RPC servers (RemoteError when one cannot be reached) and lists its devices:
+    the servers' first, then this machine's GPUs, as llama.cpp orders them for --rpc."""
+    from .ggml import local_accelerators
+    from .rpc import server_devices
+
+    servers = opts.rpc_endpoints(draft=draft)
+    ngl = _gpu_layers(opts.n_gpu_layers_draft if draft else opts.n_gpu_layers, servers)
+    devices = server_devices(servers) + local_accelerators() if servers else None
+    shares = None if draft else opts.split_shares()
+    if shares is not None:
+        n = len(devices) if devices is not None else len(local_accelerators())
+        if n < 2:
+            raise UsageError("--tensor-split divides the target between devices: it needs --rpc servers or GPUs, "
+                             f"and this target has {n} device{'s' if n != 1 else ''}")
+        if len(shares) > n:
+            raise UsageError(f"--tensor-split gives {len(shares)} shares; the target has {n} devices "
+                             "(the --rpc servers' in order, then this machine's GPUs)")
+    return Placement(ngl, devices, servers, shares)
 
 
 def resolve_paths(opts: ModelOptions) -> tuple[Path, Path | str | None]:
@@ -108,10 +172,18 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
     opts.validate()
     target_path, draft = resolve_paths(opts)
     draft_path = draft if isinstance(draft, Path) else None
-    ngl, ngl_draft = _gpu_layers(opts.n_gpu_layers), _gpu_layers(opts.n_gpu_layers_draft)
+    if (opts.rpc or opts.rpc_draft) and not quiet:
+        say(f"connecting to RPC servers {', '.join(filter(None, (opts.rpc, opts.rpc_draft)))}")
+    where = placement(opts, draft=False)
+    where_draft = placement(opts, draft=True)
+    servers = where.servers + [ep for ep in where_draft.servers if ep not in where.servers]
     from .memory import preflight
+    from .rpc import remote_memory
 
-    preflight(target_path, draft_path, n_ctx=opts.ctx_size, n_gpu_layers=ngl, n_gpu_layers_draft=ngl_draft, force=opts.force)
+    preflight(target_path, draft_path, n_ctx=opts.ctx_size, n_gpu_layers=where.n_gpu_layers,
+              n_gpu_layers_draft=where_draft.n_gpu_layers, force=opts.force,
+              remote_free=remote_memory(servers)[0] if servers else None,
+              remote=(bool(where.servers), bool(where_draft.servers)))
 
     hardware = os.cpu_count() or 1
     if opts.threads is not None and opts.threads > hardware:
@@ -120,14 +192,15 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
     if not quiet:
         what = f"draft {draft_path.name}" if draft_path else ("prompt lookup" if draft == DRAFT_LOOKUP else "no draft")
         say(f"loading target {target_path.name} + {what}")
-    target = Model(target_path, role="target", n_ctx=opts.ctx_size, n_gpu_layers=ngl, n_threads=opts.threads)
+    target = Model(target_path, role="target", n_ctx=opts.ctx_size, n_threads=opts.threads, **where.model_args())
     draft_model = None
     drafter: Drafter | None = None
     try:
         if draft_path is not None:
             from .vocab import check_pair
 
-            draft_model = Model(draft_path, role="draft", n_ctx=opts.ctx_size, n_gpu_layers=ngl_draft, n_threads=opts.threads)
+            draft_model = Model(draft_path, role="draft", n_ctx=opts.ctx_size, n_threads=opts.threads,
+                                **where_draft.model_args())
             check_pair(target, draft_model)
             drafter = (HybridDrafter if opts.lookup else ModelDrafter)(draft_model, p_min=opts.draft_p_min)
         elif draft == DRAFT_LOOKUP:
@@ -137,4 +210,8 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
             draft_model.close()
         target.close()
         raise
+    if where.servers or where_draft.servers:
+        from .rpc import keep_alive
+
+        keep_alive(servers)
     return Loaded(target, drafter, draft_model, target_path, draft_path)

@@ -165,9 +165,8 @@ def gpu_summary() -> dict:
     if "error" in libs:
         out["error"] = libs["error"]
         return out
-    ggml, base, llama = libs["ggml"], libs["ggml-base"], libs["llama"]
-    offload = _fn(llama, "llama_supports_gpu_offload", ctypes.c_bool)
-    out["offload"] = bool(offload()) if offload else False
+    ggml, base = libs["ggml"], libs["ggml-base"]
+    # Not llama_supports_gpu_offload(): it says yes for any build with RPC, GPU or not.
     reg_count = _fn(ggml, "ggml_backend_reg_count", ctypes.c_size_t)
     reg_get = _fn(ggml, "ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t])
     reg_name = _fn(base, "ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p])
@@ -182,6 +181,7 @@ def gpu_summary() -> dict:
         backends = [reg_name(reg_get(i)).decode() for i in range(reg_count())]
         gpu_backends = [b for b in backends if b.upper() not in ("CPU", "BLAS", "RPC")]
         out["backends"] = backends
+        out["rpc"] = "RPC" in backends
         if gpu_backends:
             out["backend"] = gpu_backends[0]
     if dev_count and dev_get and dev_name and dev_type and dev_mem:
@@ -197,6 +197,7 @@ def gpu_summary() -> dict:
                 "type": kind, "memory_free": free.value, "memory_total": total.value,
             })
             if kind in ("gpu", "igpu"):
+                out["offload"] = True
                 free_sum += free.value
                 total_sum += total.value
         if total_sum:

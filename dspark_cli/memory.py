@@ -6,7 +6,9 @@ The estimate is deliberately simple, read from the GGUF header (no model is load
              with key/value length = embedding_length / head_count when the file does not state them.
              Sliding-window layers (Gemma 3, ...) really use less, so this is an upper bound.
   compute  = COMPUTE_FIXED + one batch of logits (n_vocab * N_BATCH * 4 bytes): llama.cpp's scratch buffers.
-With GPU layers, the offloaded fraction of weights and KV goes to VRAM instead of RAM.
+With GPU layers, the offloaded fraction of weights and KV goes to VRAM instead of RAM. With RPC servers
+(--rpc), it is split between the servers and this machine's GPUs in proportion to their free memory, as
+llama.cpp splits layers by default, and the servers' part is checked against what they report free.
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ class MemoryPlan:
     ram_available: int
     vram_needed: int
     vram_free: int | None  # None: unknown (or no GPU)
+    remote_needed: int = 0  # on RPC servers
+    remote_free: int | None = None  # None: no RPC servers
     forced: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -140,12 +144,16 @@ class MemoryPlan:
         return self.vram_needed == 0 or self.vram_free is None or self.vram_needed <= self.vram_free
 
     @property
+    def fits_remote(self) -> bool:
+        return self.remote_free is None or self.remote_needed <= self.remote_free
+
+    @property
     def fits(self) -> bool:
-        return self.fits_ram and self.fits_vram
+        return self.fits_ram and self.fits_vram and self.fits_remote
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(fits=self.fits, fits_ram=self.fits_ram, fits_vram=self.fits_vram)
+        d.update(fits=self.fits, fits_ram=self.fits_ram, fits_vram=self.fits_vram, fits_remote=self.fits_remote)
         return d
 
     def breakdown(self) -> str:
@@ -176,8 +184,12 @@ def plan(
     n_gpu_layers_draft: int = 0,
     ram_available: int | None = None,
     gpu: dict | None = None,
+    remote_free: int | None = None,
+    remote: tuple[bool, bool] = (False, False),
 ) -> MemoryPlan:
-    """The memory plan without judging it (doctor shows it; preflight enforces it)."""
+    """The memory plan without judging it (doctor shows it; preflight enforces it). remote_free: what the RPC
+    servers in use report free, all together (None: none in use); remote: whether the target's and the
+    draft's offloaded layers go to them."""
     import psutil
 
     from .machine import gpu_summary
@@ -188,23 +200,30 @@ def plan(
     backend = gpu.get("backend", "none")
     offload = gpu.get("offload", False)
     notes: list[str] = []
-    if (n_gpu_layers or n_gpu_layers_draft) and not offload:
-        notes.append("this llama.cpp has no GPU backend: GPU layers are ignored and everything runs from RAM")
-        n_gpu_layers = n_gpu_layers_draft = 0
-    ram = vram = 0
-    for m, ngl in ((t, n_gpu_layers), (d, n_gpu_layers_draft)):
+    vram_free = gpu.get("vram_free")
+    if not offload:
+        if (n_gpu_layers and not remote[0]) or (n_gpu_layers_draft and not remote[1]):
+            notes.append("this llama.cpp has no GPU backend: GPU layers are ignored and everything runs from RAM")
+        n_gpu_layers = n_gpu_layers if remote[0] else 0
+        n_gpu_layers_draft = n_gpu_layers_draft if remote[1] else 0
+    ram = vram = to_remote = 0
+    for m, ngl, on_servers in ((t, n_gpu_layers, remote[0]), (d, n_gpu_layers_draft, remote[1])):
         if m is None:
             continue
         frac = _offload_fraction(ngl, m.n_layer)
-        on_gpu = int((m.weights + m.kv_cache) * frac)
-        ram += m.weights + m.kv_cache - on_gpu + m.compute
-        vram += on_gpu + (m.compute if frac > 0 else 0)
+        offloaded = int((m.weights + m.kv_cache) * frac)
+        ram += m.weights + m.kv_cache - offloaded + m.compute
+        to_servers = 0
+        if on_servers:
+            servers_free, local = remote_free or 0, (vram_free or 0) if offload else 0
+            to_servers = int(offloaded * servers_free / (servers_free + local)) if servers_free + local else offloaded
+            to_remote += to_servers + (m.compute if frac > 0 else 0)
+        vram += offloaded - to_servers + (m.compute if frac > 0 and offload and to_servers < offloaded else 0)
     if ram_available is None:
         ram_available = psutil.virtual_memory().available
-    vram_free = gpu.get("vram_free")
     return MemoryPlan(
         target=t, draft=d, n_ctx=t.n_ctx, gpu_backend=backend, ram_needed=ram, ram_available=ram_available,
-        vram_needed=vram, vram_free=vram_free, notes=notes,
+        vram_needed=vram, vram_free=vram_free, remote_needed=to_remote, remote_free=remote_free, notes=notes,
     )
 
 
@@ -216,13 +235,16 @@ def preflight(
     n_gpu_layers: int = 0,
     n_gpu_layers_draft: int = 0,
     force: bool = False,
+    remote_free: int | None = None,
+    remote: tuple[bool, bool] = (False, False),
 ) -> MemoryPlan:
     """Check before any model loads that target + draft + KV cache fit free RAM (and VRAM for offloaded layers).
 
     Raises ResourceError with the numbers and the ways out when they do not, unless force is set; then the
     returned plan has forced=True and fits=False and the caller goes ahead (and should say so).
     """
-    p = plan(target, draft, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_gpu_layers_draft=n_gpu_layers_draft)
+    p = plan(target, draft, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_gpu_layers_draft=n_gpu_layers_draft,
+             remote_free=remote_free, remote=remote)
     if p.fits:
         return p
     if force:
@@ -234,6 +256,11 @@ def preflight(
             f"{fmt_bytes(p.ram_available)} is available",
             hint=_ways_out(p, p.ram_available, ram=True),
         )
+    if not p.fits_remote:
+        raise ResourceError(
+            f"not enough memory on the RPC servers: the layers sent there need {fmt_bytes(p.remote_needed)}, "
+            f"they report {fmt_bytes(p.remote_free or 0)} free",
+            hint="more servers in --rpc, a smaller --ctx-size, or fewer layers (--n-gpu-layers)")
     raise ResourceError(
         f"not enough GPU memory: the offloaded layers need {fmt_bytes(p.vram_needed)} of VRAM, "
         f"{fmt_bytes(p.vram_free or 0)} is free",

@@ -100,38 +100,58 @@ def _prepare_environment() -> None:
 
 
 _ABORT_EXIT = 1  # README: exit 1, an internal error (here: llama.cpp's own)
+_abort_hooks: list = []  # callables run before the process ends on a llama.cpp abort (keep what was generated)
+
+
+def on_abort(hook) -> None:
+    """Run hook() (best effort, in llama.cpp's aborting thread) if llama.cpp aborts the process: chat writes
+    the answer so far to its transcript, serve ends the stream it was sending."""
+    _abort_hooks.append(hook)
+
+
+def remove_abort_hook(hook) -> None:
+    if hook in _abort_hooks:
+        _abort_hooks.remove(hook)
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 def _on_llama_abort(message: bytes) -> None:
     # llama.cpp hits an assertion or loses an RPC server: it is about to abort() the process. What was printed
     # stays printed; say why in one line instead of a core dump, and leave with a documented code.
+    code = _ABORT_EXIT
     try:
         text = (message or b"").decode("utf-8", "replace").strip()
         reason = text.split(": ", 1)[-1] if ": " in text else text
-        sys.stdout.flush()
-        sys.stderr.write(f"dspark: error: llama.cpp stopped: {reason}\n")
-        sys.stderr.write("  hint: DSPARK_VERBOSE=1 shows llama.cpp's log; please report it if it looks like a bug\n")
+        from . import rpc
+
+        lost = rpc.lost_server_message() if "RPC" in text or "connect" in text else None
+        for hook in list(_abort_hooks):
+            try:
+                hook(lost or reason)
+            except BaseException:
+                pass
+        try:
+            sys.stdout.flush()
+        except BaseException:
+            pass
+        if lost:
+            from .errors import RemoteError
+
+            code = RemoteError.exit_code
+            sys.stderr.write(f"dspark: error: {lost}\n")
+        else:
+            sys.stderr.write(f"dspark: error: llama.cpp stopped: {reason}\n")
+            sys.stderr.write("  hint: DSPARK_VERBOSE=1 shows llama.cpp's log; please report it if it looks like a bug\n")
         sys.stderr.flush()
     finally:
-        os._exit(_ABORT_EXIT)
+        os._exit(code)
 
 
 def _install_abort_handler() -> None:
-    """ggml_set_abort_callback, in the very libggml-base this process loaded: a wheel carries several copies of
-    it (libggml-base.so, .so.0, ...: no symlinks in wheels), and LLAMA_CPP_LIB_PATH may point elsewhere."""
-    import glob
+    """ggml_set_abort_callback, in every copy of libggml-base this process loaded (see ggml.py)."""
+    from . import ggml
 
-    loaded = []
-    try:
-        with open("/proc/self/maps") as maps:  # Linux: what the dynamic loader really mapped
-            loaded = sorted({line.split()[-1] for line in maps if "libggml-base" in line and "/" in line})
-    except OSError:
-        pass
-    if not loaded:  # elsewhere: the copy in llama-cpp-python's library folder
-        base = getattr(getattr(llama_cpp, "llama_cpp", None), "_base_path", None)
-        loaded = sorted(glob.glob(os.path.join(str(base), "libggml-base.*"))) if base else []
-    for path in loaded:
+    for path in ggml.library_paths("ggml-base"):
         try:
             setter = ctypes.CDLL(path, mode=getattr(os, "RTLD_GLOBAL", 0)).ggml_set_abort_callback
         except (OSError, AttributeError):
@@ -209,24 +229,38 @@ class Model:
         n_gpu_layers: int = 0,
         n_threads: int | None = None,
         vocab_only: bool = False,
+        devices: list[int] | None = None,
+        tensor_split: list[float] | None = None,
+        remote: bool = False,
     ):
+        """devices: the ggml devices to offload to (None: llama.cpp's choice, this machine's GPUs); remote: some
+        of them are RPC servers; tensor_split: each device's share of the layers, in the order of devices."""
         self.path = check_gguf_file(path, role).path
         self.role = role
+        self.remote = remote
         self._model = self._ctx = self._batch = None
         try:
             with deferred_interrupt():
-                self._load(n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only)
+                self._load(n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only, devices, tensor_split)
         except BaseException:  # a failed or interrupted load frees what it had
             self.close()
             raise
 
-    def _load(self, n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only) -> None:
+    def _load(self, n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only, devices, tensor_split) -> None:
         role = self.role
         _init_backend()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         mparams.vocab_only = vocab_only
         mparams.progress_callback = _load_progress
+        if devices is not None:  # kept alive in locals while llama.cpp reads them
+            from .ggml import device_array
+
+            device_list = device_array(devices)
+            mparams.devices = ctypes.cast(device_list, ctypes.c_void_p)
+        if tensor_split:
+            split = (ctypes.c_float * llama_cpp.llama_max_devices())(*tensor_split)
+            mparams.tensor_split = split
         with _capture_log() as lines:
             model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not model:
@@ -239,7 +273,7 @@ class Model:
         self.cached: list[int] = []
         self._stray = False  # llama.cpp may hold positions past `cached` (see _decode)
         self.n_evaluated = 0  # tokens ever run through this model: a cost counter for stats
-        self.on_cpu = n_gpu_layers == 0
+        self.on_cpu = n_gpu_layers == 0  # everything runs on this machine's CPU
         self.n_threads = 0
         if vocab_only:
             self.n_ctx = 0
@@ -254,11 +288,12 @@ class Model:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
-        if self.on_cpu and os.environ.get("DSPARK_FAST_KERNELS") != "1":
+        if (self.on_cpu or self.remote) and os.environ.get("DSPARK_FAST_KERNELS") != "1":
             # On the CPU, llama.cpp's flash attention splits a one-token step's keys across threads once the
             # cache passes 256 positions, and a batch's not: past that point a verify batch's logits moved by
             # up to ~0.6 against one-token decoding (Qwen2.5-Coder 1.5B Q4_K_M), enough to flip greedy
             # near-ties. Without it every row is bit-identical, at ~1% of decode and ~5% of prefill speed.
+            # An RPC server's device is unknown from here (often a CPU): off there too.
             cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         with _capture_log() as lines:
             ctx = llama_cpp.llama_init_from_model(model, cparams)

@@ -11,6 +11,7 @@
 #   - Metal      on macOS
 #   - CPU        otherwise: a portable build (GGML_NATIVE=OFF) with the SIMD extensions this CPU reports,
 #                and never AMX (some VMs report AMX but fault on it inside ggml_backend_amx_mul_mat).
+# Every default build has llama.cpp's RPC backend (-DGGML_RPC=ON).
 # Set CMAKE_ARGS yourself to override all of that, e.g.  CMAKE_ARGS="-DGGML_VULKAN=on" bash scripts/install.sh
 #
 # The llama.cpp vendored in llama-cpp-python's sdist gets dspark's patches first (scripts/llama-cpp-patches/*.patch:
@@ -73,6 +74,9 @@ if [[ -z "${CMAKE_ARGS:-}" ]]; then
     CMAKE_ARGS="-DGGML_NATIVE=OFF"
     if [[ "${DSPARK_FAST_KERNELS:-0}" != 1 ]]; then CMAKE_ARGS+=" -DGGML_LLAMAFILE=OFF -DGGML_CPU_REPACK=OFF"; fi
   fi
+  # llama.cpp's RPC backend, on every platform: `dspark rpc-server` serves this machine's devices and --rpc
+  # spreads a target over such servers (the same libraries either way, no second build).
+  CMAKE_ARGS+=" -DGGML_RPC=ON"
 fi
 export CMAKE_ARGS
 if [[ "$PRINT_ONLY" == 1 ]]; then echo "$CMAKE_ARGS"; exit 0; fi

@@ -5,6 +5,7 @@ change the figures (context, GPU layers, threads)."""
 from __future__ import annotations
 
 from ..loader import Loaded, ModelOptions
+from ..ggml import local_accelerators
 from ..model import Model, default_threads
 
 
@@ -60,7 +61,7 @@ def _minimal_machine() -> dict:
                 "logical_cores": psutil.cpu_count(logical=True)},
         "ram": {"total": psutil.virtual_memory().total},
         "llama": {"system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()},
-        "gpu": {"backend": "gpu" if llama_cpp.llama_supports_gpu_offload() else "none"},
+        "gpu": {"backend": "gpu" if local_accelerators() else "none"},
     }
 
 

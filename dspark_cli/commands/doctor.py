@@ -152,6 +152,8 @@ def _print(report: dict) -> None:
     t.add_row("dspark kernels", ", ".join(patches) if patches else
               "none (stock llama.cpp)" if patches == [] else "unknown (not built by scripts/install.sh)")
     t.add_row("GPU backend", gpu["backend"] + ("" if gpu.get("offload") else " (no GPU offload)"))
+    t.add_row("RPC backend", "yes (dspark rpc-server; --rpc HOST:PORT)" if gpu.get("rpc") else
+              "no (reinstall with scripts/install.sh for dspark rpc-server and --rpc)")
     for dev in gpu.get("devices", []):
         mem = f", {fmt_bytes(dev['memory_free'])} free of {fmt_bytes(dev['memory_total'])}" if dev["memory_total"] else ""
         t.add_row("device", escape(f"{dev['name']} [{dev['type']}] {dev['description']}{mem}"))

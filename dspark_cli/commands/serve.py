@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import replace
 from typing import Annotated, Optional
 
@@ -13,17 +12,9 @@ from ..console import say
 from ..engine import DEFAULT_DRAFT_MAX
 from ..errors import UsageError
 from ..loader import ModelOptions
+from ..net import is_loopback
 from ..sampling import SamplingParams
 from . import _options as o
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def register(app: typer.Typer) -> None:
@@ -58,7 +49,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--max-queue must be 0 or more, --max-body at least 1024, --max-tokens and --draft-max at least 1")
         if api_key is not None and not api_key.strip():
             raise UsageError("--api-key is empty")
-        if not _is_loopback(host):
+        if not is_loopback(host):
             say(f"warning: listening on {host}: anyone who can reach this address can use the models"
                 + ("" if api_key else "; set --api-key"))
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Iterator
 
 from ..engine import Event
+from ..model import on_abort, remove_abort_hook
 
 
 class Busy(Exception):
@@ -52,7 +54,14 @@ class Worker:
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
 
+        def lost(reason: str) -> None:  # llama.cpp is ending the process (an RPC server went away)
+            from ..errors import RemoteError
+
+            loop.call_soon_threadsafe(queue.put_nowait, ("fatal", RemoteError(reason)))
+            time.sleep(1.0)  # time for the event loop to send the client its error before the process ends
+
         def run() -> None:
+            on_abort(lost)
             try:
                 events = start()
                 try:
@@ -68,8 +77,11 @@ class Worker:
                 loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
             except BaseException as e:  # noqa: BLE001 - handed to the request, which answers for it
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+            finally:
+                remove_abort_hook(lost)
 
         done = loop.run_in_executor(self._thread, run)
+        fatal = False
         try:
             while True:
                 kind, item = await queue.get()
@@ -77,11 +89,15 @@ class Worker:
                     yield item
                 elif kind == "error":
                     raise item
+                elif kind == "fatal":  # the generation thread never returns: the process is ending
+                    fatal = True
+                    raise item
                 else:
                     return
         finally:
             cancel.set()
-            await asyncio.shield(done)  # the models are free only when the thread has let go of them
+            if not fatal:
+                await asyncio.shield(done)  # the models are free only when the thread has let go of them
 
     def close(self) -> None:
         self.stopping.set()

@@ -1,0 +1,265 @@
+"""llama.cpp's RPC backend: serve this machine's devices to other machines (`dspark rpc-server`), and put a
+model's layers on such servers (--rpc). llama-cpp-python dropped its rpc_servers parameter (0.3.10), so this
+goes through ctypes to the ggml-rpc library dspark's build includes (-DGGML_RPC=ON).
+
+The C client aborts the process when a server cannot be reached or stops answering. So dspark talks to each
+server itself first (connect and the protocol's HELLO, with a timeout) and turns every failure it can see
+coming into a RemoteError; what it cannot see coming (a server dying mid-generation) ends through the abort
+hook in model.py, which names the server that went away.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+from dataclasses import dataclass
+
+from . import ggml
+from .errors import RemoteError, UsageError
+from .net import is_loopback
+
+DEFAULT_PORT = 50052  # llama.cpp's rpc-server default
+MAX_SERVERS = 16  # GGML_RPC_MAX_SERVERS
+PROTOCOL_MAJOR = 7  # RPC_PROTO_MAJOR_VERSION of the vendored llama.cpp: servers must match it
+_CMD_HELLO = 14  # RPC_CMD_HELLO, fixed across protocol versions
+_CAPS_SIZE = 24  # RPC_CONN_CAPS_SIZE: the HELLO request is only this; the answer is 4 bytes + this
+PROBE_TIMEOUT = 5.0  # seconds for connect + HELLO: a busy server (it serves one client at a time) says nothing
+
+NETWORK_WARNING = ("WARNING: the RPC server is experimental and not secure: anyone who can reach this port can "
+                   "run code on this machine. Never expose it to an open network (llama.cpp's advice).")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_endpoints(text: str, flag: str = "--rpc") -> list[Endpoint]:
+    """HOST:PORT[,HOST:PORT...] as llama.cpp's --rpc takes it; UsageError (exit 2) for anything else."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or not all(items):
+        raise UsageError(f"{flag} takes HOST:PORT[,HOST:PORT...], got {text!r}")
+    out: list[Endpoint] = []
+    for item in items:
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise UsageError(f"{flag}: {item!r} is not HOST:PORT (a port from 1 to 65535)")
+        ep = Endpoint(host, int(port))
+        if ep in out:
+            raise UsageError(f"{flag} names {ep} twice")
+        out.append(ep)
+    if len(out) > MAX_SERVERS:
+        raise UsageError(f"{flag} names {len(out)} servers; llama.cpp takes at most {MAX_SERVERS}")
+    return out
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionResetError("the server closed the connection")
+        data += chunk
+    return data
+
+
+def probe(ep: Endpoint, timeout: float = PROBE_TIMEOUT) -> tuple[int, int, int]:
+    """Connect and say HELLO as llama.cpp's client does; the server's protocol version. RemoteError, naming the
+    server, when it cannot be reached, does not answer in time, or is not a compatible RPC server."""
+    hint = f"start it there with: dspark rpc-server --port {ep.port}" + ("" if is_loopback(ep.host) else
+                                                                          " --host <its address> --allow-network")
+    try:
+        with socket.create_connection((ep.host, ep.port), timeout=timeout) as sock:
+            sock.sendall(bytes([_CMD_HELLO]) + struct.pack("<Q", _CAPS_SIZE) + bytes(_CAPS_SIZE))
+            (size,) = struct.unpack("<Q", _recv_exactly(sock, 8))
+            if size != 4 + _CAPS_SIZE:
+                raise RemoteError(f"{ep} is not a llama.cpp RPC server (it answered something else)",
+                                  hint="check the port: dspark rpc-server listens on 50052 by default")
+            major, minor, patch = _recv_exactly(sock, size)[:3]
+    except socket.gaierror as e:
+        raise RemoteError(f"cannot reach RPC server {ep}: unknown host ({e.strerror})") from None
+    except (socket.timeout, TimeoutError):
+        raise RemoteError(f"RPC server {ep} did not answer within {timeout:g} s",
+                          hint="a server takes one client at a time: is another dspark or llama.cpp using it?") from None
+    except ConnectionRefusedError:
+        raise RemoteError(f"cannot reach RPC server {ep}: connection refused", hint=hint) from None
+    except OSError as e:
+        raise RemoteError(f"cannot reach RPC server {ep}: {e.strerror or e}", hint=hint) from None
+    if major != PROTOCOL_MAJOR:
+        raise RemoteError(f"RPC server {ep} speaks protocol {major}.{minor}.{patch}; this dspark's llama.cpp speaks "
+                          f"{PROTOCOL_MAJOR}.x", hint="run the same llama.cpp version on both machines")
+    return major, minor, patch
+
+
+def dead_servers(endpoints: list[Endpoint], timeout: float = 1.0) -> list[tuple[Endpoint, str]]:
+    """Which of these servers cannot be connected to now (for the message after a lost connection). Only a
+    connect, no HELLO: a server still serving dspark would not answer a second client."""
+    dead = []
+    for ep in endpoints:
+        try:
+            socket.create_connection((ep.host, ep.port), timeout=timeout).close()
+        except OSError as e:
+            dead.append((ep, e.strerror or str(e) or type(e).__name__))
+    return dead
+
+
+# ---- client: a model's layers on servers -------------------------------------------------------------------
+def supported() -> bool:
+    fn = ggml.function("ggml", "ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p])
+    return bool(fn and fn(b"RPC"))
+
+
+def _proc(name: str, restype, argtypes):
+    reg_by_name = ggml.function("ggml", "ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p])
+    get_proc = ggml.function("ggml-base", "ggml_backend_reg_get_proc_address", ctypes.c_void_p,
+                             [ctypes.c_void_p, ctypes.c_char_p])
+    reg = reg_by_name(b"RPC") if reg_by_name else None
+    address = get_proc(reg, name.encode()) if reg and get_proc else None
+    if not address:
+        raise RemoteError("this llama.cpp was built without the RPC backend",
+                          hint="reinstall with: bash scripts/install.sh (it builds with -DGGML_RPC=ON)")
+    return ctypes.CFUNCTYPE(restype, *argtypes)(address)
+
+
+_connected: dict[Endpoint, list[int]] = {}  # llama.cpp keeps one connection per server for the process
+
+
+def server_devices(endpoints: list[Endpoint]) -> list[int]:
+    """The devices these servers offer, as ggml_backend_dev_t pointers for llama_model_params.devices. Each
+    server is probed first, so an unreachable one is a RemoteError rather than llama.cpp's abort."""
+    from .model import _init_backend
+
+    _init_backend()  # the abort hook must be in place before llama.cpp's client connects
+    add_server = _proc("ggml_backend_rpc_add_server", ctypes.c_void_p, [ctypes.c_char_p])
+    reg_dev_count = ggml.function("ggml-base", "ggml_backend_reg_dev_count", ctypes.c_size_t, [ctypes.c_void_p])
+    reg_dev_get = ggml.function("ggml-base", "ggml_backend_reg_dev_get", ctypes.c_void_p,
+                                [ctypes.c_void_p, ctypes.c_size_t])
+    devs: list[int] = []
+    for ep in endpoints:
+        if ep not in _connected:
+            probe(ep)
+            _watch(ep)
+            reg = add_server(str(ep).encode())
+            if not reg:
+                raise RemoteError(f"RPC server {ep} offers no devices")
+            _connected[ep] = [reg_dev_get(reg, i) for i in range(reg_dev_count(reg))]
+        devs += _connected[ep]
+    return devs
+
+
+def remote_memory(endpoints: list[Endpoint]) -> tuple[int, int]:
+    """(free, total) bytes over these servers' devices."""
+    free = total = 0
+    for dev in server_devices(endpoints):
+        f, t = ggml.device_memory(dev)
+        free, total = free + f, total + t
+    return free, total
+
+
+# Servers in use, for the message when llama.cpp loses one (model._on_llama_abort).
+_watched: list[Endpoint] = []
+
+
+def _watch(ep: Endpoint) -> None:
+    if ep not in _watched:
+        _watched.append(ep)
+
+
+def lost_server_message() -> str | None:
+    """After llama.cpp lost a connection: which server went away, in words; None when no server is in use."""
+    if not _watched:
+        return None
+    import time
+
+    deadline = time.monotonic() + 2.0  # a dying server's listening socket may outlive its connection briefly
+    while True:
+        dead = dead_servers(_watched)
+        if dead:
+            return "; ".join(f"lost the RPC server {ep} ({why})" for ep, why in dead)
+        if time.monotonic() > deadline:
+            return f"lost the connection to an RPC server ({', '.join(map(str, _watched))})"
+        time.sleep(0.2)
+
+
+def keep_alive(endpoints: list[Endpoint]) -> int:
+    """TCP keepalive and a user timeout on llama.cpp's connections to these servers, so a machine that
+    vanishes (cable, power, network) ends the run in seconds instead of a recv() that waits forever. The
+    sockets are llama.cpp's; this only sets options on them. Returns how many were found (Linux only)."""
+    import os
+
+    wanted = {(socket.gethostbyname(ep.host), ep.port) for ep in endpoints}
+    found = 0
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM and sock.getpeername() in wanted:
+                set_keep_alive(sock)
+                found += 1
+        except OSError:
+            pass
+        finally:
+            sock.close()
+    return found
+
+
+def set_keep_alive(sock: socket.socket, idle: int = 2, interval: int = 1, count: int = 3) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count),
+                       ("TCP_USER_TIMEOUT", (idle + interval * count) * 1000)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+# ---- server: this machine's devices for others --------------------------------------------------------------
+def pick_devices(names: list[str] | None) -> list[int]:
+    """The devices to serve: those named (UsageError listing what exists otherwise), or by default the GPUs,
+    or the CPU when there is none (what llama.cpp's rpc-server does)."""
+    from .model import _init_backend
+
+    _init_backend()
+    every = {ggml.device_name(d): d for d in ggml.devices()}
+    if names:
+        unknown = [n for n in names if n not in every]
+        if unknown:
+            raise UsageError(f"--device: no device {', '.join(unknown)} here; there is {', '.join(every)}")
+        return [every[n] for n in names]
+    gpus = [d for d in every.values() if ggml.device_type(d) not in (ggml.DEVICE_CPU, ggml.DEVICE_ACCEL)]
+    return gpus or [d for d in every.values() if ggml.device_type(d) == ggml.DEVICE_CPU][:1]
+
+
+def check_port_free(host: str, port: int) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    family, _, _, _, address = infos[0]
+    probe_sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as llama.cpp's server socket
+        probe_sock.bind(address)
+    except OSError as e:
+        raise RemoteError(f"cannot listen on {host}:{port}: {e.strerror or e}",
+                          hint="another rpc-server may be running there; pick another --port") from None
+    finally:
+        probe_sock.close()
+
+
+def start_server(ep: Endpoint, devs: list[int], *, threads: int, cache_dir: str | None) -> None:
+    """llama.cpp's ggml_backend_rpc_start_server: listens on ep and serves one client at a time, forever.
+    It returns only when it could not listen."""
+    start = _proc("ggml_backend_rpc_start_server", None,
+                  [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p])
+    array = (ctypes.c_void_p * len(devs))(*devs)
+    start(str(ep).encode(), cache_dir.encode() if cache_dir else None, threads, len(devs), array)
