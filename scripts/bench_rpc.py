@@ -120,7 +120,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("-n", "--max-tokens", type=int, default=96)
     ap.add_argument("--server-threads", type=int, default=1,
-                    help="threads of each rpc-server (default 1: the client's draft needs a core too)")
+                    help="threads of each rpc-server (default 1)")
+    ap.add_argument("--client-threads", type=int,
+                    help="threads of this process (the draft): default the cores the servers leave, so the two "
+                         "do not compete for a core as they would not on two machines")
     args = ap.parse_args()
 
     import dspark_cli as dspark
@@ -138,6 +141,9 @@ def main() -> None:
         target, draft = map(str, demo_pair())
 
     delays = [float(d) for d in args.delays.split(",")]
+    from dspark_cli.model import default_threads
+
+    client_threads = args.client_threads or max(1, default_threads() - args.server_threads)
     servers, pairs = [], {}
     try:
         for delay in delays:
@@ -146,7 +152,7 @@ def main() -> None:
             if delay > 0:
                 port = DelayRelay(port, delay / 2000).port
             print(f"delay {delay:g} ms: loading the target onto its server ...", file=sys.stderr)
-            pairs[delay] = dspark.load(target, draft, rpc=f"127.0.0.1:{port}", quiet=True)
+            pairs[delay] = dspark.load(target, draft, rpc=f"127.0.0.1:{port}", threads=client_threads, quiet=True)
         params = SamplingParams(temperature=0.0)
         contenders = ["target", "hybrid"]
         rows = {(d, c, p): [] for d in delays for c in contenders for p in PROMPTS}
@@ -175,7 +181,8 @@ def main() -> None:
                         assert text == texts[name], f"output differs: delay {delay}, {c}, {name}"
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
-        print(f"target {Path(target).name}, draft {Path(draft).name}, {args.max_tokens} tokens, greedy, "
+        print(f"target {Path(target).name} on rpc-server ({args.server_threads} threads), draft "
+              f"{Path(draft).name} here ({client_threads} threads), {args.max_tokens} tokens, greedy, "
               f"{args.rounds} rounds, output identical everywhere: True")
         print(f"{'delay':>6} {'prompt':<6} {'alone tok/s':>12} {'spec tok/s':>11} {'speedup':>8} "
               f"{'tok/step':>9} {'accept':>7}")

@@ -7,6 +7,7 @@ llama.cpp too."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,66 @@ def test_f32_kernels_on_odd_sizes(tmp_path):
     finally:
         f16.close()
         f32.close()
+
+
+# ---- K-quant tiles (dspark-kquant-tiles.patch) ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def kquant_path(demo_paths, tmp_path_factory) -> Path:
+    import llama_cpp
+
+    out = tmp_path_factory.mktemp("kquant-tiles") / "demo-target.Q4_K_M.gguf"
+    requantize(demo_paths[0], out, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)
+    return out
+
+
+def test_the_q4_k_m_copy_holds_both_tiled_types(kquant_path):
+    from gguf import GGUFReader
+
+    types = {t.tensor_type.name for t in GGUFReader(str(kquant_path)).tensors}
+    assert {"Q4_K", "Q6_K"} <= types, types
+
+
+def test_the_build_carries_the_k_quant_tiles():
+    from dspark_cli.machine import _dspark_patches
+
+    patches = _dspark_patches()
+    if patches is None or os.environ.get("DSPARK_LLAMA_PATCHES") == "0":
+        pytest.skip("llama-cpp-python was not built by scripts/install.sh with dspark's patches")
+    assert "dspark-kquant-tiles" in patches
+
+
+@pytest.mark.skipif(os.environ.get("DSPARK_FAST_KERNELS") == "1", reason="built with the fast, non-batch-invariant kernels")
+def test_k_quant_batches_of_2_to_16_match_one_token_decoding(kquant_path):
+    """Every row of every batch size a verify can have (odd sizes and the tile's tail of 8 + 1 included), bit for
+    bit against decoding the same tokens one at a time through llama.cpp's own Q4_K and Q6_K dot products."""
+    model = Model(kquant_path, role="target", n_ctx=512)
+    try:
+        seq = model.tokenize("Water boils at one hundred degrees at sea level, but on a mountain it boils at a "
+                             "lower temperature because the air pressure is lower up there.", add_special=True)
+        base = len(seq) - 17
+        assert base > 8
+        model.sync(seq[:base], n_logits=0)
+        alone = [np.array(model.eval([t], n_logits=1)[0]) for t in seq[base:base + 16]]
+        for n in range(2, 17):
+            model.truncate(base)
+            rows = np.array(model.eval(seq[base:base + n], n_logits=n))
+            for j in range(n):
+                assert np.array_equal(rows[j], alone[j]), \
+                    f"row {j} of a batch of {n}: max difference {np.abs(rows[j] - alone[j]).max()}"
+    finally:
+        model.close()
+
+
+def test_k_quant_batches_agree_with_the_f32_target(demo_models, kquant_path, text):
+    """The tiles compute the right numbers, not only the one-token kernel's: a batch of 12 through the Q4_K_M copy
+    against the F32 original (4-bit weights and 8-bit activations: a bounded difference). Scrambled lanes or
+    strides would leave nothing alike."""
+    target, _ = demo_models
+    quant = Model(kquant_path, role="target", n_ctx=512)
+    try:
+        a, b = logits(target, text, 12), logits(quant, text, 12)
+    finally:
+        quant.close()
+    # Measured: 0.83 mean difference and 10 of 12 top tokens alike, the same as the one-token path gives.
+    assert np.abs(a - b).mean() < 1.2
+    assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= 0.7

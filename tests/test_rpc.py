@@ -17,6 +17,7 @@ import pytest
 
 from dspark_cli import rpc
 from dspark_cli.errors import RemoteError
+from test_hostile_input import one_error
 
 DSPARK = [sys.executable, "-m", "dspark_cli"]
 ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "120"}
@@ -68,17 +69,6 @@ def servers():
 
 def dspark(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(DSPARK + list(args), capture_output=True, env=ENV, timeout=timeout)
-
-
-def one_error(r, code: int, *fragments: str) -> str:
-    err = r.stderr.decode("utf-8", "replace")
-    assert "Traceback" not in err and "Exception ignored" not in err, err
-    assert r.returncode == code, (r.returncode, err)
-    lines = [line for line in err.splitlines() if line.startswith("dspark: error:")]
-    assert len(lines) == 1, err
-    for f in fragments:
-        assert f in lines[0], err
-    return lines[0]
 
 
 def generate(target, draft, *extra: str, n: int = 48) -> tuple[str, dict]:

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""What the CPU kernels cost and whether they keep verify batches exact, per GGUF file, dspark's build beside
+stock llama.cpp's, all through dspark's own Model class.
+
+    python3 scripts/kernel_costs.py MODEL.gguf [MODEL.gguf ...]            # dspark's build vs stock
+    python3 scripts/kernel_costs.py --stock-lib DIR --reps 5 MODEL.gguf
+
+For each file and build: the one-token decode (ms), verify batches of 2..16 tokens (ms, and x the one-token
+cost), the 512-token prefill rate (tok/s), and whether every row of every verify batch has logits bit-identical
+to decoding those tokens one at a time (the max difference when not). "stock" is llama.cpp with its own fast
+paths (llamafile sgemm, repacked weights), built by scripts/build_llama_speculative.sh and loaded through
+LLAMA_CPP_LIB_PATH; each build runs in its own process, the builds alternate per rep, and the figures are
+medians. Kernel gains only: no drafting, no engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCHES = list(range(2, 17))
+
+
+def measure(path: str, threads: int | None, positions: int) -> dict:
+    """In this process, with whichever llama.cpp it loaded."""
+    import numpy as np
+
+    from dspark_cli.model import Model
+
+    m = Model(path, role="target", n_ctx=2048, n_batch=512, n_threads=threads)
+    vocab = [t for t in range(1000, 5000)]
+    prompt = [vocab[(i * 7919) % len(vocab)] for i in range(positions)]
+    out = {}
+    m.eval(prompt[:512], n_logits=1)  # warm: weights paged in
+    m.truncate(0)
+    start = time.perf_counter()
+    m.eval(prompt[:512], n_logits=1)
+    out["prefill_512_tok_s"] = 512 / (time.perf_counter() - start)
+    m.truncate(64)
+    base = 64
+    tail = prompt[base:base + 16]
+    one = []
+    rows = []
+    for t in tail:  # one token at a time: the reference logits
+        t0 = time.perf_counter()
+        rows.append(np.array(m.eval([t], n_logits=1)[-1]))
+        one.append(time.perf_counter() - t0)
+    out["decode_ms"] = 1000 * statistics.median(one)
+    m.truncate(base)
+    verify, worst = {}, 0.0
+    for k in BATCHES:
+        times = []
+        for rep in range(3):
+            t0 = time.perf_counter()
+            logits = m.eval(tail[:k], n_logits=k)
+            times.append(time.perf_counter() - t0)
+            if rep == 0:
+                worst = max(worst, float(max(np.abs(np.array(logits[i]) - rows[i]).max() for i in range(k))))
+            m.truncate(base)
+        verify[k] = 1000 * statistics.median(times)
+    out["verify_ms"] = verify
+    out["identical"] = worst == 0.0
+    out["max_abs_diff"] = worst
+    m.close()
+    return out
+
+
+def child(args) -> None:
+    print(json.dumps(measure(args.child, args.threads, 600)))
+
+
+def run_build(model: str, lib: str | None, threads: int | None) -> dict:
+    env = dict(os.environ)
+    if lib:
+        env["LLAMA_CPP_LIB_PATH"] = lib
+    else:
+        env.pop("LLAMA_CPP_LIB_PATH", None)
+    cmd = [sys.executable, __file__, "--child", model] + (["--threads", str(threads)] if threads else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(f"kernel_costs: {model} with {lib or 'dspark'}: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def median_of(results: list[dict]) -> dict:
+    return {
+        "decode_ms": statistics.median(r["decode_ms"] for r in results),
+        "prefill_512_tok_s": statistics.median(r["prefill_512_tok_s"] for r in results),
+        "verify_ms": {k: statistics.median(r["verify_ms"][str(k)] if str(k) in r["verify_ms"] else r["verify_ms"][k]
+                                           for r in results) for k in BATCHES},
+        "identical": all(r["identical"] for r in results),
+        "max_abs_diff": max(r["max_abs_diff"] for r in results),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--stock-lib", default=str(Path.home() / ".cache/dspark/llama.cpp-0.3.36/build/bin"),
+                    help="folder with stock llama.cpp's shared libraries (scripts/build_llama_speculative.sh)")
+    ap.add_argument("--dspark-lib", help="another dspark build's libraries (default: the installed one)")
+    ap.add_argument("--no-stock", action="store_true")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    builds = {"dspark": args.dspark_lib} if args.no_stock else {"dspark": args.dspark_lib, "stock": args.stock_lib}
+    report = {}
+    for model in args.models:
+        got = {b: [] for b in builds}
+        for rep in range(args.reps):
+            order = list(builds) if rep % 2 == 0 else list(builds)[::-1]
+            for b in order:
+                got[b].append(run_build(model, builds[b], args.threads))
+        report[model] = {b: median_of(v) for b, v in got.items()}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    for model, per in report.items():
+        print(f"\n{Path(model).name}")
+        print(f"{'build':<8}{'decode ms':>10}{'prefill t/s':>12}{'V2/V1':>7}{'V4/V1':>7}{'V8/V1':>7}{'V9/V1':>7}"
+              f"{'V16/V1':>8}  exact")
+        for b, r in per.items():
+            v, d = r["verify_ms"], r["decode_ms"]
+            print(f"{b:<8}{d:>10.2f}{r['prefill_512_tok_s']:>12.1f}{v[2]/d:>7.2f}{v[4]/d:>7.2f}{v[8]/d:>7.2f}"
+                  f"{v[9]/d:>7.2f}{v[16]/d:>8.2f}  {r['identical']} (max diff {r['max_abs_diff']:.3g})")
+        if "stock" in per:
+            s, o = per["stock"], per["dspark"]
+            print(f"dspark/stock: decode speed {s['decode_ms']/o['decode_ms']:.2f}x, prefill "
+                  f"{o['prefill_512_tok_s']/s['prefill_512_tok_s']:.2f}x, V8 speed {s['verify_ms'][8]/o['verify_ms'][8]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
