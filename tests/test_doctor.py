@@ -51,6 +51,27 @@ def test_patch_marker_written_by_install_sh(tmp_path):
     assert _dspark_patches(str(tmp_path)) == ["dspark-cpu-kernels"]
 
 
+def test_kernel_advice_names_what_a_build_lacks():
+    from dspark_cli.commands.doctor import kernel_advice
+    from dspark_cli.machine import KERNEL_PATCHES
+
+    every = list(KERNEL_PATCHES)
+    assert kernel_advice(every, "none", ["avx2"]) == []
+    assert "without dspark's CPU kernels" in kernel_advice([], "none", ["avx2"])[0]
+    older = kernel_advice(["dspark-cpu-kernels"], "none", ["avx2", "avx512f"])
+    assert len(older) == 1 and "dspark-kquant-tiles" in older[0] and "dspark-cpu-kernels" not in older[0]
+    assert kernel_advice([], "CUDA", ["avx2"]) == [] and kernel_advice(None, "none", ["avx2"]) == []
+
+
+def test_the_kernel_list_matches_the_patches_shipped():
+    from pathlib import Path
+
+    from dspark_cli.machine import KERNEL_PATCHES
+
+    shipped = sorted(p.stem for p in (Path(__file__).parent.parent / "scripts" / "llama-cpp-patches").glob("*.patch"))
+    assert sorted(KERNEL_PATCHES) == shipped
+
+
 def test_doctor_reports_memory_and_backend(env):
     r = dspark("doctor", env=env)
     assert r.returncode == 0, r.stderr

@@ -14,10 +14,25 @@ import typer
 from ..console import console, write_json
 from ..errors import DsparkError, UsageError
 from ..loader import ModelOptions
+from ..machine import KERNEL_PATCHES
 from . import _options as o
 
 # A draft much over a fifth of the target's size costs too much per drafted token to pay off.
 DRAFT_RATIO_WARN = 0.2
+
+
+def kernel_advice(patches: list[str] | None, gpu_backend: str, cpu_features: list[str]) -> list[str]:
+    """What the build's dspark kernels (patches: None = unknown, [] = stock) cost on a CPU-only machine."""
+    if gpu_backend != "none" or patches is None or "avx2" not in cpu_features:
+        return []
+    if not patches:
+        return ["this llama.cpp was built without dspark's CPU kernels: `bash scripts/install.sh` "
+                "(without DSPARK_LLAMA_PATCHES=0) builds them in for faster verify batches"]
+    missing = [name for name in KERNEL_PATCHES if name not in patches]
+    if missing:
+        return [f"this llama.cpp lacks newer dspark kernels ({'; '.join(f'{m}: {KERNEL_PATCHES[m]}' for m in missing)}): "
+                "rerun `bash scripts/install.sh`"]
+    return []
 
 
 def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: int, n_gpu_layers: int | None,
@@ -35,9 +50,7 @@ def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: 
     if gpu["backend"] == "none":
         advice.append("no GPU backend in this llama.cpp build: everything runs on the CPU, where a verify batch "
                       "costs more than one token, so gains are smaller; measure with `dspark bench`")
-    if llama.get("dspark_patches") == [] and gpu["backend"] == "none" and "avx2" in cpu["features"]:
-        advice.append("this llama.cpp was built without dspark's CPU kernels: `bash scripts/install.sh` "
-                      "(without DSPARK_LLAMA_PATCHES=0) builds them in for faster verify batches")
+    advice += kernel_advice(llama.get("dspark_patches"), gpu["backend"], cpu["features"])
     compiled = set(llama.get("compiled_features") or [])
     if compiled:
         for feat, built in (("avx2", "avx2"), ("avx512f", "avx512")):
