@@ -40,6 +40,7 @@ OPTIMISM = 1.0  # choices use acceptance this many standard deviations above its
 SLOPE_PRIOR = 0.05  # a verify's extra cost per token, relative to V(1), before two sizes (or a prefill) were timed
 DRAFT_PRIOR = 0.1  # a draft step, relative to V(1), before one was measured
 EXPLORE_K = 2  # the draft length of the first draft-model round
+REFRESH_ROUNDS = 32  # while speculating, a plain step at least this often keeps V(1), the yardstick, current
 
 
 @dataclass
@@ -100,6 +101,7 @@ class StepCosts:
 
     def __init__(self, width: int):
         self.verify: list[float | None] = [None] * (width + 2)  # index n: a step over n tokens
+        self.samples: list[int] = [0] * (width + 2)  # how many steps of each size were timed
         self.draft: float | None = None
         self.prefill_per_token: float | None = None  # the target's prompt, a large batch: seconds per token
         self.catchup_one: float | None = None  # draft-model seconds to catch up on a single token
@@ -116,7 +118,14 @@ class StepCosts:
 
     def record_verify(self, n: int, seconds: float) -> None:
         if n < len(self.verify):
-            self.verify[n] = self._mix(self.verify[n], seconds)
+            self.samples[n] += 1
+            # The first step of a size has llama.cpp build and allocate its graph (on an RPC server too: a
+            # first one-token step after the prompt measured 325 ms against 47 ms after), so of the first two
+            # timings the smaller stands (a slow second one is an outlier, not the yardstick); then averages.
+            if self.samples[n] == 2:
+                self.verify[n] = min(self.verify[n], seconds)
+            else:
+                self.verify[n] = self._mix(self.verify[n], seconds)
 
     def record_prefill(self, tokens: int, seconds: float) -> None:
         if tokens >= 16:  # a real batch; a few tokens (a chat turn) are dominated by fixed costs
@@ -186,6 +195,7 @@ class Planner:
     chosen: dict[tuple[str | None, int], int] = field(default_factory=dict)
     off_reason: str | None = None
     _pending: tuple[int, list[int]] | None = None  # a lookup proposal waiting for its verdict (lookup_hindsight)
+    _since_plain: int = 0  # rounds since the last plain step
 
     def __post_init__(self):
         self.costs = StepCosts(self.draft_max)
@@ -202,7 +212,9 @@ class Planner:
                 return self._keep(Plan(SOURCE_LOOKUP, min(self.draft_max, lookup_len)))
             return self._keep(Plan(None, 0))
         v1 = self.costs.verify[1]
-        if v1 is None:  # first the yardstick: a plain step, as the target alone would take
+        if v1 is None or self.costs.samples[1] < 2 or self._since_plain >= REFRESH_ROUNDS:
+            # The yardstick: plain steps, as the target alone takes them (two at first: see record_verify;
+            # then one now and then, so a yardstick that changed is noticed while speculation runs).
             return self._keep(Plan(None, 0))
         if self.has_model and self.costs.draft is None:
             # Then one short draft, to time a draft step and a small verify: cheap to try where the model
@@ -251,6 +263,7 @@ class Planner:
         return line
 
     def _keep(self, plan: Plan) -> Plan:
+        self._since_plain = 0 if plan.source is None else self._since_plain + 1
         key = (plan.source, plan.k)
         self.chosen[key] = self.chosen.get(key, 0) + 1
         return plan

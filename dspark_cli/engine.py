@@ -138,7 +138,8 @@ def generate(
     try:
         target.sync(seq[:-1], n_logits=0)
         stats.n_prompt_evaluated = target.n_evaluated - evaluated + 1  # + the pending last token
-        planner.costs.record_prefill(stats.n_prompt_evaluated - 1, time.perf_counter() - t0)
+        if not target.remote:  # an RPC server may still be computing the prompt (llama_synchronize does not wait)
+            planner.costs.record_prefill(stats.n_prompt_evaluated - 1, time.perf_counter() - t0)
         if drafter is not None and len(seq) < draft_ctx:
             t_draft = time.perf_counter()
             stats.n_prompt_evaluated_draft = drafter.prepare(seq)

@@ -430,6 +430,10 @@ class Model:
             self._decode(tokens[split:], n_logits)
             ptr = llama_cpp.llama_get_logits(self._ctx)
             return np.ctypeslib.as_array(ptr, shape=(n_logits, self.n_vocab))
+        # Without logits to read, a GPU may still be computing when llama_decode returns: wait, so the time this
+        # call took is its own (the cost model times the prompt) and not the next step's. (An RPC server's
+        # backend does not wait here: the engine does not time a remote prompt.)
+        llama_cpp.llama_synchronize(self._ctx)
         return None
 
     def _decode(self, tokens: list[int], n_logits: int) -> None:

@@ -43,12 +43,25 @@ def cpu_like(n: int) -> float:
     return V1 * (1 + 0.8 * (n - 1)) if n > 1 else V1  # every extra token costs most of a step
 
 
-def test_the_first_rounds_time_a_plain_step_then_a_short_draft():
+def test_the_first_rounds_time_two_plain_steps_then_a_short_draft():
     p = Planner(8, has_model=True, has_lookup=True)
     assert (p.plan(0, 0).source, p.plan(0, 0).k) == (None, 0)
+    p.costs.record_verify(1, 10 * V1)  # the first step builds llama.cpp's graph: slow, and not the yardstick
+    assert (p.plan(0, 0).source, p.plan(0, 0).k) == (None, 0)
     p.costs.record_verify(1, V1)
+    assert p.costs.step(1) == V1  # of the first two timings the smaller stands
     first = p.plan(0, 0)
     assert (first.source, first.k) == (SOURCE_MODEL, EXPLORE_K)
+
+
+def test_a_plain_step_now_and_then_keeps_the_yardstick_current():
+    from dspark_cli.costs import REFRESH_ROUNDS
+
+    p = told(Planner(8, True, False), {n: gpu_like(n) for n in range(1, 10)}, draft=0.05 * V1)
+    accept(p, SOURCE_MODEL, 0.9)
+    sources = [p.plan(0, 0).source for _ in range(3 * REFRESH_ROUNDS)]
+    plain = [i for i, s in enumerate(sources) if s is None]
+    assert 2 <= len(plain) <= 4 and all(b - a == REFRESH_ROUNDS + 1 for a, b in zip(plain, plain[1:]))
 
 
 def test_a_flat_verify_and_a_cheap_draft_draft_long():
