@@ -266,3 +266,31 @@ def test_serve_ends_the_stream_with_an_error_when_the_server_dies(demo_paths):
     assert code == 9
     errors = [line for line in "".join(s.log).splitlines() if line.startswith("dspark: error:")]
     assert len(errors) == 1 and endpoint in errors[0] and "Traceback" not in "".join(s.log)
+
+
+def test_keep_alive_reaches_llama_cpps_own_connection(demo_paths):
+    """The loader sets keepalive on the sockets llama.cpp opened to the servers: find them from outside."""
+    doomed, endpoint = start_server()
+    host, port = endpoint.split(":")
+    code = ("import dspark_cli as d, socket, os\n"
+            f"p = d.load({str(demo_paths[0])!r}, 'none', rpc={endpoint!r}, quiet=True)\n"
+            "n = 0\n"
+            "for fd in map(int, os.listdir('/proc/self/fd')):\n"
+            "    try:\n"
+            "        s = socket.socket(fileno=os.dup(fd))\n"
+            "    except OSError:\n"
+            "        continue\n"
+            "    try:\n"
+            f"        if s.type == socket.SOCK_STREAM and s.getpeername() == ({host!r}, {port}):\n"
+            "            n += s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "    s.close()\n"
+            "p.close()\n"
+            "print(n)\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    finally:
+        stop(doomed)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1"
