@@ -61,6 +61,14 @@ DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU, DEVICE_ACCEL = 0, 1, 2, 3
 _VP, _SZ = ctypes.c_void_p, ctypes.c_size_t
 
 
+def backend_names() -> list[str]:
+    """The backends llama.cpp registered here ("CPU", "CUDA", "RPC", ...)."""
+    count = function("ggml", "ggml_backend_reg_count", _SZ)
+    get = function("ggml", "ggml_backend_reg_get", _VP, [_SZ])
+    name = function("ggml-base", "ggml_backend_reg_name", ctypes.c_char_p, [_VP])
+    return [name(get(i)).decode(errors="replace") for i in range(count())] if count and get and name else []
+
+
 def devices() -> list[int]:
     """Every device llama.cpp registered here (CPU, GPUs, ...), as ggml_backend_dev_t pointers."""
     count = function("ggml", "ggml_backend_dev_count", _SZ)
@@ -69,11 +77,11 @@ def devices() -> list[int]:
 
 
 def device_name(dev: int) -> str:
-    return function("ggml-base", "ggml_backend_dev_name", ctypes.c_char_p, [_VP])(dev).decode()
+    return function("ggml-base", "ggml_backend_dev_name", ctypes.c_char_p, [_VP])(dev).decode(errors="replace")
 
 
 def device_description(dev: int) -> str:
-    return function("ggml-base", "ggml_backend_dev_description", ctypes.c_char_p, [_VP])(dev).decode()
+    return function("ggml-base", "ggml_backend_dev_description", ctypes.c_char_p, [_VP])(dev).decode(errors="replace")
 
 
 def device_type(dev: int) -> int:

@@ -1,15 +1,13 @@
 """Facts about this machine and the llama.cpp build: CPU, memory, GPU backend and devices, versions.
 
 `machine_info()` returns a plain dict of JSON-able values (doctor prints it; bench puts it in its header).
-GPU facts come from ggml's backend registry, read through ctypes from the libraries llama-cpp-python ships
-(its Python bindings do not wrap those functions), so this works without importing llama_cpp at all.
+GPU facts come from ggml's backend registry, read through ctypes (dspark_cli/ggml.py) from the very libraries
+llama-cpp-python loaded (its Python bindings do not wrap those functions).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import glob
 import importlib.util
 import os
 import platform
@@ -90,32 +88,16 @@ def _sysctl(key: str) -> str:
 # ---------------------------------------------------------------------------------------------- llama.cpp
 
 
-@functools.lru_cache(maxsize=1)
-def _libs() -> dict:
-    """ctypes handles on llama-cpp-python's libllama / libggml / libggml-base, or {'error': why}."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return {"error": "llama-cpp-python is not installed"}
-    pkg = spec.submodule_search_locations[0]
-    found = {}
-    for name in ("ggml-base", "ggml", "llama"):  # load order: dependencies first
-        paths = [p for d in ("lib", "") for pat in (f"lib{name}.so", f"lib{name}.dylib", f"{name}.dll")
-                 for p in glob.glob(os.path.join(pkg, d, pat))]
-        if not paths:
-            return {"error": f"lib{name} not found in {pkg}"}
-        try:
-            found[name] = ctypes.CDLL(paths[0], mode=getattr(os, "RTLD_GLOBAL", 0) | getattr(os, "RTLD_NOW", 0))
-        except OSError as e:
-            return {"error": f"cannot load {paths[0]}: {e}"}
-    return found
+def _ggml():
+    """dspark_cli.ggml (handles on the ggml copies llama-cpp-python loaded), or the reason it cannot load."""
+    try:
+        from . import ggml
 
-
-def _fn(lib, name, restype, argtypes=()):
-    f = getattr(lib, name, None)
-    if f is None:
-        return None
-    f.restype, f.argtypes = restype, list(argtypes)
-    return f
+        return ggml
+    except ImportError as e:
+        return "llama-cpp-python is not installed" if e.name == "llama_cpp" else f"cannot load llama.cpp: {e}"
+    except (OSError, RuntimeError) as e:  # the bindings found no usable library
+        return f"cannot load llama.cpp: {e}"
 
 
 # dspark's llama.cpp patches (scripts/llama-cpp-patches/) and what each buys, for doctor's advice.
@@ -149,15 +131,15 @@ def llama_info() -> dict:
         py_version = None
     info = {"llama_cpp_python": py_version, "ggml_version": None, "ggml_commit": None, "system_info": None,
             "compiled_features": [], "dspark_patches": _dspark_patches()}
-    libs = _libs()
-    if "error" in libs:
-        info["error"] = libs["error"]
+    ggml = _ggml()
+    if isinstance(ggml, str):
+        info["error"] = ggml
         return info
-    for key, fn in (("ggml_version", "ggml_version"), ("ggml_commit", "ggml_commit")):
-        f = _fn(libs["ggml-base"], fn, ctypes.c_char_p)
+    for key in ("ggml_version", "ggml_commit"):
+        f = ggml.function("ggml-base", key, ctypes.c_char_p)
         if f:
             info[key] = f().decode(errors="replace")
-    f = _fn(libs["llama"], "llama_print_system_info", ctypes.c_char_p)
+    f = ggml.function("llama", "llama_print_system_info", ctypes.c_char_p)
     if f:
         text = f().decode(errors="replace").strip()
         info["system_info"] = text
@@ -168,45 +150,27 @@ def llama_info() -> dict:
 def gpu_summary() -> dict:
     """The GPU backend compiled into llama.cpp ("none" for CPU-only builds), its devices and their memory."""
     out = {"backend": "none", "offload": False, "devices": [], "vram_free": None, "vram_total": None}
-    libs = _libs()
-    if "error" in libs:
-        out["error"] = libs["error"]
+    ggml = _ggml()
+    if isinstance(ggml, str):
+        out["error"] = ggml
         return out
-    ggml, base = libs["ggml"], libs["ggml-base"]
     # Not llama_supports_gpu_offload(): it says yes for any build with RPC, GPU or not.
-    reg_count = _fn(ggml, "ggml_backend_reg_count", ctypes.c_size_t)
-    reg_get = _fn(ggml, "ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t])
-    reg_name = _fn(base, "ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p])
-    dev_count = _fn(ggml, "ggml_backend_dev_count", ctypes.c_size_t)
-    dev_get = _fn(ggml, "ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t])
-    dev_name = _fn(base, "ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p])
-    dev_desc = _fn(base, "ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p])
-    dev_type = _fn(base, "ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p])
-    dev_mem = _fn(base, "ggml_backend_dev_memory", None,
-                  [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)])
-    if reg_count and reg_get and reg_name:
-        backends = [reg_name(reg_get(i)).decode() for i in range(reg_count())]
-        gpu_backends = [b for b in backends if b.upper() not in ("CPU", "BLAS", "RPC")]
-        out["backends"] = backends
-        out["rpc"] = "RPC" in backends
-        if gpu_backends:
-            out["backend"] = gpu_backends[0]
-    if dev_count and dev_get and dev_name and dev_type and dev_mem:
-        free_sum = total_sum = 0
-        for i in range(dev_count()):
-            dev = dev_get(i)
-            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-            dev_mem(dev, ctypes.byref(free), ctypes.byref(total))
-            kind = _DEV_TYPES.get(dev_type(dev), "other")
-            out["devices"].append({
-                "name": dev_name(dev).decode(errors="replace"),
-                "description": dev_desc(dev).decode(errors="replace") if dev_desc else "",
-                "type": kind, "memory_free": free.value, "memory_total": total.value,
-            })
-            if kind in ("gpu", "igpu"):
-                out["offload"] = True
-                free_sum += free.value
-                total_sum += total.value
-        if total_sum:
-            out["vram_free"], out["vram_total"] = free_sum, total_sum
+    backends = ggml.backend_names()
+    gpu_backends = [b for b in backends if b.upper() not in ("CPU", "BLAS", "RPC")]
+    out["backends"] = backends
+    out["rpc"] = "RPC" in backends
+    if gpu_backends:
+        out["backend"] = gpu_backends[0]
+    free_sum = total_sum = 0
+    for dev in ggml.devices():
+        free, total = ggml.device_memory(dev)
+        kind = _DEV_TYPES.get(ggml.device_type(dev), "other")
+        out["devices"].append({"name": ggml.device_name(dev), "description": ggml.device_description(dev),
+                               "type": kind, "memory_free": free, "memory_total": total})
+        if kind in ("gpu", "igpu"):
+            out["offload"] = True
+            free_sum += free
+            total_sum += total
+    if total_sum:
+        out["vram_free"], out["vram_total"] = free_sum, total_sum
     return out

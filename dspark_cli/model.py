@@ -103,14 +103,14 @@ _ABORT_EXIT = 1  # README: exit 1, an internal error (here: llama.cpp's own)
 _abort_hooks: list = []  # callables run before the process ends on a llama.cpp abort (keep what was generated)
 
 
-def on_abort(hook) -> None:
-    """Run hook() (best effort, in llama.cpp's aborting thread) if llama.cpp aborts the process: chat writes
-    the answer so far to its transcript, serve ends the stream it was sending."""
+@contextmanager
+def abort_hook(hook):
+    """While inside, run hook(reason) (best effort, in llama.cpp's aborting thread) if llama.cpp aborts the
+    process: chat writes the answer so far to its transcript, serve ends the stream it was sending."""
     _abort_hooks.append(hook)
-
-
-def remove_abort_hook(hook) -> None:
-    if hook in _abort_hooks:
+    try:
+        yield
+    finally:
         _abort_hooks.remove(hook)
 
 

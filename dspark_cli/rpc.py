@@ -126,7 +126,9 @@ def _proc(name: str, restype, argtypes):
     return ctypes.CFUNCTYPE(restype, *argtypes)(address)
 
 
-_connected: dict[Endpoint, list[int]] = {}  # llama.cpp keeps one connection per server for the process
+# The servers in use and their devices (llama.cpp keeps one connection per server for the process); also what
+# the message names when llama.cpp loses one (model._on_llama_abort).
+_connected: dict[Endpoint, list[int]] = {}
 
 
 def server_devices(endpoints: list[Endpoint]) -> list[int]:
@@ -143,9 +145,10 @@ def server_devices(endpoints: list[Endpoint]) -> list[int]:
     for ep in endpoints:
         if ep not in _connected:
             probe(ep)
-            _watch(ep)
+            _connected[ep] = []  # in use from here: llama.cpp may lose it while connecting (lost_server_message)
             reg = add_server(str(ep).encode())
             if not reg:
+                del _connected[ep]
                 raise RemoteError(f"RPC server {ep} offers no devices")
             _connected[ep] = [reg_dev_get(reg, i) for i in range(reg_dev_count(reg))]
         devs += _connected[ep]
@@ -161,28 +164,20 @@ def remote_memory(endpoints: list[Endpoint]) -> tuple[int, int]:
     return free, total
 
 
-# Servers in use, for the message when llama.cpp loses one (model._on_llama_abort).
-_watched: list[Endpoint] = []
-
-
-def _watch(ep: Endpoint) -> None:
-    if ep not in _watched:
-        _watched.append(ep)
-
-
 def lost_server_message() -> str | None:
     """After llama.cpp lost a connection: which server went away, in words; None when no server is in use."""
-    if not _watched:
+    watched = list(_connected)
+    if not watched:
         return None
     import time
 
     deadline = time.monotonic() + 2.0  # a dying server's listening socket may outlive its connection briefly
     while True:
-        dead = dead_servers(_watched)
+        dead = dead_servers(watched)
         if dead:
             return "; ".join(f"lost the RPC server {ep} ({why})" for ep, why in dead)
         if time.monotonic() > deadline:
-            return f"lost the connection to an RPC server ({', '.join(map(str, _watched))})"
+            return f"lost the connection to an RPC server ({', '.join(map(str, watched))})"
         time.sleep(0.2)
 
 

@@ -18,18 +18,13 @@ import pytest
 from dspark_cli import rpc
 from dspark_cli.errors import RemoteError
 from test_hostile_input import one_error
+from test_serve import free_port
 
 DSPARK = [sys.executable, "-m", "dspark_cli"]
 ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "120"}
 PROMPT = "List three facts about the Moon."
 
 pytestmark = pytest.mark.skipif(not rpc.supported(), reason="llama.cpp built without -DGGML_RPC=ON")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
@@ -220,20 +215,8 @@ def test_rpc_server_on_a_taken_port_is_one_line():
 
 
 def test_rpc_server_warns_before_listening_on_the_network():
-    port = free_port()
-    p = subprocess.Popen(DSPARK + ["rpc-server", "--host", "0.0.0.0", "--allow-network", "--port", str(port),
-                                   "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                rpc.probe(rpc.Endpoint("127.0.0.1", port), timeout=2)
-                break
-            except RemoteError:
-                assert p.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
-    finally:
-        out, err = stop(p)
+    p, _ = start_server("--host", "0.0.0.0", "--allow-network")  # reachable on loopback too, where it is probed
+    out, err = stop(p)
     assert out == b"" and p.returncode == 0
     assert "Never expose it to an open network" in err.decode()
 

@@ -30,7 +30,7 @@ from .. import signals
 from ..console import closed_at_start
 from ..errors import DsparkError, OutputError, PromptError, UsageError
 from ..loader import ModelOptions
-from ..model import on_abort, remove_abort_hook
+from ..model import abort_hook
 from ..sampling import SamplingParams
 from ..prompt import clean_text
 from ..stats import GenerationStats
@@ -160,12 +160,11 @@ class ChatSession:
                           max_tokens=self.max_tokens, draft_max=self.draft_max, fixed=self.fixed)
         view.start()
 
-        def keep_answer(reason: str) -> None:  # llama.cpp is ending the process (model.on_abort)
+        def keep_answer(reason: str) -> None:  # llama.cpp is ending the process (model.abort_hook)
             self.screen.out.print()
             self._log(self.conv.failed_answer("".join(pieces), reason))
 
-        on_abort(keep_answer)
-        with _soft_interrupt() as ctrl_c, _abort_hook_removed(keep_answer):
+        with _soft_interrupt() as ctrl_c, abort_hook(keep_answer):
             try:
                 with closing(events):  # closing: the engine's finally trims both caches
                     for ev in events:
@@ -276,14 +275,6 @@ class _CtrlC:
     # streams yet, and a long prompt is many seconds of batches), 1 once tokens stream (the first only
     # stops at the next token, the second is the emergency exit), None once generation is over.
     raise_after: int | None = 0
-
-
-@contextmanager
-def _abort_hook_removed(hook):
-    try:
-        yield
-    finally:
-        remove_abort_hook(hook)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Iterator
 
 from ..engine import Event
-from ..model import on_abort, remove_abort_hook
+from ..model import abort_hook
 
 
 class Busy(Exception):
@@ -61,24 +61,22 @@ class Worker:
             time.sleep(1.0)  # time for the event loop to send the client its error before the process ends
 
         def run() -> None:
-            on_abort(lost)
-            try:
-                events = start()
+            with abort_hook(lost):
                 try:
-                    for ev in events:
-                        loop.call_soon_threadsafe(queue.put_nowait, ("event", ev))
-                        if cancel.is_set():
-                            return
-                        if self.stopping.is_set():
-                            loop.call_soon_threadsafe(queue.put_nowait, ("error", Stopped()))
-                            return
-                finally:
-                    events.close()  # the engine's finally trims both caches
-                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
-            except BaseException as e:  # noqa: BLE001 - handed to the request, which answers for it
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
-            finally:
-                remove_abort_hook(lost)
+                    events = start()
+                    try:
+                        for ev in events:
+                            loop.call_soon_threadsafe(queue.put_nowait, ("event", ev))
+                            if cancel.is_set():
+                                return
+                            if self.stopping.is_set():
+                                loop.call_soon_threadsafe(queue.put_nowait, ("error", Stopped()))
+                                return
+                    finally:
+                        events.close()  # the engine's finally trims both caches
+                    loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+                except BaseException as e:  # noqa: BLE001 - handed to the request, which answers for it
+                    loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
 
         done = loop.run_in_executor(self._thread, run)
         fatal = False
