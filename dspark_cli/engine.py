@@ -35,6 +35,7 @@ from .costs import SOURCE_LOOKUP, SOURCE_MODEL, Plan, Planner
 from .detok import TextStream
 from .drafters import Draft, Drafter
 from .errors import PromptError, UsageError
+from .machine import EXACT_BATCH_MAX
 from .model import Model
 from .sampling import Noise, SamplingParams, pick, verify
 from .stats import GenerationStats
@@ -124,6 +125,10 @@ def generate(
     # Drafting needs room in the draft model's context too (it may be smaller than the target's).
     draft_ctx = drafter.model.n_ctx if drafter is not None and drafter.model is not None else n_ctx
     max_draft = min(draft_max, target.n_batch - 1)
+    if target.on_cpu or target.remote:
+        # dspark's CPU kernels keep batches of up to EXACT_BATCH_MAX tokens bit-identical to one-token decoding
+        # (larger ones are prompts and take llama.cpp's fast kernels): drafting more would lose exactness.
+        max_draft = min(max_draft, EXACT_BATCH_MAX - 1)
     planner = Planner(max_draft, has_model=drafter is not None and drafter.model is not None,
                       has_lookup=drafter is not None and drafter.lookup, fixed=fixed)
 

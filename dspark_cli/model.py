@@ -90,11 +90,13 @@ def _prepare_environment() -> None:
 
     llama.cpp's CPU backend sends K-quant (Q4_K, Q5_K, Q6_K, ...) matmuls of 8 or more tokens through its tiled
     kernel, which sums in another order than the one-token path: a token's logits then move by up to ~0.6
-    between a verify batch and plain decoding, enough to flip greedy near-ties. Like the llamafile and repack
-    kernels that scripts/install.sh builds out, it stays off unless the user chose speed over bit-exactness
-    (DSPARK_FAST_KERNELS=1) or set the variable. ggml reads it at the first matmul.
+    between a verify batch and plain decoding, enough to flip greedy near-ties. A build with dspark's
+    prefill-fast-paths patch keeps that kernel to prompts itself; in any other build it stays off unless the user
+    chose speed over bit-exactness (DSPARK_FAST_KERNELS=1) or set the variable. ggml reads it at the first matmul.
     And if llama.cpp ever aborts, it would attach gdb and print a backtrace on stdout, the answer's channel."""
-    if os.environ.get("DSPARK_FAST_KERNELS") != "1":
+    from .machine import _dspark_patches
+
+    if os.environ.get("DSPARK_FAST_KERNELS") != "1" and "dspark-prefill-fast-paths" not in (_dspark_patches() or []):
         os.environ.setdefault("GGML_CPU_TILED_MM", "0")
     os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 

@@ -15,8 +15,8 @@
 # Set CMAKE_ARGS yourself to override all of that, e.g.  CMAKE_ARGS="-DGGML_VULKAN=on" bash scripts/install.sh
 #
 # The llama.cpp vendored in llama-cpp-python's sdist gets dspark's patches first (scripts/llama-cpp-patches/*.patch:
-# batch-invariant fast F32 verify kernels and an AVX-512 Q4_1 dot product, x86 AVX-512 only).
-# DSPARK_LLAMA_PATCHES=0 builds stock llama.cpp instead.
+# batch-invariant verify kernels for F32, Q4_K and Q6_K, an AVX-512 Q4_1 dot product, and llama.cpp's fast
+# batch kernels kept to prompts; see README "Kernels"). DSPARK_LLAMA_PATCHES=0 builds stock llama.cpp instead.
 #
 # pip caches built wheels without regard to CMAKE_ARGS, so a wheel built with the wrong flags would survive a
 # rebuild. We keep our own wheel cache keyed by (version, flags, python, platform) and bypass pip's.
@@ -40,11 +40,12 @@ log() { echo "install.sh: $*" >&2; }
 
 cpu_flags() {
   # Map the CPU's reported features to ggml's CMake switches (Linux x86_64).
-  # GGML_LLAMAFILE=OFF and GGML_CPU_REPACK=OFF make the CPU kernels batch-invariant: a token's logits are
+  # GGML_LLAMAFILE=OFF and GGML_CPU_REPACK=OFF make stock CPU kernels batch-invariant: a token's logits are
   # bit-identical whether it is decoded alone or inside a verify batch (llamafile's sgemm and the repacked
   # Q4 gemm only serve batches, and sum in another order than the one-token path). That is what makes
-  # greedy speculative output identical to the target alone even at near-ties. DSPARK_FAST_KERNELS=1 keeps
-  # them on: verify batches get faster, exactness holds only up to floating-point near-ties.
+  # greedy speculative output identical to the target alone even at near-ties. When dspark's
+  # prefill-fast-paths patch applies, both come back on (below): it keeps them to prompts. DSPARK_FAST_KERNELS=1
+  # keeps them on regardless: exactness then holds only up to floating-point near-ties.
   local feats args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
   if [[ "${DSPARK_FAST_KERNELS:-0}" != 1 ]]; then args+=" -DGGML_LLAMAFILE=OFF -DGGML_CPU_REPACK=OFF"; fi
   feats=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
@@ -143,6 +144,14 @@ else
           log "warning: $(basename "$p") does not apply to llama-cpp-python $LLAMA_CPP_PYTHON_VERSION; building without it"
         fi
       done
+    fi
+    # With dspark-prefill-fast-paths applied, llama.cpp's batch kernels serve only prompts (batches above 16
+    # tokens) and repacked Q4_K decodes exactly, so they are built back in: stock prefill and decode speed, verify
+    # batches still bit-identical. Without it they stay out, since they would break exactness.
+    if grep -qx dspark-prefill-fast-paths "$cache.tmp/applied-patches" 2>/dev/null; then
+      CMAKE_ARGS="${CMAKE_ARGS/ -DGGML_LLAMAFILE=OFF -DGGML_CPU_REPACK=OFF/}"
+      export CMAKE_ARGS
+      log "fast prompt paths patched in: building with llamafile sgemm and Q4_K repacking (CMAKE_ARGS=\"$CMAKE_ARGS\")"
     fi
     CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}" \
       "$PYTHON" -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python ${build_flags[@]+"${build_flags[@]}"} \

@@ -53,6 +53,20 @@ def test_demo_pair_greedy_is_identical_to_target_alone(demo_models, text, overla
         assert len(s.acceptance_by_position) <= draft_max
 
 
+def test_a_long_draft_max_is_capped_at_the_exact_batch_size(demo_models):
+    """Verify batches above EXACT_BATCH_MAX tokens would take llama.cpp's prompt kernels, which sum in another
+    order: --draft-max 40 drafts at most 15 tokens a step, and the answer stays the target alone's."""
+    from dspark_cli.machine import EXACT_BATCH_MAX
+
+    target, draft = demo_models
+    prompt, _ = build_prompt(target, "Count from one to forty in words, separated by commas.")
+    base, _, _ = run(target, prompt, max_tokens=120)
+    spec, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=120, draft_max=40)
+    assert spec == base
+    # drafts ran past the default 8 (the draft model ends one early at its own end of answer), never past the cap
+    assert 8 < max(d for d, _ in last.stats.rounds) <= EXACT_BATCH_MAX - 1
+
+
 @OVERLAP
 def test_tiny_pair_greedy_identity_with_many_rejections(tiny_models, overlap):
     target, draft = tiny_models

@@ -103,8 +103,11 @@ def kquant_path(demo_paths, tmp_path_factory) -> Path:
 def test_the_q4_k_m_copy_holds_both_tiled_types(kquant_path):
     from gguf import GGUFReader
 
-    types = {t.tensor_type.name for t in GGUFReader(str(kquant_path)).tensors}
+    tensors = GGUFReader(str(kquant_path)).tensors
+    types = {t.tensor_type.name for t in tensors}
     assert {"Q4_K", "Q6_K"} <= types, types
+    # and Q4_K matrices whose row count llama.cpp repacks into 8-row blocks (dspark-prefill-fast-paths' kernels)
+    assert any(t.tensor_type.name == "Q4_K" and t.shape[1] % 8 == 0 for t in tensors)
 
 
 def test_the_build_carries_the_k_quant_tiles():
@@ -113,7 +116,7 @@ def test_the_build_carries_the_k_quant_tiles():
     patches = _dspark_patches()
     if patches is None or os.environ.get("DSPARK_LLAMA_PATCHES") == "0":
         pytest.skip("llama-cpp-python was not built by scripts/install.sh with dspark's patches")
-    assert "dspark-kquant-tiles" in patches
+    assert "dspark-kquant-tiles" in patches and "dspark-prefill-fast-paths" in patches
 
 
 @pytest.mark.skipif(os.environ.get("DSPARK_FAST_KERNELS") == "1", reason="built with the fast, non-batch-invariant kernels")
@@ -134,6 +137,34 @@ def test_k_quant_batches_of_2_to_16_match_one_token_decoding(kquant_path):
             for j in range(n):
                 assert np.array_equal(rows[j], alone[j]), \
                     f"row {j} of a batch of {n}: max difference {np.abs(rows[j] - alone[j]).max()}"
+    finally:
+        model.close()
+
+
+def test_prompts_take_llama_cpps_fast_kernels(kquant_path):
+    """dspark-prefill-fast-paths keeps llama.cpp's batch kernels (llamafile sgemm, the tiled K-quant matmul) for
+    batches above 16 tokens, prompts: there the logits are llama.cpp's fast ones, a little apart from one-token
+    decoding. Were the fast kernels not engaged (gated off, or built out), prompts would cost up to twice as much."""
+    from dspark_cli.machine import EXACT_BATCH_MAX, _dspark_patches
+
+    if "dspark-prefill-fast-paths" not in (_dspark_patches() or []) or os.environ.get("DSPARK_FAST_KERNELS") == "1":
+        pytest.skip("this llama.cpp was not built with dspark-prefill-fast-paths")
+    model = Model(kquant_path, role="target", n_ctx=512)
+    try:
+        seq = model.tokenize("Water boils at one hundred degrees at sea level, but on a mountain it boils at a "
+                             "lower temperature because the air pressure is lower up there, so cooking takes "
+                             "longer and recipes need to be adjusted.", add_special=True)
+        n = EXACT_BATCH_MAX + 8
+        base = len(seq) - n
+        assert base > 4
+        model.sync(seq[:base], n_logits=0)
+        alone = np.array([np.array(model.eval([t], n_logits=1)[0]) for t in seq[base:]])  # copies: eval reuses its buffer
+        model.truncate(base)
+        batch = np.array(model.eval(seq[base:], n_logits=n))
+        assert not np.array_equal(batch, alone)
+        # the same numbers up to summation order (measured: 0.20 mean, 1.3 at most, every top token alike)
+        assert np.abs(batch - alone).mean() < 0.5
+        assert (batch.argmax(axis=1) == alone.argmax(axis=1)).mean() >= 0.9
     finally:
         model.close()
 
