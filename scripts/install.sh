@@ -148,7 +148,8 @@ else
     # With dspark-prefill-fast-paths applied, llama.cpp's batch kernels serve only prompts (batches above 16
     # tokens) and repacked Q4_K decodes exactly, so they are built back in: stock prefill and decode speed, verify
     # batches still bit-identical. Without it they stay out, since they would break exactness.
-    if grep -qx dspark-prefill-fast-paths "$cache.tmp/applied-patches" 2>/dev/null; then
+    # (x86 only: elsewhere llama.cpp repacks other layouts whose gemm and gemv were not made to agree.)
+    if [[ "$(uname -m)" == "x86_64" ]] && grep -qx dspark-prefill-fast-paths "$cache.tmp/applied-patches" 2>/dev/null; then
       CMAKE_ARGS="${CMAKE_ARGS/ -DGGML_LLAMAFILE=OFF -DGGML_CPU_REPACK=OFF/}"
       export CMAKE_ARGS
       log "fast prompt paths patched in: building with llamafile sgemm and Q4_K repacking (CMAKE_ARGS=\"$CMAKE_ARGS\")"
