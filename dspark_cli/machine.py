@@ -106,6 +106,7 @@ KERNEL_PATCHES = {
     "dspark-kquant-tiles": "Q4_K/Q6_K verify batches and prefill 1.1-1.3x faster, still exact",
     "dspark-prefill-fast-paths": "prompts through llama.cpp's fast batch kernels (prefill 1.6x on a Q4_K_M target), "
                                  "repacked Q4_K decoding (1.2x), verify batches still exact",
+    "dspark-q5_K-tiles": "Q5_K verify batches 2x faster (Q5_K_M files), still exact",
     "dspark-q8_0-tiles": "Q8_0/Q4_0/Q5_0 verify batches 1.7-1.9x faster (Q8_0 targets, most drafts), still exact",
 }
 # The largest batch the patched kernels keep bit-identical to one-token decoding (DSPARK_INVARIANT_BATCH in

@@ -116,7 +116,7 @@ def test_the_build_carries_the_dspark_kernels():
     patches = _dspark_patches()
     if patches is None or os.environ.get("DSPARK_LLAMA_PATCHES") == "0":
         pytest.skip("llama-cpp-python was not built by scripts/install.sh with dspark's patches")
-    assert {"dspark-kquant-tiles", "dspark-prefill-fast-paths", "dspark-q8_0-tiles"} <= set(patches)
+    assert {"dspark-kquant-tiles", "dspark-prefill-fast-paths", "dspark-q5_K-tiles", "dspark-q8_0-tiles"} <= set(patches)
 
 
 @pytest.mark.skipif(os.environ.get("DSPARK_FAST_KERNELS") == "1", reason="built with the fast, non-batch-invariant kernels")
@@ -169,8 +169,12 @@ def test_prompts_take_llama_cpps_fast_kernels(kquant_path):
         model.close()
 
 
-# ---- Q8_0, Q4_0 and Q5_0 tiles (dspark-q8_0-tiles.patch) -------------------------------------------------------
-@pytest.fixture(scope="module", params=["Q8_0", "Q4_0", "Q5_0"])
+# ---- Q8_0, Q4_0, Q5_0 tiles (dspark-q8_0-tiles.patch) and Q5_K tiles (dspark-q5_K-tiles.patch) ------------------
+# file type -> the tensor type its tiles serve
+TILED = {"Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q5_0": "Q5_0", "Q5_K_M": "Q5_K"}
+
+
+@pytest.fixture(scope="module", params=list(TILED))
 def q8_0_family_path(request, demo_paths, tmp_path_factory) -> Path:
     import llama_cpp
 
@@ -185,8 +189,9 @@ def test_q8_0_family_batches_of_2_to_16_match_one_token_decoding(q8_0_family_pat
     one-token decoding through llama.cpp's own ggml_vec_dot_q8_0_q8_0 / _q4_0_q8_0 / _q5_0_q8_0."""
     from gguf import GGUFReader
 
-    kind = q8_0_family_path.stem.split(".")[-1]
-    assert sum(t.tensor_type.name == kind for t in GGUFReader(str(q8_0_family_path)).tensors) >= 20
+    kind = TILED[q8_0_family_path.stem.split(".")[-1]]
+    # the demo's rows of 576 fit K-quant blocks only in ffn_down: fewer Q5_K matrices
+    assert sum(t.tensor_type.name == kind for t in GGUFReader(str(q8_0_family_path)).tensors) >= (5 if kind == "Q5_K" else 20)
     model = Model(q8_0_family_path, role="target", n_ctx=512)
     try:
         seq = model.tokenize("Water boils at one hundred degrees at sea level, but on a mountain it boils at a "
@@ -215,7 +220,8 @@ def test_q8_0_family_batches_agree_with_the_f32_target(demo_models, q8_0_family_
         quant.close()
     # measured mean difference and top tokens alike: Q8_0 0.19 / 12 of 12, Q5_0 0.99 / 9, Q4_0 1.94 / 8 (the
     # quantization's own error: the one-token path gives the same)
-    bound, alike = {"Q8_0": (0.4, 0.9), "Q5_0": (1.5, 0.6), "Q4_0": (2.5, 0.5)}[q8_0_family_path.stem.split(".")[-1]]
+    bound, alike = {"Q8_0": (0.4, 0.9), "Q5_0": (1.5, 0.6), "Q4_0": (2.5, 0.5),
+                    "Q5_K_M": (1.2, 0.7)}[q8_0_family_path.stem.split(".")[-1]]
     assert np.abs(a - b).mean() < bound
     assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= alike
 
