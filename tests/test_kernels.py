@@ -42,6 +42,27 @@ def logits(model: Model, seq: list[int], n: int) -> np.ndarray:
     return out
 
 
+def assert_batches_match_one_token(path: Path, label: str) -> None:
+    """Every row of every batch size a verify can have (2..16: odd sizes and tiles' tails included), bit for bit
+    against decoding the same tokens one at a time through llama.cpp's own one-token dot products."""
+    model = Model(path, role="target", n_ctx=512)
+    try:
+        seq = model.tokenize("Water boils at one hundred degrees at sea level, but on a mountain it boils at a "
+                             "lower temperature because the air pressure is lower up there.", add_special=True)
+        base = len(seq) - 17
+        assert base > 8
+        model.sync(seq[:base], n_logits=0)
+        alone = [np.array(model.eval([t], n_logits=1)[0]) for t in seq[base:base + 16]]
+        for n in range(2, 17):
+            model.truncate(base)
+            rows = np.array(model.eval(seq[base:base + n], n_logits=n))
+            for j in range(n):
+                assert np.array_equal(rows[j], alone[j]), \
+                    f"{label}: row {j} of a batch of {n}: max difference {np.abs(rows[j] - alone[j]).max()}"
+    finally:
+        model.close()
+
+
 @pytest.fixture(scope="module")
 def text(demo_models):
     target, _ = demo_models
@@ -123,22 +144,7 @@ def test_the_build_carries_the_dspark_kernels():
 def test_k_quant_batches_of_2_to_16_match_one_token_decoding(kquant_path):
     """Every row of every batch size a verify can have (odd sizes and the tile's tail of 8 + 1 included), bit for
     bit against decoding the same tokens one at a time through llama.cpp's own Q4_K and Q6_K dot products."""
-    model = Model(kquant_path, role="target", n_ctx=512)
-    try:
-        seq = model.tokenize("Water boils at one hundred degrees at sea level, but on a mountain it boils at a "
-                             "lower temperature because the air pressure is lower up there.", add_special=True)
-        base = len(seq) - 17
-        assert base > 8
-        model.sync(seq[:base], n_logits=0)
-        alone = [np.array(model.eval([t], n_logits=1)[0]) for t in seq[base:base + 16]]
-        for n in range(2, 17):
-            model.truncate(base)
-            rows = np.array(model.eval(seq[base:base + n], n_logits=n))
-            for j in range(n):
-                assert np.array_equal(rows[j], alone[j]), \
-                    f"row {j} of a batch of {n}: max difference {np.abs(rows[j] - alone[j]).max()}"
-    finally:
-        model.close()
+    assert_batches_match_one_token(kquant_path, "Q4_K_M")
 
 
 def test_prompts_take_llama_cpps_fast_kernels(kquant_path):
@@ -192,21 +198,7 @@ def test_q8_0_family_batches_of_2_to_16_match_one_token_decoding(q8_0_family_pat
     kind = TILED[q8_0_family_path.stem.split(".")[-1]]
     # the demo's rows of 576 fit K-quant blocks only in ffn_down: fewer Q5_K matrices
     assert sum(t.tensor_type.name == kind for t in GGUFReader(str(q8_0_family_path)).tensors) >= (5 if kind == "Q5_K" else 20)
-    model = Model(q8_0_family_path, role="target", n_ctx=512)
-    try:
-        seq = model.tokenize("Water boils at one hundred degrees at sea level, but on a mountain it boils at a "
-                             "lower temperature because the air pressure is lower up there.", add_special=True)
-        base = len(seq) - 17
-        model.sync(seq[:base], n_logits=0)
-        alone = [np.array(model.eval([t], n_logits=1)[0]) for t in seq[base:base + 16]]
-        for n in range(2, 17):
-            model.truncate(base)
-            rows = np.array(model.eval(seq[base:base + n], n_logits=n))
-            for j in range(n):
-                assert np.array_equal(rows[j], alone[j]), \
-                    f"{kind}: row {j} of a batch of {n}: max difference {np.abs(rows[j] - alone[j]).max()}"
-    finally:
-        model.close()
+    assert_batches_match_one_token(q8_0_family_path, kind)
 
 
 def test_q8_0_family_batches_agree_with_the_f32_target(demo_models, q8_0_family_path, text):
