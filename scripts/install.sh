@@ -14,9 +14,9 @@
 # Every default build has llama.cpp's RPC backend (-DGGML_RPC=ON).
 # Set CMAKE_ARGS yourself to override all of that, e.g.  CMAKE_ARGS="-DGGML_VULKAN=on" bash scripts/install.sh
 #
-# The llama.cpp vendored in llama-cpp-python's sdist gets dspark's patches first (scripts/llama-cpp-patches/*.patch:
-# batch-invariant verify kernels for F32, Q4_K and Q6_K, an AVX-512 Q4_1 dot product, and llama.cpp's fast
-# batch kernels kept to prompts; see README "Kernels"). DSPARK_LLAMA_PATCHES=0 builds stock llama.cpp instead.
+# The llama.cpp vendored in llama-cpp-python's sdist gets dspark's patches first (scripts/llama-cpp-patches/, in
+# the order of its series file: batch-invariant verify kernels for F32, F16 and the common quantizations, an
+# AVX-512 Q4_1 dot product, and llama.cpp's fast batch kernels kept to prompts; see README "Kernels"). DSPARK_LLAMA_PATCHES=0 builds stock llama.cpp instead.
 #
 # pip caches built wheels without regard to CMAKE_ARGS, so a wheel built with the wrong flags would survive a
 # rebuild. We keep our own wheel cache keyed by (version, flags, python, platform) and bypass pip's.
@@ -99,7 +99,9 @@ sha256() { sha256sum 2>/dev/null || shasum -a 256; }
 patches=()
 if [[ "${DSPARK_LLAMA_PATCHES:-1}" != 0 ]]; then
   if command -v patch >/dev/null 2>&1; then
-    for p in "$here"/scripts/llama-cpp-patches/*.patch; do [[ -e "$p" ]] && patches+=("$p"); done
+    while read -r name; do
+      [[ -n "$name" && "$name" != \#* ]] && patches+=("$here/scripts/llama-cpp-patches/$name")
+    done < "$here/scripts/llama-cpp-patches/series"
   else
     log "warning: no \`patch\` command here, so llama.cpp is built without dspark's kernels (install patch for them)"
   fi

@@ -31,15 +31,16 @@ log "llama-cpp-python $version sdist"
 tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
 src="$(ls -d "$tmp"/llama_cpp_python-*/ | head -n1)"
 : > "$out/applied-patches"
-for p in "$here"/scripts/llama-cpp-patches/*.patch; do
-  [[ -e "$p" ]] || continue
+while read -r name; do
+  [[ -n "$name" && "$name" != \#* ]] || continue
+  p="$here/scripts/llama-cpp-patches/$name"
   if patch -p1 --dry-run -s -d "$src/vendor/llama.cpp" < "$p" >/dev/null; then
     patch -p1 -s -d "$src/vendor/llama.cpp" < "$p"
     basename "$p" .patch >> "$out/applied-patches"
   else
     log "warning: $(basename "$p") does not apply to llama-cpp-python $version; packing it without"
   fi
-done
+done < "$here/scripts/llama-cpp-patches/series"
 # What the build never reads (llama.cpp is built as a subdirectory: its tests, tools and examples are off,
 # but the multimodal library under tools/mtmd is built by llama-cpp-python).
 rm -rf "$src"/{.git,.github,docs,examples,tests,docker,mkdocs.yml}

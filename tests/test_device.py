@@ -53,8 +53,9 @@ def test_the_pack_travels(pack):
     assert size < 64 << 20, size
     assert (pack / "llama-cpp-python" / "vendor" / "llama.cpp" / "ggml" / "src" / "ggml-cuda").is_dir()
     assert not (pack / "llama-cpp-python" / "vendor" / "llama.cpp" / "models").exists()
-    patches = sorted(p.stem for p in (ROOT / "scripts" / "llama-cpp-patches").glob("*.patch"))
-    assert (pack / "applied-patches").read_text().split() == patches
+    series = (ROOT / "scripts" / "llama-cpp-patches" / "series").read_text().splitlines()
+    patches = [line.removesuffix(".patch") for line in series if line and not line.startswith("#")]
+    assert (pack / "applied-patches").read_text().split() == patches  # all of them, in the series' order
 
 
 def test_the_pack_wheels_resolve_with_no_index_for_python_3_12(pack, tmp_path):

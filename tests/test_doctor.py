@@ -68,8 +68,12 @@ def test_the_kernel_list_matches_the_patches_shipped():
 
     from dspark_cli.machine import KERNEL_PATCHES
 
-    shipped = sorted(p.stem for p in (Path(__file__).parent.parent / "scripts" / "llama-cpp-patches").glob("*.patch"))
+    folder = Path(__file__).parent.parent / "scripts" / "llama-cpp-patches"
+    shipped = sorted(p.stem for p in folder.glob("*.patch"))
     assert sorted(KERNEL_PATCHES) == shipped
+    # install.sh applies what the series file lists, in its order: every shipped patch, once
+    series = [line for line in (folder / "series").read_text().splitlines() if line and not line.startswith("#")]
+    assert sorted(series) == [name + ".patch" for name in shipped]
 
 
 def test_doctor_reports_memory_and_backend(env):
