@@ -108,6 +108,7 @@ KERNEL_PATCHES = {
                                  "repacked Q4_K decoding (1.2x), verify batches still exact",
     "dspark-q5_K-tiles": "Q5_K verify batches 2x faster (Q5_K_M files), still exact",
     "dspark-q8_0-tiles": "Q8_0/Q4_0/Q5_0 verify batches 1.7-1.9x faster (Q8_0 targets, most drafts), still exact",
+    "dspark-f16-tiles": "F16 verify batches about 2x faster (F16 targets), still exact",
 }
 # The largest batch the patched kernels keep bit-identical to one-token decoding (DSPARK_INVARIANT_BATCH in
 # dspark-prefill-fast-paths): a verify batch is the drafted tokens plus one, so at most this minus one are drafted.
