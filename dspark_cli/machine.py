@@ -105,7 +105,7 @@ KERNEL_PATCHES = {
     "dspark-cpu-kernels": "F32 verify batches about 2x faster, Q4_1 drafts 1.3x",
     "dspark-kquant-tiles": "Q4_K/Q6_K verify batches and prefill 1.1-1.3x faster, still exact",
     "dspark-prefill-fast-paths": "prompts through llama.cpp's fast batch kernels (prefill 1.6x on a Q4_K_M target), "
-                                 "repacked Q4_K decoding (1.2x), verify batches still exact",
+                                 "repacked Q4_K, Q4_0 and IQ4_NL decoding (1.2-1.7x), verify batches still exact",
     "dspark-q5_K-tiles": "Q5_K verify batches 2x faster (Q5_K_M files), still exact",
     "dspark-q8_0-tiles": "Q8_0/Q4_0/Q5_0 verify batches 1.7-1.9x faster (Q8_0 targets, most drafts), still exact",
     "dspark-f16-tiles": "F16 verify batches about 2x faster (F16 targets), still exact",

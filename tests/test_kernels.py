@@ -203,12 +203,13 @@ def test_prompts_take_llama_cpps_fast_kernels(kquant_path):
         model.close()
 
 
-# ---- Q8_0, Q4_0, Q5_0 tiles (dspark-q8_0-tiles.patch) and Q5_K tiles (dspark-q5_K-tiles.patch) ------------------
-# file type -> the tensor type its tiles serve
-TILED = {"Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q5_0": "Q5_0", "Q5_K_M": "Q5_K"}
+# ---- Q8_0, Q5_0 tiles (dspark-q8_0-tiles.patch), Q5_K tiles (dspark-q5_K-tiles.patch), and the repacked 8x8
+# Q4_0 and IQ4_NL layouts (dspark-prefill-fast-paths.patch: their gemm and gemv agree) --------------------------------
+# file type -> the tensor type that serves; the demo's matrices all have row counts llama.cpp repacks (multiples of 8)
+FAMILY = {"Q8_0": "Q8_0", "Q5_0": "Q5_0", "Q5_K_M": "Q5_K", "Q4_0": "Q4_0", "IQ4_NL": "IQ4_NL"}
 
 
-@pytest.fixture(scope="module", params=list(TILED))
+@pytest.fixture(scope="module", params=list(FAMILY))
 def q8_0_family_path(request, demo_paths, tmp_path_factory) -> Path:
     import llama_cpp
 
@@ -219,14 +220,31 @@ def q8_0_family_path(request, demo_paths, tmp_path_factory) -> Path:
 
 @pytest.mark.skipif(os.environ.get("DSPARK_FAST_KERNELS") == "1", reason="built with the fast, non-batch-invariant kernels")
 def test_q8_0_family_batches_of_2_to_16_match_one_token_decoding(q8_0_family_path):
-    """Every row of batches of 2..16 (odd widths: a column without a partner; 9 = 5 + 4) bit for bit against
-    one-token decoding through llama.cpp's own ggml_vec_dot_q8_0_q8_0 / _q4_0_q8_0 / _q5_0_q8_0."""
+    """Every row of batches of 2..16 (odd widths: a column without a partner; 9 = 5 + 4; for the repacked
+    layouts groups of 4 tokens through the gemm and the rest through the gemv) bit for bit against one-token
+    decoding through llama.cpp's own ggml_vec_dot_q8_0_q8_0 / _q5_0_q8_0 / _q5_K_q8_K, or its repacked gemv."""
     from gguf import GGUFReader
 
-    kind = TILED[q8_0_family_path.stem.split(".")[-1]]
+    kind = FAMILY[q8_0_family_path.stem.split(".")[-1]]
     # the demo's rows of 576 fit K-quant blocks only in ffn_down: fewer Q5_K matrices
     assert sum(t.tensor_type.name == kind for t in GGUFReader(str(q8_0_family_path)).tensors) >= (5 if kind == "Q5_K" else 20)
     assert_batches_match_one_token(q8_0_family_path, kind)
+
+
+@pytest.mark.skipif(os.environ.get("DSPARK_FAST_KERNELS") == "1", reason="built with the fast, non-batch-invariant kernels")
+def test_q4_0_tiles_and_repacked_q4_0_in_one_model(tmp_path):
+    """A tiny Q4_0 model whose attention matrices (64 rows) llama.cpp repacks into 8-row blocks and whose FFN
+    matrices (36 rows) it cannot, so those go through the Q4_0 tiles: batches of 2..16 bit-identical either way."""
+    import llama_cpp
+    from gguf import GGUFReader
+    from synthetic import vocab, weights, write_model
+
+    f32 = write_model(tmp_path / "odd.gguf", weights(11, len(vocab()[0]), n_embd=64, n_ff=36))
+    path = tmp_path / "odd.Q4_0.gguf"
+    requantize(f32, path, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)
+    rows = [int(t.shape[1]) for t in GGUFReader(str(path)).tensors if t.tensor_type.name == "Q4_0"]
+    assert any(r % 8 == 0 for r in rows) and any(r % 8 for r in rows), rows
+    assert_batches_match_one_token(path, "Q4_0, repacked and tiled")
 
 
 def test_q8_0_family_batches_agree_with_the_f32_target(demo_models, q8_0_family_path, text):
@@ -238,10 +256,10 @@ def test_q8_0_family_batches_agree_with_the_f32_target(demo_models, q8_0_family_
         a, b = logits(target, text, 12), logits(quant, text, 12)
     finally:
         quant.close()
-    # measured mean difference and top tokens alike: Q8_0 0.19 / 12 of 12, Q5_0 0.99 / 9, Q4_0 1.94 / 8 (the
-    # quantization's own error: the one-token path gives the same)
+    # measured mean difference and top tokens alike: Q8_0 0.19 / 12 of 12, Q5_0 0.99 / 9, Q4_0 2.00 / 8, IQ4_NL
+    # 1.65 / 10 (the quantization's own error: the one-token path gives the same)
     bound, alike = {"Q8_0": (0.4, 0.9), "Q5_0": (1.5, 0.6), "Q4_0": (2.5, 0.5),
-                    "Q5_K_M": (1.2, 0.7)}[q8_0_family_path.stem.split(".")[-1]]
+                    "Q5_K_M": (1.2, 0.7), "IQ4_NL": (2.2, 0.6)}[q8_0_family_path.stem.split(".")[-1]]
     assert np.abs(a - b).mean() < bound
     assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= alike
 
