@@ -16,7 +16,8 @@
 #
 # The llama.cpp vendored in llama-cpp-python's sdist gets dspark's patches first (scripts/llama-cpp-patches/, in
 # the order of its series file: batch-invariant verify kernels for F32, F16 and the common quantizations, an
-# AVX-512 Q4_1 dot product, and llama.cpp's fast batch kernels kept to prompts; see README "Kernels"). DSPARK_LLAMA_PATCHES=0 builds stock llama.cpp instead.
+# AVX-512 Q4_1 dot product, and llama.cpp's fast batch kernels kept to prompts; see README "Kernels").
+# DSPARK_LLAMA_PATCHES=0 builds stock llama.cpp instead.
 #
 # pip caches built wheels without regard to CMAKE_ARGS, so a wheel built with the wrong flags would survive a
 # rebuild. We keep our own wheel cache keyed by (version, flags, python, platform) and bypass pip's.

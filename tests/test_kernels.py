@@ -62,6 +62,16 @@ def assert_batches_match_one_token(path: Path, label: str) -> None:
         model.close()
 
 
+def batch_against_f32(target: Model, path: Path, text: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The logits of text's last 12 tokens as one batch, through the F32 target and through the quantized copy at
+    path: what the tiles compute against the numbers they approximate."""
+    quant = Model(path, role="target", n_ctx=512)
+    try:
+        return logits(target, text, 12), logits(quant, text, 12)
+    finally:
+        quant.close()
+
+
 @pytest.fixture(scope="module")
 def text(demo_models):
     target, _ = demo_models
@@ -250,12 +260,7 @@ def test_q4_0_tiles_and_repacked_q4_0_in_one_model(tmp_path):
 def test_q8_0_family_batches_agree_with_the_f32_target(demo_models, q8_0_family_path, text):
     """The tiles compute the right numbers: a batch of 12 against the F32 original. Scrambled lanes, a wrong
     column pairing or a wrong unpacking would leave nothing alike."""
-    target, _ = demo_models
-    quant = Model(q8_0_family_path, role="target", n_ctx=512)
-    try:
-        a, b = logits(target, text, 12), logits(quant, text, 12)
-    finally:
-        quant.close()
+    a, b = batch_against_f32(demo_models[0], q8_0_family_path, text)
     # measured mean difference and top tokens alike: Q8_0 0.19 / 12 of 12, Q5_0 0.99 / 9, Q4_0 2.00 / 8, IQ4_NL
     # 1.65 / 10 (the quantization's own error: the one-token path gives the same)
     bound, alike = {"Q8_0": (0.4, 0.9), "Q5_0": (1.5, 0.6), "Q4_0": (2.5, 0.5),
@@ -268,12 +273,7 @@ def test_k_quant_batches_agree_with_the_f32_target(demo_models, kquant_path, tex
     """The tiles compute the right numbers, not only the one-token kernel's: a batch of 12 through the Q4_K_M copy
     against the F32 original (4-bit weights and 8-bit activations: a bounded difference). Scrambled lanes or
     strides would leave nothing alike."""
-    target, _ = demo_models
-    quant = Model(kquant_path, role="target", n_ctx=512)
-    try:
-        a, b = logits(target, text, 12), logits(quant, text, 12)
-    finally:
-        quant.close()
+    a, b = batch_against_f32(demo_models[0], kquant_path, text)
     # Measured: 0.83 mean difference and 10 of 12 top tokens alike, the same as the one-token path gives.
     assert np.abs(a - b).mean() < 1.2
     assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= 0.7
