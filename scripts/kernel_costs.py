@@ -4,6 +4,7 @@ stock llama.cpp's, all through dspark's own Model class.
 
     python3 scripts/kernel_costs.py MODEL.gguf [MODEL.gguf ...]            # dspark's build vs stock
     python3 scripts/kernel_costs.py --stock-lib DIR --reps 5 MODEL.gguf
+    python3 scripts/kernel_costs.py --decode-only --reps 20 MODEL.gguf      # one-token decoding, many short runs
 
 For each file and build: the one-token decode (ms), verify batches of 2..16 tokens (ms, and x the one-token
 cost), the 512-token prefill rate (tok/s), and whether every row of every verify batch has logits bit-identical
@@ -11,6 +12,10 @@ to decoding those tokens one at a time (the max difference when not). "stock" is
 paths (llamafile sgemm, repacked weights), built by scripts/build_llama_speculative.sh and loaded through
 LLAMA_CPP_LIB_PATH; each build runs in its own process, the builds alternate per rep, and the figures are
 medians. Kernel gains only: no drafting, no engine.
+
+--decode-only times one-token decoding alone (a process of a few seconds per build and rep) and gives the median,
+minimum and maximum of the per-rep speed ratios: on a shared machine the memory bus is sometimes loaded by other
+tenants for minutes, which slows some kernels more than others, so a figure needs many alternating reps.
 """
 
 from __future__ import annotations
@@ -72,17 +77,38 @@ def measure(path: str, threads: int | None, positions: int) -> dict:
     return out
 
 
+def measure_decode(path: str, threads: int | None) -> dict:
+    """One-token decoding only: 40 tokens after a 64-token prompt, the first 4 left out (warm-up)."""
+    from dspark_cli.model import Model
+
+    m = Model(path, role="target", n_ctx=1024, n_batch=512, n_threads=threads)
+    tokens = [1000 + (i * 7919) % 4000 for i in range(104)]
+    m.eval(tokens[:64], n_logits=1)
+    times = []
+    for t in tokens[64:]:
+        t0 = time.perf_counter()
+        m.eval([t], n_logits=1)
+        times.append(time.perf_counter() - t0)
+    m.close()
+    return {"decode_ms": 1000 * statistics.median(times[4:])}
+
+
 def child(args) -> None:
-    print(json.dumps(measure(args.child, args.threads, 600)))
+    got = measure_decode(args.child, args.threads) if args.decode_only else measure(args.child, args.threads, 600)
+    print(json.dumps(got))
 
 
-def run_build(model: str, lib: str | None, threads: int | None) -> dict:
+def run_build(model: str, lib: str | None, threads: int | None, decode_only: bool = False) -> dict:
     env = dict(os.environ)
     if lib:
+        # LD_LIBRARY_PATH too: libllama finds libggml* through its build's RUNPATH, not beside itself, so a copied
+        # lib directory would otherwise run the kernels of whatever its build directory holds now
         env["LLAMA_CPP_LIB_PATH"] = lib
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [lib, env.get("LD_LIBRARY_PATH")]))
     else:
         env.pop("LLAMA_CPP_LIB_PATH", None)
     cmd = [sys.executable, __file__, "--child", model] + (["--threads", str(threads)] if threads else [])
+    cmd += ["--decode-only"] if decode_only else []
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if r.returncode != 0:
         raise SystemExit(f"kernel_costs: {model} with {lib or 'dspark'}: {r.stderr[-2000:]}")
@@ -99,6 +125,18 @@ def median_of(results: list[dict]) -> dict:
     }
 
 
+def decode_report(got: dict[str, list[dict]]) -> dict:
+    """Per build: the median, fastest and slowest rep; and dspark's speed against stock's in the same rep."""
+    out = {}
+    for b, runs in got.items():
+        ms = [r["decode_ms"] for r in runs]
+        out[b] = {"decode_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
+    if "stock" in got:
+        ratios = [s["decode_ms"] / d["decode_ms"] for s, d in zip(got["stock"], got["dspark"])]
+        out["dspark"].update(speed_median=statistics.median(ratios), speed_min=min(ratios), speed_max=max(ratios))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="*")
@@ -109,6 +147,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="time one-token decoding alone (see above)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -120,10 +159,18 @@ def main() -> None:
         for rep in range(args.reps):
             order = list(builds) if rep % 2 == 0 else list(builds)[::-1]
             for b in order:
-                got[b].append(run_build(model, builds[b], args.threads))
-        report[model] = {b: median_of(v) for b, v in got.items()}
+                got[b].append(run_build(model, builds[b], args.threads, args.decode_only))
+        report[model] = decode_report(got) if args.decode_only else {b: median_of(v) for b, v in got.items()}
     if args.json:
         print(json.dumps(report, indent=1))
+        return
+    if args.decode_only:
+        for model, per in report.items():
+            print(f"\n{Path(model).name}")
+            for b, r in per.items():
+                spread = f"  speed vs stock per rep: median {r['speed_median']:.3f}x, {r['speed_min']:.3f}-" \
+                         f"{r['speed_max']:.3f}x" if "speed_median" in r else ""
+                print(f"{b:<8}decode ms: median {r['decode_ms']:.2f}, {r['min_ms']:.2f}-{r['max_ms']:.2f}{spread}")
         return
     for model, per in report.items():
         print(f"\n{Path(model).name}")
