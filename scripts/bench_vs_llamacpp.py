@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from dspark_cli.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
 from dspark_cli.engine import generate  # noqa: E402
 from dspark_cli.model import Model  # noqa: E402
 from dspark_cli.prompt import ChatTemplate, build_prompt  # noqa: E402
+from kernel_costs import lib_env  # noqa: E402
 
 _TYPOS = (
     "Fix the typos in the following text. Reply with the corrected text only.\n\n"
@@ -101,10 +101,7 @@ print(json.dumps({"tps": out[-1].stats.tokens_per_second, "tokens": [e.token for
 
 def stock_once(libdir: Path, target: Path, tokens: list[int], n: int, ctx: int):
     """The target alone through stock llama.cpp kernels: llama-cpp-python loaded over the stock build."""
-    # LD_LIBRARY_PATH too: libllama finds libggml* through its build's RUNPATH, not beside itself, so a copied
-    # lib directory would otherwise run the kernels of whatever its build directory holds now
-    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(libdir), "DSPARK_FAST_KERNELS": "1",
-           "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(libdir), os.environ.get("LD_LIBRARY_PATH")]))}
+    env = {**lib_env(libdir), "DSPARK_FAST_KERNELS": "1"}
     r = subprocess.run([sys.executable, "-c", _STOCK, str(target), str(ctx), json.dumps(tokens), str(n)],
                        capture_output=True, text=True, env=env)
     if r.returncode != 0:

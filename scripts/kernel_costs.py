@@ -33,6 +33,24 @@ ROOT = Path(__file__).resolve().parent.parent
 BATCHES = list(range(2, 17))
 
 
+def prompt_tokens(n: int) -> list[int]:
+    """n ordinary tokens (ids 1000-4999, spread out): the same text for every build."""
+    return [1000 + (i * 7919) % 4000 for i in range(n)]
+
+
+def one_token_steps(m, tokens: list[int]) -> tuple[list[float], list]:
+    """Decode tokens one at a time: the seconds of each step and a copy of its logits (the model reuses its
+    buffer)."""
+    import numpy as np
+
+    times, rows = [], []
+    for t in tokens:
+        t0 = time.perf_counter()
+        rows.append(np.array(m.eval([t], n_logits=1)[-1]))
+        times.append(time.perf_counter() - t0)
+    return times, rows
+
+
 def measure(path: str, threads: int | None, positions: int) -> dict:
     """In this process, with whichever llama.cpp it loaded."""
     import numpy as np
@@ -40,8 +58,7 @@ def measure(path: str, threads: int | None, positions: int) -> dict:
     from dspark_cli.model import Model
 
     m = Model(path, role="target", n_ctx=2048, n_batch=512, n_threads=threads)
-    vocab = [t for t in range(1000, 5000)]
-    prompt = [vocab[(i * 7919) % len(vocab)] for i in range(positions)]
+    prompt = prompt_tokens(positions)
     out = {}
     m.eval(prompt[:512], n_logits=1)  # warm: weights paged in
     m.truncate(0)
@@ -51,12 +68,7 @@ def measure(path: str, threads: int | None, positions: int) -> dict:
     m.truncate(64)
     base = 64
     tail = prompt[base:base + 16]
-    one = []
-    rows = []
-    for t in tail:  # one token at a time: the reference logits
-        t0 = time.perf_counter()
-        rows.append(np.array(m.eval([t], n_logits=1)[-1]))
-        one.append(time.perf_counter() - t0)
+    one, rows = one_token_steps(m, tail)  # one token at a time: the reference logits
     out["decode_ms"] = 1000 * statistics.median(one)
     m.truncate(base)
     verify, worst = {}, 0.0
@@ -82,13 +94,9 @@ def measure_decode(path: str, threads: int | None) -> dict:
     from dspark_cli.model import Model
 
     m = Model(path, role="target", n_ctx=1024, n_batch=512, n_threads=threads)
-    tokens = [1000 + (i * 7919) % 4000 for i in range(104)]
+    tokens = prompt_tokens(104)
     m.eval(tokens[:64], n_logits=1)
-    times = []
-    for t in tokens[64:]:
-        t0 = time.perf_counter()
-        m.eval([t], n_logits=1)
-        times.append(time.perf_counter() - t0)
+    times, _ = one_token_steps(m, tokens[64:])
     m.close()
     return {"decode_ms": 1000 * statistics.median(times[4:])}
 
@@ -98,15 +106,21 @@ def child(args) -> None:
     print(json.dumps(got))
 
 
-def run_build(model: str, lib: str | None, threads: int | None, decode_only: bool = False) -> dict:
+def lib_env(lib: str | None) -> dict:
+    """This process's environment for a child that loads llama.cpp from lib (None: the installed build)."""
     env = dict(os.environ)
     if lib:
         # LD_LIBRARY_PATH too: libllama finds libggml* through its build's RUNPATH, not beside itself, so a copied
         # lib directory would otherwise run the kernels of whatever its build directory holds now
-        env["LLAMA_CPP_LIB_PATH"] = lib
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [lib, env.get("LD_LIBRARY_PATH")]))
+        env["LLAMA_CPP_LIB_PATH"] = str(lib)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(lib), env.get("LD_LIBRARY_PATH")]))
     else:
         env.pop("LLAMA_CPP_LIB_PATH", None)
+    return env
+
+
+def run_build(model: str, lib: str | None, threads: int | None, decode_only: bool = False) -> dict:
+    env = lib_env(lib)
     cmd = [sys.executable, __file__, "--child", model] + (["--threads", str(threads)] if threads else [])
     cmd += ["--decode-only"] if decode_only else []
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
