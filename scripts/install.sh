@@ -4,6 +4,7 @@
 #   bash scripts/install.sh          # dspark + a llama-cpp-python built for this machine
 #   bash scripts/install.sh --test   # the same, plus the test extras (pytest, gguf, pexpect, openai)
 #   DSPARK_PACK=DIR bash scripts/install.sh   # offline, from what scripts/pack_for_device.sh packed into DIR
+#   bash scripts/install.sh --apply-patches DIR   # only apply dspark's llama.cpp patches to the llama.cpp tree DIR
 #
 # llama-cpp-python is compiled from source. The build flags are picked by platform:
 #   - CUDA       when `nvcc` is on PATH and `nvidia-smi -L` lists a GPU, for that GPU's architecture only
@@ -17,7 +18,10 @@
 # The llama.cpp vendored in llama-cpp-python's sdist gets dspark's patches first (scripts/llama-cpp-patches/, in
 # the order of its series file: batch-invariant verify kernels for F32, F16 and the common quantizations, an
 # AVX-512 Q4_1 dot product, and llama.cpp's fast batch kernels kept to prompts; see README "Kernels").
-# DSPARK_LLAMA_PATCHES=0 builds stock llama.cpp instead.
+# Every patch must apply exactly (no fuzz): one that does not stops the install, since a build without it would
+# silently lack its kernels. DSPARK_LLAMA_PATCHES=0 builds stock llama.cpp instead: kept exact by leaving its fast
+# batch kernels out (prompts cost up to twice as much), or with DSPARK_FAST_KERNELS=1 fast but not batch-invariant
+# (greedy output may then differ from the target alone at near-ties).
 #
 # pip caches built wheels without regard to CMAKE_ARGS, so a wheel built with the wrong flags would survive a
 # rebuild. We keep our own wheel cache keyed by (version, flags, python, platform) and bypass pip's.
@@ -27,17 +31,64 @@ LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 PYTHON="${PYTHON:-python3}"
 EXTRAS=""
 PRINT_ONLY=0
-for arg in "$@"; do
-  case "$arg" in
+PATCH_ONLY=""
+while (( $# )); do
+  case "$1" in
     --test) EXTRAS="[test]" ;;
     --print-cmake-args) PRINT_ONLY=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
+    --apply-patches)
+      if (( $# < 2 )) || [[ ! -d "$2" ]]; then echo "install.sh: --apply-patches takes a llama.cpp source folder" >&2; exit 2; fi
+      PATCH_ONLY="$2"; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
   esac
+  shift
 done
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { echo "install.sh: $*" >&2; }
+
+# dspark's llama.cpp patches, in the order of their series file (none with DSPARK_LLAMA_PATCHES=0).
+patches=()
+if [[ "${DSPARK_LLAMA_PATCHES:-1}" != 0 ]]; then
+  while read -r name; do
+    [[ -n "$name" && "$name" != \#* ]] && patches+=("$here/scripts/llama-cpp-patches/$name")
+  done < "$here/scripts/llama-cpp-patches/series"
+fi
+
+patch_error() {  # $1: what went wrong; $2: patch's own words on it (optional)
+  log "error: $1"
+  if [[ -n "${2:-}" ]]; then printf '%s\n' "$2" | sed 's/^/install.sh:   /' >&2; fi
+  log "  dspark's kernels need every patch of scripts/llama-cpp-patches/series. To build stock llama.cpp instead,"
+  log "  set DSPARK_LLAMA_PATCHES=0: it is then kept exact by leaving its fast batch kernels out (prompts cost up to"
+  log "  twice as much), or with DSPARK_FAST_KERNELS=1 fast but inexact (greedy output may then differ from the"
+  log "  target alone at near-ties)"
+  exit 1
+}
+
+need_patch_command() {
+  if (( ${#patches[@]} )) && ! command -v patch >/dev/null 2>&1; then
+    patch_error "no \`patch\` command here to apply dspark's llama.cpp patches (install it: e.g. apt-get install patch)"
+  fi
+}
+
+# Apply the patches to the llama.cpp tree $1, each exactly as written (no fuzz: a hunk whose context differs
+# is an error, not a guess), in order; print each one's name on stdout once applied. The first that does not
+# apply ends the script (exit 1), naming it and the hunks that failed.
+apply_patches() {
+  local dir="$1" p out
+  need_patch_command
+  for p in ${patches[@]+"${patches[@]}"}; do
+    if ! out="$(patch -p1 --dry-run --fuzz=0 --forward --batch -d "$dir" < "$p" 2>&1)"; then
+      patch_error "$(basename "$p") does not apply to llama-cpp-python $LLAMA_CPP_PYTHON_VERSION's llama.cpp ($dir)" "$out"
+    fi
+    patch -p1 -s --fuzz=0 --forward --batch -d "$dir" < "$p" >/dev/null
+    basename "$p" .patch
+    log "applied $(basename "$p")"
+  done
+}
+
+if [[ -n "$PATCH_ONLY" ]]; then apply_patches "$PATCH_ONLY"; exit 0; fi
 
 cpu_flags() {
   # Map the CPU's reported features to ggml's CMake switches (Linux x86_64).
@@ -97,16 +148,6 @@ fi
 
 pyver="$("$PYTHON" -c 'import sys, platform; print(f"{sys.implementation.name}{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')"
 sha256() { sha256sum 2>/dev/null || shasum -a 256; }
-patches=()
-if [[ "${DSPARK_LLAMA_PATCHES:-1}" != 0 ]]; then
-  if command -v patch >/dev/null 2>&1; then
-    while read -r name; do
-      [[ -n "$name" && "$name" != \#* ]] && patches+=("$here/scripts/llama-cpp-patches/$name")
-    done < "$here/scripts/llama-cpp-patches/series"
-  else
-    log "warning: no \`patch\` command here, so llama.cpp is built without dspark's kernels (install patch for them)"
-  fi
-fi
 patch_sum=none
 if (( ${#patches[@]} )); then patch_sum="$(cat "${patches[@]}" | sha256 | cut -c1-16)"; fi
 key="$(printf '%s|%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$pyver" "$patch_sum" | sha256)"
@@ -135,18 +176,11 @@ else
       build_flags=(--no-build-isolation "${pip_from[@]}")
     elif (( ${#patches[@]} )); then
       # The sdist, unpacked, with our patches applied to its vendored llama.cpp.
+      need_patch_command
       "$PYTHON" -m pip download --no-deps --no-binary :all: --no-cache-dir -d "$cache.tmp/src" "$source_spec"
       tar -xzf "$cache.tmp"/src/llama_cpp_python-*.tar.gz -C "$cache.tmp/src"
       source_spec="$(ls -d "$cache.tmp"/src/llama_cpp_python-*/ | head -n1)"
-      for p in ${patches[@]+"${patches[@]}"}; do
-        if patch -p1 --dry-run -s -d "$source_spec/vendor/llama.cpp" < "$p" >/dev/null; then
-          patch -p1 -s -d "$source_spec/vendor/llama.cpp" < "$p"
-          basename "$p" .patch >> "$cache.tmp/applied-patches"
-          log "applied $(basename "$p")"
-        else
-          log "warning: $(basename "$p") does not apply to llama-cpp-python $LLAMA_CPP_PYTHON_VERSION; building without it"
-        fi
-      done
+      apply_patches "$source_spec/vendor/llama.cpp" > "$cache.tmp/applied-patches"
     fi
     # With dspark-prefill-fast-paths applied, llama.cpp's batch kernels serve only prompts (batches above 16
     # tokens) and repacked Q4_K decodes exactly, so they are built back in: stock prefill and decode speed, verify

@@ -7,7 +7,8 @@
 #                        (no models/, docs, tests, examples, other GPU backends' sources)
 # OUT/wheels/            wheels for Python 3.12 on x86_64 Linux: dspark's dependencies and llama-cpp-python's,
 #                        gguf (scripts/device_check.py writes its models with it), scikit-build-core for the build
-# OUT/applied-patches    which of dspark's llama.cpp patches the source carries
+# OUT/applied-patches    which of dspark's llama.cpp patches the source carries (all of the series; a patch that
+#                        does not apply stops the pack, as it stops scripts/install.sh)
 #
 # On the machine (CMake, ninja, nvcc and Python 3.12 there; no network):
 #   DSPARK_PACK=OUT bash scripts/install.sh --test
@@ -30,17 +31,10 @@ log "llama-cpp-python $version sdist"
 "$python" -m pip download -q --no-deps --no-binary :all: -d "$tmp" "llama-cpp-python==$version"
 tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
 src="$(ls -d "$tmp"/llama_cpp_python-*/ | head -n1)"
-: > "$out/applied-patches"
-while read -r name; do
-  [[ -n "$name" && "$name" != \#* ]] || continue
-  p="$here/scripts/llama-cpp-patches/$name"
-  if patch -p1 --dry-run -s -d "$src/vendor/llama.cpp" < "$p" >/dev/null; then
-    patch -p1 -s -d "$src/vendor/llama.cpp" < "$p"
-    basename "$p" .patch >> "$out/applied-patches"
-  else
-    log "warning: $(basename "$p") does not apply to llama-cpp-python $version; packing it without"
-  fi
-done < "$here/scripts/llama-cpp-patches/series"
+# The same patches, applied the same way as install.sh does (its --apply-patches: series order, no fuzz, and
+# a patch that does not apply stops the pack; DSPARK_LLAMA_PATCHES=0 packs stock llama.cpp).
+LLAMA_CPP_PYTHON_VERSION="$version" bash "$here/scripts/install.sh" --apply-patches "$src/vendor/llama.cpp" \
+  > "$out/applied-patches"
 # What the build never reads (llama.cpp is built as a subdirectory: its tests, tools and examples are off,
 # but the multimodal library under tools/mtmd is built by llama-cpp-python).
 rm -rf "$src"/{.git,.github,docs,examples,tests,docker,mkdocs.yml}

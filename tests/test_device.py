@@ -1,20 +1,105 @@
 """The GPU check, tried here first so that minutes on a lent GPU machine produce figures, not typos:
 scripts/device_check.py end to end on the CPU build (--tiny), and scripts/pack_for_device.sh's folder: under
 64 MiB, its wheels resolving with no index for the device's Python 3.12, its trimmed source configuring with
-CMake. The full offline compile (five minutes here) runs with DSPARK_TEST_OFFLINE_BUILD=1."""
+CMake. The full offline compile (five minutes here) runs with DSPARK_TEST_OFFLINE_BUILD=1. And the patching
+both share (install.sh --apply-patches): every patch applies to the sdist's llama.cpp exactly, and one that
+does not stops the install with a line naming it and the opt-out."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PATCHES = ROOT / "scripts" / "llama-cpp-patches"
+INSTALL = ROOT / "scripts" / "install.sh"
+# the llama-cpp-python install.sh builds (its default, unless LLAMA_CPP_PYTHON_VERSION says otherwise)
+VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION") or re.search(
+    r'LLAMA_CPP_PYTHON_VERSION="\$\{LLAMA_CPP_PYTHON_VERSION:-([^}]+)\}"', INSTALL.read_text()).group(1)
+
+
+def series() -> list[str]:
+    lines = (PATCHES / "series").read_text().splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("#")]
+
+
+def patched_files() -> set[str]:
+    return {m.group(1) for name in series()
+            for m in re.finditer(r"^\+\+\+ b/(\S+)", (PATCHES / name).read_text(), re.M)}
+
+
+@pytest.fixture(scope="module")
+def vendored(tmp_path_factory) -> Path:
+    """The files dspark's patches touch, as llama-cpp-python's sdist vendors them (its llama.cpp, in the same
+    folders): pip download, which reads pip's cache after the first time; only those files are unpacked."""
+    folder = tmp_path_factory.mktemp("sdist")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d",
+                    str(folder), f"llama-cpp-python=={VERSION}"], check=True, capture_output=True, timeout=900)
+    (sdist,) = folder.glob("llama_cpp_python-*.tar.gz")
+    wanted = patched_files()
+    tree = folder / "llama.cpp"
+    with tarfile.open(sdist) as tar:
+        for member in tar:
+            parts = member.name.split("/", 3)  # llama_cpp_python-V / vendor / llama.cpp / path
+            if member.isfile() and len(parts) == 4 and parts[1:3] == ["vendor", "llama.cpp"] and parts[3] in wanted:
+                target = tree / parts[3]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
+    assert {str(p.relative_to(tree)) for p in tree.rglob("*") if p.is_file()} == wanted
+    return tree
+
+
+def apply_patches(tree: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(INSTALL), "--apply-patches", str(tree)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs patch")
+def test_every_patch_applies_exactly_to_the_vendored_llama_cpp(vendored, tmp_path):
+    tree = shutil.copytree(vendored, tmp_path / "llama.cpp")
+    r = apply_patches(tree)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [name.removesuffix(".patch") for name in series()]  # all of them, in order
+    assert "error" not in r.stderr and not list(tree.rglob("*.orig")) and not list(tree.rglob("*.rej"))
+    assert "dspark" in (tree / "ggml" / "src" / "ggml-cpu" / "ggml-cpu.c").read_text()
+    stock = apply_patches(shutil.copytree(vendored, tmp_path / "stock"), DSPARK_LLAMA_PATCHES="0")
+    assert stock.returncode == 0 and stock.stdout == ""  # the opt-out: nothing applied
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs patch")
+def test_a_patch_that_does_not_apply_exactly_stops_the_install(vendored, tmp_path):
+    """One line of llama.cpp changed where the first patch's first hunk begins: plain `patch` would apply that
+    hunk with fuzz (it did, and install.sh went on); install.sh must refuse, name the patch and the opt-out."""
+    tree = shutil.copytree(vendored, tmp_path / "llama.cpp")
+    first = series()[0]
+    text = (PATCHES / first).read_text()
+    hunk = re.search(r"^\+\+\+ b/(\S+)\n@@ -(\d+)(?:,\d+)? \+\S+ @@[^\n]*\n( [^\n]*)\n", text, re.M)
+    assert hunk, first
+    path, line, context = tree / hunk.group(1), int(hunk.group(2)), hunk.group(3)[1:]
+    lines = path.read_text().split("\n")
+    assert lines[line - 1] == context
+    lines[line - 1] = context + " /* changed by a test */"
+    path.write_text("\n".join(lines))
+    fuzzy = subprocess.run(["patch", "-p1", "--dry-run", "-d", str(tree)], stdin=(PATCHES / first).open(),
+                           capture_output=True, text=True)
+    assert fuzzy.returncode == 0 and "fuzz" in fuzzy.stdout  # what the old install.sh accepted
+
+    r = apply_patches(tree)
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and first in errors[0] and "does not apply" in errors[0], r.stderr
+    assert "DSPARK_LLAMA_PATCHES=0" in r.stderr and "near-ties" in r.stderr
+    assert "Hunk #1 FAILED" in r.stderr  # patch's own words on where
+    assert r.stdout == ""  # nothing reported as applied
+    assert "changed by a test" in path.read_text() and "dspark" not in path.read_text()  # left as it was
 
 
 def test_device_check_tiny_runs_end_to_end(tmp_path):
