@@ -33,8 +33,9 @@ class Drafter(Protocol):
     model: Model | None
     lookup: bool
 
-    def prepare(self, seq: list[int]) -> int:
-        """Before generation, with the prompt: returns the prompt tokens the draft model processed."""
+    def prepare(self, seq: list[int], n_vocab: int) -> int:
+        """Before generation, with the prompt and the target's vocabulary size: returns the prompt tokens the
+        draft model processed."""
 
     def catch_up(self, seq: list[int]) -> tuple[int, float]:
         """Bring the draft model's cache up to seq[:-1]: (tokens processed, seconds). (0, 0.0) without one."""
@@ -65,8 +66,13 @@ class ModelDrafter:
         # Greedy drafting stops early when the draft's top probability falls under p_min: a token it is
         # unsure of is likely rejected, and every rejected token costs verify-batch width on CPU.
         self.p_min = p_min
+        self.n_shared = model.n_vocab  # ids both vocabularies have (see prepare)
 
-    def prepare(self, seq: list[int]) -> int:
+    def prepare(self, seq: list[int], n_vocab: int) -> int:
+        # A padded draft vocabulary (more ids than the target's) drafts over the shared ids only: its extra ids
+        # can never be accepted, and left in they would shift the draft's distribution (normalization, top-p,
+        # min-p, the tail's aggregated draw) away from what the unpadded draft proposes for the same noise.
+        self.n_shared = min(self.model.n_vocab, n_vocab)
         return self.catch_up(seq)[0]
 
     def _seen(self, seq: list[int]) -> list[int]:
@@ -88,7 +94,7 @@ class ModelDrafter:
         if ahead.tokens and self.model.is_eog(ahead.tokens[-1]):
             return False
         t0 = time.perf_counter()
-        logits = self.model.sync(self._seen(seq + ahead.tokens), n_logits=1)[0]
+        logits = self.model.sync(self._seen(seq + ahead.tokens), n_logits=1)[0][: self.n_shared]
         pos = len(seq) + len(ahead.tokens)
         if params.greedy and self.p_min > 0.0:
             tok = int(np.argmax(logits))
@@ -124,7 +130,7 @@ class PromptLookupDrafter:
         self.ngram_max = ngram_max
         self.ngram_min = ngram_min
 
-    def prepare(self, seq: list[int]) -> int:
+    def prepare(self, seq: list[int], n_vocab: int) -> int:
         return 0
 
     def catch_up(self, seq: list[int]) -> tuple[int, float]:

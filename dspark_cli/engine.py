@@ -11,11 +11,9 @@ holds seq[:-1]; the last token is pending. One round:
   4. the target's cache drops the rejected tail; the draft model catches up on its next round.
 With no drafter every round is a plain step: the target alone, yielding the same events.
 
-On CPU the rounds can also overlap (`_overlapped_rounds`, DSPARK_OVERLAP=1): the cores are split between
-the two models, and while the target verifies one draft the drafter keeps drafting past it, betting that it
-will be accepted whole. It is not the default: with the cost model choosing the draft length, the sequential
-loop measured as fast or faster on the demo pair (1.62x against 1.58x the target alone, 2 cores), and it
-can also turn speculation off, which the overlapped loop cannot.
+There is one loop. An overlapped one (the cores split between the models, drafting on while the target
+verified) measured no faster on 2 cores than this loop with the cost model (1.58x against 1.62x the target
+alone on the demo pair), could not turn speculation off, and bypassed the planner; it was removed.
 
 The `finally` block trims both caches back to the tokens the consumer has seen, so an abandoned generator
 (Ctrl-C, a closed pipe, a consumer that stops reading) leaves them consistent for the next call.
@@ -23,9 +21,7 @@ The `finally` block trims both caches back to the tokens the consumer has seen, 
 
 from __future__ import annotations
 
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -48,8 +44,7 @@ FINISH_STOP = "stop"  # an end-of-generation token or a stop string
 FINISH_LENGTH = "length"  # --max-tokens reached
 FINISH_CONTEXT = "context"  # the context window is full
 
-ENGINE_SEQUENTIAL = "sequential"
-ENGINE_OVERLAPPED = "overlapped"
+ENGINE_SEQUENTIAL = "sequential"  # the one loop (GenerationStats.engine, `run --json`'s "engine")
 
 
 def check_limits(max_tokens: int, draft_max: int | None = None) -> None:
@@ -58,6 +53,17 @@ def check_limits(max_tokens: int, draft_max: int | None = None) -> None:
         raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
     if draft_max is not None and draft_max < 1:
         raise UsageError(f"--draft-max must be at least 1, got {draft_max}")
+
+
+def check_prompt(target: Model, prompt: list[int]) -> None:
+    """A prompt the target can answer: not empty, and leaving room in its context for at least one token."""
+    if not prompt:
+        raise PromptError("the prompt is empty")
+    if len(prompt) >= target.n_ctx:
+        raise PromptError(
+            f"the prompt is {len(prompt)} tokens but the context holds {target.n_ctx}",
+            hint="shorten the prompt or raise --ctx-size",
+        )
 
 
 @dataclass
@@ -77,18 +83,6 @@ class Round:
     source: str | None = None  # where the drafts came from (costs.SOURCE_MODEL / SOURCE_LOOKUP)
 
 
-def overlap_allowed(target: Model, drafter: Drafter | None) -> bool:
-    """Overlapped rounds need a draft model and both models on the CPU with two threads or more to split."""
-    return (drafter is not None and drafter.model is not None and target.n_threads >= 2
-            and target.on_cpu and drafter.model.on_cpu)
-
-
-def split_threads(n: int) -> tuple[int, int]:
-    """(target, draft) threads out of n for overlapped rounds: the target's verify is the larger job."""
-    draft = max(1, n // 3)
-    return max(1, n - draft), draft
-
-
 def generate(
     target: Model,
     prompt: list[int],
@@ -98,24 +92,12 @@ def generate(
     max_tokens: int = 512,
     draft_max: int = DEFAULT_DRAFT_MAX,
     stop: tuple[str, ...] | list[str] = (),
-    overlap: bool | None = None,
     fixed: bool = False,
 ) -> Iterator[Event]:
-    """Events for the answer to `prompt`. `overlap`: True runs the overlapped loop (with a draft model on the
-    CPU), False or None the sequential one (None: DSPARK_OVERLAP=1 chooses overlap). `fixed`: draft
-    `draft_max` tokens every round instead of what the cost model picks."""
+    """Events for the answer to `prompt`. `fixed`: draft `draft_max` tokens every round instead of what the
+    cost model picks."""
     check_limits(max_tokens, draft_max if drafter is not None else None)
-    if not prompt:
-        raise PromptError("the prompt is empty")
-    if len(prompt) >= target.n_ctx:
-        raise PromptError(
-            f"the prompt is {len(prompt)} tokens but the context holds {target.n_ctx}",
-            hint="shorten the prompt or raise --ctx-size",
-        )
-    if overlap is None:
-        overlap = os.environ.get("DSPARK_OVERLAP", "") == "1"
-    overlap = overlap and overlap_allowed(target, drafter)
-
+    check_prompt(target, prompt)
     stats = GenerationStats(method=drafter.name if drafter else "target", n_prompt=len(prompt))
     noise = Noise(params.seed)
     stream = TextStream(stop)
@@ -147,15 +129,14 @@ def generate(
             planner.costs.record_prefill(stats.n_prompt_evaluated - 1, time.perf_counter() - t0)
         if drafter is not None and len(seq) < draft_ctx:
             t_draft = time.perf_counter()
-            stats.n_prompt_evaluated_draft = drafter.prepare(seq)
+            stats.n_prompt_evaluated_draft = drafter.prepare(seq, target.n_vocab)
             # The draft model's prompt is a batch like any catch-up: its first per-token cost estimate.
             planner.costs.record_catchup(stats.n_prompt_evaluated_draft, time.perf_counter() - t_draft)
         stats.t_start = time.perf_counter()
         stats.t_prompt = stats.t_start - t0
 
-        stats.engine = ENGINE_OVERLAPPED if overlap else ENGINE_SEQUENTIAL
-        rounds = (_overlapped_rounds if overlap else _sequential_rounds)(target, drafter, seq, params, noise, planner,
-                                                                          room, stats)
+        stats.engine = ENGINE_SEQUENTIAL
+        rounds = _sequential_rounds(target, drafter, seq, params, noise, planner, room, stats)
         finish = None
         while finish is None:
             r = next(rounds)
@@ -187,7 +168,7 @@ def generate(
         yield Event(None, stream.flush(), False, stats, finish)
     finally:
         if rounds is not None:
-            rounds.close()  # waits for a verify still running in the overlapped engine
+            rounds.close()
         # Rejected drafts, and accepted tokens past a stop, must not survive in either cache.
         target.truncate(seen)
         if drafter is not None:
@@ -252,68 +233,3 @@ def _sequential_rounds(target, drafter, seq, params, noise, planner: Planner, ro
         out = draft.tokens[:n_acc] + [nxt]
         planner.record_round(plan, len(draft.tokens), n_acc, len(out))
         yield Round(out, len(draft.tokens), n_acc, plan.source)
-
-
-def _overlapped_rounds(target, drafter, seq, params, noise, planner: Planner, room: Callable[[], int], stats) -> Rounds:
-    """The target verifies the drafts that are ready (possibly none) in a worker thread while this thread
-    drafts past them, betting that they will all be accepted and guessing the target's own next token;
-    the drafts that survive the verdict are the next round's candidates. ctypes releases the GIL inside
-    llama_decode, so the two models run at once, each on its share of the cores. A verify of k drafts
-    takes longer than k draft steps would, so the draft length settles where the two balance."""
-    draft_model = drafter.model
-    threads = (target.n_threads, draft_model.n_threads)
-    n_target, n_draft = split_threads(target.n_threads)
-    target.set_threads(n_target)
-    draft_model.set_threads(n_draft)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dspark-verify")
-    ahead = Draft([])  # drafted after seq, not verified yet
-    try:
-        drafter.catch_up(seq)
-        while True:
-            n = room()
-            steps, t_draft = ahead.steps, time.perf_counter()
-            if planner.fixed:  # exactly n drafts in every verify, not what happened to be ready
-                while len(ahead.tokens) < n and drafter.extend(seq, ahead, params, noise):
-                    pass
-            cand = ahead.tokens[:n]
-            t_target = time.perf_counter()
-            job = pool.submit(_verify, target, list(seq), cand, params, noise)
-            # Draft past the candidates while the target works, at most one more full draft.
-            limit = min(len(cand) + 1 + max(n, 1), draft_model.n_ctx - len(seq) - 1)
-            while not job.done() and len(ahead.tokens) < limit:
-                if not drafter.extend(seq, ahead, params, noise):
-                    break
-            t_wait = time.perf_counter()
-            n_acc, nxt = job.result()
-            t_done = time.perf_counter()
-            stats.t_draft += t_wait - t_draft
-            stats.t_target += t_done - t_target
-            stats.n_draft_steps += ahead.steps - steps
-            stats.n_target_steps += 1
-            k = len(cand)
-            out = cand[:n_acc] + [nxt]
-            planner.record_round(Plan(SOURCE_MODEL if k else None, k), k, n_acc, len(out))
-            if n_acc == k and len(ahead.tokens) > k and ahead.tokens[k] == nxt:
-                # The bet won, and the drafter guessed the target's token: what it drafted after stands.
-                ahead = Draft(ahead.tokens[k + 1 :], steps=ahead.steps)
-            else:
-                ahead = Draft([], steps=ahead.steps)
-            yield Round(out, k, n_acc, SOURCE_MODEL)
-    finally:
-        _wait_for(pool)  # never leave a verify running on the target's cache
-        target.set_threads(threads[0])
-        draft_model.set_threads(threads[1])
-
-
-def _wait_for(pool: ThreadPoolExecutor) -> None:
-    """Shut the verify worker down and wait for it, even through more Ctrl-C presses (a second one used to
-    let the caller truncate the target's cache while a verify still ran on it); re-raise one afterwards."""
-    interrupted = False
-    while True:
-        try:
-            pool.shutdown(wait=True)
-            break
-        except KeyboardInterrupt:
-            interrupted = True
-    if interrupted:
-        raise KeyboardInterrupt

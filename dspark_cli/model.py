@@ -312,7 +312,7 @@ class Model:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
     def set_threads(self, n: int) -> None:
-        """Change the CPU threads decoding uses from now on (the overlapped engine splits the cores)."""
+        """Change the CPU threads decoding uses from now on (scripts/spec_ceiling.py splits the cores)."""
         if n != self.n_threads:
             llama_cpp.llama_set_n_threads(self._ctx, n, n)
             self.n_threads = n

@@ -29,7 +29,7 @@ class Rates:
 @dataclass
 class GenerationStats(Rates):
     method: str = "target"  # "target" (alone), "draft" (draft model), "lookup" (prompt lookup) or "hybrid" (both)
-    engine: str = "sequential"  # which loop ran the rounds: "sequential" or "overlapped" (DSPARK_OVERLAP=1)
+    engine: str = "sequential"  # which loop ran the rounds (engine.ENGINE_SEQUENTIAL, the only one)
     n_prompt: int = 0  # prompt tokens
     n_prompt_evaluated: int = 0  # prompt tokens the target actually processed (cache reuse skips the rest)
     n_prompt_evaluated_draft: int = 0  # prompt tokens the draft model processed (it reuses its cache too)

@@ -117,9 +117,11 @@ def make_padded_pair(directory: Path, *, pad: str, extra: int = 64, noise: float
     return target, draft
 
 
-def pad_vocabulary(src: Path, dst: Path, extra: int = 64) -> Path:
+def pad_vocabulary(src: Path, dst: Path, extra: int = 64, copy_rows: list[int] | None = None) -> Path:
     """A copy of a real GGUF with `extra` unused tokens appended to its vocabulary and zero rows to its token
-    embedding (and output matrix), as model makers pad vocabularies to a round size."""
+    embedding (and output matrix), as model makers pad vocabularies to a round size. copy_rows: the padded
+    rows are copies of these tokens' rows instead (untrained padding is rarely zero), so the padded ids
+    compete with the real ones for probability."""
     import gguf
 
     reader = gguf.GGUFReader(str(src))
@@ -141,7 +143,8 @@ def pad_vocabulary(src: Path, dst: Path, extra: int = 64) -> Path:
     for t in reader.tensors:
         data = np.asarray(t.data)
         if t.name in ("token_embd.weight", "output.weight"):
-            data = np.concatenate([data, np.zeros((extra,) + data.shape[1:], dtype=data.dtype)])
+            pad = data[list(copy_rows)] if copy_rows is not None else np.zeros((extra,) + data.shape[1:], dtype=data.dtype)
+            data = np.concatenate([data, pad])
         writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -80,12 +80,10 @@ def test_draft_method_needs_a_draft_model():
 
 def test_bench_on_the_demo_pair(demo_paths, prompts_file, tmp_path):
     out_json, out_csv = tmp_path / "bench.json", tmp_path / "bench.csv"
-    # Sequential engine and fixed draft lengths for both commands: overlapped rounds and the cost model decide
-    # by timing, so their acceptance figures differ run to run (their tokens do not), and this test compares
-    # bench's figures with run's.
-    sequential = {"DSPARK_OVERLAP": "0"}
+    # Fixed draft lengths for both commands: the cost model decides by timing, so its acceptance figures differ
+    # run to run (its tokens do not), and this test compares bench's figures with run's.
     proc = dspark("bench", "--prompts", str(prompts_file), "--max-tokens", "32", "--repeats", "1", "--draft-fixed",
-                  "--json", str(out_json), "--csv", str(out_csv), env_extra=sequential)
+                  "--json", str(out_json), "--csv", str(out_csv))
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(out_json.read_text(encoding="utf-8"))
 
@@ -116,7 +114,7 @@ def test_bench_on_the_demo_pair(demo_paths, prompts_file, tmp_path):
     assert "identical" in proc.stdout and "Speedup by category" in proc.stdout
 
     # The same prompt through `dspark run` gives the same tokens, acceptance and tokens per step.
-    run = dspark("run", "--json", "--max-tokens", "32", "--draft-fixed", PROMPTS[0]["turns"][0], env_extra=sequential)
+    run = dspark("run", "--json", "--max-tokens", "32", "--draft-fixed", PROMPTS[0]["turns"][0])
     assert run.returncode == 0, run.stderr
     one = json.loads(run.stdout)
     row = rep["per_prompt"][0]

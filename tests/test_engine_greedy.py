@@ -31,19 +31,15 @@ def run(target, prompt, drafter=None, fixed=True, **kw):
     return tokens, from_draft, last
 
 
-# Both engines: draft-then-verify, and overlapped (drafting in parallel with the verify).
-OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
 
 
-@OVERLAP
 @pytest.mark.parametrize("text", DEMO_PROMPTS)
-def test_demo_pair_greedy_is_identical_to_target_alone(demo_models, text, overlap):
+def test_demo_pair_greedy_is_identical_to_target_alone(demo_models, text):
     target, draft = demo_models
     prompt, _ = build_prompt(target, text)
     base, _, base_last = run(target, prompt, max_tokens=96)
     for draft_max in (1, 4, 8):
-        spec, from_draft, last = run(target, prompt, ModelDrafter(draft), max_tokens=96, draft_max=draft_max,
-                                     overlap=overlap)
+        spec, from_draft, last = run(target, prompt, ModelDrafter(draft), max_tokens=96, draft_max=draft_max)
         assert spec == base, f"draft_max={draft_max}"
         assert last.finish_reason == base_last.finish_reason
         s = last.stats
@@ -67,16 +63,14 @@ def test_a_long_draft_max_is_capped_at_the_exact_batch_size(demo_models):
     assert 8 < max(d for d, _ in last.stats.rounds) <= EXACT_BATCH_MAX - 1
 
 
-@OVERLAP
-def test_tiny_pair_greedy_identity_with_many_rejections(tiny_models, overlap):
+def test_tiny_pair_greedy_identity_with_many_rejections(tiny_models):
     target, draft = tiny_models
     total_drafted = total_accepted = 0
     for text in ["the cat sat on the mat", "a big red dog ran", "it was a sun day and"]:
         prompt = target.tokenize(text, add_special=True)
         base, _, _ = run(target, prompt, max_tokens=80)
         for draft_max in (2, 5):
-            spec, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=80, draft_max=draft_max,
-                                overlap=overlap)
+            spec, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=80, draft_max=draft_max)
             assert spec == base
             total_drafted += last.stats.n_drafted
             total_accepted += last.stats.n_accepted
@@ -84,13 +78,12 @@ def test_tiny_pair_greedy_identity_with_many_rejections(tiny_models, overlap):
     assert 0.1 < rate < 0.98, rate  # rejections happened, and so did acceptances
 
 
-@OVERLAP
-def test_kv_caches_consistent_after_rejections(tiny_models, overlap):
+def test_kv_caches_consistent_after_rejections(tiny_models):
     """After a run with rejections, both caches hold exactly accepted tokens: the next logits from the
     cache equal those of a fresh evaluation of the same sequence."""
     target, draft = tiny_models
     prompt = target.tokenize("the dog ran to the big", add_special=True)
-    out, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=40, draft_max=6, overlap=overlap)
+    out, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=40, draft_max=6)
     assert last.stats.n_accepted < last.stats.n_drafted  # there were rejections
     seq = prompt + out
     for m in (target, draft):
@@ -102,12 +95,10 @@ def test_kv_caches_consistent_after_rejections(tiny_models, overlap):
     assert np.allclose(cached_logits, fresh_logits, atol=1e-4)
 
 
-@OVERLAP
-def test_abandoned_generator_leaves_caches_trimmed(tiny_models, overlap):
+def test_abandoned_generator_leaves_caches_trimmed(tiny_models):
     target, draft = tiny_models
     prompt = target.tokenize("a cat and a dog", add_special=True)
-    threads = (target.n_threads, draft.n_threads)
-    gen = generate(target, prompt, drafter=ModelDrafter(draft), max_tokens=50, draft_max=8, overlap=overlap, fixed=True)
+    gen = generate(target, prompt, drafter=ModelDrafter(draft), max_tokens=50, draft_max=8, fixed=True)
     got = [next(gen).token for _ in range(3)]
     gen.close()  # what Ctrl-C or a closed pipe does to the loop
     assert len(target.cached) <= len(prompt) + 3
@@ -116,11 +107,9 @@ def test_abandoned_generator_leaves_caches_trimmed(tiny_models, overlap):
     assert target.kv_pos_max() == len(target.cached) - 1
     assert draft.cached == (prompt + got)[: len(draft.cached)]
     assert draft.kv_pos_max() == len(draft.cached) - 1
-    assert (target.n_threads, draft.n_threads) == threads  # the overlapped engine gives its cores back
 
 
-@OVERLAP
-def test_stop_token_inside_an_accepted_draft(demo_models, overlap):
+def test_stop_token_inside_an_accepted_draft(demo_models):
     """The demo pair answers briefly and ends with <|im_end|>; the draft proposes that end token inside a
     draft, the target accepts it, and generation stops there with the end token not printed."""
     target, draft = demo_models
@@ -136,7 +125,7 @@ def test_stop_token_inside_an_accepted_draft(demo_models, overlap):
     prompt, _ = build_prompt(target, "Reply with only the word yes.")
     base, _, base_last = run(target, prompt, max_tokens=64)
     drafter = Recording(draft)
-    spec, _, last = run(target, prompt, drafter, max_tokens=64, draft_max=8, overlap=overlap)
+    spec, _, last = run(target, prompt, drafter, max_tokens=64, draft_max=8)
     assert base_last.finish_reason == "stop" and last.finish_reason == "stop"
     assert spec == base
     assert any(any(target.is_eog(t) for t in p) for p in drafter.proposals), drafter.proposals
@@ -144,15 +133,14 @@ def test_stop_token_inside_an_accepted_draft(demo_models, overlap):
     assert not any(target.is_eog(t) for t in spec)
 
 
-@OVERLAP
-def test_finish_reasons_length_and_context(tiny_models, overlap):
+def test_finish_reasons_length_and_context(tiny_models):
     target, draft = tiny_models
     prompt = target.tokenize("the cat", add_special=True)
-    out, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=7, draft_max=4, overlap=overlap)
+    out, _, last = run(target, prompt, ModelDrafter(draft), max_tokens=7, draft_max=4)
     assert len(out) == 7 and last.finish_reason == "length"
     # A context of 512 with a prompt near it: generation stops when the context is full.
     long_prompt = prompt * (500 // len(prompt))
-    out, _, last = run(target, long_prompt, ModelDrafter(draft), max_tokens=1000, draft_max=4, overlap=overlap)
+    out, _, last = run(target, long_prompt, ModelDrafter(draft), max_tokens=1000, draft_max=4)
     assert last.finish_reason == "context"
     assert len(long_prompt) + len(out) == target.n_ctx
 
@@ -212,15 +200,13 @@ def test_every_row_of_a_verify_batch_is_invariant_past_256_positions(demo_models
     target.truncate(0)
 
 
-@OVERLAP
-def test_accepted_counts_only_tokens_the_answer_kept(demo_models, overlap):
+def test_accepted_counts_only_tokens_the_answer_kept(demo_models):
     """A stop string or an end token inside an accepted draft ends the answer there: what was accepted past
     it is not counted as accepted (every accepted token is one the consumer saw, marked from_draft)."""
     target, draft = demo_models
     prompt, _ = build_prompt(target, "Count from one to twenty in words, separated by commas.")
     for stop in (("seven",), ()):
-        out, from_draft, last = run(target, prompt, ModelDrafter(draft), max_tokens=80, draft_max=8,
-                                    overlap=overlap, stop=stop)
+        out, from_draft, last = run(target, prompt, ModelDrafter(draft), max_tokens=80, draft_max=8, stop=stop)
         assert last.finish_reason == "stop"
         assert sum(from_draft) == last.stats.n_accepted
 
@@ -238,28 +224,3 @@ def test_a_draft_with_a_smaller_context_stops_drafting_not_the_answer(tiny_paths
     finally:
         draft.close()
         target.close()
-
-
-def test_the_verify_worker_is_waited_for_through_more_ctrl_c(monkeypatch):
-    """A second Ctrl-C while the overlapped engine shuts its worker down must not cut the wait short (the
-    caller would then trim the target's cache under a running verify)."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    from dspark_cli import engine
-
-    pool = ThreadPoolExecutor(max_workers=1)
-    job = pool.submit(time.sleep, 0.3)
-    real_shutdown = pool.shutdown
-    calls = []
-
-    def interrupted_shutdown(wait=True):
-        calls.append(1)
-        if len(calls) <= 2:  # the first two waits are cut by Ctrl-C
-            raise KeyboardInterrupt
-        real_shutdown(wait=wait)
-
-    monkeypatch.setattr(pool, "shutdown", interrupted_shutdown)
-    with pytest.raises(KeyboardInterrupt):
-        engine._wait_for(pool)
-    assert job.done() and len(calls) == 3

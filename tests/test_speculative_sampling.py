@@ -17,7 +17,6 @@ from dspark_cli.model import Model
 from dspark_cli.prompt import build_prompt
 from dspark_cli.sampling import SamplingParams, probabilities
 
-OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
 
 
 def tokens_of(target, prompt, drafter=None, **kw):
@@ -49,7 +48,7 @@ def padded_models(request, tmp_path_factory):
     target.close()
 
 
-def joint_two_token_check(target, drafter, overlap, draws=2500):
+def joint_two_token_check(target, drafter, draws=2500):
     prompt = target.tokenize("the red hat", add_special=True)
     base = SamplingParams(temperature=1.3, top_k=4)
     p1 = probabilities(np.array(target.sync(prompt, 1)[0]), base)
@@ -62,7 +61,7 @@ def joint_two_token_check(target, drafter, overlap, draws=2500):
     drafted = accepted = 0
     for seed in range(draws):
         params = SamplingParams(temperature=1.3, top_k=4, seed=seed)
-        toks, stats = tokens_of(target, prompt, drafter, params=params, max_tokens=3, draft_max=2, overlap=overlap,
+        toks, stats = tokens_of(target, prompt, drafter, params=params, max_tokens=3, draft_max=2,
                                 fixed=True)
         counts[(toks[0], toks[1])] += 1
         drafted += stats.n_drafted
@@ -76,20 +75,18 @@ def joint_two_token_check(target, drafter, overlap, draws=2500):
     return accepted / drafted
 
 
-@OVERLAP
-def test_joint_distribution_of_two_tokens_matches_target(tiny_models, far_draft, overlap):
-    rate = joint_two_token_check(tiny_models[0], ModelDrafter(far_draft), overlap)
+def test_joint_distribution_of_two_tokens_matches_target(tiny_models, far_draft):
+    rate = joint_two_token_check(tiny_models[0], ModelDrafter(far_draft))
     assert 0.15 < rate < 0.95  # both acceptance and rejection paths were taken
 
 
 def test_joint_distribution_with_padded_vocabularies(padded_models):
     target, draft = padded_models
-    rate = joint_two_token_check(target, ModelDrafter(draft), False, draws=2000)
+    rate = joint_two_token_check(target, ModelDrafter(draft), draws=2000)
     assert 0.1 < rate < 0.98
 
 
-@OVERLAP
-def test_sampled_output_is_the_target_alones_for_the_seed(tiny_models, overlap):
+def test_sampled_output_is_the_target_alones_for_the_seed(tiny_models):
     """Every position's token is the target's own Gumbel-max pick for (seed, position): drafting changes how
     fast it comes, never which token it is. So a seed reproduces a run whatever was drafted and whatever the
     timing, and equals the target alone."""
@@ -103,7 +100,7 @@ def test_sampled_output_is_the_target_alones_for_the_seed(tiny_models, overlap):
                             (ModelDrafter(draft), {"draft_max": 6, "fixed": True}),
                             (HybridDrafter(draft), {"draft_max": 8}),  # the cost model's own choices
                             (PromptLookupDrafter(), {"draft_max": 4, "fixed": True})):
-            spec, _ = tokens_of(target, prompt, drafter, params=params, max_tokens=30, overlap=overlap, **kw)
+            spec, _ = tokens_of(target, prompt, drafter, params=params, max_tokens=30, **kw)
             assert spec == alone, (drafter.name, kw)
     other, _ = tokens_of(target, prompt, params=SamplingParams(temperature=1.0, top_p=0.9, seed=44), max_tokens=30)
     assert other != alone
@@ -116,35 +113,37 @@ def test_padded_pairs_give_the_target_alones_output(padded_models, temp):
         prompt = target.tokenize(text, add_special=True)
         params = SamplingParams(temperature=temp, seed=7)
         alone, _ = tokens_of(target, prompt, params=params, max_tokens=60)
-        for overlap in (False, True):
-            spec, stats = tokens_of(target, prompt, ModelDrafter(draft), params=params, max_tokens=60, draft_max=5,
-                                    overlap=overlap, fixed=True)
-            assert spec == alone
-            assert stats.n_drafted > 0
+        spec, stats = tokens_of(target, prompt, ModelDrafter(draft), params=params, max_tokens=60, draft_max=5, fixed=True)
+        assert spec == alone
+        assert stats.n_drafted > 0
 
 
-def test_padded_demo_pair_accepts_most_samples_at_t1(demo_paths, tmp_path):
-    """The demo draft with 64 unused tokens appended (a padded vocabulary), at temperature 1: the Gumbel
-    coupling keeps per-token acceptance (α: accepted given the drafts before it were) near what the unpadded
-    pair gets (about 0.95)."""
-    padded = pad_vocabulary(Path(demo_paths[1]), tmp_path / "padded-draft.gguf")
+def test_a_padded_draft_proposes_what_the_unpadded_one_does(demo_paths, tmp_path):
+    """The demo draft with 64 extra tokens appended (a padded vocabulary, the target's is the smaller), their
+    rows copies of tokens the answer uses (untrained padding is rarely zero), at temperature 1: the padded
+    ids must not change the draft's probabilities or noise for the shared ids, so the padded draft drafts and
+    gets accepted exactly as the unpadded one (it used to accept 19% against 85%), and the output is the
+    target alone's."""
     target = Model(demo_paths[0], role="target", n_ctx=1024)
-    draft = Model(padded, role="draft", n_ctx=1024)
+    plain = Model(demo_paths[1], role="draft", n_ctx=1024)
     try:
-        assert draft.n_vocab == target.n_vocab + 64
-        accepted = rejections = 0
-        for i, text in enumerate(["Write a short story about a robot learning to paint.",
-                                  "Explain what a hash table is to a ten year old."]):
-            prompt, _ = build_prompt(target, text)
-            params = SamplingParams(temperature=1.0, seed=i)
-            alone, _ = tokens_of(target, prompt, params=params, max_tokens=120)
-            spec, stats = tokens_of(target, prompt, ModelDrafter(draft), params=params, max_tokens=120, draft_max=6,
-                                    fixed=True, overlap=False)
-            assert spec == alone
-            accepted += sum(a for d, a in stats.rounds)
-            rejections += sum(1 for d, a in stats.rounds if a < d)
-        alpha = accepted / (accepted + rejections)
-        assert alpha >= 0.85, alpha
+        prompts = [build_prompt(target, text)[0] for text in ("Write a short story about a robot learning to paint.",
+                                                               "Explain what a hash table is to a ten year old.")]
+        used = sorted({t for p in prompts for t in tokens_of(target, p, max_tokens=60)[0]})
+        padded = Model(pad_vocabulary(Path(demo_paths[1]), tmp_path / "padded-draft.gguf",
+                                      copy_rows=(used * 64)[:64]), role="draft", n_ctx=1024)
+        try:
+            assert padded.n_vocab == target.n_vocab + 64
+            for i, prompt in enumerate(prompts):
+                params = SamplingParams(temperature=1.0, seed=i)
+                alone, _ = tokens_of(target, prompt, params=params, max_tokens=100)
+                runs = [tokens_of(target, prompt, ModelDrafter(d), params=params, max_tokens=100, draft_max=6,
+                                  fixed=True) for d in (plain, padded)]
+                assert runs[0][0] == runs[1][0] == alone
+                assert runs[1][1].rounds == runs[0][1].rounds  # the same drafts accepted, round by round
+                assert runs[0][1].acceptance_rate > 0.6
+        finally:
+            padded.close()
     finally:
-        draft.close()
+        plain.close()
         target.close()

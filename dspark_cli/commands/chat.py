@@ -257,7 +257,7 @@ class ChatSession:
             f"generated: {t.n_generated} tokens in {t.t_generation:.2f}s, {t.tokens_per_second:.1f} tok/s",
         ]
         if self.drafter is not None:
-            lines.append(f"drafting ({self.drafter.name}, {t.engine or 'sequential'} engine): acceptance {t.acceptance_rate:.1%} ({t.n_accepted}/{t.n_drafted}), "
+            lines.append(f"drafting ({self.drafter.name}): acceptance {t.acceptance_rate:.1%} ({t.n_accepted}/{t.n_drafted}), "
                          f"{t.tokens_per_step:.2f} tokens/step")
         else:
             lines.append("drafting: none (target alone)")

@@ -51,7 +51,7 @@ def _summary(stats, finish: str | None) -> str:
     line = f"{s.n_generated} tokens, {s.tokens_per_second:.1f} tok/s"
     if s.method != "target":
         acceptance = f"{s.acceptance_rate:.1%}" if s.n_drafted else "n/a (nothing drafted)"
-        line += f", acceptance {acceptance}, {s.tokens_per_step:.2f} tokens/step ({s.method}, {s.engine})"
+        line += f", acceptance {acceptance}, {s.tokens_per_step:.2f} tokens/step ({s.method})"
     else:
         line += " (target alone)"
     line += f"; prompt {s.n_prompt} tokens in {s.t_prompt:.2f}s; finish: {finish}"
