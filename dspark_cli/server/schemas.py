@@ -3,6 +3,7 @@ and writing responses, stream chunks, usage and llama-server's `timings`."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -12,8 +13,6 @@ from ..sampling import SamplingParams
 from ..stats import GenerationStats
 
 FINISH = {"stop": "stop", "length": "length", "context": "length"}  # the engine's reasons in OpenAI's words
-UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "logit_bias",
-               "response_format", "audio", "modalities", "prediction", "suffix", "echo", "best_of")
 
 
 class ApiError(Exception):
@@ -31,6 +30,57 @@ class ApiError(Exception):
 
 def bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
+
+
+def _no_tools(body: dict) -> bool:
+    return not body.get("tools") and not body.get("functions")
+
+
+# Fields dspark cannot honour, each with the values that ask for nothing (clients send them by default) and
+# what a refusal says. null is always a no-op; anything else a 400 naming the field.
+NOOP = {
+    "tools": (lambda v, b: v == [], "only an empty list: dspark serve has no tool calling"),
+    "functions": (lambda v, b: v == [], "only an empty list: dspark serve has no function calling"),
+    "tool_choice": (lambda v, b: v == "none" or (v == "auto" and _no_tools(b)),
+                    "only \"none\" (or \"auto\" without tools): dspark serve has no tool calling"),
+    "function_call": (lambda v, b: v == "none" or (v == "auto" and _no_tools(b)),
+                      "only \"none\" (or \"auto\" without functions): dspark serve has no function calling"),
+    "parallel_tool_calls": (lambda v, b: isinstance(v, bool) and _no_tools(b),
+                            "only true or false, and without tools: dspark serve has no tool calling"),
+    "logprobs": (lambda v, b: v is False, "only false: dspark serve returns no log probabilities"),
+    "top_logprobs": (lambda v, b: v == 0 and type(v) is int, "only 0: dspark serve returns no log probabilities"),
+    "logit_bias": (lambda v, b: v == {}, "only an empty object: dspark serve has no logit bias"),
+    "response_format": (lambda v, b: isinstance(v, dict) and v.get("type") == "text" and set(v) == {"type"},
+                        "only {\"type\": \"text\"}: dspark serve answers in plain text"),
+    "modalities": (lambda v, b: v == ["text"], "only [\"text\"]: dspark serve answers in text"),
+    "echo": (lambda v, b: v is False, "only false: dspark serve does not echo the prompt"),
+    "best_of": (lambda v, b: v == 1 and type(v) is int, "only 1: dspark serve generates one answer per request"),
+    "suffix": (lambda v, b: v == "", "only an empty string: dspark serve has no insertion"),
+    "audio": (lambda v, b: False, "dspark serve answers in text"),
+    "prediction": (lambda v, b: False, "dspark serve has no predicted outputs"),
+}
+UNSUPPORTED = tuple(NOOP)
+
+
+def check_text(body) -> None:
+    """A 400 for a lone surrogate (JSON's "\\ud83d" escape without its pair) in any string of the body, key or
+    value: no model can read it, and no answer could quote it back in UTF-8."""
+    stack = [(body, "the request", None)]
+    while stack:
+        value, where, param = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ApiError(400, f"{where} is not valid text: a lone surrogate {value[e.start]!r} at character "
+                               f"{e.start}", param=param, code="invalid_text") from None
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                name = k if param is None else f"{where}.{k}"  # messages[0].content
+                stack.append((k, f"a key in {where}", param))
+                stack.append((v, name, param or k))
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]", param) for i, v in enumerate(value))
 
 
 @dataclass
@@ -66,16 +116,23 @@ def _number(body: dict, name: str, default, *, kind=float, low=None, high=None, 
     return value
 
 
+def _show(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def parse(body, *, chat: bool, defaults: SamplingParams = SamplingParams(temperature=1.0)) -> GenerationRequest:
     """The request, checked; sampling fields it leaves out come from `defaults` (the server's flags)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
+    check_text(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("'model' is required (GET /v1/models lists it)", "model")
-    for name in UNSUPPORTED:
-        if body.get(name) not in (None, False, [], {}):
-            raise bad(f"'{name}' is not supported by dspark serve", name)
+    for name, (noop, accepted) in NOOP.items():
+        value = body.get(name)
+        if value is not None and not noop(value, body):
+            raise bad(f"'{name}': {_show(value)} is not supported by dspark serve ({accepted})", name)
     n = body.get("n", 1)
     if n not in (1, None):
         raise bad("'n' must be 1: dspark generates one answer per request", "n")
