@@ -15,7 +15,11 @@ from ..model import abort_hook
 
 
 class Busy(Exception):
-    """The queue is full."""
+    """The queue is full (`waiting` requests wait)."""
+
+    def __init__(self, waiting: int):
+        super().__init__(f"{waiting} requests are waiting")
+        self.waiting = waiting
 
 
 class Stopped(Exception):
@@ -34,10 +38,15 @@ class Worker:
     def waiting(self) -> int:
         return self._waiting
 
+    @property
+    def busy(self) -> bool:
+        """A request holds the models (generating, or about to)."""
+        return self._lock.locked()
+
     async def acquire(self) -> None:
         """Wait for the models (Busy right away when max_queue requests already wait)."""
         if self._lock.locked() and self._waiting >= self.max_queue:
-            raise Busy
+            raise Busy(self._waiting)
         self._waiting += 1
         try:
             await self._lock.acquire()
