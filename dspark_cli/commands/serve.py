@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from dataclasses import replace
 from typing import Annotated, Optional
 
@@ -49,12 +51,16 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--max-queue must be 0 or more, --max-body at least 1024, --max-tokens and --draft-max at least 1")
         if api_key is not None and not api_key.strip():
             raise UsageError("--api-key is empty")
+        if not host.strip():  # '' would listen on every IPv4 and IPv6 address
+            raise UsageError("--host is empty: give an address (127.0.0.1, or 0.0.0.0 for every IPv4 one)")
+        check_can_listen(host, port)  # before loading: a port in use is one line now, not after the models load
         if not is_loopback(host):
             say(f"warning: listening on {host}: anyone who can reach this address can use the models"
                 + ("" if api_key else "; set --api-key"))
 
         with open_pair(models) as pair:
             name = model_name or (models.pair or pair.target_path.stem)
+            name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # a JSON string clients can send
             worker = Worker(max_queue)
             options = ServeOptions(model_id=name, api_key=api_key, max_body=max_body, max_tokens=max_tokens,
                                    draft_max=draft_max, fixed=draft_fixed,
@@ -76,3 +82,27 @@ def register(app: typer.Typer) -> None:
             finally:
                 worker.close()
         say("stopped")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """A UsageError (exit 2) unless the server can listen on host:port: each address `host` names is bound
+    and let go the way uvicorn binds it (SO_REUSEADDR, IPv6 sockets IPv6 only), so a port another process
+    listens on, an address of another machine or a privileged port are refused before any model loads."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UsageError(f"--host {host}: not an address of this machine ({getattr(e, 'strerror', None) or e})") from None
+    for family, kind, proto, _, address in dict.fromkeys(infos):
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise UsageError(f"--port {port}: {host}:{port} is already in use (another server listens "
+                                     "there); pick another --port") from None
+                if e.errno == errno.EADDRNOTAVAIL:
+                    raise UsageError(f"--host {host}: not an address of this machine") from None
+                raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
