@@ -242,6 +242,8 @@ def test_api_key(demo_paths):
         assert got == 401 and answer["error"]["code"] == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
             s.client("wrong").models.list()
+        got, answer, _ = s.request("GET", "/v1/models", headers={"Authorization": b"Bearer \xff"})  # not text
+        assert got == 401 and answer["error"]["code"] == "invalid_api_key"
         assert s.client("sekrit").models.list().data
     finally:
         s.stop()

@@ -1,0 +1,293 @@
+"""`dspark serve` against hostile and unusual input (issue 23, round 3), through a real server process on a
+loopback port: a client that drops a whole (non-streaming) answer, API keys that are not ASCII, lone surrogates,
+unknown paths and methods, errors that must come before a stream's 200, the no-op values clients send by
+default, and a --host or --port the server cannot listen on. Every failure is OpenAI's JSON error object and
+stderr gets nothing but one log line per request."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from test_serve import DSPARK, Server, free_port, model_id
+
+openai = pytest.importorskip("openai")
+
+LOG_LINE = re.compile(r"^dspark: [A-Z]+ /\S* \d{3} · \d+\.\d\ds( · .*)?$")
+ESSAY = [{"role": "user", "content": "Write a very long essay about the history of bridges."}]
+
+
+@pytest.fixture(scope="module")
+def server(demo_paths):
+    s = Server("--max-queue", "8")
+    yield s
+    s.stop()
+
+
+def wait_for(condition, what: str, timeout: float = 300.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def new_log_lines(server, since: int, count: int) -> list[str]:
+    """The `count` lines the server logs after line `since` (one per request), once they are all there."""
+    wait_for(lambda: len(server.log) >= since + count, f"{count} log lines")
+    return [line.rstrip("\n") for line in server.log[since:]]
+
+
+def assert_only_log_lines(lines: list[str]) -> None:
+    for line in lines:
+        assert LOG_LINE.match(line), f"not a request's log line on stderr: {line!r}"
+
+
+def is_openai_error(answer) -> bool:
+    return (isinstance(answer, dict) and set(answer) == {"error"}
+            and set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"])
+
+
+# ---- 5: a non-streaming client that goes away stops its generation -------------------------------------------
+
+def raw_post(port: int, path: str, body: dict) -> socket.socket:
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return s
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": ESSAY}),
+    ("/v1/completions", {"prompt": "The history of bridges, a very long essay.\n\nChapter 1."}),
+])
+def test_a_client_that_drops_a_whole_answer_stops_its_generation(server, path, body):
+    max_tokens = 1500
+    since = len(server.log)
+    dropped = raw_post(server.port, path, {"model": model_id(server), "max_tokens": max_tokens, "temperature": 0,
+                                           **body})
+    wait_for(lambda: server.request("GET", "/health")[1]["generating"], "the generation to start")
+    served = {}
+
+    def next_request():  # queued behind the first: it runs once the models are free
+        r = server.client().chat.completions.create(model=model_id(server), max_tokens=4, temperature=0,
+                                                    messages=[{"role": "user", "content": "Hi"}])
+        served["text"] = r.choices[0].message.content
+
+    follower = threading.Thread(target=next_request)
+    follower.start()
+    wait_for(lambda: server.request("GET", "/health")[1]["waiting"] == 1, "the next request to queue")
+    dropped.close()  # the first request is generating (the next one waits for it): its client goes away
+    follower.join(timeout=300)
+    assert served.get("text")
+    wait_for(lambda: len([line for line in server.log[since:] if " POST " in line]) >= 2, "both log lines")
+    posts = [line for line in server.log[since:] if " POST " in line]
+    first = posts[0]
+    assert f"POST {path} 499" in first, first
+    generated = re.search(r"· (\d+) tokens", first)
+    assert generated is None or int(generated.group(1)) < max_tokens // 3, first  # not all 1500 of them
+
+
+def test_a_client_that_leaves_the_queue_is_never_served(server):
+    since = len(server.log)
+    streaming, _ = server.long_stream(2000)  # holds the models
+    queued = raw_post(server.port, "/v1/chat/completions", {"model": model_id(server), "max_tokens": 1500,
+                                                            "messages": ESSAY})
+    wait_for(lambda: server.request("GET", "/health")[1]["waiting"] == 1, "the second request to queue")
+    queued.close()
+    wait_for(lambda: server.request("GET", "/health")[1]["waiting"] == 0, "the queue to empty", timeout=60)
+    streaming.close()
+    wait_for(lambda: len([line for line in server.log[since:] if " POST " in line]) >= 2, "both log lines")
+    posts = [line for line in server.log[since:] if " POST " in line]
+    assert len(posts) == 2 and " 499 " in posts[0] and " tokens" not in posts[0], posts  # it left first
+
+
+# ---- 7: API keys compared as bytes ---------------------------------------------------------------------------
+
+def test_a_non_ascii_api_key_works_and_any_header_bytes_are_a_401(demo_paths):
+    s = Server("--api-key", "clé")
+    try:
+        since = len(s.log)
+        right = {"Authorization": b"Bearer " + "clé".encode()}  # what curl sends from a UTF-8 terminal
+        got, answer, _ = s.request("GET", "/v1/models", headers=right)
+        assert got == 200 and answer["data"][0]["id"]
+        got, answer, _ = s.request("POST", "/v1/chat/completions", headers=right, body={
+            "model": answer["data"][0]["id"], "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert got == 200, answer
+        for wrong in (b"Bearer cl\xe9", b"Bearer \xff", b"Bearer cle", b"\xff\xfe", b"bearer"):
+            got, answer, _ = s.request("GET", "/v1/models", headers={"Authorization": wrong})
+            assert got == 401 and is_openai_error(answer) and answer["error"]["code"] == "invalid_api_key"
+        assert s.request("GET", "/v1/models")[0] == 401
+        assert_only_log_lines(new_log_lines(s, since, 8))
+    finally:
+        s.stop()
+
+
+# ---- 8: lone surrogates, unknown paths and methods, GET /v1/models/{id} ----------------------------------------
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"model": "\ud83d", "messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ("/v1/chat/completions", {"model": "MODEL", "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages"),
+    ("/v1/chat/completions", {"model": "MODEL", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "\udfff"}]}]}, "messages"),
+    ("/v1/chat/completions", {"model": "MODEL", "stop": ["ok", "\ud800"],
+                              "messages": [{"role": "user", "content": "hi"}]}, "stop"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "a\ud800b"}, "prompt"),
+    ("/v1/completions", {"model": "MODEL", "prompt": "hi", "stream": True, "\udc00": 1}, None),
+])
+def test_lone_surrogates_are_a_400_invalid_text(server, path, body, param):
+    body = {k: (model_id(server) if v == "MODEL" else v) for k, v in body.items()}
+    since = len(server.log)
+    got, answer, headers = server.request("POST", path, body)  # json.dumps writes them as "\ud83d" escapes
+    assert got == 400 and is_openai_error(answer), answer
+    assert answer["error"]["code"] == "invalid_text" and answer["error"]["param"] == param
+    assert "not valid text" in answer["error"]["message"] and headers["content-type"] == "application/json"
+    assert_only_log_lines(new_log_lines(server, since, 1))
+
+
+@pytest.mark.parametrize("method, path, status, allow", [
+    ("GET", "/nope", 404, None),
+    ("GET", "/v1/models/no-such-model", 404, None),
+    ("OPTIONS", "/v1/chat/completions", 405, "POST"),
+    ("GET", "/v1/chat/completions", 405, "POST"),
+    ("PUT", "/v1/models", 405, "GET"),
+    ("POST", "/v1/models", 405, "GET"),
+    ("DELETE", "/health", 405, "GET"),
+])
+def test_unknown_paths_and_methods_are_openai_errors(server, method, path, status, allow):
+    since = len(server.log)
+    got, answer, headers = server.request(method, path)
+    assert got == status and is_openai_error(answer), answer
+    assert headers["content-type"] == "application/json"
+    if allow:
+        assert allow in headers["allow"].split(", ") and method in answer["error"]["message"]
+    assert_only_log_lines(new_log_lines(server, since, 1))
+
+
+def test_a_model_is_retrieved_by_its_id(server):
+    c = server.client()
+    listed = c.models.list().data[0]
+    one = c.models.retrieve(listed.id)
+    assert one.id == listed.id and one.object == "model" and one.owned_by == "dspark"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("gpt-9")
+    assert e.value.body["code"] == "model_not_found"
+
+
+# ---- 9: what can fail fails before a stream's 200 ---------------------------------------------------------------
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 5000}]}),
+    ("/v1/completions", {"prompt": "word " * 5000}),
+])
+def test_a_stream_whose_prompt_is_too_long_is_a_400_not_an_error_after_200(server, path, body):
+    since = len(server.log)
+    streamed = server.request("POST", path, {"model": model_id(server), "stream": True, **body})
+    whole = server.request("POST", path, {"model": model_id(server), **body})
+    assert streamed[0] == whole[0] == 400, streamed[1]
+    assert is_openai_error(streamed[1]) and streamed[1] == whole[1]
+    assert "context" in streamed[1]["error"]["message"]
+    assert_only_log_lines(new_log_lines(server, since, 2))
+
+
+def test_the_openai_client_gets_a_bad_request_for_a_stream_too_long(server):
+    with pytest.raises(openai.BadRequestError, match="context"):
+        stream = server.client().chat.completions.create(
+            model=model_id(server), stream=True, messages=[{"role": "user", "content": "word " * 5000}])
+        list(stream)
+    ok = server.client().chat.completions.create(model=model_id(server), stream=True, max_tokens=4,
+                                                 messages=[{"role": "user", "content": "hi"}])
+    assert "".join(c.choices[0].delta.content or "" for c in ok if c.choices)
+
+
+# ---- 10: the no-op values clients send by default ----------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+@pytest.mark.parametrize("path, fields", [
+    (CHAT, {"response_format": {"type": "text"}}),
+    (CHAT, {"tool_choice": "none"}),
+    (CHAT, {"tool_choice": "auto"}),
+    (CHAT, {"tools": [], "tool_choice": "auto"}),
+    (CHAT, {"parallel_tool_calls": True}),
+    (CHAT, {"parallel_tool_calls": False}),
+    (CHAT, {"logprobs": False, "top_logprobs": 0}),
+    (CHAT, {"logit_bias": {}}),
+    (CHAT, {"modalities": ["text"]}),
+    (CHAT, {"functions": [], "function_call": "none"}),
+    (CHAT, {"response_format": None, "tools": None, "audio": None, "prediction": None}),
+    (COMPLETIONS, {"best_of": 1}),
+    (COMPLETIONS, {"echo": False}),
+    (COMPLETIONS, {"logprobs": None, "suffix": None, "logit_bias": {}}),
+])
+def test_no_op_values_are_accepted(server, path, fields):
+    ask = {"messages": [{"role": "user", "content": "hi"}]} if path == CHAT else {"prompt": "Hello"}
+    got, answer, _ = server.request("POST", path, {"model": model_id(server), "max_tokens": 1, **ask, **fields})
+    assert got == 200, answer
+    assert answer["usage"]["completion_tokens"] == 1
+
+
+def test_the_openai_client_with_no_op_values(server):
+    r = server.client().chat.completions.create(
+        model=model_id(server), max_tokens=2, messages=[{"role": "user", "content": "hi"}],
+        response_format={"type": "text"}, tool_choice="none", logprobs=False, top_logprobs=0, logit_bias={},
+        modalities=["text"], parallel_tool_calls=False)
+    assert r.choices[0].message.content
+
+
+@pytest.mark.parametrize("path, field, value", [
+    (CHAT, "response_format", {"type": "json_object"}),
+    (CHAT, "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    (CHAT, "tool_choice", "required"),
+    (CHAT, "tool_choice", {"type": "function", "function": {"name": "f"}}),
+    (CHAT, "tools", [{"type": "function", "function": {"name": "f"}}]),
+    (CHAT, "parallel_tool_calls", "yes"),
+    (CHAT, "logprobs", True),
+    (CHAT, "top_logprobs", 3),
+    (CHAT, "logit_bias", {"50256": -100}),
+    (CHAT, "modalities", ["text", "audio"]),
+    (CHAT, "audio", {"voice": "alloy", "format": "wav"}),
+    (COMPLETIONS, "best_of", 2),
+    (COMPLETIONS, "best_of", 0),
+    (COMPLETIONS, "echo", True),
+    (COMPLETIONS, "logprobs", 1),
+    (COMPLETIONS, "suffix", "the end"),
+])
+def test_fields_that_ask_for_something_are_a_400_naming_the_field(server, path, field, value):
+    ask = {"messages": [{"role": "user", "content": "hi"}]} if path == CHAT else {"prompt": "Hello"}
+    got, answer, _ = server.request("POST", path, {"model": model_id(server), "max_tokens": 1, **ask, field: value})
+    assert got == 400 and is_openai_error(answer), answer
+    assert answer["error"]["param"] == field and f"'{field}'" in answer["error"]["message"]
+
+
+# ---- 12: a --host or --port the server cannot listen on, before any model loads -----------------------------------
+
+@pytest.mark.parametrize("host", ["", "  "])
+def test_an_empty_host_is_a_usage_error(host):
+    r = subprocess.run(DSPARK + ["serve", "--host", host, "--port", str(free_port())], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--host" in r.stderr and "loading" not in r.stderr, r.stderr
+    assert r.stderr.startswith("dspark: error:") and "listening on" not in r.stderr
+
+
+def test_a_port_in_use_is_one_line_before_loading():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(DSPARK + ["serve", "--port", str(port), "-t", "1"], capture_output=True, text=True,
+                           timeout=120)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("dspark: error:") and str(port) in lines[0], r.stderr
