@@ -17,19 +17,26 @@ with one more message) reuse both models' KV caches: only the new tokens are pro
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .engine import DEFAULT_DRAFT_MAX, Event, generate as _generate
-from .errors import UsageError
+from . import arguments as check
+from .engine import DEFAULT_DRAFT_MAX, Event, check_limits, check_prompt, generate as _generate
+from .errors import PromptError, UsageError
 from .loader import Loaded, ModelOptions, load as _load_models
 from .model import Model
-from .prompt import ChatTemplate, Continuation, tokenize_prompt
-from .sampling import SamplingParams
+from .prompt import ChatTemplate, Continuation, Rendered, min_tokens, tokenize_prompt
+from .sampling import DEFAULT_MIN_P, SamplingParams
 from .stats import GenerationStats
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+
+CLOSED = "the pair is closed"
+SUPERSEDED = ("this generation was ended by a newer one on the same pair (a Pair runs one generation at a time: "
+              "finish or close one before starting the next, or use complete() from several threads)")
 
 
 @dataclass
@@ -42,15 +49,48 @@ class Result:
     stats: GenerationStats
 
 
+class Generation:
+    """The events of one generation (what Pair.generate returns): an iterator, closed by close() or when the
+    pair starts another generation or closes. Iterating it after that raises a DsparkError instead of
+    yielding nothing, so an answer is never cut short in silence."""
+
+    def __init__(self, pair: "Pair", events: Iterator[Event]):
+        self._pair = pair
+        self._events = events
+        self._ended: str | None = None  # why it was ended from outside
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> Event:
+        with self._pair._step:  # one step at a time, whichever thread asks
+            if self._ended is not None:
+                raise UsageError(self._ended)
+            return next(self._events)
+
+    def close(self) -> None:
+        with self._pair._step:
+            self._events.close()  # its finally trims both caches to what was yielded
+
+    def _end(self, why: str) -> None:  # with the pair's step lock held
+        self._events.close()
+        self._ended = why
+
+
 class Pair:
-    """A loaded target with its drafter (a draft model, prompt lookup, both, or none). Not thread-safe: one
-    generation at a time (the models' KV caches are its state)."""
+    """A loaded target with its drafter (a draft model, prompt lookup, both, or none). One generation at a
+    time (the models' KV caches are its state): complete() calls from several threads take turns; a new
+    generation ends one left unfinished, whose next step then raises a DsparkError; after close() every
+    call does."""
 
     def __init__(self, loaded: Loaded):
         self._loaded = loaded
         self.template = ChatTemplate(loaded.target)
         self._continuation = Continuation(loaded.target)
-        self._active = None  # the generation under way, closed before the models are
+        self._active: Generation | None = None  # the generation under way, closed before the models are
+        self._closed = False
+        self._turns = threading.RLock()  # held by complete() for a whole answer: callers take turns
+        self._step = threading.RLock()  # held for each step of a generation, and to start or end one
 
     # ---- what was loaded ------------------------------------------------------------------------------
     @property
@@ -81,56 +121,101 @@ class Pair:
     # ---- prompts --------------------------------------------------------------------------------------
     def prompt_text(self, prompt: str | Sequence[Message], *, raw: bool = False, system: str | None = None) -> str:
         """The text the target sees: the chat template applied to the messages (or to one user message)."""
-        if isinstance(prompt, str):
-            if raw:
-                if system:
-                    raise UsageError("a system prompt needs the chat template; drop raw=True or the system prompt")
-                return prompt
-            messages: list[Message] = [{"role": "user", "content": prompt}]
-        else:
-            if raw:
-                raise UsageError("raw=True takes a string prompt, not chat messages")
-            messages = _checked_messages(prompt)
-        if system:
-            messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
-        return self.template.render(messages)
+        return self._render(prompt, raw, system).text
 
     def tokens(self, prompt: str | Sequence[Message], *, raw: bool = False, system: str | None = None) -> list[int]:
         """The prompt's token ids; when it extends the previous call's prompt and answer, that part's tokens are
         the very ones in the caches (re-tokenizing a conversation does not always give them back)."""
-        text = self.prompt_text(prompt, raw=raw, system=system)
+        with self._step:
+            rendered = self._render(prompt, raw, system)
+            return self._tokens(rendered, raw)
+
+    def _render(self, prompt, raw, system) -> Rendered:
+        """The prompt checked (types, valid text, what cannot fit the context) and rendered. Message text is
+        plain text: only the template writes control tokens (see prompt.py); a raw prompt's are parsed."""
+        self._check_open()
+        raw = check.flag("raw", raw)
+        system = check.text("system", system, optional=True)
+        if isinstance(prompt, str):
+            check.valid_unicode("the prompt", prompt)
+            if raw:
+                if system:
+                    raise UsageError("a system prompt needs the chat template; drop raw=True or the system prompt")
+                self._check_size([prompt], 1)
+                return Rendered(prompt)
+            messages: list[Message] = [{"role": "user", "content": prompt}]
+        else:
+            if raw:
+                raise UsageError("raw=True takes a string prompt, not chat messages")
+            messages = check.messages(prompt)
+        if system:
+            messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
+        self._check_size([m["content"] for m in messages], len(messages))
+        return self.template.render(messages)
+
+    def _check_size(self, texts: list[str], n_messages: int) -> None:
+        """What is cheap to check before the template and the tokenizer see a prompt: every message costs at
+        least a token, and text at least its bytes over the longest token's (so a paste of megabytes or 50,000
+        messages is refused at once, not after the tokenizer has worked through it)."""
+        n_ctx = self.target.n_ctx
+        if n_messages >= n_ctx:
+            raise PromptError(f"the prompt has {n_messages} messages; the context holds {n_ctx} tokens",
+                              hint="send fewer messages or raise --ctx-size")
+        at_least = min_tokens(self.target, "".join(texts))
+        if at_least >= n_ctx:
+            raise PromptError(f"the prompt is at least {at_least} tokens but the context holds {n_ctx}",
+                              hint="shorten the prompt or raise --ctx-size")
+
+    def _tokens(self, rendered: Rendered, raw: bool) -> list[int]:
         if raw:
-            return tokenize_prompt(self.target, text)
-        return self._continuation.tokens_for(text)[0]
+            return tokenize_prompt(self.target, rendered.text)
+        return self._continuation.tokens_for(rendered)[0]
 
     # ---- generating -----------------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[Message], *, max_tokens: int = 512, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.05, seed: int | None = None,
-                 stop: Sequence[str] = (), raw: bool = False, system: str | None = None,
-                 draft_max: int = DEFAULT_DRAFT_MAX, fixed: bool = False) -> Iterator[Event]:
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = DEFAULT_MIN_P, seed: int | None = None,
+                 stop: str | Sequence[str] = (), raw: bool = False, system: str | None = None,
+                 draft_max: int = DEFAULT_DRAFT_MAX, fixed: bool = False) -> Generation:
         """The answer as events (token, text, from_draft, stats; the last one has finish_reason). Greedy
         (temperature 0) gives the target's own output, token for token; sampled, the target's own output for
-        that seed. Sampling filters run in llama.cpp's order: top-k, top-p, min-p, then the temperature."""
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
-        text = self.prompt_text(prompt, raw=raw, system=system)
-        tokens = tokenize_prompt(self.target, text) if raw else self._continuation.tokens_for(text)[0]
-        return self._track(self._run(text, tokens, params, max_tokens=max_tokens, stop=tuple(stop),
-                                     draft_max=draft_max, fixed=fixed, remember=not raw))
+        that seed. Sampling filters run in llama.cpp's order: top-k, top-p, min-p, then the temperature.
+        Everything about the request is checked here, before the first event: a bad argument, invalid text
+        or a prompt too long for the context raise a DsparkError from this call."""
+        params = SamplingParams(temperature=check.number("temperature", temperature),
+                                top_k=check.integer("top_k", top_k), top_p=check.number("top_p", top_p),
+                                min_p=check.number("min_p", min_p), seed=check.integer("seed", seed, optional=True))
+        max_tokens = check.integer("max_tokens", max_tokens)
+        draft_max = check.integer("draft_max", draft_max)
+        check_limits(max_tokens, draft_max)
+        stop = check.stop_strings(stop)
+        fixed = check.flag("fixed", fixed)
+        with self._turns, self._step:
+            rendered = self._render(prompt, raw, system)
+            tokens = self._tokens(rendered, raw)
+            check_prompt(self.target, tokens)
+            return self._start(self._run(rendered.text, tokens, params, max_tokens=max_tokens, stop=stop,
+                                         draft_max=draft_max, fixed=fixed, remember=not raw))
 
     def generate_tokens(self, tokens: list[int], *, params: SamplingParams, max_tokens: int = 512,
                         stop: Sequence[str] = (), draft_max: int = DEFAULT_DRAFT_MAX, fixed: bool = False,
-                        method: str | None = None) -> Iterator[Event]:
+                        method: str | None = None) -> Generation:
         """The same from token ids the caller built (a chat keeping its own conversation state). `method`
         runs another drafter on the same models: "target" (alone), "draft", "lookup" or "hybrid"."""
-        drafter = self.drafter if method is None else self._drafter_for(method)
-        return self._track(_generate(self.target, tokens, drafter=drafter, params=params, max_tokens=max_tokens,
-                                     draft_max=draft_max, stop=tuple(stop), fixed=fixed))
+        with self._turns, self._step:
+            self._check_open()
+            drafter = self.drafter if method is None else self._drafter_for(method)
+            return self._start(_generate(self.target, tokens, drafter=drafter, params=params, max_tokens=max_tokens,
+                                         draft_max=draft_max, stop=tuple(stop), fixed=fixed))
 
-    def _track(self, events: Iterator[Event]) -> Iterator[Event]:
+    def _start(self, events: Iterator[Event]) -> Generation:  # with the step lock held
         if self._active is not None:
-            self._active.close()  # one generation at a time: a new one ends an abandoned one
-        self._active = events
-        return events
+            self._active._end(SUPERSEDED)  # one generation at a time: a new one ends an unfinished one
+        self._active = Generation(self, events)
+        return self._active
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError(CLOSED)
 
     def _drafter_for(self, method: str):
         from .drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
@@ -163,23 +248,30 @@ class Pair:
                 self._continuation.remember(text, tokens, "".join(pieces), answer)
 
     def complete(self, prompt: str | Sequence[Message], **options) -> Result:
-        """The whole answer at once; the same options as generate."""
-        tokens: list[int] = []
-        pieces: list[str] = []
-        last = None
-        for ev in self.generate(prompt, **options):
-            if ev.token is not None:
-                tokens.append(ev.token)
-            pieces.append(ev.text)
-            last = ev
-        return Result("".join(pieces), tokens, last.finish_reason, last.stats)
+        """The whole answer at once; the same options as generate. Calls from several threads take turns."""
+        with self._turns:
+            tokens: list[int] = []
+            pieces: list[str] = []
+            last = None
+            for ev in self.generate(prompt, **options):
+                if ev.token is not None:
+                    tokens.append(ev.token)
+                pieces.append(ev.text)
+                last = ev
+            return Result("".join(pieces), tokens, last.finish_reason, last.stats)
 
     # ---- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
-        if self._active is not None:
-            self._active.close()  # its finally trims the caches: it must run while the models exist
-            self._active = None
-        self._loaded.close()
+        """Free both models. A generation under way is ended first (its caches trimmed while the models
+        exist); any later call on the pair, or on a generation of it, raises a DsparkError."""
+        with self._turns, self._step:
+            if self._closed:
+                return
+            if self._active is not None:
+                self._active._end(CLOSED)
+                self._active = None
+            self._closed = True
+            self._loaded.close()
 
     def __enter__(self) -> "Pair":
         return self
@@ -188,19 +280,8 @@ class Pair:
         self.close()
 
 
-def _checked_messages(messages: Sequence[Message]) -> list[Message]:
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                "system", "user", "assistant"):
-            raise UsageError(f"message {i} must be {{'role': 'system'|'user'|'assistant', 'content': str}}, got {m!r:.80}")
-        out.append({"role": m["role"], "content": m["content"]})
-    if not out:
-        raise UsageError("no messages")
-    return out
-
-
-def load(target: str | None = None, draft: str | None = None, pair: str | None = None, *, ctx_size: int = 4096,
+def load(target: str | PathLike | None = None, draft: str | PathLike | None = None, pair: str | None = None, *,
+         ctx_size: int = 4096,
          n_gpu_layers: int | None = None, n_gpu_layers_draft: int | None = None, threads: int | None = None,
          draft_p_min: float = 0.0, lookup: bool = True, pull: bool = False, offline: bool = False,
          force: bool = False, rpc: str | None = None, rpc_draft: str | None = None,
@@ -215,13 +296,19 @@ def load(target: str | None = None, draft: str | None = None, pair: str | None =
     probability. lookup: with a draft model, use prompt-lookup matches too (the hybrid). pull: download
     models not in the cache; offline: the cache only. force: skip the memory preflight. rpc / rpc_draft:
     "HOST:PORT,..." llama.cpp RPC servers for the target's / the draft's layers; tensor_split: "3,1", the
-    devices' shares of the target. quiet: no status line on stderr.
+    devices' shares of the target. quiet: no status line on stderr. A wrong type or value is a UsageError.
     """
-    opts = ModelOptions(target=target, draft=draft, pair=pair, ctx_size=ctx_size, n_gpu_layers=n_gpu_layers,
-                        n_gpu_layers_draft=n_gpu_layers_draft, threads=threads, draft_p_min=draft_p_min,
-                        lookup=lookup, pull=pull, offline=offline, force=force, rpc=rpc, rpc_draft=rpc_draft,
-                        tensor_split=tensor_split)
-    return open_pair(opts, quiet=quiet)
+    opts = ModelOptions(
+        target=check.model_ref("target", target), draft=check.model_ref("draft", draft),
+        pair=check.text("pair", pair, optional=True), ctx_size=check.integer("ctx_size", ctx_size),
+        n_gpu_layers=check.integer("n_gpu_layers", n_gpu_layers, optional=True),
+        n_gpu_layers_draft=check.integer("n_gpu_layers_draft", n_gpu_layers_draft, optional=True),
+        threads=check.integer("threads", threads, optional=True), draft_p_min=check.number("draft_p_min", draft_p_min),
+        lookup=check.flag("lookup", lookup), pull=check.flag("pull", pull), offline=check.flag("offline", offline),
+        force=check.flag("force", force), rpc=check.text("rpc", rpc, optional=True),
+        rpc_draft=check.text("rpc_draft", rpc_draft, optional=True),
+        tensor_split=check.text("tensor_split", tensor_split, optional=True))
+    return open_pair(opts, quiet=check.flag("quiet", quiet))
 
 
 def open_pair(opts: ModelOptions, *, quiet: bool = False) -> Pair:

@@ -23,7 +23,7 @@ from pathlib import Path
 from .errors import PromptError
 from .files import open_append, write_atomic
 from .model import Model
-from .prompt import ChatTemplate, Continuation, tokenize_prompt
+from .prompt import ChatTemplate, Continuation, min_tokens, tokenize_prompt
 from .stats import Rates
 
 FINISH_ERROR = "error"  # the process is ending on a failure mid-answer (an RPC server went away)
@@ -110,25 +110,41 @@ class Conversation:
         PromptError when even the message alone does not fit; the conversation is then unchanged."""
         n_ctx = self.model.n_ctx
         user = {"role": "user", "content": user_text}
-        text = self.template.render(self._with_system(self.messages + [user]))
-        tokens, n_reusable = self._context.tokens_for(text)
+        alone = self._with_system([user])
+        if min_tokens(self.model, "".join(m["content"] for m in alone)) >= n_ctx:
+            self._too_long(min_tokens(self.model, "".join(m["content"] for m in alone)), at_least=True)
+        rendered = self.template.render(self._with_system(self.messages + [user]))
+        tokens, n_reusable = self._context.tokens_for(rendered)
         dropped = 0
-        # Dropping turns costs re-processing everything after the system prompt, so drop enough at once
-        # to leave a quarter of the context free for the turns that follow, not just this one.
-        goal = n_ctx - n_ctx // 4 if len(tokens) + reserve > n_ctx else n_ctx
-        while len(tokens) + reserve > goal and dropped * 2 < len(self.messages):
-            dropped += 1
-            text = self.template.render(self._with_system(self.messages[dropped * 2 :] + [user]))
-            tokens, n_reusable = tokenize_prompt(self.model, text), 0
+        if len(tokens) + reserve > n_ctx and self.messages:
+            # The message alone must fit before any turn is dropped for it (a huge paste is refused at once).
+            by_itself = self.template.render(alone)
+            n_alone = len(tokenize_prompt(self.model, by_itself.text, by_itself.protect))
+            if n_alone >= n_ctx:
+                self._too_long(n_alone)
+            # Dropping turns costs re-processing everything after the system prompt, so drop enough at once
+            # to leave a quarter of the context free for the turns that follow, not just this one: the fewest
+            # turns that do, found in log2(turns) tokenizations rather than one per turn.
+            goal = n_ctx - n_ctx // 4
+            lo, hi, best = 1, len(self.messages) // 2, None
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                r = self.template.render(self._with_system(self.messages[mid * 2 :] + [user]))
+                t = tokenize_prompt(self.model, r.text, r.protect)
+                if len(t) + reserve <= goal:
+                    best, hi = (mid, r, t), mid - 1
+                else:
+                    lo = mid + 1
+            if best is None:  # even with every turn dropped it leaves less than the goal: drop them all
+                r = self.template.render(alone)
+                best = (len(self.messages) // 2, r, tokenize_prompt(self.model, r.text, r.protect))
+            dropped, rendered, tokens = best
+            n_reusable = 0
         if len(tokens) >= n_ctx:
-            raise PromptError(
-                f"this message needs {len(tokens)} tokens{' with the system prompt' if self.system else ''}, "
-                f"but the context holds {n_ctx}",
-                hint="send a shorter message or raise --ctx-size",
-            )
+            self._too_long(len(tokens))
         if dropped:
             del self.messages[: dropped * 2]
-        self._pending = (user_text, text, tokens)
+        self._pending = (user_text, rendered.text, tokens)
         self.log.append(self._record("user", user_text))
         return TurnPrompt(tokens, n_reusable, dropped)
 
@@ -162,14 +178,25 @@ class Conversation:
                 self.log.pop()
 
     # ---- internals ------------------------------------------------------------------------------------
+    def _too_long(self, n: int, at_least: bool = False):
+        n_ctx = self.model.n_ctx
+        raise PromptError(
+            f"this message needs {'at least ' if at_least else ''}{n} tokens"
+            f"{' with the system prompt' if self.system else ''}, but the context holds {n_ctx}",
+            hint="send a shorter message or raise --ctx-size",
+        )
+
     def _check_system(self, text: str | None) -> None:
         """A system prompt stays in every turn: it must leave at least a quarter of the context for the
         conversation, or every message after it would fail."""
         if not text:
             return
         n_ctx = self.model.n_ctx
-        n = len(tokenize_prompt(self.model, self.template.render([{"role": "system", "content": text},
-                                                                    {"role": "user", "content": ""}])))
+        if min_tokens(self.model, text) > n_ctx - n_ctx // 4:
+            n = min_tokens(self.model, text)
+        else:
+            r = self.template.render([{"role": "system", "content": text}, {"role": "user", "content": ""}])
+            n = len(tokenize_prompt(self.model, r.text, r.protect))
         if n > n_ctx - n_ctx // 4:
             raise PromptError(
                 f"the system prompt needs {n} tokens, more than {n_ctx - n_ctx // 4} of the context's {n_ctx} "

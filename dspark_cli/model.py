@@ -336,15 +336,21 @@ class Model:
             pass
 
     # ---- vocabulary -----------------------------------------------------------------------------------
+    def _vocab(self):
+        # Every vocabulary call goes through here: after close() the pointer is freed memory (a segfault).
+        if self._model is None:
+            raise ModelFileError(f"the {self.role} model was closed")
+        return self.vocab
+
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         cap = len(data) + 16
         buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        n = llama_cpp.llama_tokenize(self._vocab(), data, len(data), buf, cap, add_special, parse_special)
         if n < 0:
             cap = -n
             buf = (llama_cpp.llama_token * cap)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+            n = llama_cpp.llama_tokenize(self._vocab(), data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
 
     def piece(self, token: int) -> bytes:
@@ -352,10 +358,10 @@ class Model:
         got = self._pieces.get(token)
         if got is None:
             buf = ctypes.create_string_buffer(64)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab(), token, buf, 64, 0, False)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+                n = llama_cpp.llama_token_to_piece(self._vocab(), token, buf, -n, 0, False)
             got = buf.raw[:n]
             self._pieces[token] = got
         return got
@@ -366,38 +372,44 @@ class Model:
     def is_eog(self, token: int) -> bool:
         got = self._eog.get(token)
         if got is None:
-            got = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+            got = bool(llama_cpp.llama_vocab_is_eog(self._vocab(), token))
             self._eog[token] = got
         return got
 
     def token_text(self, token: int) -> bytes:
-        return llama_cpp.llama_vocab_get_text(self.vocab, token) or b""
+        return llama_cpp.llama_vocab_get_text(self._vocab(), token) or b""
+
+    def token_attr(self, token: int) -> int:
+        """llama.cpp's attribute bits of a token (llama_token_attr: control, user-defined, lstrip, ...)."""
+        return int(llama_cpp.llama_vocab_get_attr(self._vocab(), token))
 
     @property
     def bos(self) -> int:
-        return llama_cpp.llama_vocab_bos(self.vocab)
+        return llama_cpp.llama_vocab_bos(self._vocab())
 
     @property
     def eos(self) -> int:
-        return llama_cpp.llama_vocab_eos(self.vocab)
+        return llama_cpp.llama_vocab_eos(self._vocab())
 
     @property
     def add_bos(self) -> bool:
-        return bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab()))
 
     @property
     def add_eos(self) -> bool:
-        return bool(llama_cpp.llama_vocab_get_add_eos(self.vocab))
+        return bool(llama_cpp.llama_vocab_get_add_eos(self._vocab()))
 
     @property
     def vocab_type(self) -> int:
-        return llama_cpp.llama_vocab_type(self.vocab)
+        return llama_cpp.llama_vocab_type(self._vocab())
 
     def chat_template(self) -> str | None:
+        self._vocab()
         raw = llama_cpp.llama_model_chat_template(self._model, None)
         return raw.decode("utf-8", errors="replace") if raw else None
 
     def metadata(self, key: str) -> str | None:
+        self._vocab()
         buf = ctypes.create_string_buffer(256)
         n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, 256)
         if n < 0:

@@ -15,6 +15,11 @@ import numpy as np
 from .errors import UsageError
 
 
+# min-p's default everywhere (the CLI's --min-p, the API, the server): llama.cpp's (llama-cli, llama-server), so
+# the same settings sample alike. Its one definition.
+DEFAULT_MIN_P = 0.05
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How tokens are chosen. The filters run in llama.cpp's order (llama-cli, llama-server), on the raw
@@ -23,7 +28,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy: the output is the target's own argmax, token for token
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     top_p: float = 1.0  # keep the smallest set holding this much probability; 1.0 = off
-    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 = off (llama.cpp's CLI: 0.05)
+    min_p: float = DEFAULT_MIN_P  # drop tokens below min_p x the top token's probability; 0 = off
     seed: int | None = None
 
     def __post_init__(self) -> None:

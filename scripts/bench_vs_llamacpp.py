@@ -177,7 +177,7 @@ def main() -> None:
     for pid in prompt_ids:
         text, n = PROMPTS[pid]
         tokens, _ = build_prompt(target, text)
-        prompts[pid] = (tokens, template.render([{"role": "user", "content": text}]), args.n or n)
+        prompts[pid] = (tokens, template.render([{"role": "user", "content": text}]).text, args.n or n)
 
     def run_one(name: str, pid: str):
         """(tokens per second, acceptance or None, output tokens or None)"""

@@ -32,7 +32,7 @@ def test_second_turn_extends_the_first_token_for_token(model):
     conv = Conversation(model, system="Be brief.")
     t1 = conv.begin_turn("What is the capital of France?", reserve=24)
     assert t1.n_reusable == 0 and t1.tokens == tokenize_prompt(model, conv.template.render(conv._with_system(
-        [{"role": "user", "content": "What is the capital of France?"}])))
+        [{"role": "user", "content": "What is the capital of France?"}])).text)
     answer = model.tokenize("The capital of France is Paris.", add_special=False, parse_special=False)
     conv.end_turn("The capital of France is Paris.", answer, "stop")
 
@@ -44,7 +44,7 @@ def test_second_turn_extends_the_first_token_for_token(model):
     tail = model.tokenize("<|im_end|>\n<|im_start|>user\nAnd of Germany?<|im_end|>\n<|im_start|>assistant\n", add_special=False)
     assert t2.tokens[t2.n_reusable :] == tail
     # And on this template it is exactly what rendering the whole conversation gives.
-    assert t2.tokens == tokenize_prompt(model, conv.template.render(conv._with_system(conv.messages + [{"role": "user", "content": "And of Germany?"}])))
+    assert t2.tokens == tokenize_prompt(model, conv.template.render(conv._with_system(conv.messages + [{"role": "user", "content": "And of Germany?"}])).text)
 
 
 def test_an_interrupted_answer_is_closed_by_the_template(model):
@@ -107,6 +107,35 @@ def test_a_message_larger_than_the_context_is_refused_without_harm(model):
         conv.begin_turn("blah " * 400, reserve=24)
     assert len(conv.messages) == 2
     assert conv.begin_turn("Still there?", reserve=24).n_reusable > 0
+
+
+def test_a_huge_message_after_many_turns_is_refused_without_retokenizing_per_turn(model):
+    """After 8 turns a 2 MB line took 16 s to refuse (3.8 s in a fresh chat): the conversation was tokenized
+    again for every turn dropped to make room. The message alone is judged first: a paste that cannot fit
+    is refused from its size alone, one that might is tokenized at most twice."""
+    conv = Conversation(model, system="Be brief.")
+    for i in range(8):
+        conv.begin_turn(f"q{i}", reserve=8)
+        _answer(conv, model, "ok")
+    assert len(conv.messages) == 16
+    sizes = []
+    real = model.tokenize
+
+    def counting(text, **kw):
+        sizes.append(len(text))
+        return real(text, **kw)
+
+    model.tokenize = counting
+    try:
+        with pytest.raises(PromptError, match="at least"):
+            conv.begin_turn("word " * 400_000, reserve=8)  # 2 MB
+        assert not [n for n in sizes if n > 10_000]  # refused on its size: never tokenized
+        with pytest.raises(PromptError, match="context holds"):
+            conv.begin_turn("word " * 2_000, reserve=8)  # 10 kB: under the size bound, over the context
+        assert len([n for n in sizes if n > 5_000]) <= 2
+    finally:
+        del model.tokenize
+    assert len(conv.messages) == 16 and conv.begin_turn("Still there?", reserve=8).n_reusable > 0
 
 
 def test_transcript_and_save_write_json_lines(tmp_path):

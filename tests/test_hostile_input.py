@@ -235,11 +235,13 @@ def test_save_writes_through_symlinks_and_refuses_special_files(demo_paths, tmp_
     target.write_text("old\n")
     link = tmp_path / "link.jsonl"
     link.symlink_to(target)
-    r = run("chat", "-n", "6", input=f"Hello!\n/save {fifo}\n/save {link}\n".encode())
+    r = run("chat", "-n", "6", input=f"Hello!\n/save! {fifo}\n/save {link}\n/save {target}\n/save! {link}\n".encode())
     err = no_traceback(r)
     assert r.stdout.strip(), err
     assert stat.S_ISFIFO(fifo.lstat().st_mode) and link.is_symlink()  # nothing replaced
     assert f"cannot write {fifo}: is not a regular file" in err
+    # /save never replaces a file that exists (it used to overwrite it silently); /save! does
+    assert f"{link} exists: /save! {link} replaces it" in err and f"{target} exists" in err
     records = [json.loads(line) for line in target.read_text().splitlines()]
     assert [r_["role"] for r_ in records] == ["user", "assistant"]
     assert r.returncode == 8  # a piped chat exits with its first failure

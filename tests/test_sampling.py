@@ -41,7 +41,7 @@ def test_top_p_on_a_large_vocabulary_matches_a_full_sort():
     rng = np.random.default_rng(3)
     for scale in (0.5, 3.0, 8.0):
         x = (rng.standard_normal(50_000) * scale).astype(np.float32)
-        p = probabilities(x, SamplingParams(temperature=1.0, top_p=0.9))
+        p = probabilities(x, SamplingParams(temperature=1.0, top_p=0.9, min_p=0.0))  # top-p alone
         z = np.exp(x.astype(np.float64) - x.max())
         z /= z.sum()
         order = np.lexsort((np.arange(len(z)), -z))
@@ -95,7 +95,7 @@ def test_the_same_noise_couples_close_distributions():
     """Draft and target pick with the same noise: for close p and q they mostly agree, as often as the Gumbel
     coupling promises (sum_i 1 / sum_j max(p_j/p_i, q_j/q_i)), and the target's pick follows p alone."""
     rng = np.random.default_rng(5)
-    params = SamplingParams(temperature=1.0)
+    params = SamplingParams(temperature=1.0, min_p=0.0)  # the whole distributions, as the formula has them
     lp = _random_logits(rng, 30)
     lq = lp + rng.standard_normal(30) * 0.2
     p, q = probabilities(lp, params), probabilities(lq, params)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..loader import ModelOptions
-from ..sampling import SamplingParams
+from ..sampling import DEFAULT_MIN_P, SamplingParams
 
 MODELS = "Models"
 SAMPLING = "Sampling"
@@ -38,7 +38,6 @@ Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed; the sa
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.", rich_help_panel=SAMPLING)]
 
 
-MIN_P = 0.05  # llama.cpp's default (llama-cli, llama-server), so the same flags sample alike
 
 # The shared options, each declared once: (parameter name, its Typer annotation, default).
 MODEL_OPTIONS = [
@@ -48,7 +47,7 @@ MODEL_OPTIONS = [
     ("offline", Offline, False), ("force", Force, False), ("rpc", Rpc, None), ("rpc_draft", RpcDraft, None),
     ("tensor_split", TensorSplit, None),
 ]
-SAMPLING_OPTIONS = [("temp", Temp, 0.0), ("top_k", TopK, 0), ("top_p", TopP, 1.0), ("min_p", MinP, MIN_P)]
+SAMPLING_OPTIONS = [("temp", Temp, 0.0), ("top_k", TopK, 0), ("top_p", TopP, 1.0), ("min_p", MinP, DEFAULT_MIN_P)]
 
 
 def shared_options(fn):
@@ -85,7 +84,7 @@ def shared_options(fn):
     return command
 
 
-def sampling_params(temp: float, top_k: int, top_p: float, seed: int | None, min_p: float = MIN_P) -> SamplingParams:
+def sampling_params(temp: float, top_k: int, top_p: float, seed: int | None, min_p: float = DEFAULT_MIN_P) -> SamplingParams:
     if seed is None:
         import secrets
 

@@ -14,6 +14,8 @@ a chat whose --transcript stopped (a full disk) with 8, after the conversation w
 
 from __future__ import annotations
 
+import os
+
 import signal
 import sys
 import time
@@ -37,13 +39,13 @@ from ..stats import GenerationStats
 from . import _options as o
 
 MASH_S = 0.5  # a Ctrl-C at the prompt this soon after one that stopped an answer does not exit
-COMMANDS = ["/help", "/reset", "/stats", "/system", "/save", "/exit"]
+COMMANDS = ["/help", "/reset", "/stats", "/system", "/save", "/save!", "/exit"]
 HELP = """\
 /help          this list
 /reset         start a new conversation (the system prompt stays)
 /stats         session totals: speed, acceptance, prompt tokens processed vs reused
 /system TEXT   set the system prompt (/system alone shows it); the next turn re-processes the context
-/save FILE     write the whole conversation to FILE as JSON lines
+/save FILE     write the whole conversation to FILE as JSON lines (a new file; /save! FILE replaces one)
 /exit          leave (also Ctrl-D, or Ctrl-C twice at the prompt)
 A line ending in \\ continues on the next line; a pasted block is one message; //text sends /text.
 Ctrl-C stops an answer and keeps what was printed."""
@@ -234,9 +236,11 @@ class ChatSession:
                     return None
                 self._log(self.conv.log[-1])
                 self.screen.note("system prompt set" + ("; the next turn re-processes the conversation" if self.conv.messages else ""))
-        elif name == "/save":
+        elif name in ("/save", "/save!"):
             if not arg:
-                self._fail(UsageError("usage: /save FILE"))
+                self._fail(UsageError(f"usage: {name} FILE"))
+            elif name == "/save" and os.path.lexists(os.path.expanduser(arg)):
+                self._fail(UsageError(f"{arg} exists: /save! {arg} replaces it, or name a new file"))
             else:
                 try:
                     path = save_records(arg, self.conv.log)
