@@ -22,17 +22,18 @@ _PUBLIC = {
     "load": "api", "Pair": "api", "Result": "api", "Event": "engine", "GenerationStats": "stats",
     "SamplingParams": "sampling", "DsparkError": "errors", "UsageError": "errors", "ModelFileError": "errors",
     "PairError": "errors", "PromptError": "errors", "DownloadError": "errors", "ResourceError": "errors",
-    "OutputError": "errors", "Interrupted": "errors",
+    "OutputError": "errors", "Interrupted": "errors", "ContextFullError": "errors", "RemoteError": "errors",
+    "Generation": "api",
 }
 __all__ = ["load", "Pair", "Result", "Event", "GenerationStats", "SamplingParams", "DsparkError", "UsageError",
            "ModelFileError", "PairError", "PromptError", "DownloadError", "ResourceError", "OutputError",
-           "Interrupted", "__version__"]
+           "Interrupted", "ContextFullError", "RemoteError", "Generation", "__version__"]
 
 if TYPE_CHECKING:  # for editors and type checkers
-    from .api import Pair, Result, load
+    from .api import Generation, Pair, Result, load
     from .engine import Event
-    from .errors import (DownloadError, DsparkError, Interrupted, ModelFileError, OutputError, PairError,
-                         PromptError, ResourceError, UsageError)
+    from .errors import (ContextFullError, DownloadError, DsparkError, Interrupted, ModelFileError, OutputError,
+                         PairError, PromptError, RemoteError, ResourceError, UsageError)
     from .sampling import SamplingParams
     from .stats import GenerationStats
 

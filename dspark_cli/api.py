@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 
 from . import arguments as check
 from .engine import DEFAULT_DRAFT_MAX, Event, check_limits, check_prompt, generate as _generate
-from .errors import PromptError, UsageError
+from .errors import ContextFullError, UsageError
 from .loader import Loaded, ModelOptions, load as _load_models
 from .model import Model
 from .prompt import ChatTemplate, Continuation, Rendered, min_tokens, tokenize_prompt
@@ -159,11 +159,11 @@ class Pair:
         messages is refused at once, not after the tokenizer has worked through it)."""
         n_ctx = self.target.n_ctx
         if n_messages >= n_ctx:
-            raise PromptError(f"the prompt has {n_messages} messages; the context holds {n_ctx} tokens",
+            raise ContextFullError(f"the prompt has {n_messages} messages; the context holds {n_ctx} tokens",
                               hint="send fewer messages or raise --ctx-size")
         at_least = min_tokens(self.target, "".join(texts))
         if at_least >= n_ctx:
-            raise PromptError(f"the prompt is at least {at_least} tokens but the context holds {n_ctx}",
+            raise ContextFullError(f"the prompt is at least {at_least} tokens but the context holds {n_ctx}",
                               hint="shorten the prompt or raise --ctx-size")
 
     def _tokens(self, rendered: Rendered, raw: bool) -> list[int]:

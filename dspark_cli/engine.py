@@ -30,7 +30,7 @@ import numpy as np
 from .costs import SOURCE_LOOKUP, SOURCE_MODEL, Plan, Planner
 from .detok import TextStream
 from .drafters import Draft, Drafter
-from .errors import PromptError, UsageError
+from .errors import ContextFullError, PromptError, UsageError
 from .machine import EXACT_BATCH_MAX
 from .model import Model
 from .sampling import Noise, SamplingParams, pick, verify
@@ -60,7 +60,7 @@ def check_prompt(target: Model, prompt: list[int]) -> None:
     if not prompt:
         raise PromptError("the prompt is empty")
     if len(prompt) >= target.n_ctx:
-        raise PromptError(
+        raise ContextFullError(
             f"the prompt is {len(prompt)} tokens but the context holds {target.n_ctx}",
             hint="shorten the prompt or raise --ctx-size",
         )

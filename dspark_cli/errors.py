@@ -37,6 +37,10 @@ class PromptError(DsparkError):
     exit_code = 5
 
 
+class ContextFullError(PromptError):
+    """A prompt longer than the context (the server's code "context_length_exceeded", as OpenAI's)."""
+
+
 class DownloadError(DsparkError):
     """A download that failed: no network, missing file, gated repo, checksum mismatch, full disk."""
 

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..console import say
-from ..errors import DsparkError, PromptError, UsageError
+from ..errors import ContextFullError, DsparkError, PromptError, UsageError
 from ..sampling import SamplingParams
 from . import schemas
 from .schemas import ApiError, GenerationRequest
@@ -179,6 +179,8 @@ def _as_api_error(e: BaseException) -> ApiError:
     if isinstance(e, Busy):
         return ApiError(429, f"the server is busy: {e.waiting} requests are waiting; retry shortly",
                         kind="rate_limit_error", code="busy", headers={"Retry-After": "2"})
+    if isinstance(e, ContextFullError):
+        return ApiError(400, e.message, code="context_length_exceeded")
     if isinstance(e, (PromptError, UsageError)):
         return ApiError(400, e.message)
     if isinstance(e, Stopped):
