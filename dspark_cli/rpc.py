@@ -11,13 +11,16 @@ hook in model.py, which names the server that went away.
 from __future__ import annotations
 
 import ctypes
+import errno
+import re
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from . import ggml
 from .errors import RemoteError, UsageError
-from .net import is_loopback
+from .net import is_ipv6_literal, is_loopback
 
 DEFAULT_PORT = 50052  # llama.cpp's rpc-server default
 MAX_SERVERS = 16  # GGML_RPC_MAX_SERVERS
@@ -25,6 +28,12 @@ PROTOCOL_MAJOR = 7  # RPC_PROTO_MAJOR_VERSION of the vendored llama.cpp: servers
 _CMD_HELLO = 14  # RPC_CMD_HELLO, fixed across protocol versions
 _CAPS_SIZE = 24  # RPC_CONN_CAPS_SIZE: the HELLO request is only this; the answer is 4 bytes + this
 PROBE_TIMEOUT = 5.0  # seconds for connect + HELLO: a busy server (it serves one client at a time) says nothing
+# After that silence, the end of an HTTP request line: a text protocol's server that was waiting for a line (an
+# HTTP server reads the HELLO as the start of its request line) answers within NUDGE_WAIT, so dspark can say
+# what is there instead of "did not answer". A busy RPC server reads it, if ever, after the probe's connection
+# closed, as a command it does not know: it drops that connection.
+_NUDGE = b" / HTTP/1.0\r\n\r\n"
+NUDGE_WAIT = 1.0
 
 NETWORK_WARNING = ("WARNING: the RPC server is experimental and not secure: anyone who can reach this port can "
                    "run code on this machine. Never expose it to an open network (llama.cpp's advice).")
@@ -49,6 +58,9 @@ def parse_endpoints(text: str, flag: str = "--rpc") -> list[Endpoint]:
         host, sep, port = item.rpartition(":")
         if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise UsageError(f"{flag}: {item!r} is not HOST:PORT (a port from 1 to 65535)")
+        if is_ipv6_literal(host):
+            raise UsageError(f"{flag}: {item!r} is an IPv6 address; llama.cpp's RPC client connects over IPv4 only",
+                             hint="give the server's IPv4 address or a host name with one (127.0.0.1 for this machine)")
         ep = Endpoint(host, int(port))
         if ep in out:
             raise UsageError(f"{flag} names {ep} twice")
@@ -58,42 +70,90 @@ def parse_endpoints(text: str, flag: str = "--rpc") -> list[Endpoint]:
     return out
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+def _read(sock: socket.socket, n: int, wait: float) -> tuple[bytes, bool]:
+    """Up to n bytes within `wait` seconds, and whether the peer closed the connection (fewer bytes then)."""
+    deadline = time.monotonic() + wait
     data = b""
     while len(data) < n:
-        chunk = sock.recv(n - len(data))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(n - len(data))
+        except (socket.timeout, TimeoutError):
+            break
+        except ConnectionResetError:
+            return data, True
         if not chunk:
-            raise ConnectionResetError("the server closed the connection")
+            return data, True
         data += chunk
-    return data
+    return data, False
+
+
+def _what_answered(data: bytes) -> str:
+    """Words for a first answer that is not llama.cpp's RPC protocol, quoting it when it is text."""
+    line = data.split(b"\n", 1)[0].rstrip(b"\r")[:80]
+    status = re.match(rb"HTTP/\d(?:\.\d)? +\d{3}(?: +[A-Za-z][A-Za-z -]*)?", line)  # the reason may quote the HELLO
+    if status or data.lstrip()[:14].lower() in (b"<!doctype html", b"<html>"):
+        return "an HTTP server answered" + (f" ({status.group().decode().strip()!r})" if status else "")
+    if line and all(32 <= b < 127 for b in line):
+        return f"something else answered ({line.decode('ascii')!r})"
+    return f"something else answered, not llama.cpp's RPC protocol (its first bytes: {data[:12].hex(' ')})"
 
 
 def probe(ep: Endpoint, timeout: float = PROBE_TIMEOUT) -> tuple[int, int, int]:
-    """Connect and say HELLO as llama.cpp's client does; the server's protocol version. RemoteError, naming the
-    server, when it cannot be reached, does not answer in time, or is not a compatible RPC server."""
+    """Connect and say HELLO as llama.cpp's client does (over IPv4, as it connects); the server's protocol
+    version. RemoteError, naming the server, when it cannot be reached, does not answer in time, or is not a
+    compatible RPC server (then what answered instead, e.g. an HTTP server)."""
     hint = f"start it there with: dspark rpc-server --port {ep.port}" + ("" if is_loopback(ep.host) else
                                                                           " --host <its address> --allow-network")
+    wrong_port = "check the port: dspark rpc-server listens on 50052 by default"
     try:
-        with socket.create_connection((ep.host, ep.port), timeout=timeout) as sock:
+        address = socket.gethostbyname(ep.host)  # IPv4 only, as llama.cpp's client resolves it
+    except (socket.gaierror, socket.herror, UnicodeError) as e:
+        raise RemoteError(f"cannot reach RPC server {ep}: unknown host, or one with no IPv4 address "
+                          f"({getattr(e, 'strerror', None) or e}); llama.cpp's RPC client connects over IPv4 "
+                          "only") from None
+    try:
+        with socket.create_connection((address, ep.port), timeout=timeout) as sock:
             sock.sendall(bytes([_CMD_HELLO]) + struct.pack("<Q", _CAPS_SIZE) + bytes(_CAPS_SIZE))
-            (size,) = struct.unpack("<Q", _recv_exactly(sock, 8))
-            if size != 4 + _CAPS_SIZE:
-                raise RemoteError(f"{ep} is not a llama.cpp RPC server (it answered something else)",
-                                  hint="check the port: dspark rpc-server listens on 50052 by default")
-            major, minor, patch = _recv_exactly(sock, size)[:3]
-    except socket.gaierror as e:
-        raise RemoteError(f"cannot reach RPC server {ep}: unknown host ({e.strerror})") from None
-    except (socket.timeout, TimeoutError):
-        raise RemoteError(f"RPC server {ep} did not answer within {timeout:g} s",
-                          hint="a server takes one client at a time: is another dspark or llama.cpp using it?") from None
+            head, closed = _read(sock, 8, timeout)
+            if not head and not closed:  # silent: busy, or a text protocol waiting for a line
+                try:
+                    sock.sendall(_NUDGE)
+                except OSError:
+                    pass
+                head, closed = _read(sock, 8, NUDGE_WAIT)
+                if not head and not closed:
+                    raise RemoteError(f"RPC server {ep} did not answer within {timeout:g} s",
+                                      hint="a server takes one client at a time: is another dspark or llama.cpp "
+                                           "using it?")
+            if not head:
+                raise RemoteError(f"{ep} closed the connection without answering llama.cpp's RPC hello: not an "
+                                  "RPC server, or one of another llama.cpp version",
+                                  hint="run the same llama.cpp version on both machines; " + wrong_port)
+            if len(head) == 8 and struct.unpack("<Q", head)[0] == 4 + _CAPS_SIZE:
+                body, _ = _read(sock, 4 + _CAPS_SIZE, timeout)
+                if len(body) == 4 + _CAPS_SIZE:
+                    major, minor, patch = body[:3]
+                    if major != PROTOCOL_MAJOR:
+                        raise RemoteError(f"RPC server {ep} speaks protocol {major}.{minor}.{patch}; this dspark's "
+                                          f"llama.cpp speaks {PROTOCOL_MAJOR}.x",
+                                          hint="run the same llama.cpp version on both machines")
+                    return major, minor, patch
+                head += body
+            elif b"\n" not in head and not closed:
+                more, _ = _read(sock, 120, NUDGE_WAIT)  # the rest of its first line, to quote it
+                head += more
+            raise RemoteError(f"{ep} is not a llama.cpp RPC server: {_what_answered(head)}", hint=wrong_port)
+    except (socket.timeout, TimeoutError):  # the connect itself
+        raise RemoteError(f"cannot reach RPC server {ep}: no answer to the connection within {timeout:g} s",
+                          hint=hint) from None
     except ConnectionRefusedError:
         raise RemoteError(f"cannot reach RPC server {ep}: connection refused", hint=hint) from None
     except OSError as e:
         raise RemoteError(f"cannot reach RPC server {ep}: {e.strerror or e}", hint=hint) from None
-    if major != PROTOCOL_MAJOR:
-        raise RemoteError(f"RPC server {ep} speaks protocol {major}.{minor}.{patch}; this dspark's llama.cpp speaks "
-                          f"{PROTOCOL_MAJOR}.x", hint="run the same llama.cpp version on both machines")
-    return major, minor, patch
 
 
 def dead_servers(endpoints: list[Endpoint], timeout: float = 1.0) -> list[tuple[Endpoint, str]]:
@@ -235,16 +295,16 @@ def pick_devices(names: list[str] | None) -> list[int]:
 
 
 def check_port_free(host: str, port: int) -> None:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise UsageError(f"--host {host}: not an address of this machine ({e.strerror})") from None
-    family, _, _, _, address = infos[0]
-    probe_sock = socket.socket(family, socket.SOCK_STREAM)
+    """Bind as llama.cpp's server will (AF_INET, SO_REUSEADDR; host an IPv4 address): UsageError when host is
+    not an address of this machine, RemoteError when the port is taken or refused."""
+    probe_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         probe_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as llama.cpp's server socket
-        probe_sock.bind(address)
+        probe_sock.bind((host, port))
     except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"--host {host} is not an address of this machine ({e.strerror})",
+                             hint="127.0.0.1 serves this machine only; 0.0.0.0 every network it is on") from None
         raise RemoteError(f"cannot listen on {host}:{port}: {e.strerror or e}",
                           hint="another rpc-server may be running there; pick another --port") from None
     finally:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -27,39 +28,74 @@ PROMPT = "List three facts about the Moon."
 pytestmark = pytest.mark.skipif(not rpc.supported(), reason="llama.cpp built without -DGGML_RPC=ON")
 
 
+def default_sigint() -> None:
+    """In a child before it runs: SIGINT as a foreground job has it. A test run in the background of a script
+    (`pytest ... &`) inherits SIGINT ignored, and a Python child started from it ignores Ctrl-C, as such a
+    background job should; a test of Ctrl-C must give its child the terminal's default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     p = subprocess.Popen(DSPARK + ["rpc-server", "--port", str(port), "--threads", "1", *extra],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, preexec_fn=default_sigint)
     endpoint = rpc.Endpoint("127.0.0.1", port)
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            rpc.probe(endpoint, timeout=2)
-            return p, str(endpoint)
-        except RemoteError:
-            if p.poll() is not None or time.monotonic() > deadline:
-                p.kill()
-                raise AssertionError(p.communicate()[1].decode())
-            time.sleep(0.2)
+    try:
+        while True:
+            try:
+                rpc.probe(endpoint, timeout=2)
+                return p, str(endpoint)
+            except RemoteError:
+                if p.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"rpc-server did not start: {end(p)[1].decode()}") from None
+                time.sleep(0.2)
+    except BaseException:
+        end(p)
+        raise
+
+
+def end(p: subprocess.Popen) -> tuple[bytes, bytes]:
+    """Kill a process a test started if it still runs (whatever the test did or failed to do), and collect what
+    it wrote."""
+    if p.poll() is None:
+        p.kill()
+    return p.communicate()
 
 
 def stop(p: subprocess.Popen) -> tuple[bytes, bytes]:
+    """Ctrl-C, as a user stops a server: it must be gone within 20 s (it is killed otherwise, and this fails)."""
     p.send_signal(signal.SIGINT)
     try:
         return p.communicate(timeout=20)
     except subprocess.TimeoutExpired:
-        p.kill()
-        raise
+        out, err = end(p)
+        raise AssertionError(f"rpc-server did not stop within 20 s of SIGINT; its log: {err.decode()[-2000:]}") from None
+
+
+@contextmanager
+def running_server(*extra: str):
+    """(process, endpoint) of a fresh rpc-server, killed on the way out whatever happened."""
+    p, endpoint = start_server(*extra)
+    try:
+        yield p, endpoint
+    finally:
+        end(p)
 
 
 @pytest.fixture(scope="module")
 def servers():
-    started = [start_server(), start_server()]
-    yield ",".join(endpoint for _, endpoint in started)
-    for p, _ in started:
-        assert stop(p)[0] == b""  # the server's log goes to stderr: stdout carries nothing
-        assert p.returncode == 0
+    started: list[tuple[subprocess.Popen, str]] = []
+    try:
+        started += [start_server(), start_server()]
+        yield ",".join(endpoint for _, endpoint in started)
+        for p, _ in started:
+            out, _ = stop(p)
+            assert out == b""  # the server's log goes to stderr: stdout carries nothing
+            assert p.returncode == 0
+    finally:
+        for p, _ in started:
+            end(p)
 
 
 def dspark(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -133,20 +169,19 @@ def test_a_silent_server_times_out_instead_of_hanging(demo_paths):
 
 def test_a_server_killed_mid_generation_ends_the_run_in_one_line(demo_paths):
     target, draft = demo_paths
-    doomed, endpoint = start_server()
-    try:
+    with running_server() as (doomed, endpoint):
         p = subprocess.Popen(DSPARK + ["run", "-m", str(target), "-d", str(draft), "--rpc", endpoint, "--temp", "0",
                                        "-n", "2000", "Write a long story about a lighthouse keeper."],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-        first = p.stdout.read(40)  # the answer is streaming: the target is generating on the server
-        assert first, p.stderr.read().decode()
-        doomed.kill()
-        killed_at = time.monotonic()
-        rest, err = p.communicate(timeout=60)
-        assert time.monotonic() - killed_at < 15
-    finally:
-        doomed.kill()
-        doomed.wait()
+        try:
+            first = p.stdout.read(40)  # the answer is streaming: the target is generating on the server
+            assert first, p.stderr.read().decode()
+            doomed.kill()
+            killed_at = time.monotonic()
+            rest, err = p.communicate(timeout=60)
+            assert time.monotonic() - killed_at < 15
+        finally:
+            end(p)
     r = subprocess.CompletedProcess(p.args, p.returncode, first + rest, err)
     one_error(r, 9, "lost the RPC server", endpoint)
     assert len(first + rest) >= 40  # what was generated stays printed
@@ -154,27 +189,57 @@ def test_a_server_killed_mid_generation_ends_the_run_in_one_line(demo_paths):
 
 def test_chat_keeps_the_answer_so_far_when_the_server_dies(demo_paths, tmp_path):
     target, draft = demo_paths
-    doomed, endpoint = start_server()
     transcript = tmp_path / "chat.jsonl"
-    try:
+    with running_server() as (doomed, endpoint):
         p = subprocess.Popen(DSPARK + ["chat", "-m", str(target), "-d", str(draft), "--rpc", endpoint, "--temp", "0",
                                        "-n", "2000", "--transcript", str(transcript)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-        p.stdin.write(b"Write a long story about a lighthouse keeper.\n")
-        p.stdin.flush()
-        first = p.stdout.read(40)
-        assert first, p.stderr.read().decode()
-        doomed.kill()
-        rest, err = p.communicate(timeout=60)
-    finally:
-        doomed.kill()
-        doomed.wait()
+        try:
+            p.stdin.write(b"Write a long story about a lighthouse keeper.\n")
+            p.stdin.flush()
+            first = p.stdout.read(40)
+            assert first, p.stderr.read().decode()
+            doomed.kill()
+            rest, err = p.communicate(timeout=60)
+        finally:
+            end(p)
     one_error(subprocess.CompletedProcess(p.args, p.returncode, first + rest, err), 9, "lost the RPC server")
     records = [json.loads(line) for line in transcript.read_text().splitlines()]
     assert records[-2]["role"] == "user"
     answer = records[-1]
     assert answer["role"] == "assistant" and answer["finish_reason"] == "error" and "RPC server" in answer["error"]
     assert answer["content"] and (first + rest).decode("utf-8", "replace").startswith(answer["content"][:20])
+
+
+@contextmanager
+def http_server(folder):
+    """A real HTTP server (python -m http.server, serving folder) on a loopback port: its endpoint, once it
+    accepts connections."""
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                          str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                assert p.poll() is None and time.monotonic() < deadline, "http.server did not start"
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        end(p)
+
+
+def test_an_http_server_on_the_port_is_named(demo_paths, tmp_path):
+    # An HTTP server reads the HELLO as the start of a request line and waits for its end: silence, like a
+    # busy server. dspark says what it found instead of "did not answer ... is another dspark using it?".
+    with http_server(tmp_path) as endpoint:
+        r = dspark("run", "-m", str(demo_paths[0]), "-d", "none", "--rpc", endpoint, "-n", "4", "hi", timeout=120)
+    line = one_error(r, 9, endpoint, "not a llama.cpp RPC server", "an HTTP server answered", "HTTP/1.")
+    assert "did not answer" not in line and "another dspark" not in r.stderr.decode()
+    assert r.stdout == b""
 
 
 # ---- flags and the server command -----------------------------------------------------------------------------
@@ -187,6 +252,10 @@ def test_chat_keeps_the_answer_so_far_when_the_server_dies(demo_paths, tmp_path)
     (["--rpc", "a:1", "--tensor-split", "0,0"], "--tensor-split"),
     (["--rpc", "a:1", "-ngl", "0"], "--n-gpu-layers 0"),
     (["-d", "none", "--rpc-draft", "a:1"], "no draft model"),
+    # llama.cpp's client connects an AF_INET socket: an IPv6 address is refused up front, not after a probe
+    (["--rpc", "[::1]:50052"], "IPv4 only"),
+    (["--rpc", "::1:50052"], "IPv4 only"),
+    (["--rpc", "127.0.0.1:50052", "--rpc-draft", "[fe80::1]:50052"], "IPv4 only"),
 ])
 def test_impossible_rpc_flags_are_usage_errors(args, fragment):
     one_error(dspark("run", *args, "hi", timeout=60), 2, fragment)
@@ -203,6 +272,12 @@ def test_tensor_split_needs_as_many_devices(servers, demo_paths):
     (["--port", "0"], 2, "--port"),
     (["--device", "NOPE"], 2, "no device NOPE"),
     (["--threads", "0"], 2, "--threads"),
+    # llama.cpp's server binds an AF_INET socket to inet_addr(host): IPv6 and host names cannot be listened on
+    (["--host", "::1"], 2, "IPv4 address only"),
+    (["--host", "[::1]"], 2, "IPv4 address only"),
+    (["--host", "::", "--allow-network"], 2, "IPv4 address only"),
+    (["--host", "rpc.example.org", "--allow-network"], 2, "IPv4 address only"),
+    (["--host", "192.0.2.1", "--allow-network"], 2, "not an address of this machine"),
 ])
 def test_rpc_server_refuses_bad_flags(args, code, fragment):
     one_error(dspark("rpc-server", *args, timeout=60), code, fragment)
@@ -215,10 +290,19 @@ def test_rpc_server_on_a_taken_port_is_one_line():
 
 
 def test_rpc_server_warns_before_listening_on_the_network():
-    p, _ = start_server("--host", "0.0.0.0", "--allow-network")  # reachable on loopback too, where it is probed
-    out, err = stop(p)
+    with running_server("--host", "0.0.0.0", "--allow-network") as (p, _):  # reachable on loopback, where probed
+        out, err = stop(p)
     assert out == b"" and p.returncode == 0
     assert "Never expose it to an open network" in err.decode()
+
+
+def test_rpc_server_on_localhost_listens_on_127_0_0_1():
+    """llama.cpp's server takes only an IPv4 address; `localhost` is this machine's 127.0.0.1 (start_server
+    probes it there), and a client's `localhost` reaches it over IPv4 as llama.cpp's would."""
+    with running_server("--host", "localhost") as (p, endpoint):
+        assert rpc.probe(rpc.Endpoint("localhost", int(endpoint.rsplit(":", 1)[1])))[0] == rpc.PROTOCOL_MAJOR
+        out, err = stop(p)
+    assert p.returncode == 0 and f"on {endpoint} " in err.decode()
 
 
 def test_keep_alive_is_set_on_a_connection():
@@ -235,16 +319,17 @@ def test_keep_alive_is_set_on_a_connection():
 def test_serve_ends_the_stream_with_an_error_when_the_server_dies(demo_paths):
     from test_serve import Server
 
-    doomed, endpoint = start_server()
-    try:
+    with running_server() as (doomed, endpoint):
         s = Server("--rpc", endpoint)
-        _, r = s.long_stream(3000)
-        doomed.kill()
-        rest = r.read().decode()
-        code = s.proc.wait(timeout=30)
-    finally:
-        doomed.kill()
-        doomed.wait()
+        try:
+            _, r = s.long_stream(3000)
+            doomed.kill()
+            rest = r.read().decode()
+            code = s.proc.wait(timeout=30)
+        finally:
+            if s.proc.poll() is None:
+                s.proc.kill()
+            s.proc.wait()
     assert '"error"' in rest and "lost the RPC server" in rest  # the client learns why its answer stopped
     assert code == 9
     errors = [line for line in "".join(s.log).splitlines() if line.startswith("dspark: error:")]
@@ -253,27 +338,25 @@ def test_serve_ends_the_stream_with_an_error_when_the_server_dies(demo_paths):
 
 def test_keep_alive_reaches_llama_cpps_own_connection(demo_paths):
     """The loader sets keepalive on the sockets llama.cpp opened to the servers: find them from outside."""
-    doomed, endpoint = start_server()
-    host, port = endpoint.split(":")
-    code = ("import dspark_cli as d, socket, os\n"
-            f"p = d.load({str(demo_paths[0])!r}, 'none', rpc={endpoint!r}, quiet=True)\n"
-            "n = 0\n"
-            "for fd in map(int, os.listdir('/proc/self/fd')):\n"
-            "    try:\n"
-            "        s = socket.socket(fileno=os.dup(fd))\n"
-            "    except OSError:\n"
-            "        continue\n"
-            "    try:\n"
-            f"        if s.type == socket.SOCK_STREAM and s.getpeername() == ({host!r}, {port}):\n"
-            "            n += s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)\n"
-            "    except OSError:\n"
-            "        pass\n"
-            "    s.close()\n"
-            "p.close()\n"
-            "print(n)\n")
-    try:
+    with running_server() as (doomed, endpoint):
+        host, port = endpoint.split(":")
+        code = ("import dspark_cli as d, socket, os\n"
+                f"p = d.load({str(demo_paths[0])!r}, 'none', rpc={endpoint!r}, quiet=True)\n"
+                "n = 0\n"
+                "for fd in map(int, os.listdir('/proc/self/fd')):\n"
+                "    try:\n"
+                "        s = socket.socket(fileno=os.dup(fd))\n"
+                "    except OSError:\n"
+                "        continue\n"
+                "    try:\n"
+                f"        if s.type == socket.SOCK_STREAM and s.getpeername() == ({host!r}, {port}):\n"
+                "            n += s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)\n"
+                "    except OSError:\n"
+                "        pass\n"
+                "    s.close()\n"
+                "p.close()\n"
+                "print(n)\n")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
-    finally:
-        stop(doomed)
+        stop(doomed)  # after a client came and went, Ctrl-C still stops it
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "1"

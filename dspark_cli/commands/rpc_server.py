@@ -16,7 +16,7 @@ from ..console import say
 from ..errors import OutputError, RemoteError, UsageError
 from ..loader import MAX_THREADS
 from ..memory import fmt_bytes
-from ..net import is_loopback
+from ..net import ipv4_listen_address, is_loopback
 
 
 def _cache_dir() -> Path:
@@ -47,15 +47,21 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
         if not host.strip():
             raise UsageError("--host is empty")
+        address = ipv4_listen_address(host.strip())
+        if address is None:  # llama.cpp's server binds an AF_INET socket to inet_addr(host): nothing else
+            raise UsageError(f"--host {host}: llama.cpp's RPC server listens on an IPv4 address only (no IPv6, "
+                             "no host names)", hint="127.0.0.1 serves this machine only; 0.0.0.0 every network "
+                             "it is on (with --allow-network)")
+        host = address
         names = [n.strip() for n in device.split(",")] if device is not None else None
         if names is not None and not all(names):
             raise UsageError(f"--device takes names separated by commas, got {device!r}")
-        if not is_loopback(host):
-            if not allow_network:
-                raise UsageError(f"--host {host} would expose this machine to the network; add --allow-network "
-                                 "if that network is trusted")
-            say(rpc.NETWORK_WARNING)
+        if not is_loopback(host) and not allow_network:
+            raise UsageError(f"--host {host} would expose this machine to the network; add --allow-network "
+                             "if that network is trusted")
         rpc.check_port_free(host, port)
+        if not is_loopback(host):
+            say(rpc.NETWORK_WARNING)
         devs = rpc.pick_devices(names)
         cache_dir = None
         if cache:
