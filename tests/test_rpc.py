@@ -305,6 +305,30 @@ def test_rpc_server_on_localhost_listens_on_127_0_0_1():
     assert p.returncode == 0 and f"on {endpoint} " in err.decode()
 
 
+def test_rpc_server_stops_on_sigterm_when_sigint_is_ignored():
+    """Started in the background of a script, a server ignores SIGINT (as every background job does there): it
+    says so, and SIGTERM stops it cleanly."""
+    port = free_port()
+    p = subprocess.Popen(DSPARK + ["rpc-server", "--port", str(port), "--threads", "1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=ENV,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                rpc.probe(rpc.Endpoint("127.0.0.1", port), timeout=2)
+                break
+            except RemoteError:
+                assert p.poll() is None and time.monotonic() < deadline, end(p)[1].decode()
+                time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=20)
+    finally:
+        end(p)
+    assert p.returncode == 0 and out == b""
+    assert "SIGTERM stops" in err.decode() and "Ctrl-C stops" not in err.decode()
+
+
 def test_keep_alive_is_set_on_a_connection():
     with socket.create_server(("127.0.0.1", 0)) as listener, \
             socket.create_connection(listener.getsockname()) as conn:

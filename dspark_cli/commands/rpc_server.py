@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -78,10 +79,24 @@ def register(app: typer.Typer) -> None:
         # llama.cpp's server prints its log on stdout; a server has no answer to print, so all of it goes to stderr
         sys.stdout.flush()
         os.dup2(sys.stderr.fileno(), 1)
-        say(f"serving {served} on {host}:{port} with {n_threads} threads; Ctrl-C stops")
-        server = threading.Thread(target=rpc.start_server, args=(rpc.Endpoint(host, port), devs),
-                                  kwargs=dict(threads=n_threads, cache_dir=str(cache_dir) if cache_dir else None),
-                                  name="rpc-server", daemon=True)
+        # A background job of a script starts with SIGINT ignored (and Python keeps it so): then only SIGTERM
+        # (or SIGHUP) stops the server, and the line says so rather than promise a Ctrl-C that does nothing.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            stops = "SIGTERM stops (SIGINT is ignored here, as in a background job)"
+        else:
+            stops = "Ctrl-C stops"
+        say(f"serving {served} on {host}:{port} with {n_threads} threads; {stops}")
+
+        def serve() -> None:
+            # The stop signals are the main thread's to handle: blocked here, the kernel never delivers them to
+            # this thread, whose accept() or recv() in llama.cpp would fail with EINTR (dropping the client, or
+            # ending the server as if it could not listen) while the main thread is still to see them.
+            if hasattr(signal, "pthread_sigmask"):
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+            rpc.start_server(rpc.Endpoint(host, port), devs, threads=n_threads,
+                             cache_dir=str(cache_dir) if cache_dir else None)
+
+        server = threading.Thread(target=serve, name="rpc-server", daemon=True)
         server.start()
         try:
             while server.is_alive():
