@@ -90,16 +90,38 @@ def test_two_turns_reuse_the_cache_and_land_in_the_transcript(tmp_path):
 
 
 def test_ctrl_c_stops_the_answer_then_chat_goes_on(tmp_path):
+    import signal
+
     transcript = tmp_path / "t.jsonl"
-    child = _spawn(tmp_path, "-n", "400", "--transcript", str(transcript))
-    child.sendline("Write a long story about a dragon who learns to bake bread.")
-    child.expect("tok/s")  # the live status line: tokens are streaming
+    # Ctrl-C as a terminal's foreground job gets it: a test run in the background of a script has SIGINT
+    # ignored, which the chat would inherit (and then ignore Ctrl-C at its prompt); a handler here, any, is
+    # the default again in the child.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        child = _spawn(tmp_path, "-n", "1000", "--transcript", str(transcript))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        _interrupt_then_go_on(child, transcript)
+    finally:
+        child.close(force=True)  # whatever happened above: the chat does not outlive the test
+
+
+def _interrupt_then_go_on(child, transcript):
+    # An answer that does not end by itself (greedy, the demo pair counts on past 1000, a token per byte or so):
+    # 1000 tokens take seconds even on a fast machine, against the milliseconds between the status line and the
+    # Ctrl-C below, loaded machine or not. (Not more: each turn reserves room for --max-tokens in the context, and
+    # the long message below must still fit.)
+    child.sendline("Write the numbers from 1 to 1000, separated by commas.")
+    # The live status line (tok/s, then the tokens so far and the seconds), which only shows while tokens
+    # stream; not the summary line after the answer, which also says tok/s.
+    child.expect(r"tok/s · [^\r\n]*\d+ tokens · [\d.]+s")
     child.sendintr()
     child.expect_exact(PROMPT)
     out = ANSI.sub("", child.before)
     assert "interrupted" in out
     printed = _summary(out)["n"]
-    assert 0 < printed < 400
+    assert 0 < printed < 1000
 
     child.sendline("What is the capital of \\")  # a trailing backslash continues the message
     child.expect_exact("... ")

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -120,17 +119,51 @@ def test_prompt_longer_than_the_context(demo_paths):
     one_error_line(dspark("run", "word " * 400, "--ctx-size", "128"), 5, "context holds")
 
 
+# An answer that never ends by itself: the demo pair counts on past 1000 (greedy, so always the same text),
+# about one byte per token, through --max-tokens close to the context.
+ENDLESS = ["Write the numbers from 1 to 1000, separated by commas.", "-c", "8192", "-n", "8000"]
+
+
+def _small_pipe() -> tuple[int, int]:
+    """A pipe that holds 4 KiB (Linux): a writer that fills it waits until the reader reads."""
+    import fcntl
+
+    r, w = os.pipe()
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    return r, w
+
+
 def test_ctrl_c_mid_answer_keeps_the_text_and_exits_130(demo_paths):
-    p = subprocess.Popen(DSPARK + ["run", "Write a long essay about the history of bridges.", "-n", "2000"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-    got = p.stdout.read(40)  # the answer is streaming
-    time.sleep(0.5)
-    p.send_signal(signal.SIGINT)
-    rest, err = p.communicate(timeout=60)
-    assert p.returncode == 130
-    assert len(got) == 40 and got.strip()
-    err = err.decode()
-    assert "interrupted after" in err and "Traceback" not in err
+    # The Ctrl-C must land mid-answer however fast or slow the machine is: the answer is far longer than the
+    # pipe, which the test stops reading once the answer streams, so dspark is still generating (or waiting to
+    # write) when the signal comes, never done. And dspark gets SIGINT as a terminal's foreground job has it: a
+    # test run in the background of a script has it ignored, which its children would inherit.
+    import threading
+
+    r, w = _small_pipe()
+    p = subprocess.Popen(DSPARK + ["run", *ENDLESS], stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.PIPE,
+                         env=ENV, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    os.close(w)
+    watchdog = threading.Timer(180, p.kill)  # a bound, should the signal be lost: the test then fails, not hangs
+    watchdog.start()
+    try:
+        with os.fdopen(r, "rb") as out:
+            got = out.read(40)  # the answer is streaming
+            p.send_signal(signal.SIGINT)
+            rest = out.read()
+        err = p.stderr.read().decode()
+        p.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        p.stderr.close()
+    assert p.returncode == 130, err
+    assert len(got) == 40 and got.startswith(b"1, 2, 3")
+    assert len(got + rest) < 8000  # stopped mid-answer, not at --max-tokens
+    assert "interrupted after" in err and "Traceback" not in err and "Exception ignored" not in err
 
 
 def test_closed_pipe_exits_quietly(demo_paths):
