@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 
 # Imported on first use, so `import dspark_cli` (and the CLI's start-up) does not load llama.cpp for nothing.
 _PUBLIC = {
-    "load": "api", "Pair": "api", "Result": "api", "Event": "engine", "GenerationStats": "stats",
-    "SamplingParams": "sampling", "DsparkError": "errors", "UsageError": "errors", "ModelFileError": "errors",
+    "load": "api", "Pair": "api", "Result": "api", "Event": "engine.loop", "GenerationStats": "engine.stats",
+    "SamplingParams": "engine.sampling", "DsparkError": "errors", "UsageError": "errors", "ModelFileError": "errors",
     "PairError": "errors", "PromptError": "errors", "DownloadError": "errors", "ResourceError": "errors",
     "OutputError": "errors", "Interrupted": "errors", "ContextFullError": "errors", "RemoteError": "errors",
     "Generation": "api",
@@ -31,11 +31,11 @@ __all__ = ["load", "Pair", "Result", "Event", "GenerationStats", "SamplingParams
 
 if TYPE_CHECKING:  # for editors and type checkers
     from .api import Generation, Pair, Result, load
-    from .engine import Event
+    from .engine.loop import Event
     from .errors import (ContextFullError, DownloadError, DsparkError, Interrupted, ModelFileError, OutputError,
                          PairError, PromptError, RemoteError, ResourceError, UsageError)
-    from .sampling import SamplingParams
-    from .stats import GenerationStats
+    from .engine.sampling import SamplingParams
+    from .engine.stats import GenerationStats
 
 
 def __getattr__(name: str):

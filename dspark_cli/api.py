@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from . import arguments as check
-from .engine import DEFAULT_DRAFT_MAX, Event, check_limits, check_prompt, generate as _generate
+from .engine.loop import DEFAULT_DRAFT_MAX, Event, check_limits, check_prompt, generate as _generate
 from .errors import ContextFullError, UsageError
 from .loader import Loaded, ModelOptions, load as _load_models
-from .model import Model
+from .llama.model import Model
 from .prompt import ChatTemplate, Continuation, Rendered, min_tokens, tokenize_prompt
-from .sampling import DEFAULT_MIN_P, SamplingParams
-from .stats import GenerationStats
+from .engine.sampling import DEFAULT_MIN_P, SamplingParams
+from .engine.stats import GenerationStats
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -218,7 +218,7 @@ class Pair:
             raise UsageError(CLOSED)
 
     def _drafter_for(self, method: str):
-        from .drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
+        from .engine.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
 
         if method == "target":
             return None

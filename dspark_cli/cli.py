@@ -16,6 +16,7 @@ import typer
 from . import __version__, signals
 from .console import closed_at_start, err_text, prepare_streams, quiet_stdout, say, write
 from .errors import DsparkError, Interrupted, OutputError, ReaderGone, ResourceError
+from .llama import process
 
 app = typer.Typer(
     name="dspark",
@@ -40,7 +41,8 @@ def _root(
 
 
 def _register_commands() -> None:
-    from .commands import bench, chat, doctor, models, pull, rpc_server, run, serve
+    from .chat import session as chat
+    from .commands import bench, doctor, models, pull, rpc_server, run, serve
 
     for module in (run, chat, serve, bench, models, pull, doctor, rpc_server):
         module.register(app)
@@ -90,6 +92,7 @@ def _error_line(message: str, hint: str | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     prepare_streams()
     signals.install()
+    process.configure()  # llama.cpp aborts as one line and an exit code, Ctrl-C during loads (llama/process.py)
     for variable in ("COLUMNS", "LINES"):  # Rich draws nothing at all in a width of 0: ignore nonsense sizes
         if not os.environ.get(variable, "80").isdigit() or int(os.environ.get(variable, "80")) < 10:
             os.environ.pop(variable, None)

@@ -6,10 +6,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .drafters import Drafter, HybridDrafter, ModelDrafter, PromptLookupDrafter
+from .engine.drafters import Drafter, HybridDrafter, ModelDrafter, PromptLookupDrafter
 from .console import say
 from .errors import UsageError
-from .model import Model
+from .llama.model import Model
 
 MAX_CTX = 2**31 - 1
 MAX_THREADS = 512  # GGML_MAX_N_THREADS
@@ -36,7 +36,7 @@ class ModelOptions:
     tensor_split: str | None = None  # "3,1": each device's share of the target's layers
 
     def rpc_endpoints(self, draft: bool = False):
-        from .rpc import parse_endpoints
+        from .llama.rpc import parse_endpoints
 
         text = self.rpc_draft if draft else self.rpc
         return parse_endpoints(text, "--rpc-draft" if draft else "--rpc") if text is not None else []
@@ -97,7 +97,7 @@ def _gpu_layers(requested: int | None, servers: list) -> int:
     RPC servers), else none."""
     if requested is not None:
         return requested
-    from .ggml import local_accelerators
+    from .llama.ggml import local_accelerators
 
     return 999 if servers or local_accelerators() else 0
 
@@ -119,8 +119,8 @@ class Placement:
 def placement(opts: ModelOptions, *, draft: bool) -> Placement:
     """Connects to the model's RPC servers (RemoteError when one cannot be reached) and lists its devices:
     the servers' first, then this machine's GPUs, as llama.cpp orders them for --rpc."""
-    from .ggml import local_accelerators
-    from .rpc import server_devices
+    from .llama.ggml import local_accelerators
+    from .llama.rpc import server_devices
 
     servers = opts.rpc_endpoints(draft=draft)
     ngl = _gpu_layers(opts.n_gpu_layers_draft if draft else opts.n_gpu_layers, servers)
@@ -141,13 +141,13 @@ def resolve_paths(opts: ModelOptions) -> tuple[Path, Path | str | None]:
     """(target path, draft path or "lookup" or None) after registry/hub resolution."""
     target_ref, draft_ref = opts.target, opts.draft
     if opts.pair:
-        from .refs import resolve_pair
+        from .models.refs import resolve_pair
 
         pair_target, pair_draft = resolve_pair(opts.pair)
         target_ref = pair_target
         draft_ref = draft_ref if draft_ref in (DRAFT_NONE, DRAFT_LOOKUP) else pair_draft
     if target_ref is None:
-        from .demo import demo_pair
+        from .models.demo import demo_pair
 
         demo_target, demo_draft = demo_pair()
         target_path = demo_target
@@ -163,7 +163,7 @@ def resolve_paths(opts: ModelOptions) -> tuple[Path, Path | str | None]:
 
 
 def _resolve(ref: str, opts: ModelOptions) -> Path:
-    from .refs import resolve_model
+    from .models.refs import resolve_model
 
     return resolve_model(ref, pull=opts.pull, offline=opts.offline)
 
@@ -177,8 +177,8 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
     where = placement(opts, draft=False)
     where_draft = placement(opts, draft=True)
     servers = where.servers + [ep for ep in where_draft.servers if ep not in where.servers]
-    from .memory import preflight
-    from .rpc import remote_memory
+    from .llama.memory import preflight
+    from .llama.rpc import remote_memory
 
     preflight(target_path, draft_path, n_ctx=opts.ctx_size, n_gpu_layers=where.n_gpu_layers,
               n_gpu_layers_draft=where_draft.n_gpu_layers, force=opts.force,
@@ -197,7 +197,7 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
     drafter: Drafter | None = None
     try:
         if draft_path is not None:
-            from .vocab import check_pair
+            from .llama.vocab import check_pair
 
             draft_model = Model(draft_path, role="draft", n_ctx=opts.ctx_size, n_threads=opts.threads,
                                 **where_draft.model_args())
@@ -211,7 +211,7 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
         target.close()
         raise
     if where.servers or where_draft.servers:
-        from .rpc import keep_alive
+        from .llama.rpc import keep_alive
 
         keep_alive(servers)
     return Loaded(target, drafter, draft_model, target_path, draft_path)

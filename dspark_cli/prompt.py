@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import DsparkError, PromptError
-from .model import Model
+from .llama.model import Model
 
 # llama.cpp's token attributes (llama.h): the tokens its tokenizer only parses with parse_special=True, and
 # the ones that swallow whitespace beside them.

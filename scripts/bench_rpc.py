@@ -127,7 +127,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import dspark_cli as dspark
-    from dspark_cli.sampling import SamplingParams
+    from dspark_cli.engine.sampling import SamplingParams
 
     target, draft = args.target, args.draft
     if args.real:
@@ -136,12 +136,12 @@ def main() -> None:
 
         target, draft = map(str, real_pair())
     if target is None:
-        from dspark_cli.demo import demo_pair
+        from dspark_cli.models.demo import demo_pair
 
         target, draft = map(str, demo_pair())
 
     delays = [float(d) for d in args.delays.split(",")]
-    from dspark_cli.model import default_threads
+    from dspark_cli.llama.backend import default_threads
 
     client_threads = args.client_threads or max(1, default_threads() - args.server_threads)
     servers, pairs = [], {}

@@ -36,10 +36,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dspark_cli.demo import demo_pair  # noqa: E402
-from dspark_cli.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter  # noqa: E402
-from dspark_cli.engine import generate  # noqa: E402
-from dspark_cli.model import Model  # noqa: E402
+from dspark_cli.models.demo import demo_pair  # noqa: E402
+from dspark_cli.engine.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter  # noqa: E402
+from dspark_cli.engine.loop import generate  # noqa: E402
+from dspark_cli.llama.model import Model  # noqa: E402
 from dspark_cli.prompt import ChatTemplate, build_prompt  # noqa: E402
 from kernel_costs import lib_env  # noqa: E402
 
@@ -88,8 +88,8 @@ def dspark_once(target: Model, drafter, tokens: list[int], n: int, **kw):
 
 _STOCK = """
 import json, sys
-from dspark_cli.engine import generate
-from dspark_cli.model import Model
+from dspark_cli.engine.loop import generate
+from dspark_cli.llama.model import Model
 t = Model(sys.argv[1], role="target", n_ctx=int(sys.argv[2]))
 tokens = json.loads(sys.argv[3])
 for n in (16, int(sys.argv[4])):  # a warm-up, then the timed one

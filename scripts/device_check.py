@@ -156,7 +156,7 @@ def measure(model, tokens: list[int], reps: int, max_batch: int) -> dict:
 
 def choices(target_fig: dict, draft_fig: dict, draft_max: int) -> dict:
     """What dspark's cost model picks with these costs, at a few acceptance rates."""
-    from dspark_cli.costs import SOURCE_MODEL, Planner
+    from dspark_cli.engine.costs import SOURCE_MODEL, Planner
 
     out = {}
     for alpha in (0.6, 0.8, 0.9):
@@ -180,9 +180,9 @@ def choices(target_fig: dict, draft_fig: dict, draft_max: int) -> dict:
 
 def identity(target_path: Path, ngl: int, n_ctx: int, max_tokens: int) -> dict:
     """Greedy: the target alone, then the target drafting for itself (acceptance 1: full verify batches)."""
-    from dspark_cli.drafters import ModelDrafter
-    from dspark_cli.engine import generate
-    from dspark_cli.model import Model
+    from dspark_cli.engine.drafters import ModelDrafter
+    from dspark_cli.engine.loop import generate
+    from dspark_cli.llama.model import Model
 
     target = Model(target_path, role="target", n_ctx=n_ctx, n_gpu_layers=ngl)
     draft = Model(target_path, role="draft", n_ctx=n_ctx, n_gpu_layers=ngl)
@@ -214,8 +214,8 @@ def main() -> None:
 
     import llama_cpp
 
-    from dspark_cli.machine import gpu_summary, llama_info
-    from dspark_cli.model import Model
+    from dspark_cli.llama.machine import gpu_summary, llama_info
+    from dspark_cli.llama.model import Model
 
     gpu = gpu_summary()
     ngl = args.ngl if args.ngl is not None else (999 if gpu.get("offload") else 0)

@@ -55,7 +55,7 @@ def measure(path: str, threads: int | None, positions: int) -> dict:
     """In this process, with whichever llama.cpp it loaded."""
     import numpy as np
 
-    from dspark_cli.model import Model
+    from dspark_cli.llama.model import Model
 
     m = Model(path, role="target", n_ctx=2048, n_batch=512, n_threads=threads)
     prompt = prompt_tokens(positions)
@@ -91,7 +91,7 @@ def measure(path: str, threads: int | None, positions: int) -> dict:
 
 def measure_decode(path: str, threads: int | None) -> dict:
     """One-token decoding only: 40 tokens after a 64-token prompt, the first 4 left out (warm-up)."""
-    from dspark_cli.model import Model
+    from dspark_cli.llama.model import Model
 
     m = Model(path, role="target", n_ctx=1024, n_batch=512, n_threads=threads)
     tokens = prompt_tokens(104)

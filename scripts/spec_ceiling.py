@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 from dspark_cli.bench.stats import overlapped_ceiling, sequential_ceiling
-from dspark_cli.demo import demo_pair
-from dspark_cli.engine import split_threads
-from dspark_cli.model import Model
+from dspark_cli.models.demo import demo_pair
+from dspark_cli.engine.loop import split_threads
+from dspark_cli.llama.model import Model
 from dspark_cli.prompt import build_prompt
 
 PROMPT = "Write a short story about a robot learning to paint."

@@ -16,14 +16,14 @@ from synthetic import make_pair  # noqa: E402
 
 @pytest.fixture(scope="session")
 def demo_paths():
-    from dspark_cli.demo import demo_pair
+    from dspark_cli.models.demo import demo_pair
 
     return demo_pair()  # (target, draft)
 
 
 @pytest.fixture(scope="session")
 def demo_models(demo_paths):
-    from dspark_cli.model import Model
+    from dspark_cli.llama.model import Model
 
     target = Model(demo_paths[0], role="target", n_ctx=2048)
     draft = Model(demo_paths[1], role="draft", n_ctx=2048)
@@ -39,7 +39,7 @@ def tiny_paths(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_paths):
-    from dspark_cli.model import Model
+    from dspark_cli.llama.model import Model
 
     target = Model(tiny_paths[0], role="target", n_ctx=512)
     draft = Model(tiny_paths[1], role="draft", n_ctx=512)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import dspark_cli as dspark
-from dspark_cli.engine import generate
+from dspark_cli.engine.loop import generate
 from dspark_cli.prompt import control_tokens, tokenize_prompt, tokenize_text
 
 
@@ -235,7 +235,7 @@ def test_one_default_for_min_p(pair):
     """The engine's SamplingParams and the API sampled differently by default (min_p 0.0 against 0.05)."""
     import inspect
 
-    from dspark_cli.sampling import DEFAULT_MIN_P, SamplingParams
+    from dspark_cli.engine.sampling import DEFAULT_MIN_P, SamplingParams
 
     assert SamplingParams().min_p == DEFAULT_MIN_P == inspect.signature(pair.generate).parameters["min_p"].default
     tokens = pair.tokens("Tell me a story.")

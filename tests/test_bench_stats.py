@@ -12,8 +12,8 @@ from dspark_cli.bench.stats import (
     Cell, RunRecord, check_identity, compare, expected_tokens, first_difference, overlapped_ceiling,
     predicted_speedup, record_from_events, sequential_ceiling, summarize,
 )
-from dspark_cli.engine import Event
-from dspark_cli.stats import GenerationStats
+from dspark_cli.engine.loop import Event
+from dspark_cli.engine.stats import GenerationStats
 
 
 def recorded(rounds, *, t_draft_step=0.0, t_target_step=0.01, n_prompt=10, first_token=100, method="draft"):

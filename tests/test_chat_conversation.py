@@ -8,16 +8,16 @@ import json
 
 import pytest
 
-from dspark_cli.chat_ui import status_line, summary_line
-from dspark_cli.conversation import Conversation, Transcript, save_records
+from dspark_cli.views import status_line, summary_line
+from dspark_cli.chat.conversation import Conversation, Transcript, save_records
 from dspark_cli.errors import PromptError
 from dspark_cli.prompt import tokenize_prompt
-from dspark_cli.stats import GenerationStats
+from dspark_cli.engine.stats import GenerationStats
 
 
 @pytest.fixture(scope="module")
 def model(demo_paths):
-    from dspark_cli.model import Model
+    from dspark_cli.llama.model import Model
 
     m = Model(demo_paths[1], role="target", n_ctx=256, n_threads=1)
     yield m

@@ -55,7 +55,7 @@ def test_json_output(demo_paths):
 
 
 def test_piped_stdin_is_appended_to_the_argument(demo_paths):
-    from dspark_cli.model import Model
+    from dspark_cli.llama.model import Model
 
     vocab = Model(demo_paths[0], vocab_only=True)
     expected = len(vocab.tokenize("Summarize:\n\nThe cat sat on the mat.", add_special=False))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from dspark_cli.costs import (EXPLORE_K, SOURCE_LOOKUP, SOURCE_MODEL, Acceptance, Planner, StepCosts)
+from dspark_cli.engine.costs import (EXPLORE_K, SOURCE_LOOKUP, SOURCE_MODEL, Acceptance, Planner, StepCosts)
 
 V1 = 0.030  # a 30 ms one-token target step
 
@@ -55,7 +55,7 @@ def test_the_first_rounds_time_two_plain_steps_then_a_short_draft():
 
 
 def test_a_plain_step_now_and_then_keeps_the_yardstick_current():
-    from dspark_cli.costs import REFRESH_ROUNDS
+    from dspark_cli.engine.costs import REFRESH_ROUNDS
 
     p = told(Planner(8, True, False), {n: gpu_like(n) for n in range(1, 10)}, draft=0.05 * V1)
     accept(p, SOURCE_MODEL, 0.9)

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from dspark_cli import demo
-from dspark_cli.model import Model
-from dspark_cli.vocab import check_pair_files
+from dspark_cli.llama.model import Model
+from dspark_cli.llama.vocab import check_pair_files
 
 
 def test_first_use_fetches_and_builds_then_caches(tmp_path, monkeypatch):

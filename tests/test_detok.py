@@ -1,7 +1,7 @@
 """Incremental detokenization: UTF-8 characters split across tokens are never printed broken, and stop
 strings are never printed, not even in part."""
 
-from dspark_cli.detok import TextStream
+from dspark_cli.engine.detok import TextStream
 
 TEXT = "naïve café — 🎉🚀 日本語のテキスト, Ελληνικά, ∑∫√ and emoji 👩‍💻 at the end"
 

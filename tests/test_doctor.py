@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import LoopbackHub, write_tiny_gguf  # noqa: E402
 
-from dspark_cli.machine import machine_info  # noqa: E402
+from dspark_cli.llama.machine import machine_info  # noqa: E402
 
 
 
@@ -42,18 +42,18 @@ def test_machine_info_is_this_machine():
 
 
 def test_patch_marker_written_by_install_sh(tmp_path):
-    from dspark_cli.machine import _dspark_patches
+    from dspark_cli.llama.kernels import dspark_patches
 
-    assert _dspark_patches(str(tmp_path)) is None  # not installed by scripts/install.sh: unknown
+    assert dspark_patches(str(tmp_path)) is None  # not installed by scripts/install.sh: unknown
     (tmp_path / ".dspark-patches").write_text("")
-    assert _dspark_patches(str(tmp_path)) == []  # built stock (DSPARK_LLAMA_PATCHES=0)
+    assert dspark_patches(str(tmp_path)) == []  # built stock (DSPARK_LLAMA_PATCHES=0)
     (tmp_path / ".dspark-patches").write_text("dspark-cpu-kernels\n")
-    assert _dspark_patches(str(tmp_path)) == ["dspark-cpu-kernels"]
+    assert dspark_patches(str(tmp_path)) == ["dspark-cpu-kernels"]
 
 
 def test_kernel_advice_names_what_a_build_lacks():
     from dspark_cli.commands.doctor import kernel_advice
-    from dspark_cli.machine import KERNEL_PATCHES
+    from dspark_cli.llama.kernels import KERNEL_PATCHES
 
     every = list(KERNEL_PATCHES)
     assert kernel_advice(every, "none", ["avx2"]) == []
@@ -66,7 +66,7 @@ def test_kernel_advice_names_what_a_build_lacks():
 def test_the_kernel_list_matches_the_patches_shipped():
     from pathlib import Path
 
-    from dspark_cli.machine import KERNEL_PATCHES
+    from dspark_cli.llama.kernels import KERNEL_PATCHES
 
     folder = Path(__file__).parent.parent / "scripts" / "llama-cpp-patches"
     shipped = sorted(p.stem for p in folder.glob("*.patch"))

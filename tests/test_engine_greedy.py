@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from dspark_cli.demo import requantize
-from dspark_cli.drafters import ModelDrafter
-from dspark_cli.engine import generate
-from dspark_cli.model import Model
+from dspark_cli.llama.quantize import requantize
+from dspark_cli.engine.drafters import ModelDrafter
+from dspark_cli.engine.loop import generate
+from dspark_cli.llama.model import Model
 from dspark_cli.prompt import build_prompt
 
 DEMO_PROMPTS = [
@@ -52,7 +52,7 @@ def test_demo_pair_greedy_is_identical_to_target_alone(demo_models, text):
 def test_a_long_draft_max_is_capped_at_the_exact_batch_size(demo_models):
     """Verify batches above EXACT_BATCH_MAX tokens would take llama.cpp's prompt kernels, which sum in another
     order: --draft-max 40 drafts at most 15 tokens a step, and the answer stays the target alone's."""
-    from dspark_cli.machine import EXACT_BATCH_MAX
+    from dspark_cli.llama.kernels import EXACT_BATCH_MAX
 
     target, draft = demo_models
     prompt, _ = build_prompt(target, "Count from one to forty in words, separated by commas.")

@@ -451,7 +451,7 @@ def test_an_abort_inside_llama_cpp_is_one_line_and_exit_1(tiny_paths):
     says why in one line and exits 1 instead of dumping core or a backtrace onto stdout."""
     code = ("import ctypes, glob, os, sys\n"
             "import llama_cpp\n"
-            "from dspark_cli.model import Model\n"
+            "from dspark_cli.llama.model import Model\n"
             f"Model({str(tiny_paths[0])!r}, vocab_only=True)\n"
             "print('text already printed', flush=True)\n"
             "maps = open('/proc/self/maps').read().split()\n"

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dspark_cli.demo import requantize
-from dspark_cli.model import Model
+from dspark_cli.llama.quantize import requantize
+from dspark_cli.llama.model import Model
 from dspark_cli.prompt import build_prompt
 
 
@@ -93,7 +93,7 @@ def test_f16_tiles_agree_with_llama_cpps_own_f16_kernel(f16_target, text):
     llama.cpp's own F16 kernel: the last 12 positions of one 28-token batch against the same positions as a
     batch of 12 after the same 16-token prefix. They differ in summation order, and llama.cpp's kernel rounds
     the activations to F16, so a small difference and the same top tokens."""
-    from dspark_cli.machine import EXACT_BATCH_MAX
+    from dspark_cli.llama.kernels import EXACT_BATCH_MAX
 
     n = 12
     seq = text[-(EXACT_BATCH_MAX + n):]
@@ -169,9 +169,9 @@ def test_the_q4_k_m_copy_holds_both_tiled_types(kquant_path):
 
 
 def test_the_build_carries_the_dspark_kernels():
-    from dspark_cli.machine import _dspark_patches
+    from dspark_cli.llama.kernels import dspark_patches
 
-    patches = _dspark_patches()
+    patches = dspark_patches()
     if patches is None or os.environ.get("DSPARK_LLAMA_PATCHES") == "0":
         pytest.skip("llama-cpp-python was not built by scripts/install.sh with dspark's patches")
     assert {"dspark-kquant-tiles", "dspark-prefill-fast-paths", "dspark-q5_K-tiles", "dspark-q8_0-tiles",
@@ -189,9 +189,9 @@ def test_prompts_take_llama_cpps_fast_kernels(kquant_path):
     """dspark-prefill-fast-paths keeps llama.cpp's batch kernels (llamafile sgemm, the tiled K-quant matmul) for
     batches above 16 tokens, prompts: there the logits are llama.cpp's fast ones, a little apart from one-token
     decoding. Were the fast kernels not engaged (gated off, or built out), prompts would cost up to twice as much."""
-    from dspark_cli.machine import EXACT_BATCH_MAX, _dspark_patches
+    from dspark_cli.llama.kernels import EXACT_BATCH_MAX, dspark_patches
 
-    if "dspark-prefill-fast-paths" not in (_dspark_patches() or []) or os.environ.get("DSPARK_FAST_KERNELS") == "1":
+    if "dspark-prefill-fast-paths" not in (dspark_patches() or []) or os.environ.get("DSPARK_FAST_KERNELS") == "1":
         pytest.skip("this llama.cpp was not built with dspark-prefill-fast-paths")
     model = Model(kquant_path, role="target", n_ctx=512)
     try:

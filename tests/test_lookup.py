@@ -1,7 +1,7 @@
 """The prompt-lookup drafter: n-gram matching over the prompt and the text so far."""
 
-from dspark_cli.drafters import PromptLookupDrafter, lookup
-from dspark_cli.engine import generate
+from dspark_cli.engine.drafters import PromptLookupDrafter, lookup
+from dspark_cli.engine.loop import generate
 from dspark_cli.prompt import build_prompt
 
 

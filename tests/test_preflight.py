@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import write_tiny_gguf  # noqa: E402
 
 from dspark_cli.errors import ModelFileError, ResourceError
-from dspark_cli.memory import COMPUTE_FIXED, N_BATCH, estimate, plan, preflight, read_shape
+from dspark_cli.llama.memory import COMPUTE_FIXED, N_BATCH, estimate, plan, preflight, read_shape
 
 
 def test_kv_cache_formula(tmp_path):
@@ -65,7 +65,7 @@ def test_force_goes_ahead(tmp_path):
 
 
 def test_gpu_layers_without_a_gpu_backend_count_as_ram(tmp_path):
-    from dspark_cli.machine import gpu_summary
+    from dspark_cli.llama.machine import gpu_summary
 
     t = write_tiny_gguf(tmp_path / "t.gguf")
     cpu_only = {"backend": "none", "offload": False, "vram_free": None}

@@ -220,7 +220,7 @@ def test_disk_full_during_download_maps_to_download_error():
     import errno
 
     from dspark_cli.errors import DownloadError
-    from dspark_cli.hub import _download_error
+    from dspark_cli.models.hub import _download_error
 
     e = _download_error(OSError(errno.ENOSPC, "No space left on device"), "org/repo", "m.gguf")
     assert isinstance(e, DownloadError) and "disk filled up" in e.message
@@ -229,7 +229,7 @@ def test_disk_full_during_download_maps_to_download_error():
 def test_run_style_resolution_never_downloads_silently(hub, tmp_path):
     hub.add_file("org/repo", "lazy.gguf", b"GGUF" + b"\0" * 100)
     env = hub.env(tmp_path)
-    code = ("from dspark_cli.refs import resolve_model\n"
+    code = ("from dspark_cli.models.refs import resolve_model\n"
             "from dspark_cli.errors import DsparkError\n"
             "try:\n    resolve_model('org/repo:lazy.gguf')\nexcept DsparkError as e:\n    print(e.message)\n"
             "print(resolve_model('org/repo:lazy.gguf', pull=True))\n")

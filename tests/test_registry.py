@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from dspark_cli.errors import ModelFileError, UsageError
-from dspark_cli.refs import ModelRef, parse_ref, resolve_model, resolve_pair
-from dspark_cli.registry import load_registry, packaged_registry_path
+from dspark_cli.models.refs import ModelRef, parse_ref, resolve_model, resolve_pair
+from dspark_cli.models.registry import load_registry, packaged_registry_path
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats as sps
 
 from dspark_cli.errors import UsageError
-from dspark_cli.sampling import Noise, SamplingParams, pick, probabilities, verify
+from dspark_cli.engine.sampling import Noise, SamplingParams, pick, probabilities, verify
 
 
 def test_probabilities_temperature_top_k_top_p():

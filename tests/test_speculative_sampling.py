@@ -11,11 +11,11 @@ import pytest
 from scipy import stats as sps
 from synthetic import make_padded_pair, pad_vocabulary, perturbed, vocab, weights, write_model
 
-from dspark_cli.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
-from dspark_cli.engine import generate
-from dspark_cli.model import Model
+from dspark_cli.engine.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
+from dspark_cli.engine.loop import generate
+from dspark_cli.llama.model import Model
 from dspark_cli.prompt import build_prompt
-from dspark_cli.sampling import SamplingParams, probabilities
+from dspark_cli.engine.sampling import SamplingParams, probabilities
 
 
 

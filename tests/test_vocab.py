@@ -4,7 +4,7 @@ import pytest
 from synthetic import vocab, weights, write_model
 
 from dspark_cli.errors import PairError
-from dspark_cli.vocab import check_pair_files
+from dspark_cli.llama.vocab import check_pair_files
 
 
 def test_demo_pair_pairs(demo_paths):

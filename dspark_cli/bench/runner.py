@@ -19,12 +19,12 @@ import numpy as np
 from .prompts import BenchPrompt
 from .stats import (BASELINE, Mismatch, RunRecord, check_identity, parse_variant, record_from_events, summarize,
                           variant_name)
-from ..drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
-from ..engine import generate
+from ..engine.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
+from ..engine.loop import generate
 from ..errors import PromptError, UsageError
 from ..loader import Loaded
 from ..prompt import build_prompt
-from ..sampling import SamplingParams
+from ..engine.sampling import SamplingParams
 
 METHOD_HYBRID = "hybrid"  # the draft model and prompt lookup: what `dspark run` uses with a draft model
 METHOD_DRAFT = "draft"  # the draft model alone (--no-lookup)

@@ -5,8 +5,9 @@ change the figures (context, GPU layers, threads)."""
 from __future__ import annotations
 
 from ..loader import Loaded, ModelOptions
-from ..ggml import local_accelerators
-from ..model import Model, default_threads
+from ..llama.ggml import local_accelerators
+from ..llama.backend import default_threads
+from ..llama.model import Model
 
 
 def _ftype_names() -> dict[int, str]:
@@ -39,7 +40,7 @@ def model_info(model: Model) -> dict:
 
 
 def _machine() -> dict:
-    from ..machine import machine_info
+    from ..llama.machine import machine_info
 
     try:
         return machine_info()

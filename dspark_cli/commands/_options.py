@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..loader import ModelOptions
-from ..sampling import DEFAULT_MIN_P, SamplingParams
+from ..engine.sampling import DEFAULT_MIN_P, SamplingParams
 
 MODELS = "Models"
 SAMPLING = "Sampling"

@@ -17,11 +17,11 @@ from ..bench.runner import METHOD_DRAFT, METHOD_HYBRID, METHOD_LOOKUP, METHODS, 
 from ..bench.setup import setup_info
 from ..bench.stats import summarize
 from ..console import console, say, write
-from ..engine import DEFAULT_DRAFT_MAX, check_limits
+from ..engine.loop import DEFAULT_DRAFT_MAX, check_limits
 from ..errors import DsparkError, OutputError, UsageError
 from ..files import check_writable, save_fallback, write_atomic
 from ..loader import DRAFT_LOOKUP, DRAFT_NONE, ModelOptions, load
-from ..sampling import SamplingParams
+from ..engine.sampling import SamplingParams
 from . import _options as o
 
 

@@ -14,7 +14,7 @@ import typer
 from ..console import console, write_json
 from ..errors import DsparkError, UsageError
 from ..loader import ModelOptions
-from ..machine import KERNEL_PATCHES
+from ..llama.kernels import KERNEL_PATCHES
 from . import _options as o
 
 # A draft much over a fifth of the target's size costs too much per drafted token to pay off.
@@ -37,7 +37,7 @@ def kernel_advice(patches: list[str] | None, gpu_backend: str, cpu_features: lis
 
 def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: int, n_gpu_layers: int | None,
              n_gpu_layers_draft: int | None, offline: bool) -> tuple[dict, list[DsparkError]]:
-    from ..machine import machine_info
+    from ..llama.machine import machine_info
 
     info = machine_info()
     report: dict = {"machine": info, "models": None, "memory": None, "pairing": None, "advice": []}
@@ -60,13 +60,13 @@ def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: 
     if pair and (target or draft):
         raise UsageError("--pair sets both models; drop --target/--draft or drop --pair")
     if pair:
-        from ..refs import resolve_pair
+        from ..models.refs import resolve_pair
 
         target, draft = resolve_pair(pair)
     if not (target or draft):
         return report, problems
 
-    from ..refs import resolve_model
+    from ..models.refs import resolve_model
 
     models: dict = {}
     paths = {}
@@ -91,7 +91,7 @@ def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: 
         advice.append(f"the {gpu['backend']} backend is there but no layers are offloaded: pass --n-gpu-layers 999")
 
     if "target" in paths:
-        from ..memory import fmt_bytes, plan
+        from ..llama.memory import fmt_bytes, plan
 
         try:
             p = plan(paths["target"], paths.get("draft"), n_ctx=n_ctx, n_gpu_layers=ngl, n_gpu_layers_draft=ngld,
@@ -102,7 +102,7 @@ def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: 
             report["memory"] = p.to_dict()
             advice.extend(p.notes)
             if not p.fits:
-                from ..memory import preflight
+                from ..llama.memory import preflight
 
                 try:  # the same message `dspark run` would stop with
                     preflight(paths["target"], paths.get("draft"), n_ctx=n_ctx, n_gpu_layers=ngl,
@@ -130,7 +130,7 @@ def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: 
 
 def _pairing(target, draft, problems: list[DsparkError]) -> dict:
     try:
-        from ..vocab import check_pair_files
+        from ..llama.vocab import check_pair_files
     except Exception as e:  # noqa: BLE001 - llama.cpp missing or broken: say so, do not crash the report
         return {"ok": None, "detail": f"cannot check: {type(e).__name__}: {e}"}
     try:
@@ -145,7 +145,7 @@ def _print(report: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from ..memory import fmt_bytes
+    from ..llama.memory import fmt_bytes
 
     out = console(width=None if sys.stdout.isatty() else max(console().width, 120), highlight=False)
     m = report["machine"]

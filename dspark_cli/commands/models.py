@@ -13,7 +13,7 @@ from ..loader import ModelOptions
 
 
 def _model_entry(spec) -> dict:
-    from ..refs import cached_path
+    from ..models.refs import cached_path
 
     path = cached_path(spec.name)
     return {
@@ -32,8 +32,8 @@ def _model_entry(spec) -> dict:
 
 def _fit(pair, t: dict, d: dict, n_ctx: int, ram_available: int, gpu: dict) -> dict:
     """Exact when both files are here (their GGUF headers are read), a rough guess from sizes otherwise."""
-    from .. import memory
-    from ..refs import resolve_model
+    from ..llama import memory
+    from ..models.refs import resolve_model
 
     fit = {"ram_available": ram_available, "n_ctx": n_ctx}
     if t["cached"] and d["cached"]:
@@ -59,8 +59,8 @@ def _fit(pair, t: dict, d: dict, n_ctx: int, ram_available: int, gpu: dict) -> d
 def list_pairs(n_ctx: int = 4096) -> list[dict]:
     import psutil
 
-    from ..machine import gpu_summary
-    from ..registry import load_registry
+    from ..llama.machine import gpu_summary
+    from ..models.registry import load_registry
 
     reg = load_registry()
     ram_available = psutil.virtual_memory().available
@@ -94,7 +94,7 @@ def _table(pairs: list[dict]) -> None:
     from rich.table import Table
 
     from ..console import console
-    from ..memory import fmt_bytes
+    from ..llama.memory import fmt_bytes
 
     gpu_col = any("vram" in p["fits"] for p in pairs)
     table = Table(title=None, show_lines=False, header_style="bold")

@@ -13,8 +13,8 @@ from ..errors import UsageError
 
 def expand(names: list[str]) -> list[str]:
     """Model references for the arguments: a pair name stands for its target and its draft."""
-    from ..refs import resolve_pair
-    from ..registry import load_registry
+    from ..models.refs import resolve_pair
+    from ..models.registry import load_registry
 
     reg = load_registry()
     refs: list[str] = []
@@ -28,7 +28,7 @@ def expand(names: list[str]) -> list[str]:
 
 
 def pull_refs(names: list[str], *, offline: bool = False) -> list[tuple[str, Path]]:
-    from ..refs import resolve_model
+    from ..models.refs import resolve_model
 
     return [(ref, resolve_model(ref, pull=True, offline=offline)) for ref in expand(names)]
 

@@ -12,11 +12,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import rpc
+from ..llama import rpc
 from ..console import say
 from ..errors import OutputError, RemoteError, UsageError
 from ..loader import MAX_THREADS
-from ..memory import fmt_bytes
+from ..llama.memory import fmt_bytes
 from ..net import ipv4_listen_address, is_loopback
 
 
@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
                 cache_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise OutputError(f"cannot create the cache folder {cache_dir}: {e.strerror or e}") from None
-        from ..model import default_threads
+        from ..llama.backend import default_threads
 
         n_threads = threads or default_threads()
         served = ", ".join(f"{rpc.ggml.device_name(d)} ({rpc.ggml.device_description(d)}, "

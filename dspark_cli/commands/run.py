@@ -11,10 +11,10 @@ import typer
 from .. import signals
 from ..console import closed_at_start, quiet_stdout, say, write, write_json
 from ..api import open_pair
-from ..engine import DEFAULT_DRAFT_MAX, check_limits
+from ..engine.loop import DEFAULT_DRAFT_MAX, check_limits
 from ..errors import PromptError, UsageError
 from ..loader import ModelOptions
-from ..sampling import SamplingParams
+from ..engine.sampling import SamplingParams
 from ..prompt import clean_text
 from . import _options as o
 
@@ -103,7 +103,7 @@ def _view(as_json: bool):
     --json, NO_COLOR or TERM=dumb); when stdout is that terminal too, the line sits under the streaming text."""
     if as_json or not sys.stderr.isatty() or os.environ.get("TERM") == "dumb" or "NO_COLOR" in os.environ:
         return None
-    from ..chat_ui import LiveAnswer, Screen, StatusLine
+    from ..views import LiveAnswer, Screen, StatusLine
 
     if sys.stdout.isatty():
         return LiveAnswer(Screen(live=True, highlight=False), None)

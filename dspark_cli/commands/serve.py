@@ -11,11 +11,11 @@ import typer
 
 from ..api import open_pair
 from ..console import say
-from ..engine import DEFAULT_DRAFT_MAX
+from ..engine.loop import DEFAULT_DRAFT_MAX
 from ..errors import UsageError
 from ..loader import ModelOptions
 from ..net import is_loopback
-from ..sampling import SamplingParams
+from ..engine.sampling import SamplingParams
 from . import _options as o
 
 

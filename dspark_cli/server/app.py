@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from ..console import say
 from ..errors import ContextFullError, DsparkError, PromptError, UsageError
-from ..sampling import SamplingParams
+from ..engine.sampling import SamplingParams
 from . import schemas
 from .schemas import ApiError, GenerationRequest
 from .worker import Busy, Stopped, Worker

@@ -9,8 +9,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..sampling import SamplingParams
-from ..stats import GenerationStats
+from ..engine.sampling import SamplingParams
+from ..engine.stats import GenerationStats
 
 FINISH = {"stop": "stop", "length": "length", "context": "length"}  # the engine's reasons in OpenAI's words
 

@@ -10,8 +10,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Iterator
 
-from ..engine import Event
-from ..model import abort_hook
+from ..engine.loop import Event
+from ..llama.backend import abort_hook
 
 
 class Busy(Exception):

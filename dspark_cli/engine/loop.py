@@ -30,9 +30,9 @@ import numpy as np
 from .costs import SOURCE_LOOKUP, SOURCE_MODEL, Plan, Planner
 from .detok import TextStream
 from .drafters import Draft, Drafter
-from .errors import ContextFullError, PromptError, UsageError
-from .machine import EXACT_BATCH_MAX
-from .model import Model
+from ..errors import ContextFullError, PromptError, UsageError
+from ..llama.kernels import EXACT_BATCH_MAX
+from ..llama.model import Model
 from .sampling import Noise, SamplingParams, pick, verify
 from .stats import GenerationStats
 

@@ -16,9 +16,9 @@ import re
 import shutil
 from pathlib import Path
 
-from .console import console
-from .errors import DownloadError
-from .memory import fmt_bytes
+from ..console import console
+from ..errors import DownloadError
+from ..llama.memory import fmt_bytes
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _TRUE = {"1", "true", "yes", "on"}

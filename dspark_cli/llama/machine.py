@@ -1,19 +1,19 @@
 """Facts about this machine and the llama.cpp build: CPU, memory, GPU backend and devices, versions.
 
 `machine_info()` returns a plain dict of JSON-able values (doctor prints it; bench puts it in its header).
-GPU facts come from ggml's backend registry, read through ctypes (dspark_cli/ggml.py) from the very libraries
+GPU facts come from ggml's backend registry, read through ctypes (ggml.py) from the very libraries
 llama-cpp-python loaded (its Python bindings do not wrap those functions).
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import os
 import platform
 import re
 import subprocess
 import sys
+
+from .kernels import dspark_patches
 
 # CPU features llama.cpp's kernels care about, as /proc/cpuinfo spells them (x86 flags, ARM Features).
 _X86_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
@@ -89,7 +89,7 @@ def _sysctl(key: str) -> str:
 
 
 def _ggml():
-    """dspark_cli.ggml (handles on the ggml copies llama-cpp-python loaded), or the reason it cannot load."""
+    """dspark_cli.llama.ggml (handles on the ggml copies llama-cpp-python loaded), or the reason it cannot load."""
     try:
         from . import ggml
 
@@ -100,36 +100,6 @@ def _ggml():
         return f"cannot load llama.cpp: {e}"
 
 
-# dspark's llama.cpp patches (scripts/llama-cpp-patches/) and what each buys, for doctor's advice.
-KERNEL_PATCHES = {
-    "dspark-cpu-kernels": "F32 verify batches about 2x faster, Q4_1 drafts 1.3x",
-    "dspark-kquant-tiles": "Q4_K/Q6_K verify batches and prefill 1.1-1.3x faster, still exact",
-    "dspark-prefill-fast-paths": "prompts through llama.cpp's fast batch kernels (prefill 1.6x on a Q4_K_M target), "
-                                 "repacked Q4_K, Q4_0 and IQ4_NL decoding (1.2-1.7x), verify batches still exact",
-    "dspark-q5_K-tiles": "Q5_K verify batches 2x faster (Q5_K_M files), still exact",
-    "dspark-q8_0-tiles": "Q8_0/Q4_0/Q5_0 verify batches 1.7-1.9x faster (Q8_0 targets, most drafts), still exact",
-    "dspark-f16-tiles": "F16 verify batches about 2x faster (F16 targets), still exact",
-}
-# The largest batch the patched kernels keep bit-identical to one-token decoding (DSPARK_INVARIANT_BATCH in
-# dspark-prefill-fast-paths): a verify batch is the drafted tokens plus one, so at most this minus one are drafted.
-EXACT_BATCH_MAX = 16
-
-
-def _dspark_patches(pkg_dir: str | None = None) -> list[str] | None:
-    """dspark's llama.cpp patches that scripts/install.sh built into this llama-cpp-python ([] for none), or None
-    when it was installed some other way (then nobody knows). install.sh leaves the list in the package."""
-    if pkg_dir is None:
-        spec = importlib.util.find_spec("llama_cpp")
-        if spec is None or not spec.origin:
-            return None
-        pkg_dir = os.path.dirname(spec.origin)
-    try:
-        with open(os.path.join(pkg_dir, ".dspark-patches")) as f:
-            return [line.strip() for line in f if line.strip()]
-    except OSError:
-        return None
-
-
 def llama_info() -> dict:
     try:
         from importlib.metadata import PackageNotFoundError, version
@@ -138,7 +108,7 @@ def llama_info() -> dict:
     except PackageNotFoundError:
         py_version = None
     info = {"llama_cpp_python": py_version, "ggml_version": None, "ggml_commit": None, "system_info": None,
-            "compiled_features": [], "dspark_patches": _dspark_patches()}
+            "compiled_features": [], "dspark_patches": dspark_patches()}
     ggml = _ggml()
     if isinstance(ggml, str):
         info["error"] = ggml

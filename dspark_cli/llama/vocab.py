@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import PairError
+from ..errors import PairError
 from .model import Model
 
 VOCAB_MAX_SIZE_DIFFERENCE = 128

@@ -9,216 +9,14 @@ common prefix, which is what makes draft-KV reuse and multi-turn reuse fall out 
 from __future__ import annotations
 
 import ctypes
-import os
-import signal
-import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 
-from .errors import ModelFileError, PromptError, ResourceError
+from ..errors import ModelFileError, PromptError
+from . import backend, kernels
 from .gguf_file import check_gguf_file
-
-import llama_cpp
-
-_backend_lock = threading.Lock()
-_backend_ready = False
-_log_lines: list[str] | None = None  # set while capturing llama.cpp's log during a load
-_VERBOSE = os.environ.get("DSPARK_VERBOSE", "") not in ("", "0")
-_interrupted = False  # a Ctrl-C that arrived while llama.cpp was calling back into Python (see deferred_interrupt)
-
-
-@llama_cpp.llama_log_callback
-def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    # llama.cpp logs a great deal on load; keep it off the terminal unless DSPARK_VERBOSE is set, but
-    # remember errors so a failed load can say why in one line.
-    global _interrupted
-    try:
-        msg = text.decode("utf-8", errors="replace")
-        if _log_lines is not None and level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
-            _log_lines.append(msg.strip())
-        if _VERBOSE:
-            from .console import err_text
-
-            err_text(msg)
-    except KeyboardInterrupt:  # raised here, ctypes would print it and drop it: keep it for later
-        _interrupted = True
-
-
-@llama_cpp.llama_progress_callback
-def _load_progress(progress: float, user_data: ctypes.c_void_p) -> bool:
-    return not _interrupted  # False cancels the load
-
-
-def _raise_if_interrupted() -> None:
-    global _interrupted
-    if _interrupted:
-        _interrupted = False
-        raise KeyboardInterrupt
-
-
-@contextmanager
-def deferred_interrupt():
-    """Around llama.cpp calls that call back into Python (its log, a load's progress). Python runs the
-    Ctrl-C handler at the first Python code it meets, which is inside such a callback, where ctypes prints the
-    KeyboardInterrupt and drops it: a load went on and answered as if nothing happened. Here the press is
-    only noted; the load's progress callback then asks llama.cpp to stop, and KeyboardInterrupt is raised
-    once the call has returned (in place of the error a cancelled load reports)."""
-    global _interrupted
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def note(signum, frame):
-        global _interrupted
-        _interrupted = True
-
-    previous = signal.signal(signal.SIGINT, note)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if _interrupted:
-            _interrupted = False
-            raise KeyboardInterrupt
-
-
-def _prepare_environment() -> None:
-    """What dspark asks of llama.cpp through its environment, set once, before the first model loads.
-
-    llama.cpp's CPU backend sends K-quant (Q4_K, Q5_K, Q6_K, ...) matmuls of 8 or more tokens through its tiled
-    kernel, which sums in another order than the one-token path: a token's logits then move by up to ~0.6
-    between a verify batch and plain decoding, enough to flip greedy near-ties. A build with dspark's
-    prefill-fast-paths patch keeps that kernel to prompts itself; in any other build it stays off unless the user
-    chose speed over bit-exactness (DSPARK_FAST_KERNELS=1) or set the variable. ggml reads it at the first matmul.
-    And if llama.cpp ever aborts, it would attach gdb and print a backtrace on stdout, the answer's channel."""
-    from .machine import _dspark_patches
-
-    if os.environ.get("DSPARK_FAST_KERNELS") != "1" and "dspark-prefill-fast-paths" not in (_dspark_patches() or []):
-        os.environ.setdefault("GGML_CPU_TILED_MM", "0")
-    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
-
-
-_ABORT_EXIT = 1  # README: exit 1, an internal error (here: llama.cpp's own)
-_abort_hooks: list = []  # callables run before the process ends on a llama.cpp abort (keep what was generated)
-
-
-@contextmanager
-def abort_hook(hook):
-    """While inside, run hook(reason) (best effort, in llama.cpp's aborting thread) if llama.cpp aborts the
-    process: chat writes the answer so far to its transcript, serve ends the stream it was sending."""
-    _abort_hooks.append(hook)
-    try:
-        yield
-    finally:
-        _abort_hooks.remove(hook)
-
-
-@ctypes.CFUNCTYPE(None, ctypes.c_char_p)
-def _on_llama_abort(message: bytes) -> None:
-    # llama.cpp hits an assertion or loses an RPC server: it is about to abort() the process. What was printed
-    # stays printed; say why in one line instead of a core dump, and leave with a documented code.
-    code = _ABORT_EXIT
-    try:
-        text = (message or b"").decode("utf-8", "replace").strip()
-        reason = text.split(": ", 1)[-1] if ": " in text else text
-        from . import rpc
-
-        lost = rpc.lost_server_message() if "RPC" in text or "connect" in text else None
-        for hook in list(_abort_hooks):
-            try:
-                hook(lost or reason)
-            except BaseException:
-                pass
-        try:
-            sys.stdout.flush()
-        except BaseException:
-            pass
-        if lost:
-            from .errors import RemoteError
-
-            code = RemoteError.exit_code
-            sys.stderr.write(f"dspark: error: {lost}\n")
-        else:
-            sys.stderr.write(f"dspark: error: llama.cpp stopped: {reason}\n")
-            sys.stderr.write("  hint: DSPARK_VERBOSE=1 shows llama.cpp's log; please report it if it looks like a bug\n")
-        sys.stderr.flush()
-    finally:
-        os._exit(code)
-
-
-def _install_abort_handler() -> None:
-    """ggml_set_abort_callback, in every copy of libggml-base this process loaded (see ggml.py)."""
-    from . import ggml
-
-    for path in ggml.library_paths("ggml-base"):
-        try:
-            setter = ctypes.CDLL(path, mode=getattr(os, "RTLD_GLOBAL", 0)).ggml_set_abort_callback
-        except (OSError, AttributeError):
-            continue
-        setter.restype = ctypes.c_void_p
-        setter.argtypes = [type(_on_llama_abort)]
-        setter(_on_llama_abort)
-
-
-def _init_backend() -> None:
-    global _backend_ready
-    with _backend_lock:
-        if not _backend_ready:
-            _prepare_environment()
-            _install_abort_handler()
-            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-            llama_cpp.llama_backend_init()
-            _backend_ready = True
-
-
-@contextmanager
-def _capture_log():
-    global _log_lines
-    _log_lines = []
-    try:
-        yield _log_lines
-    finally:
-        _log_lines = None
-
-
-def _reason(lines: list[str]) -> str:
-    """The most telling line of llama.cpp's log for a failed load ("error loading model: ..." first)."""
-    for line in lines:
-        if "error loading model:" in line:
-            reason = line.split("error loading model:", 1)[1].strip()
-            if "not within the file bounds" in reason:
-                return f"the file is truncated or corrupt ({reason})"
-            return reason
-    for line in reversed(lines):
-        if "error" in line.lower() or "failed" in line.lower():
-            return line.split(": ", 1)[-1]
-    return lines[-1] if lines else "llama.cpp could not load it"
-
-
-_OUT_OF_MEMORY = ("bad_alloc", "failed to allocate", "out of memory", "unable to allocate", "cannot allocate")
-
-
-def _load_error(what: str, lines: list[str]):
-    """ResourceError when llama.cpp ran out of memory (a huge --ctx-size, say), else ModelFileError."""
-    reason = _reason(lines)
-    if any(m in line.lower() for line in lines for m in _OUT_OF_MEMORY):
-        return ResourceError(f"{what}: not enough memory ({reason})",
-                             hint="a smaller --ctx-size, fewer GPU layers, or close other programs")
-    return ModelFileError(f"{what}: {reason}")
-
-
-def default_threads() -> int:
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
-    except Exception:  # psutil can fail inside some containers
-        n = os.cpu_count() or 1
-    return max(1, n)
-
 
 class Model:
     def __init__(
@@ -242,7 +40,7 @@ class Model:
         self.remote = remote
         self._model = self._ctx = self._batch = None
         try:
-            with deferred_interrupt():
+            with backend.deferred_interrupt():
                 self._load(n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only, devices, tensor_split)
         except BaseException:  # a failed or interrupted load frees what it had
             self.close()
@@ -250,11 +48,11 @@ class Model:
 
     def _load(self, n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only, devices, tensor_split) -> None:
         role = self.role
-        _init_backend()
+        backend.init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         mparams.vocab_only = vocab_only
-        mparams.progress_callback = _load_progress
+        mparams.progress_callback = backend.load_progress
         if devices is not None:  # kept alive in locals while llama.cpp reads them
             from .ggml import device_array
 
@@ -263,10 +61,10 @@ class Model:
         if tensor_split:
             split = (ctypes.c_float * llama_cpp.llama_max_devices())(*tensor_split)
             mparams.tensor_split = split
-        with _capture_log() as lines:
+        with backend.capture_log() as lines:
             model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not model:
-            raise _load_error(f"cannot load {role} model {self.path}", lines)
+            raise backend.load_error(f"cannot load {role} model {self.path}", lines)
         self._model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -282,7 +80,7 @@ class Model:
             self.n_batch = 0
             return
 
-        threads = n_threads or default_threads()
+        threads = n_threads or backend.default_threads()
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
@@ -290,18 +88,18 @@ class Model:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
-        if (self.on_cpu or self.remote) and os.environ.get("DSPARK_FAST_KERNELS") != "1":
+        if (self.on_cpu or self.remote) and not kernels.fast_kernels():
             # On the CPU, llama.cpp's flash attention splits a one-token step's keys across threads once the
             # cache passes 256 positions, and a batch's not: past that point a verify batch's logits moved by
             # up to ~0.6 against one-token decoding (Qwen2.5-Coder 1.5B Q4_K_M), enough to flip greedy
             # near-ties. Without it every row is bit-identical, at ~1% of decode and ~5% of prefill speed.
             # An RPC server's device is unknown from here (often a CPU): off there too.
             cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        with _capture_log() as lines:
+        with backend.capture_log() as lines:
             ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             self.close()
-            raise _load_error(f"cannot create a context for the {role} model {self.path}", lines)
+            raise backend.load_error(f"cannot create a context for the {role} model {self.path}", lines)
         self._ctx = ctx
         self.n_threads = threads
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
@@ -474,7 +272,7 @@ class Model:
         self.cached.extend(tokens)
         self._stray = False
         self.n_evaluated += n
-        _raise_if_interrupted()  # a Ctrl-C that llama.cpp's log callback caught during the batch
+        backend.raise_if_interrupted()  # a Ctrl-C that llama.cpp's log callback caught during the batch
 
     def _seq_rm(self, keep: int) -> None:
         """Drop positions >= keep from llama.cpp's cache (and from `cached`, first, so that an interrupt

@@ -5,7 +5,7 @@ goes through ctypes to the ggml-rpc library dspark's build includes (-DGGML_RPC=
 The C client aborts the process when a server cannot be reached or stops answering. So dspark talks to each
 server itself first (connect and the protocol's HELLO, with a timeout) and turns every failure it can see
 coming into a RemoteError; what it cannot see coming (a server dying mid-generation) ends through the abort
-hook in model.py, which names the server that went away.
+hook in backend.py, which names the server that went away (rpc registers lost_server_message there).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import struct
 import time
 from dataclasses import dataclass
 
-from . import ggml
-from .errors import RemoteError, UsageError
-from .net import is_ipv6_literal, is_loopback
+from . import backend, ggml
+from ..errors import RemoteError, UsageError
+from ..net import is_ipv6_literal, is_loopback
 
 DEFAULT_PORT = 50052  # llama.cpp's rpc-server default
 MAX_SERVERS = 16  # GGML_RPC_MAX_SERVERS
@@ -187,16 +187,14 @@ def _proc(name: str, restype, argtypes):
 
 
 # The servers in use and their devices (llama.cpp keeps one connection per server for the process); also what
-# the message names when llama.cpp loses one (model._on_llama_abort).
+# the message names when llama.cpp loses one (backend's abort callback, through explain_aborts below).
 _connected: dict[Endpoint, list[int]] = {}
 
 
 def server_devices(endpoints: list[Endpoint]) -> list[int]:
     """The devices these servers offer, as ggml_backend_dev_t pointers for llama_model_params.devices. Each
     server is probed first, so an unreachable one is a RemoteError rather than llama.cpp's abort."""
-    from .model import _init_backend
-
-    _init_backend()  # the abort hook must be in place before llama.cpp's client connects
+    backend.init()  # the abort hook must be in place before llama.cpp's client connects
     add_server = _proc("ggml_backend_rpc_add_server", ctypes.c_void_p, [ctypes.c_char_p])
     reg_dev_count = ggml.function("ggml-base", "ggml_backend_reg_dev_count", ctypes.c_size_t, [ctypes.c_void_p])
     reg_dev_get = ggml.function("ggml-base", "ggml_backend_reg_dev_get", ctypes.c_void_p,
@@ -281,9 +279,7 @@ def set_keep_alive(sock: socket.socket, idle: int = 2, interval: int = 1, count:
 def pick_devices(names: list[str] | None) -> list[int]:
     """The devices to serve: those named (UsageError listing what exists otherwise), or by default the GPUs,
     or the CPU when there is none (what llama.cpp's rpc-server does)."""
-    from .model import _init_backend
-
-    _init_backend()
+    backend.init()
     every = {ggml.device_name(d): d for d in ggml.devices()}
     if names:
         unknown = [n for n in names if n not in every]
@@ -318,3 +314,11 @@ def start_server(ep: Endpoint, devs: list[int], *, threads: int, cache_dir: str 
                   [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p])
     array = (ctypes.c_void_p * len(devs))(*devs)
     start(str(ep).encode(), cache_dir.encode() if cache_dir else None, threads, len(devs), array)
+
+
+def _explain_abort(message: str) -> str | None:
+    """A llama.cpp abort about a connection: which server was lost (see backend.explain_aborts)."""
+    return lost_server_message() if "RPC" in message or "connect" in message else None
+
+
+backend.explain_aborts(_explain_abort)

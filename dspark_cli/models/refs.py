@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import hub
-from .errors import DownloadError, ModelFileError, UsageError
+from ..errors import DownloadError, ModelFileError, UsageError
 from .registry import ModelSpec, Registry, load_registry
 
 _HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+):(?P<sel>[^:]+)$")
@@ -161,7 +161,7 @@ def is_cached(ref: str) -> bool:
 
 
 def _check_gguf(path: Path) -> Path:
-    from .gguf_file import check_gguf_file
+    from ..llama.gguf_file import check_gguf_file
 
     return check_gguf_file(path).path.resolve()
 

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 GGUF_MAGIC = b"GGUF"
 # The smallest a header entry can be: a tensor's info is a name (u64 length + 1 byte), u32 n_dims, one u64

@@ -17,9 +17,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 needs the backport (pyproject: tomli; python_version < "3.11")
     import tomli as tomllib
 
-from .errors import UsageError
+from ..errors import UsageError
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent  # dspark_cli/
 TEMPLATES = ("chatml", "llama3", "gemma", "mistral", "phi3", "none")
 SCHEMA = 1
 
@@ -104,7 +104,7 @@ def user_config_dir() -> Path:
     """dspark's config dir: $DSPARK_CONFIG_DIR, else $XDG_CONFIG_HOME/dspark, else ~/.config/dspark."""
     if os.environ.get("DSPARK_CONFIG_DIR"):
         return Path(os.environ["DSPARK_CONFIG_DIR"]).expanduser()
-    from .places import user_dir
+    from ..places import user_dir
 
     return user_dir("XDG_CONFIG_HOME", ".config") / "dspark"
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ModelFileError, ResourceError
+from ..errors import ModelFileError, ResourceError
 from .gguf_file import read_metadata
 
 MiB = 1 << 20

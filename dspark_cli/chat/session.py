@@ -1,4 +1,5 @@
-"""`dspark chat`: multi-turn chat in the terminal, speculative, with the KV caches reused across turns.
+"""A chat session: the loop of `dspark chat` (read a message or a /command, answer it speculatively, show it,
+record it), with the KV caches reused across turns. commands/chat.py parses the flags and starts one.
 
 Ctrl-C: while the prompt is processed it stops at once (after the current llama.cpp batch); while the
 answer streams it stops at the next token, a second one at once. Either way the partial answer stays on
@@ -15,7 +16,6 @@ a chat whose --transcript stopped (a full disk) with 8, after the conversation w
 from __future__ import annotations
 
 import os
-
 import signal
 import sys
 import time
@@ -24,19 +24,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..chat_ui import PipeInput, Screen, TerminalInput, history_path
-from ..conversation import FINISH_INTERRUPTED, Conversation, SessionTotals, Transcript, save_records
-from ..api import open_pair
-from ..engine import DEFAULT_DRAFT_MAX, check_limits
 from .. import signals
-from ..console import closed_at_start
+from ..api import open_pair
+from ..engine.sampling import SamplingParams
+from ..engine.stats import GenerationStats
 from ..errors import DsparkError, OutputError, PromptError, UsageError
+from ..llama.backend import abort_hook
+from ..console import closed_at_start
+from ..engine.loop import DEFAULT_DRAFT_MAX, check_limits
 from ..loader import ModelOptions
-from ..model import abort_hook
-from ..sampling import SamplingParams
 from ..prompt import clean_text
-from ..stats import GenerationStats
-from . import _options as o
+from ..commands import _options as o
+from ..views import Screen
+from .conversation import FINISH_INTERRUPTED, Conversation, SessionTotals, Transcript, save_records
+from .input import PipeInput, TerminalInput, history_path
 
 MASH_S = 0.5  # a Ctrl-C at the prompt this soon after one that stopped an answer does not exit
 COMMANDS = ["/help", "/reset", "/stats", "/system", "/save", "/save!", "/exit"]
@@ -304,6 +305,45 @@ def _soft_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
+def run_chat(opts: ModelOptions, params: SamplingParams, *, system: str | None, transcript: str | None, highlight: bool,
+             max_tokens: int, draft_max: int, fixed: bool, interactive: bool) -> int:
+    """Load the pair and chat until the user leaves; the exit code (see the module docstring)."""
+    screen = Screen(live=interactive and sys.stdout.isatty(), highlight=highlight)
+    log = Transcript(transcript) if transcript is not None else None  # a bad path fails before the models load
+
+    try:
+        loaded = open_pair(opts)
+    except BaseException:
+        if log is not None:
+            log.close()
+        raise
+    reader = TerminalInput(COMMANDS, history_path()) if interactive else PipeInput()
+    try:
+        conv = Conversation(loaded.target, system)
+        if log is not None and conv.log:
+            log.write(conv.log[0])  # the system prompt in force
+        if conv.template.is_fallback:
+            screen.note("the target has no chat template; using ChatML", style="yellow")
+        if interactive:
+            names = loaded.target_path.name + (f" + draft {loaded.draft_path.name}" if loaded.draft_path else
+                                               f" ({loaded.drafter.name})" if loaded.drafter else " alone")
+            screen.note(f"dspark chat · {names} · context {loaded.target.n_ctx} tokens · /help for commands, Ctrl-D to leave")
+        session = ChatSession(loaded, screen, reader, conversation=conv, transcript=log, params=params,
+                              max_tokens=max_tokens, draft_max=draft_max, interactive=interactive, fixed=fixed)
+        code = session.run()
+        # Already said when it happened: a piped chat (a script) exits with the first failure's code, and
+        # any chat whose transcript stopped with 8 (it is incomplete).
+        if not code and session.failure is not None and (not interactive or isinstance(session.failure, OutputError)):
+            code = session.failure.exit_code
+    finally:
+        reader.save_history()
+        if log is not None:
+            log.close()
+        loaded.close()
+    return code
+
+
+# The command, until it moves to commands/chat.py (next commit).
 def register(app: typer.Typer) -> None:
     @app.command("chat")
     @o.shared_options
@@ -326,39 +366,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError("standard input is closed: chat reads your messages from it",
                              hint="type them at a terminal, or pipe them in, one per line")
         system = clean_text(system) if system is not None else None
-        params, opts = sampling, models
         interactive = sys.stdin.isatty()
-        screen = Screen(live=interactive and sys.stdout.isatty(), highlight=highlight)
-        log = Transcript(transcript) if transcript is not None else None  # a bad path fails before the models load
-
-        try:
-            loaded = open_pair(opts)
-        except BaseException:
-            if log is not None:
-                log.close()
-            raise
-        reader = TerminalInput(COMMANDS, history_path()) if interactive else PipeInput()
-        try:
-            conv = Conversation(loaded.target, system)
-            if log is not None and conv.log:
-                log.write(conv.log[0])  # the system prompt in force
-            if conv.template.is_fallback:
-                screen.note("the target has no chat template; using ChatML", style="yellow")
-            if interactive:
-                names = loaded.target_path.name + (f" + draft {loaded.draft_path.name}" if loaded.draft_path else
-                                                   f" ({loaded.drafter.name})" if loaded.drafter else " alone")
-                screen.note(f"dspark chat · {names} · context {loaded.target.n_ctx} tokens · /help for commands, Ctrl-D to leave")
-            session = ChatSession(loaded, screen, reader, conversation=conv, transcript=log, params=params,
-                                  max_tokens=max_tokens, draft_max=draft_max, interactive=interactive, fixed=draft_fixed)
-            code = session.run()
-            # Already said when it happened: a piped chat (a script) exits with the first failure's code, and
-            # any chat whose transcript stopped with 8 (it is incomplete).
-            if not code and session.failure is not None and (not interactive or isinstance(session.failure, OutputError)):
-                code = session.failure.exit_code
-        finally:
-            reader.save_history()
-            if log is not None:
-                log.close()
-            loaded.close()
+        code = run_chat(models, sampling, system=system, transcript=transcript, highlight=highlight,
+                        max_tokens=max_tokens, draft_max=draft_max, fixed=draft_fixed, interactive=interactive)
         if code:
             raise typer.Exit(code)

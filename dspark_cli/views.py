@@ -1,4 +1,5 @@
-"""The terminal side of `dspark chat`: reading messages (readline) and showing answers (Rich).
+"""How an answer shows in the terminal, for `dspark run` and `dspark chat` alike (Rich): status and summary
+lines, the streaming answer. Reading a chat's messages is chat/input.py.
 
 Two shapes, chosen once:
 - live (stdin and stdout are terminals): the answer streams on the terminal with a status line under it
@@ -9,21 +10,15 @@ Two shapes, chosen once:
 
 from __future__ import annotations
 
-import select
-import sys
 import time
-from pathlib import Path
 
 from rich.console import Group
 from rich.live import Live
 from rich.text import Text
 
 from .console import console, err_text, say, write
-from .conversation import FINISH_INTERRUPTED
-from .prompt import clean_text
+from .chat.conversation import FINISH_INTERRUPTED
 
-PROMPT = ">>> "
-MORE = "... "
 REFRESH_S = 0.05  # the live view redraws at most this often (every token would flicker and cost CPU)
 
 _FINISH_NOTE = {"length": "cut at --max-tokens", "context": "context full", FINISH_INTERRUPTED: "interrupted"}
@@ -222,98 +217,3 @@ class StatusLine:
 
 
 # ---- input ---------------------------------------------------------------------------------------------
-def history_path() -> Path:
-    from .places import user_dir
-
-    return user_dir("XDG_STATE_HOME", ".local/state") / "dspark" / "chat_history"
-
-
-class TerminalInput:
-    """readline: arrow-key editing and history (kept across sessions), Tab completes /commands. A line
-    ending in a backslash continues on the next; a multi-line paste arrives as one message (bracketed paste
-    puts it in one line buffer; without it, the lines already waiting on stdin are joined)."""
-
-    def __init__(self, commands: list[str], history: Path | None = None):
-        self.commands = commands
-        self.history = history
-        self.readline = None
-        try:
-            import readline
-        except ImportError:  # Windows without pyreadline: plain input() still works
-            return
-        self.readline = readline
-        readline.set_history_length(2000)
-        if history is not None:
-            try:
-                readline.read_history_file(history)
-            except OSError:
-                pass
-        readline.set_completer_delims(" \t\n")
-        readline.set_completer(self._complete)
-        readline.parse_and_bind("tab: complete")
-
-    def _complete(self, text: str, state: int) -> str | None:
-        if self.readline is None or not self.readline.get_line_buffer().startswith("/") or " " in self.readline.get_line_buffer():
-            return None
-        hits = [c + " " for c in self.commands if c.startswith(text)]
-        return hits[state] if state < len(hits) else None
-
-    def read(self) -> str | None:
-        """One message, or None at end of input (Ctrl-D). Ctrl-C raises KeyboardInterrupt."""
-        try:
-            lines = [self._input(PROMPT)]
-            while True:
-                if lines[-1].endswith("\\"):
-                    lines[-1] = lines[-1][:-1]
-                elif not self._more_waiting():
-                    break
-                lines.append(self._input(MORE))
-        except EOFError:
-            return None
-        return clean_text("\n".join(lines))
-
-    def line_buffer(self) -> str:
-        return self.readline.get_line_buffer() if self.readline is not None else ""
-
-    def _input(self, prompt: str) -> str:
-        if sys.stdout.isatty():
-            return input(prompt)
-        # stdout redirected: keep the prompt out of the answers
-        err_text(prompt)
-        return input()
-
-    @staticmethod
-    def _more_waiting() -> bool:
-        try:
-            ready, _, _ = select.select([sys.stdin], [], [], 0.0)
-        except (OSError, ValueError):
-            return False
-        return bool(ready)
-
-    def save_history(self) -> None:
-        if self.readline is None or self.history is None:
-            return
-        try:
-            self.history.parent.mkdir(parents=True, exist_ok=True)
-            self.readline.write_history_file(self.history)
-        except OSError:
-            pass
-
-
-class PipeInput:
-    """stdin is not a terminal: one user turn per line; blank lines are skipped."""
-
-    def read(self) -> str | None:
-        while True:
-            line = sys.stdin.buffer.readline().decode("utf-8", "replace")  # invalid UTF-8 becomes U+FFFD
-            if not line:
-                return None
-            line = line.rstrip("\r\n")
-            if line.strip():
-                return line
-
-    def line_buffer(self) -> str:
-        return ""
-
-    def save_history(self) -> None:
-        pass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 # min-p's default everywhere (the CLI's --min-p, the API, the server): llama.cpp's (llama-cli, llama-server), so

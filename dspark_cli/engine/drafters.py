@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .model import Model
+from ..llama.model import Model
 from .sampling import Noise, SamplingParams, pick
 
 

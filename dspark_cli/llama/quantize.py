@@ -1,0 +1,30 @@
+"""llama.cpp's quantizer: a GGUF re-encoded as another file type (the demo target, test copies)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import ModelFileError
+from . import backend
+
+
+def requantize(src: Path, dest: Path, ftype: int, what: str = "a requantized copy") -> None:
+    """Write `src` re-encoded as llama.cpp file type `ftype` (a llama_cpp.LLAMA_FTYPE_* value) to `dest`,
+    written whole or not at all; `what` names the result in the error."""
+    import llama_cpp
+
+    backend.init()  # routes llama.cpp's log away from the terminal
+    part = dest.with_suffix(".part")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    try:
+        with backend.deferred_interrupt():  # the quantizer cannot be stopped: Ctrl-C takes effect when it returns
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), params)
+        if rc != 0 or not part.exists():
+            raise ModelFileError(f"llama.cpp could not make {what} from {src} (code {rc})")
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
