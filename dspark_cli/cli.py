@@ -41,8 +41,7 @@ def _root(
 
 
 def _register_commands() -> None:
-    from .chat import session as chat
-    from .commands import bench, doctor, models, pull, rpc_server, run, serve
+    from .commands import bench, chat, doctor, models, pull, rpc_server, run, serve
 
     for module in (run, chat, serve, bench, models, pull, doctor, rpc_server):
         module.register(app)
