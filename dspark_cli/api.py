@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from . import arguments as check
+from .engine.drafters import METHOD_TARGET, make_drafter
 from .engine.loop import DEFAULT_DRAFT_MAX, Event, check_limits, check_prompt, generate as _generate
 from .errors import ContextFullError, UsageError
 from .loader import Loaded, ModelOptions, load as _load_models
@@ -116,7 +117,7 @@ class Pair:
     @property
     def method(self) -> str:
         """"target" (alone), "draft", "lookup" or "hybrid" (the draft model and prompt lookup)."""
-        return self.drafter.name if self.drafter is not None else "target"
+        return self.drafter.name if self.drafter is not None else METHOD_TARGET
 
     # ---- prompts --------------------------------------------------------------------------------------
     def prompt_text(self, prompt: str | Sequence[Message], *, raw: bool = False, system: str | None = None) -> str:
@@ -218,18 +219,7 @@ class Pair:
             raise UsageError(CLOSED)
 
     def _drafter_for(self, method: str):
-        from .engine.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
-
-        if method == "target":
-            return None
-        if method == "lookup":
-            return PromptLookupDrafter()
-        if method in ("draft", "hybrid"):
-            if self.draft_model is None:
-                raise UsageError(f"method {method!r} needs a draft model; load one or use 'lookup'")
-            p_min = getattr(self.drafter, "p_min", 0.0)
-            return (HybridDrafter if method == "hybrid" else ModelDrafter)(self.draft_model, p_min=p_min)
-        raise UsageError(f"unknown method {method!r}: choose from target, draft, lookup, hybrid")
+        return make_drafter(method, self.draft_model, getattr(self.drafter, "p_min", 0.0))
 
     def _run(self, text, tokens, params, *, max_tokens, stop, draft_max, fixed, remember) -> Iterator[Event]:
         answer: list[int] = []

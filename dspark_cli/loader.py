@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine.drafters import Drafter, HybridDrafter, ModelDrafter, PromptLookupDrafter
+from .engine.drafters import METHOD_DRAFT, METHOD_HYBRID, METHOD_LOOKUP, Drafter, make_drafter
 from .console import say
 from .errors import UsageError
 from .llama.model import Model
@@ -14,7 +14,7 @@ from .llama.model import Model
 MAX_CTX = 2**31 - 1
 MAX_THREADS = 512  # GGML_MAX_N_THREADS
 DRAFT_NONE = "none"  # --draft none: the target alone
-DRAFT_LOOKUP = "lookup"  # --draft lookup: prompt lookup, no second model
+DRAFT_LOOKUP = METHOD_LOOKUP  # --draft lookup: prompt lookup, no second model
 
 
 @dataclass
@@ -202,9 +202,9 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
             draft_model = Model(draft_path, role="draft", n_ctx=opts.ctx_size, n_threads=opts.threads,
                                 **where_draft.model_args())
             check_pair(target, draft_model)
-            drafter = (HybridDrafter if opts.lookup else ModelDrafter)(draft_model, p_min=opts.draft_p_min)
+            drafter = make_drafter(METHOD_HYBRID if opts.lookup else METHOD_DRAFT, draft_model, opts.draft_p_min)
         elif draft == DRAFT_LOOKUP:
-            drafter = PromptLookupDrafter()
+            drafter = make_drafter(METHOD_LOOKUP)
     except BaseException:
         if draft_model is not None:
             draft_model.close()

@@ -17,12 +17,13 @@ from rich.live import Live
 from rich.text import Text
 
 from .console import console, err_text, say, write
-from .chat.conversation import FINISH_INTERRUPTED
+from .engine.stats import FINISH_CONTEXT, FINISH_INTERRUPTED, FINISH_LENGTH
+from .engine.drafters import METHOD_TARGET
 
 REFRESH_S = 0.05  # the live view redraws at most this often (every token would flicker and cost CPU)
 
-_FINISH_NOTE = {"length": "cut at --max-tokens", "context": "context full", FINISH_INTERRUPTED: "interrupted"}
-_FINISH_BRIEF = {"length": "cut", "context": "ctx full", FINISH_INTERRUPTED: "interrupted"}
+_FINISH_NOTE = {FINISH_LENGTH: "cut at --max-tokens", FINISH_CONTEXT: "context full", FINISH_INTERRUPTED: "interrupted"}
+_FINISH_BRIEF = {FINISH_LENGTH: "cut", FINISH_CONTEXT: "ctx full", FINISH_INTERRUPTED: "interrupted"}
 
 
 # ---- text of the status and summary lines (pure, so narrow terminals are easy to test) -----------------
@@ -36,7 +37,7 @@ def _fit(variants: list[str], width: int) -> str:
 
 def _speed_parts(stats, long: bool) -> list[str]:
     s = stats
-    if s.method == "target":
+    if s.method == METHOD_TARGET:
         return [f"{s.tokens_per_second:.1f} tok/s", "target alone" if long else ""]
     if long:
         return [f"{s.tokens_per_second:.1f} tok/s", f"acceptance {s.acceptance_rate:.0%}", f"{s.tokens_per_step:.2f} tokens/step"]

@@ -19,7 +19,6 @@ PROMPTS = [
 
 def dspark(*args, env_extra=None, timeout=900):
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "160"}
-    env.pop("DSPARK_BENCH_TEST_CORRUPT", None)
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "dspark_cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -124,13 +123,33 @@ def test_bench_on_the_demo_pair(demo_paths, prompts_file, tmp_path):
     assert one["tokens_per_step"] == pytest.approx(row["mean_accepted_tokens"], abs=1e-3)
 
 
+# The real command, with one token of the first speculative output changed before the identity check (the
+# corruption lives here, in the test, not in the shipped runner).
+CORRUPTING = """
+import sys
+from dspark_cli import cli
+from dspark_cli.bench import runner, stats
+done = []
+def corrupt_then_check(records):
+    for r in records:
+        if not done and r.variant != stats.BASELINE:
+            r.tokens = [r.tokens[0] + 1] + r.tokens[1:] if r.tokens else [0]
+            done.append(1)
+    return stats.check_identity(records)
+runner.check_identity = corrupt_then_check
+sys.argv = ["dspark"] + sys.argv[1:]
+cli.main()
+"""
+
+
 def test_a_mismatched_output_is_reported(demo_paths, prompts_file, tmp_path):
-    # The test-only hook changes one token of the first speculative output before the identity check.
     one = tmp_path / "one.txt"
     one.write_text("Name three colours.\n", encoding="utf-8")
-    proc = dspark("bench", "--prompts", str(one), "--max-tokens", "8", "--repeats", "1", "--no-warmup",
-                  "--methods", "draft,lookup", "--draft-max", "2,4", "--json", "-",
-                  env_extra={"DSPARK_BENCH_TEST_CORRUPT": "1"})
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "160"}
+    proc = subprocess.run([sys.executable, "-c", CORRUPTING, "bench", "--prompts", str(one), "--max-tokens", "8",
+                           "--repeats", "1", "--no-warmup", "--methods", "draft,lookup", "--draft-max", "2,4",
+                           "--json", "-"], capture_output=True, text=True, env=env, timeout=900,
+                          stdin=subprocess.DEVNULL)
     assert proc.returncode == 1, proc.stderr
     rep = json.loads(proc.stdout)  # stdout holds nothing but the JSON; the table went to stderr
     assert rep["identical"] is False

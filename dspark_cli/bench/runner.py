@@ -9,7 +9,6 @@ sides alike. Every run starts from an empty KV cache in both models, so no run r
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -19,27 +18,18 @@ import numpy as np
 from .prompts import BenchPrompt
 from .stats import (BASELINE, Mismatch, RunRecord, check_identity, parse_variant, record_from_events, summarize,
                           variant_name)
-from ..engine.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter
+from ..engine.drafters import METHOD_LOOKUP, METHODS, make_drafter
 from ..engine.loop import generate
 from ..errors import PromptError, UsageError
 from ..loader import Loaded
 from ..prompt import build_prompt
 from ..engine.sampling import SamplingParams
 
-METHOD_HYBRID = "hybrid"  # the draft model and prompt lookup: what `dspark run` uses with a draft model
-METHOD_DRAFT = "draft"  # the draft model alone (--no-lookup)
-METHOD_LOOKUP = "lookup"
-METHODS = (METHOD_HYBRID, METHOD_DRAFT, METHOD_LOOKUP)
 WARMUP_TOKENS = 32
 # Two greedy candidates whose target logits are closer than this are a floating-point tie: llama.cpp's CPU
 # kernels accumulate in a different order for a 1-token step than for a (γ+1)-token verify batch, and
 # differences of ~1e-4 can flip such a tie. Reported as a near-tie, still as not identical.
 NEAR_TIE_LOGITS = 0.01
-
-# TEST-ONLY hook: when set to 1, one token of the first speculative output is changed before the identity
-# check, so the end-to-end test can prove a mismatch is reported. Not a user feature; do not document it.
-_CORRUPT_ENV = "DSPARK_BENCH_TEST_CORRUPT"
-
 
 @dataclass
 class BenchConfig:
@@ -72,22 +62,16 @@ class BenchRun:
     wall_seconds: float
     confirmation: list[RunRecord]  # after a sweep: the best variant and the target alone measured again
     warmup_seconds: float = 0.0
-    corrupted: bool = False
     templated: bool = True
 
 
 def drafters_for(loaded: Loaded, methods: list[str], draft_p_min: float = 0.0) -> dict:
-    out = {}
     for m in methods:
-        if m in (METHOD_HYBRID, METHOD_DRAFT):
-            if loaded.draft_model is None:
-                raise UsageError(f"--methods {m} needs a draft model; pass --draft PATH or use --methods lookup")
-            out[m] = (HybridDrafter if m == METHOD_HYBRID else ModelDrafter)(loaded.draft_model, p_min=draft_p_min)
-        elif m == METHOD_LOOKUP:
-            out[m] = PromptLookupDrafter()  # no model: nothing to load for it
-        else:
+        if m not in METHODS:
             raise UsageError(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
-    return out
+        if m != METHOD_LOOKUP and loaded.draft_model is None:
+            raise UsageError(f"--methods {m} needs a draft model; pass --draft PATH or use --methods lookup")
+    return {m: make_drafter(m, loaded.draft_model, draft_p_min) for m in methods}
 
 
 def run_bench(loaded: Loaded, config: BenchConfig, *, draft_p_min: float = 0.0,
@@ -144,24 +128,13 @@ def run_bench(loaded: Loaded, config: BenchConfig, *, draft_p_min: float = 0.0,
             confirmation = timed([(BASELINE, None), parse_variant(best)])
     wall = time.perf_counter() - t1
 
-    corrupted = _corrupt_for_test(records)
     mismatches = check_identity(records) + check_identity(confirmation) if config.params.greedy else None
     if mismatches:
         _classify(loaded, dict((bp.id, t) for bp, t in tokenized), records, mismatches)
     texts = {r.prompt_id: loaded.target.detokenize(r.tokens)
              for r in records if r.variant == BASELINE and r.repeat == 0}
     return BenchRun(records, mismatches, {bp.id: len(t) for bp, t in tokenized}, texts, wall, confirmation,
-                    warmup_seconds=t1 - t0, corrupted=corrupted, templated=templated)
-
-
-def _corrupt_for_test(records: list[RunRecord]) -> bool:
-    if os.environ.get(_CORRUPT_ENV, "") != "1":
-        return False
-    for r in records:
-        if r.variant != BASELINE:
-            r.tokens = [r.tokens[0] + 1] + r.tokens[1:] if r.tokens else [0]
-            return True
-    return False
+                    warmup_seconds=t1 - t0, templated=templated)
 
 
 def _classify(loaded: Loaded, prompts: dict[str, list[int]], records: list[RunRecord], mismatches: list[Mismatch]) -> None:

@@ -24,10 +24,8 @@ from ..errors import PromptError
 from ..files import open_append, write_atomic
 from ..llama.model import Model
 from ..prompt import ChatTemplate, Continuation, min_tokens, tokenize_prompt
-from ..engine.stats import Rates
+from ..engine.stats import FINISH_ERROR, FINISH_INTERRUPTED, Rates
 
-FINISH_ERROR = "error"  # the process is ending on a failure mid-answer (an RPC server went away)
-FINISH_INTERRUPTED = "interrupted"  # Ctrl-C during the answer (the engine's reasons are stop/length/context)
 
 
 @dataclass

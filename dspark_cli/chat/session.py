@@ -29,7 +29,8 @@ from ..errors import DsparkError, OutputError, PromptError, UsageError
 from ..llama.backend import abort_hook
 from ..loader import ModelOptions
 from ..views import Screen
-from .conversation import FINISH_INTERRUPTED, Conversation, SessionTotals, Transcript, save_records
+from ..engine.stats import FINISH_INTERRUPTED
+from .conversation import Conversation, SessionTotals, Transcript, save_records
 from .input import PipeInput, TerminalInput, history_path
 
 MASH_S = 0.5  # a Ctrl-C at the prompt this soon after one that stopped an answer does not exit

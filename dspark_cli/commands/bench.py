@@ -13,7 +13,8 @@ import typer
 from ..bench.prompts import builtin_prompts, load_prompts
 from ..bench.render import render
 from ..bench.report import build_report, to_csv, to_json
-from ..bench.runner import METHOD_DRAFT, METHOD_HYBRID, METHOD_LOOKUP, METHODS, BenchConfig, run_bench
+from ..bench.runner import BenchConfig, run_bench
+from ..engine.drafters import METHOD_DRAFT, METHOD_HYBRID, METHOD_LOOKUP, METHODS
 from ..bench.setup import setup_info
 from ..bench.stats import summarize
 from ..console import console, say, write

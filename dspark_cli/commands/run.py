@@ -11,6 +11,7 @@ import typer
 from .. import signals
 from ..console import closed_at_start, quiet_stdout, say, write, write_json
 from ..api import open_pair
+from ..engine.drafters import METHOD_TARGET
 from ..engine.loop import DEFAULT_DRAFT_MAX, check_limits
 from ..errors import PromptError, UsageError
 from ..loader import ModelOptions
@@ -49,7 +50,7 @@ def read_prompt(argument: str | None) -> str:
 def _summary(stats, finish: str | None) -> str:
     s = stats
     line = f"{s.n_generated} tokens, {s.tokens_per_second:.1f} tok/s"
-    if s.method != "target":
+    if s.method != METHOD_TARGET:
         acceptance = f"{s.acceptance_rate:.1%}" if s.n_drafted else "n/a (nothing drafted)"
         line += f", acceptance {acceptance}, {s.tokens_per_step:.2f} tokens/step ({s.method})"
     else:

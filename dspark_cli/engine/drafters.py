@@ -19,6 +19,14 @@ from ..llama.model import Model
 from .sampling import Noise, SamplingParams, pick
 
 
+# The drafting methods, by the names users see (`bench --methods`, `generate_tokens(method=)`, stats.method).
+METHOD_TARGET = "target"  # no drafter: the target alone
+METHOD_DRAFT = "draft"  # the draft model alone (--no-lookup)
+METHOD_LOOKUP = "lookup"  # prompt lookup, no second model
+METHOD_HYBRID = "hybrid"  # the draft model and prompt lookup: what a user gets with a draft model
+METHODS = (METHOD_HYBRID, METHOD_DRAFT, METHOD_LOOKUP)
+
+
 @dataclass
 class Draft:
     tokens: list[int]
@@ -58,7 +66,7 @@ class ModelDrafter:
     """A small model drafts autoregressively from its own KV cache. Between rounds only the tokens it has not
     seen are fed to it (usually the target's correction), never the whole verified batch again."""
 
-    name = "draft"
+    name = METHOD_DRAFT
     lookup = False
 
     def __init__(self, model: Model, p_min: float = 0.0):
@@ -122,7 +130,7 @@ class PromptLookupDrafter:
     ngram_min) in the prompt and the text so far, and propose what followed it. Strong when the answer
     copies from the input (summaries, edits, code changes), free when it does not match."""
 
-    name = "lookup"
+    name = METHOD_LOOKUP
     model = None
     lookup = True
 
@@ -153,7 +161,7 @@ class HybridDrafter(ModelDrafter):
     """The draft model and prompt lookup together: each round the cost model takes a lookup match when one
     pays (it costs no drafting), the model otherwise, or neither."""
 
-    name = "hybrid"
+    name = METHOD_HYBRID
     lookup = True
 
     def __init__(self, model: Model, p_min: float = 0.0, ngram_max: int = 4, ngram_min: int = 2):
@@ -162,6 +170,22 @@ class HybridDrafter(ModelDrafter):
 
     def lookup_tokens(self, seq: list[int], n_max: int) -> list[int]:
         return self._lookup.lookup_tokens(seq, n_max)
+
+
+def make_drafter(method: str, model: Model | None = None, p_min: float = 0.0) -> "Drafter | None":
+    """The one way to build a drafter: None for the target alone. UsageError for a method that needs a draft
+    model when there is none, or an unknown one."""
+    from ..errors import UsageError
+
+    if method == METHOD_TARGET:
+        return None
+    if method == METHOD_LOOKUP:
+        return PromptLookupDrafter()
+    if method in (METHOD_DRAFT, METHOD_HYBRID):
+        if model is None:
+            raise UsageError(f"method {method!r} needs a draft model; load one (--draft PATH) or use 'lookup'")
+        return (HybridDrafter if method == METHOD_HYBRID else ModelDrafter)(model, p_min=p_min)
+    raise UsageError(f"unknown method {method!r}: choose from {METHOD_TARGET}, {', '.join(METHODS)}")
 
 
 def lookup(seq: list[int], n_max: int, ngram_max: int = 4, ngram_min: int = 2) -> list[int]:

@@ -29,20 +29,17 @@ import numpy as np
 
 from .costs import SOURCE_LOOKUP, SOURCE_MODEL, Plan, Planner
 from .detok import TextStream
-from .drafters import Draft, Drafter
+from .drafters import METHOD_TARGET, Draft, Drafter
 from ..errors import ContextFullError, PromptError, UsageError
 from ..llama.kernels import EXACT_BATCH_MAX
 from ..llama.model import Model
 from .sampling import Noise, SamplingParams, pick, verify
-from .stats import GenerationStats
+from .stats import FINISH_CONTEXT, FINISH_LENGTH, FINISH_STOP, GenerationStats
 
 # The most tokens drafted per target step. The cost model picks fewer whenever fewer pay (often on CPU,
 # where a verify batch costs several one-token steps); on a GPU, where a batch costs about one step, raise it.
 DEFAULT_DRAFT_MAX = 8
 
-FINISH_STOP = "stop"  # an end-of-generation token or a stop string
-FINISH_LENGTH = "length"  # --max-tokens reached
-FINISH_CONTEXT = "context"  # the context window is full
 
 ENGINE_SEQUENTIAL = "sequential"  # the one loop (GenerationStats.engine, `run --json`'s "engine")
 
@@ -98,7 +95,7 @@ def generate(
     cost model picks."""
     check_limits(max_tokens, draft_max if drafter is not None else None)
     check_prompt(target, prompt)
-    stats = GenerationStats(method=drafter.name if drafter else "target", n_prompt=len(prompt))
+    stats = GenerationStats(method=drafter.name if drafter else METHOD_TARGET, n_prompt=len(prompt))
     noise = Noise(params.seed)
     stream = TextStream(stop)
     seq = list(prompt)

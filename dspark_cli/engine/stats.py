@@ -6,6 +6,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+# Why a generation ended: the one set of reasons (the engine's first three; the chat's last two), as
+# Event.finish_reason, `run --json`'s finish_reason and a transcript's records say them.
+FINISH_STOP = "stop"  # an end-of-generation token or a stop string
+FINISH_LENGTH = "length"  # --max-tokens reached
+FINISH_CONTEXT = "context"  # the context window is full
+FINISH_INTERRUPTED = "interrupted"  # Ctrl-C during the answer
+FINISH_ERROR = "error"  # the process is ending on a failure mid-answer (an RPC server went away)
+
 
 class Rates:
     """tokens/s, acceptance rate and tokens per target step, from the counters the class holds

@@ -10,9 +10,9 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..engine.sampling import SamplingParams
-from ..engine.stats import GenerationStats
+from ..engine.stats import FINISH_CONTEXT, FINISH_LENGTH, FINISH_STOP, GenerationStats
 
-FINISH = {"stop": "stop", "length": "length", "context": "length"}  # the engine's reasons in OpenAI's words
+FINISH = {FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_CONTEXT: "length"}  # the engine's reasons in OpenAI's words
 
 
 class ApiError(Exception):
