@@ -38,7 +38,7 @@ class TerminalInput:
         if history is not None:
             try:
                 readline.read_history_file(history)
-            except OSError:
+            except OSError:  # no history yet, or an unreadable one: the chat starts with none (not worth a warning)
                 pass
         readline.set_completer_delims(" \t\n")
         readline.set_completer(self._complete)
@@ -88,7 +88,7 @@ class TerminalInput:
         try:
             self.history.parent.mkdir(parents=True, exist_ok=True)
             self.readline.write_history_file(self.history)
-        except OSError:
+        except OSError:  # history is a convenience: a read-only home must not turn leaving the chat into an error
             pass
 
 

@@ -131,6 +131,8 @@ class ChatSession:
             self.failure = e
 
     # ---- one answer -----------------------------------------------------------------------------------
+    # Long: one answer from prompt to transcript, with its Ctrl-C and failure paths side by side (they share the
+    # view and the conversation's pending turn).
     def answer(self, message: str) -> str | None:
         target = self.loaded.target
         try:

@@ -35,6 +35,12 @@ def kernel_advice(patches: list[str] | None, gpu_backend: str, cpu_features: lis
     return []
 
 
+# Long: one check after another in the order doctor prints them (machine, build, models, pairing, memory);
+
+
+# splitting it would scatter that order.
+
+
 def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: int, n_gpu_layers: int | None,
              n_gpu_layers_draft: int | None, offline: bool) -> tuple[dict, list[DsparkError]]:
     from ..llama.machine import machine_info
@@ -139,6 +145,9 @@ def _pairing(target, draft, problems: list[DsparkError]) -> dict:
         problems.append(e)
         return {"ok": False, "detail": e.message}
     return {"ok": True, "detail": "the vocabularies match (llama.cpp's draft/target rule)"}
+
+
+# Long: the report's rows in print order, one small block per row.
 
 
 def _print(report: dict) -> None:

@@ -80,6 +80,12 @@ class Round:
     source: str | None = None  # where the drafts came from (costs.SOURCE_MODEL / SOURCE_LOOKUP)
 
 
+# Long (about 90 lines): the whole generation on one screen, as llama.cpp's speculative-simple keeps it:
+
+
+# checks, prompt, rounds, finish, and the finally that trims both caches.
+
+
 def generate(
     target: Model,
     prompt: list[int],

@@ -75,6 +75,12 @@ _TYPE_SIZES = {
 }
 
 
+# Long: one pass over the GGUF header as the format lays it out, with a check at each field; kept in one
+
+
+# place so a truncated or hostile file is judged the same way everywhere.
+
+
 def read_metadata(path: str | Path, role: str = "model") -> dict:
     """The key/value section of a GGUF header (after check_gguf_file). Arrays of strings come back as their
     length only; long arrays of numbers (per-token scores and types) too; other arrays as lists.

@@ -126,9 +126,8 @@ def download(
             path = Path(hf_hub_download(repo, filename, revision=revision, tqdm_class=bar))
     except DownloadError:
         raise
-    except KeyboardInterrupt:
-        raise
-    except BaseException as e:  # noqa: BLE001 - huggingface-hub raises many types; each maps to one line
+    except Exception as e:  # noqa: BLE001 - huggingface-hub raises many types; each maps to one line
+        # (Ctrl-C, SystemExit and a cancelled task are not Exceptions: they pass through as themselves.)
         raise _download_error(e, repo, filename) from None
 
     expected = (sha256 or "").lower() or _etag_sha256(path)

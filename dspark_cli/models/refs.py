@@ -137,8 +137,8 @@ def cached_path(ref: str) -> Path | None:
     reg = load_registry()
     try:
         r = parse_ref(ref, reg)
-    except (UsageError, ModelFileError):
-        return None
+    except (UsageError, ModelFileError):  # a malformed reference names nothing that can be cached: "not cached"
+        return None                      # is the answer (the loader parses it again and says what is wrong)
     if r.kind == "path":
         return r.path
     if r.kind == "builtin":

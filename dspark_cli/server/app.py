@@ -35,6 +35,9 @@ class ServeOptions:
     defaults: SamplingParams = SamplingParams()  # for requests that leave a sampling field out (seed None: random)
 
 
+# Long: the routes are closures over the pair, the options and the worker; each route is short.
+
+
 def create_app(pair, options: ServeOptions, worker: Worker) -> Starlette:
     """An ASGI app serving `pair` (a dspark_cli.api.Pair)."""
 
