@@ -451,6 +451,8 @@ def test_an_abort_inside_llama_cpp_is_one_line_and_exit_1(tiny_paths):
     says why in one line and exits 1 instead of dumping core or a backtrace onto stdout."""
     code = ("import ctypes, glob, os, sys\n"
             "import llama_cpp\n"
+            "from dspark_cli.llama import process\n"
+            "process.configure()\n"  # what the dspark command does first (a library host keeps llama.cpp's abort)
             "from dspark_cli.llama.model import Model\n"
             f"Model({str(tiny_paths[0])!r}, vocab_only=True)\n"
             "print('text already printed', flush=True)\n"
@@ -462,3 +464,7 @@ def test_an_abort_inside_llama_cpp_is_one_line_and_exit_1(tiny_paths):
     assert r.stdout == "text already printed\n"
     lines = [line for line in r.stderr.splitlines() if line.startswith("dspark: error:")]
     assert lines == ["dspark: error: llama.cpp stopped: GGML_ASSERT(something) failed"]
+    # As a library (no process.configure()), dspark leaves llama.cpp's own abort to its host process.
+    r = subprocess.run([sys.executable, "-c", code.replace("process.configure()\n", "")], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "GGML_NO_BACKTRACE": "1"})
+    assert r.returncode != 1 and "dspark: error:" not in r.stderr, (r.returncode, r.stderr)
