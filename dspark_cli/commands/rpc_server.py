@@ -32,7 +32,7 @@ def _cache_dir() -> Path:
 def register(app: typer.Typer) -> None:
     @app.command("rpc-server")
     def rpc_server(
-        host: Annotated[str, typer.Option("--host", "-H", help="Address to listen on. Anything but loopback needs --allow-network.")] = "127.0.0.1",
+        host: Annotated[str, typer.Option("--host", "-H", help="IPv4 address to listen on (llama.cpp's RPC server has no IPv6). Anything but loopback needs --allow-network.")] = "127.0.0.1",
         port: Annotated[int, typer.Option("--port", "-p", help="Port to listen on.")] = rpc.DEFAULT_PORT,
         threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads for the CPU device (default: physical cores).", show_default=False)] = None,
         device: Annotated[Optional[str], typer.Option("--device", help="Devices to serve, comma-separated (e.g. CUDA0,CUDA1). Default: the GPUs, or the CPU when there is none.", show_default=False)] = None,

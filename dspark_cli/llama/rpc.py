@@ -126,9 +126,7 @@ def probe(ep: Endpoint, timeout: float = PROBE_TIMEOUT) -> tuple[int, int, int]:
                     pass
                 head, closed = _read(sock, 8, NUDGE_WAIT)
                 if not head and not closed:
-                    raise RemoteError(f"RPC server {ep} did not answer within {timeout:g} s",
-                                      hint="a server takes one client at a time: is another dspark or llama.cpp "
-                                           "using it?")
+                    raise socket.timeout  # below: did not answer
             if not head:
                 raise RemoteError(f"{ep} closed the connection without answering llama.cpp's RPC hello: not an "
                                   "RPC server, or one of another llama.cpp version",
@@ -147,9 +145,10 @@ def probe(ep: Endpoint, timeout: float = PROBE_TIMEOUT) -> tuple[int, int, int]:
                 more, _ = _read(sock, 120, NUDGE_WAIT)  # the rest of its first line, to quote it
                 head += more
             raise RemoteError(f"{ep} is not a llama.cpp RPC server: {_what_answered(head)}", hint=wrong_port)
-    except (socket.timeout, TimeoutError):  # the connect itself
-        raise RemoteError(f"cannot reach RPC server {ep}: no answer to the connection within {timeout:g} s",
-                          hint=hint) from None
+    except (socket.timeout, TimeoutError):  # no connection (a full backlog, a firewall), or silence after it
+        raise RemoteError(f"RPC server {ep} did not answer within {timeout:g} s",
+                          hint="a server takes one client at a time: is another dspark or llama.cpp using it? "
+                               "(or a firewall drops the connection)") from None
     except ConnectionRefusedError:
         raise RemoteError(f"cannot reach RPC server {ep}: connection refused", hint=hint) from None
     except OSError as e:
@@ -227,8 +226,6 @@ def lost_server_message() -> str | None:
     watched = list(_connected)
     if not watched:
         return None
-    import time
-
     deadline = time.monotonic() + 2.0  # a dying server's listening socket may outlive its connection briefly
     while True:
         dead = dead_servers(watched)
