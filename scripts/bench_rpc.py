@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dspark_cli import rpc  # noqa: E402
+from dspark_cli.llama import rpc  # noqa: E402
 
 PROMPTS = {
     "code": "Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring.",

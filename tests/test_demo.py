@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from dspark_cli import demo
+from dspark_cli.models import demo
 from dspark_cli.llama.model import Model
 from dspark_cli.llama.vocab import check_pair_files
 

@@ -416,7 +416,7 @@ def test_a_nonsense_terminal_width_still_shows_the_help():
 
 
 def test_an_empty_home_is_not_the_root_directory(monkeypatch):
-    from dspark_cli import demo
+    from dspark_cli.models import demo
     from dspark_cli.places import home
 
     monkeypatch.setenv("HOME", "")

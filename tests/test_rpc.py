@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from dspark_cli import rpc
+from dspark_cli.llama import rpc
 from dspark_cli.errors import RemoteError
 from test_hostile_input import one_error
 from test_serve import free_port
