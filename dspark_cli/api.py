@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from . import arguments as check
+from .engine.batch import Job, Scheduler
 from .engine.drafters import METHOD_TARGET, make_drafter
 from .engine.loop import DEFAULT_DRAFT_MAX, Event, check_limits, check_prompt, generate as _generate
 from .errors import ContextFullError, UsageError
@@ -52,26 +53,28 @@ class Result:
 
 class Generation:
     """The events of one generation (what Pair.generate returns): an iterator, closed by close() or when the
-    pair starts another generation or closes. Iterating it after that raises a DsparkError instead of
-    yielding nothing, so an answer is never cut short in silence."""
+    pair starts another generation (one at a time, unless the pair was loaded with parallel > 1) or closes.
+    Iterating it after that raises a DsparkError instead of yielding nothing, so an answer is never cut short
+    in silence."""
 
-    def __init__(self, pair: "Pair", events: Iterator[Event]):
+    def __init__(self, pair: "Pair", events: Iterator[Event], lock=None):
         self._pair = pair
         self._events = events
         self._ended: str | None = None  # why it was ended from outside
+        self._lock = lock if lock is not None else pair._step  # batched generations step on their own
 
     def __iter__(self) -> "Generation":
         return self
 
     def __next__(self) -> Event:
-        with self._pair._step:  # one step at a time, whichever thread asks
+        with self._lock:  # one step at a time, whichever thread asks
             if self._ended is not None:
                 raise UsageError(self._ended)
             return next(self._events)
 
     def close(self) -> None:
-        with self._pair._step:
-            self._events.close()  # its finally trims both caches to what was yielded
+        with self._lock:
+            self._events.close()  # its finally trims both caches to what was yielded (batched: frees its slot)
 
     def _end(self, why: str) -> None:  # with the pair's step lock held
         self._events.close()
@@ -79,15 +82,19 @@ class Generation:
 
 
 class Pair:
-    """A loaded target with its drafter (a draft model, prompt lookup, both, or none). One generation at a
-    time (the models' KV caches are its state): complete() calls from several threads take turns; a new
-    generation ends one left unfinished, whose next step then raises a DsparkError; after close() every
-    call does."""
+    """A loaded target with its drafter (a draft model, prompt lookup, both, or none). Loaded as usual (parallel
+    1) it runs one generation at a time (the models' KV caches are its state): complete() calls from several
+    threads take turns; a new generation ends one left unfinished, whose next step then raises a DsparkError.
+    Loaded with parallel=N, up to N generations run at once, batched together by one scheduler thread
+    (engine/batch.py), each exactly what it would be alone; more wait their turn in arrival order. After close()
+    every call raises a DsparkError."""
 
     def __init__(self, loaded: Loaded):
         self._loaded = loaded
         self.template = ChatTemplate(loaded.target)
-        self._continuation = Continuation(loaded.target)
+        self.parallel = loaded.target.n_seq
+        self._continuation = Continuation(loaded.target, keep=self.parallel)
+        self._scheduler = Scheduler(loaded.target, loaded.drafter) if self.parallel > 1 else None
         self._active: Generation | None = None  # the generation under way, closed before the models are
         self._closed = False
         self._turns = threading.RLock()  # held by complete() for a whole answer: callers take turns
@@ -190,6 +197,13 @@ class Pair:
         check_limits(max_tokens, draft_max)
         stop = check.stop_strings(stop)
         fixed = check.flag("fixed", fixed)
+        if self._scheduler is not None:
+            with self._step:  # the template, the tokenizer and the remembered conversations, one caller at a time
+                rendered = self._render(prompt, raw, system)
+                tokens = self._tokens(rendered, raw)
+                check_prompt(self.target, tokens)
+            return self._submit(rendered.text, tokens, params, max_tokens=max_tokens, stop=stop,
+                                draft_max=draft_max, fixed=fixed, remember=not raw)
         with self._turns, self._step:
             rendered = self._render(prompt, raw, system)
             tokens = self._tokens(rendered, raw)
@@ -202,6 +216,14 @@ class Pair:
                         method: str | None = None) -> Generation:
         """The same from token ids the caller built (a chat keeping its own conversation state). `method`
         runs another drafter on the same models: "target" (alone), "draft", "lookup" or "hybrid"."""
+        if self._scheduler is not None:
+            self._check_open()
+            if method is not None and method != self.method:
+                raise UsageError(f"a pair loaded with parallel > 1 generates with its own drafter ({self.method}), "
+                                 f"not {method!r}")
+            check_prompt(self.target, tokens)
+            return self._submit(None, list(tokens), params, max_tokens=max_tokens, stop=tuple(stop),
+                                draft_max=draft_max, fixed=fixed, remember=False)
         with self._turns, self._step:
             self._check_open()
             drafter = self.drafter if method is None else self._drafter_for(method)
@@ -237,23 +259,55 @@ class Pair:
             if remember:
                 self._continuation.remember(text, tokens, "".join(pieces), answer)
 
-    def complete(self, prompt: str | Sequence[Message], **options) -> Result:
-        """The whole answer at once; the same options as generate. Calls from several threads take turns."""
-        with self._turns:
-            tokens: list[int] = []
+    def _submit(self, text, tokens, params, *, max_tokens, stop, draft_max, fixed, remember) -> Generation:
+        """A generation the scheduler batches with the others under way."""
+        job = Job(tokens, params, max_tokens, tuple(stop), draft_max, fixed=fixed)
+        self._scheduler.submit(job)
+
+        def events() -> Iterator[Event]:
+            answer: list[int] = []
             pieces: list[str] = []
-            last = None
-            for ev in self.generate(prompt, **options):
-                if ev.token is not None:
-                    tokens.append(ev.token)
-                pieces.append(ev.text)
-                last = ev
-            return Result("".join(pieces), tokens, last.finish_reason, last.stats)
+            try:
+                for ev in job.events():
+                    if ev.token is not None:
+                        answer.append(ev.token)
+                    pieces.append(ev.text)
+                    yield ev
+            finally:
+                if not job.finished:
+                    self._scheduler.cancel(job)  # its slot is freed, its caches trimmed, at the next step
+                if remember:
+                    with self._step:
+                        self._continuation.remember(text, tokens, "".join(pieces), answer)
+
+        return Generation(self, events(), lock=threading.RLock())
+
+    def complete(self, prompt: str | Sequence[Message], **options) -> Result:
+        """The whole answer at once; the same options as generate. Calls from several threads take turns (with
+        parallel > 1, they run at once, batched)."""
+        if self._scheduler is not None:
+            return self._collect(self.generate(prompt, **options))
+        with self._turns:
+            return self._collect(self.generate(prompt, **options))
+
+    @staticmethod
+    def _collect(generation: Generation) -> Result:
+        tokens: list[int] = []
+        pieces: list[str] = []
+        last = None
+        for ev in generation:
+            if ev.token is not None:
+                tokens.append(ev.token)
+            pieces.append(ev.text)
+            last = ev
+        return Result("".join(pieces), tokens, last.finish_reason, last.stats)
 
     # ---- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
         """Free both models. A generation under way is ended first (its caches trimmed while the models
         exist); any later call on the pair, or on a generation of it, raises a DsparkError."""
+        if self._scheduler is not None:
+            self._scheduler.close(CLOSED)  # every batched generation ends with UsageError(CLOSED)
         with self._turns, self._step:
             if self._closed:
                 return
@@ -275,7 +329,7 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
          n_gpu_layers: int | None = None, n_gpu_layers_draft: int | None = None, threads: int | None = None,
          draft_p_min: float = 0.0, lookup: bool = True, pull: bool = False, offline: bool = False,
          force: bool = False, rpc: str | None = None, rpc_draft: str | None = None,
-         tensor_split: str | None = None, quiet: bool = False) -> Pair:
+         tensor_split: str | None = None, parallel: int = 1, quiet: bool = False) -> Pair:
     """Load a target and its drafter, as the CLI's model options do.
 
     target, draft: a GGUF path, "org/repo:file.gguf", "org/repo:QUANT" or a registry name; draft may also be
@@ -286,7 +340,9 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
     probability. lookup: with a draft model, use prompt-lookup matches too (the hybrid). pull: download
     models not in the cache; offline: the cache only. force: skip the memory preflight. rpc / rpc_draft:
     "HOST:PORT,..." llama.cpp RPC servers for the target's / the draft's layers; tensor_split: "3,1", the
-    devices' shares of the target. quiet: no status line on stderr. A wrong type or value is a UsageError.
+    devices' shares of the target. parallel: generations at once, batched together (each exactly what it would
+    be alone; each with ctx_size tokens of its own); with 1, one at a time. quiet: no status line on stderr. A
+    wrong type or value is a UsageError.
     """
     opts = ModelOptions(
         target=check.model_ref("target", target), draft=check.model_ref("draft", draft),
@@ -297,7 +353,8 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
         lookup=check.flag("lookup", lookup), pull=check.flag("pull", pull), offline=check.flag("offline", offline),
         force=check.flag("force", force), rpc=check.text("rpc", rpc, optional=True),
         rpc_draft=check.text("rpc_draft", rpc_draft, optional=True),
-        tensor_split=check.text("tensor_split", tensor_split, optional=True))
+        tensor_split=check.text("tensor_split", tensor_split, optional=True),
+        parallel=check.integer("parallel", parallel))
     return open_pair(opts, quiet=check.flag("quiet", quiet))
 
 

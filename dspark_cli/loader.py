@@ -13,6 +13,7 @@ from .llama.model import Model
 
 MAX_CTX = 2**31 - 1
 MAX_THREADS = 512  # GGML_MAX_N_THREADS
+MAX_PARALLEL = 256  # LLAMA_MAX_SEQ
 DRAFT_NONE = "none"  # --draft none: the target alone
 DRAFT_LOOKUP = METHOD_LOOKUP  # --draft lookup: prompt lookup, no second model
 
@@ -34,6 +35,7 @@ class ModelOptions:
     rpc: str | None = None  # "HOST:PORT[,...]": RPC servers holding the target's layers
     rpc_draft: str | None = None  # the same for the draft (which stays on this machine by default)
     tensor_split: str | None = None  # "3,1": each device's share of the target's layers
+    parallel: int = 1  # generations at once, batched (dspark serve --parallel): a KV sequence each
 
     def rpc_endpoints(self, draft: bool = False):
         from .llama.rpc import parse_endpoints
@@ -62,6 +64,8 @@ class ModelOptions:
                 raise UsageError(f"{flag} must be 0 or more, got {v}")
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
             raise UsageError(f"--threads must be between 1 and {MAX_THREADS} (llama.cpp's limit), got {self.threads}")
+        if not 1 <= self.parallel <= MAX_PARALLEL:
+            raise UsageError(f"--parallel must be between 1 and {MAX_PARALLEL}, got {self.parallel}")
         if not 0.0 <= self.draft_p_min < 1.0:
             raise UsageError(f"--draft-p-min must be in [0, 1), got {self.draft_p_min}")
         for flag, v in (("--target", self.target), ("--draft", self.draft), ("--pair", self.pair)):
@@ -183,7 +187,7 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
     preflight(target_path, draft_path, n_ctx=opts.ctx_size, n_gpu_layers=where.n_gpu_layers,
               n_gpu_layers_draft=where_draft.n_gpu_layers, force=opts.force,
               remote_free=remote_memory(servers)[0] if servers else None,
-              remote=(bool(where.servers), bool(where_draft.servers)))
+              remote=(bool(where.servers), bool(where_draft.servers)), parallel=opts.parallel)
 
     hardware = os.cpu_count() or 1
     if opts.threads is not None and opts.threads > hardware:
@@ -192,7 +196,10 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
     if not quiet:
         what = f"draft {draft_path.name}" if draft_path else ("prompt lookup" if draft == DRAFT_LOOKUP else "no draft")
         say(f"loading target {target_path.name} + {what}")
-    target = Model(target_path, role="target", n_ctx=opts.ctx_size, n_threads=opts.threads, **where.model_args())
+    # With parallel sequences, the target keeps each in a KV stream of its own (bit-identical to a lone run); the
+    # draft, whose numerics never change the output, pools them (any mix of rows in one pass).
+    target = Model(target_path, role="target", n_ctx=opts.ctx_size, n_threads=opts.threads, n_seq=opts.parallel,
+                   **where.model_args())
     draft_model = None
     drafter: Drafter | None = None
     try:
@@ -200,7 +207,7 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
             from .llama.vocab import check_pair
 
             draft_model = Model(draft_path, role="draft", n_ctx=opts.ctx_size, n_threads=opts.threads,
-                                **where_draft.model_args())
+                                n_seq=opts.parallel, separate=False, **where_draft.model_args())
             check_pair(target, draft_model)
             drafter = make_drafter(METHOD_HYBRID if opts.lookup else METHOD_DRAFT, draft_model, opts.draft_p_min)
         elif draft == DRAFT_LOOKUP:

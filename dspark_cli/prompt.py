@@ -218,28 +218,44 @@ class Continuation:
     re-process everything after it. So the next prompt is built as (tokens in context) + tokens(the rest of
     the text), when the text starts with exactly what the cached tokens stand for; when it does not (a system
     prompt changed, a template rewrote old answers, turns were dropped), it is tokenized whole and the caches
-    keep whatever prefix still matches."""
+    keep whatever prefix still matches. `keep` conversations are remembered, the newest first (a server
+    batching several sequences keeps one per slot); the longest one the prompt extends is used."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, keep: int = 1):
         self.model = model
-        self.text: str | None = None  # None: nothing reusable
-        self.tokens: list[int] = []
+        self.keep = keep
+        self._known: list[tuple[str, list[int]]] = []  # (text, its exact tokens), newest first
+
+    @property
+    def text(self) -> str | None:
+        """The newest remembered conversation's text (None: nothing reusable)."""
+        return self._known[0][0] if self._known else None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._known[0][1] if self._known else []
 
     def tokens_for(self, prompt: Rendered) -> tuple[list[int], int]:
-        """(the prompt's tokens, how many of them come from the previous context)."""
+        """(the prompt's tokens, how many of them come from a previous context)."""
         text = prompt.text
-        if self.text is not None and self.tokens and text.startswith(self.text):
-            cut = len(self.text)
+        known = [(t, toks) for t, toks in self._known if toks and text.startswith(t)]
+        if known:
+            prev, toks = max(known, key=lambda k: len(k[0]))
+            cut = len(prev)
             protect = tuple((max(a - cut, 0), b - cut) for a, b in prompt.protect if b > cut)
-            return self.tokens + tokenize_text(self.model, text[cut:], protect), len(self.tokens)
+            return toks + tokenize_text(self.model, text[cut:], protect), len(toks)
         return tokenize_prompt(self.model, text, prompt.protect), 0
 
     def remember(self, prompt_text: str, prompt_tokens: list[int], answer_text: str, answer_tokens: list[int]) -> None:
         """After an answer. The tail trick needs the tokens to spell exactly the answer's text; an answer cut
         inside a UTF-8 character (Ctrl-C, --max-tokens) does not, and then the next prompt is tokenized whole."""
-        self.tokens = list(prompt_tokens) + list(answer_tokens)
+        tokens = list(prompt_tokens) + list(answer_tokens)
         exact = self.model.detokenize(list(answer_tokens)) == answer_text
-        self.text = prompt_text + answer_text if exact else None
+        # What this answer extends is superseded by it (its slot's cache moved on).
+        self._known = [(t, k) for t, k in self._known if not (prompt_text + answer_text).startswith(t)]
+        if exact:
+            self._known.insert(0, (prompt_text + answer_text, tokens))
+        del self._known[self.keep :]
 
     def forget(self) -> None:
-        self.text = None
+        self._known = []

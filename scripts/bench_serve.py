@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
-"""`dspark serve` under concurrent streaming clients: speculative against the target alone, interleaved.
+"""`dspark serve` under concurrent streaming clients: batched speculation against plain batching and against the
+one-at-a-time speculative server, interleaved.
 
-    python3 scripts/bench_serve.py                      # demo pair, 4 clients, 3 rounds, 128 tokens each
-    python3 scripts/bench_serve.py --clients 8 --rounds 5 -- --target T.gguf --draft D.gguf
+    python3 scripts/bench_serve.py                                   # demo pair, 1,2,4,8 clients, 3 rounds
+    python3 scripts/bench_serve.py --real                            # the Qwen2.5-Coder pair (fetch_real_pair.py)
+    python3 scripts/bench_serve.py --clients 4 --rounds 5 -- --target T.gguf --draft D.gguf
 
-Two servers run side by side on loopback ports (the default drafter, and `--draft none`), both warmed up;
-each round sends the same N streaming chat requests (the official `openai` client, one thread each, greedy)
-to one server, then the other, in an order that alternates every round. Per request: time to first token,
-tokens (from `usage`), tokens/s while streaming; per round: requests completed and total tokens/s. The server
-answers one request at a time, so time to first token grows with a client's place in the queue: that is
-what a user of a busy server sees, and speculation shortens it for everyone behind.
+Three servers run side by side on loopback ports, each warmed up:
+  speculative   the default drafter, --parallel N (N: the most clients measured)
+  plain         --draft none --parallel N: continuous batching without speculation
+  one-at-a-time the default drafter, --parallel 1 (what dspark served before batching)
+For each client count, each round sends the same C streaming chat requests (the official `openai` client, one
+thread each, greedy) to every server in turn, in an order that rotates every round. Per request: time to first
+token, tokens (from `usage`), tokens/s while streaming; per round: total tokens/s. Ratios are taken within a
+round (the machine's speed drifts between rounds) and summarized by their median and range. Every answer is
+checked against the one-at-a-time server's: batching must not change a token.
 """
 
 from __future__ import annotations
@@ -30,7 +35,12 @@ PROMPTS = [
     "Explain how a refrigerator works, step by step.",
     "Write a Python function that checks whether a string is a palindrome.",
     "Summarize the plot of Romeo and Juliet in five sentences.",
+    "Give me a recipe for pancakes.",
+    "What are the main causes of the French Revolution?",
+    "Write a haiku about autumn, then explain it.",
+    "Describe how HTTPS keeps a connection private.",
 ]
+SERVERS = ("speculative", "plain", "one-at-a-time")
 
 
 def free_port() -> int:
@@ -45,7 +55,7 @@ def start(extra: list[str]) -> tuple[subprocess.Popen, int]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dspark_cli", "serve", "--port", str(port), "--max-queue", "64",
                              *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
             sys.exit(f"a server exited: {proc.stderr.read().decode()[-2000:]}")
@@ -60,25 +70,28 @@ def start(extra: list[str]) -> tuple[subprocess.Popen, int]:
 def one_round(port: int, clients: int, max_tokens: int) -> dict:
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=1800)
     model = client.models.list().data[0].id
-    results: list[dict] = []
+    results: dict[int, dict] = {}
 
     def ask(i: int) -> None:
         t0 = time.perf_counter()
         first = None
         tokens = 0
+        text = []
         stream = client.chat.completions.create(
             model=model, temperature=0, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True},
             messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
         for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content and first is None:
-                first = time.perf_counter()
+            if chunk.choices and chunk.choices[0].delta.content:
+                text.append(chunk.choices[0].delta.content)
+                if first is None:
+                    first = time.perf_counter()
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
         end = time.perf_counter()
-        results.append({"ttft": (first or end) - t0, "tokens": tokens,
-                        "tok_s": tokens / (end - first) if first and end > first else 0.0, "seconds": end - t0})
+        results[i] = {"ttft": (first or end) - t0, "tokens": tokens, "text": "".join(text),
+                      "tok_s": tokens / (end - t0) if end > t0 else 0.0}
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(clients)]
@@ -87,55 +100,101 @@ def one_round(port: int, clients: int, max_tokens: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"completed": sum(1 for r in results if r["tokens"] > 0), "wall": wall,
-            "total_tok_s": sum(r["tokens"] for r in results) / wall,
-            "median_ttft": statistics.median(r["ttft"] for r in results),
-            "max_ttft": max(r["ttft"] for r in results),
-            "median_request_tok_s": statistics.median(r["tok_s"] for r in results)}
+    rs = [results[i] for i in sorted(results)]
+    return {"completed": sum(1 for r in rs if r["tokens"] > 0), "wall": wall,
+            "total_tok_s": sum(r["tokens"] for r in rs) / wall,
+            "request_tok_s": statistics.median(r["tok_s"] for r in rs),
+            "median_ttft": statistics.median(r["ttft"] for r in rs),
+            "worst_ttft": max(r["ttft"] for r in rs),
+            "texts": [r["text"] for r in rs]}
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--clients", default="1,2,4,8", help="client counts, comma-separated")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-n", "--max-tokens", type=int, default=128)
+    ap.add_argument("--parallel", type=int, help="--parallel of the batching servers (default: the most clients)")
+    ap.add_argument("--real", action="store_true", help="the Qwen2.5-Coder 0.5B -> 1.5B pair (scripts/fetch_real_pair.py)")
     ap.add_argument("--json", dest="json_path")
-    ap.add_argument("serve_args", nargs="*", help="after --: options for both servers (--target, --draft, ...)")
+    ap.add_argument("serve_args", nargs="*", help="after --: options for every server (--target, --draft, ...)")
     args = ap.parse_args()
+    counts = [int(x) for x in args.clients.split(",")]
+    parallel = args.parallel or max(counts)
 
-    spec_args = list(args.serve_args)
-    alone_args = [a for a in spec_args]
-    if "--draft" in alone_args:
-        i = alone_args.index("--draft")
-        del alone_args[i:i + 2]
-    servers = {"speculative": start(spec_args), "target alone": start(alone_args + ["--draft", "none"])}
+    common = list(args.serve_args)
+    if args.real:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run([sys.executable, os.path.join(here, "fetch_real_pair.py")], check=True,
+                             capture_output=True, text=True).stdout.split()
+        common += ["--target", out[0], "--draft", out[1]]
+    alone = list(common)
+    if "--draft" in alone:
+        i = alone.index("--draft")
+        del alone[i:i + 2]
+    configs = {"speculative": common + ["--parallel", str(parallel)],
+               "plain": alone + ["--draft", "none", "--parallel", str(parallel)],
+               "one-at-a-time": common + ["--parallel", "1"]}
+    servers = {}
     try:
-        for name, (_, port) in servers.items():  # warm-up: weights paged in, threads spun up
-            one_round(port, 1, 16)
-        rows: dict[str, list[dict]] = {name: [] for name in servers}
-        names = list(servers)
+        for name in SERVERS:
+            servers[name] = start(configs[name])
+        for name, (_, port) in servers.items():  # warm-up: weights paged in, threads spun up, graphs built
+            one_round(port, min(parallel, 4), 16)
+        rows: dict[int, dict[str, list[dict]]] = {c: {name: [] for name in SERVERS} for c in counts}
+        mismatches = 0
         for r in range(args.rounds):
-            for name in (names if r % 2 == 0 else names[::-1]):
-                rows[name].append(one_round(servers[name][1], args.clients, args.max_tokens))
-                print(f"round {r + 1} {name}: {json.dumps({k: round(v, 3) for k, v in rows[name][-1].items()})}",
-                      file=sys.stderr, flush=True)
+            for c in counts:
+                order = SERVERS[r % 3:] + SERVERS[:r % 3]
+                got = {}
+                for name in order:
+                    got[name] = one_round(servers[name][1], c, args.max_tokens)
+                    rows[c][name].append(got[name])
+                    print(f"round {r + 1}, {c} clients, {name}: "
+                          + json.dumps({k: round(v, 3) for k, v in got[name].items() if k != "texts"}),
+                          file=sys.stderr, flush=True)
+                reference = got["one-at-a-time"]["texts"]
+                mismatches += sum(a != b for a, b in zip(got["speculative"]["texts"], reference))
     finally:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(x[key] for x in rows[name])
-
-    summary = {name: {key: round(med(name, key), 3) for key in rows[name][0]} for name in rows}
-    summary["speedup_total_tok_s"] = round(med("speculative", "total_tok_s") / med("target alone", "total_tok_s"), 3)
-    summary["ttft_ratio"] = round(med("speculative", "median_ttft") / med("target alone", "median_ttft"), 3)
-    summary["settings"] = {"clients": args.clients, "rounds": args.rounds, "max_tokens": args.max_tokens,
-                           "serve_args": spec_args}
-    print(json.dumps(summary, indent=2))
+    summary: dict = {"settings": {"clients": counts, "rounds": args.rounds, "max_tokens": args.max_tokens,
+                                  "parallel": parallel, "serve_args": common},
+                     "speculative_answers_differing_from_one_at_a_time": mismatches}
+    print(f"\n| clients | server | total tok/s | per-request tok/s | median TTFT s | worst TTFT s "
+          f"| total vs one-at-a-time | total vs plain |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for c in counts:
+        summary[c] = {}
+        for name in SERVERS:
+            rs = rows[c][name]
+            vs_one = [a["total_tok_s"] / b["total_tok_s"] for a, b in zip(rs, rows[c]["one-at-a-time"])]
+            vs_plain = [a["total_tok_s"] / b["total_tok_s"] for a, b in zip(rs, rows[c]["plain"])]
+            summary[c][name] = {
+                "total_tok_s": statistics.median(x["total_tok_s"] for x in rs),
+                "request_tok_s": statistics.median(x["request_tok_s"] for x in rs),
+                "median_ttft": statistics.median(x["median_ttft"] for x in rs),
+                "worst_ttft": max(x["worst_ttft"] for x in rs),
+                "vs_one_at_a_time": vs_one, "vs_plain": vs_plain,
+                "completed": min(x["completed"] for x in rs)}
+            s = summary[c][name]
+            print(f"| {c} | {name} | {s['total_tok_s']:.1f} | {s['request_tok_s']:.1f} | {s['median_ttft']:.2f} "
+                  f"| {s['worst_ttft']:.2f} | {spread(vs_one)} | {spread(vs_plain)} |")
+    lone_ttft = summary[min(counts)]["speculative"]["median_ttft"]
+    for c in counts:
+        summary[c]["ttft_vs_lone"] = summary[c]["speculative"]["median_ttft"] / lone_ttft
+    print(f"\nspeculative answers differing from the one-at-a-time server's: {mismatches}")
+    print("median TTFT vs the fewest clients': "
+          + ", ".join(f"{c} clients {summary[c]['ttft_vs_lone']:.2f}x" for c in counts))
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump({"summary": summary, "rounds": rows}, f, indent=2)
+            json.dump({"summary": summary, "rounds": {c: v for c, v in rows.items()}}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,8 @@ def test_a_growing_conversation_reuses_the_cache(server):
     assert t["prompt_n"] < 20 < second.usage.prompt_tokens  # only the new turn was processed
 
 
-def test_concurrent_streams_all_complete_in_order(server):
+def test_concurrent_streams_all_complete_alike(server):
+    """Four at once on the default --parallel 4: batched together, each the answer it gets alone."""
     c = server.client()
     expected = c.chat.completions.create(model=model_id(server), temperature=0, max_tokens=16,
                                          messages=[{"role": "user", "content": PROMPT}]).choices[0].message.content
@@ -181,7 +182,43 @@ def test_concurrent_streams_all_complete_in_order(server):
     for t in threads:
         t.join(timeout=300)
     assert results == {i: expected for i in range(4)}
-    assert finished == [0, 1, 2, 3]
+    assert sorted(finished) == [0, 1, 2, 3]
+
+
+def test_one_at_a_time_serves_in_arrival_order(demo_paths):
+    s = Server("--parallel", "1", "--max-queue", "8")
+    try:
+        c = s.client()
+        results, finished = {}, []
+
+        def one(i):
+            stream = c.chat.completions.create(model=model_id(s), temperature=0, max_tokens=16, stream=True,
+                                               messages=[{"role": "user", "content": PROMPT}])
+            results[i] = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+            finished.append(i)
+
+        first = threading.Thread(target=one, args=(0,))
+        first.start()
+        wait_for(lambda: s.request("GET", "/health")[1]["generating"])  # 0 holds the models
+        threads = [first]
+        for i in (1, 2, 3):
+            threads.append(threading.Thread(target=one, args=(i,)))
+            threads[-1].start()
+            wait_for(lambda: s.request("GET", "/health")[1]["waiting"] >= i or len(finished) >= i)  # arrival order
+        for t in threads:
+            t.join(timeout=300)
+        assert finished == [0, 1, 2, 3]
+        assert len(set(results.values())) == 1
+    finally:
+        s.stop()
+
+
+def wait_for(condition, what: str = "a state") -> None:
+    """Until condition() holds (a state, not a time; the bound only keeps a broken server from hanging the run)."""
+    deadline = time.time() + 120
+    while not condition():
+        assert time.time() < deadline, f"waited two minutes for {what}"
+        time.sleep(0.01)
 
 
 def test_a_client_that_drops_mid_stream_frees_the_server(server):
@@ -223,7 +260,7 @@ def test_an_oversized_body_is_413(server):
 
 
 def test_a_full_queue_is_429_with_retry_after(demo_paths):
-    s = Server("--max-queue", "0")
+    s = Server("--max-queue", "0", "--parallel", "1")
     try:
         c, _ = s.long_stream(300)  # the first request is generating
         got, answer, headers = s.request("POST", "/v1/chat/completions", {

@@ -25,7 +25,9 @@ ESSAY = [{"role": "user", "content": "Write a very long essay about the history 
 
 @pytest.fixture(scope="module")
 def server(demo_paths):
-    s = Server("--max-queue", "8")
+    # One at a time: the queue tests below need a request that waits (tests/test_serve_parallel.py drops
+    # clients from a batching server).
+    s = Server("--max-queue", "8", "--parallel", "1")
     yield s
     s.stop()
 

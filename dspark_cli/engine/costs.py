@@ -40,6 +40,7 @@ OPTIMISM = 1.0  # choices use acceptance this many standard deviations above its
 SLOPE_PRIOR = 0.05  # a verify's extra cost per token, relative to V(1), before two sizes (or a prefill) were timed
 DRAFT_PRIOR = 0.1  # a draft step, relative to V(1), before one was measured
 EXPLORE_K = 2  # the draft length of the first draft-model round
+EXPLORE_PASSES = 4  # batched: draft passes timed before the draft model is judged on its cost
 REFRESH_ROUNDS = 32  # while speculating, a plain step at least this often keeps V(1), the yardstick, current
 
 
@@ -281,18 +282,7 @@ class Planner:
     def lookup_hindsight(self, seq: list[int], proposed: list[int]) -> None:
         """Prompt lookup judged for free, at every depth: a proposal it made after seq (in a round that did
         not use it) is held until the tokens the target makes in its place show how far it was right."""
-        pending = self._pending
-        if pending is not None:
-            start, tokens = pending
-            n = 0
-            while n < len(tokens) and start + n < len(seq) and seq[start + n] == tokens[n]:
-                n += 1
-            if n == len(tokens) or start + n < len(seq):  # fully right, or wrong at n: settled
-                self.acceptance[SOURCE_LOOKUP].record(len(tokens), n)
-                pending = None
-        if pending is None and proposed:
-            pending = (len(seq), list(proposed))
-        self._pending = pending
+        self._pending = judge_lookup(self._pending, self.acceptance[SOURCE_LOOKUP], seq, proposed)
 
     @property
     def chosen_lengths(self) -> dict[str, int]:
@@ -301,3 +291,134 @@ class Planner:
         for (source, k), n in sorted(self.chosen.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
             out["none" if source is None else f"{source}@{k}"] = n
         return out
+
+
+def judge_lookup(pending: tuple[int, list[int]] | None, acceptance: Acceptance, seq: list[int],
+                 proposed: list[int]) -> tuple[int, list[int]] | None:
+    """Prompt lookup judged in hindsight: a proposal made after seq[:start] and not verified is settled (recorded
+    in `acceptance`) once the tokens made in its place show how far it was right. Returns what is still pending."""
+    if pending is not None:
+        start, tokens = pending
+        n = 0
+        while n < len(tokens) and start + n < len(seq) and seq[start + n] == tokens[n]:
+            n += 1
+        if n == len(tokens) or start + n < len(seq):  # fully right, or wrong at n: settled
+            acceptance.record(len(tokens), n)
+            pending = None
+    if pending is None and proposed:
+        pending = (len(seq), list(proposed))
+    return pending
+
+
+@dataclass
+class Lane:
+    """One sequence's part in a batched step, as the batch planner sees it."""
+
+    acceptance: dict[str, Acceptance]  # its own acceptance by source (its text, not its neighbours')
+    room: int  # tokens it may draft this step (--draft-max, its context, --max-tokens)
+    lookup_len: int  # tokens its prompt-lookup match offers (0: none)
+    model_behind: int | None  # tokens its draft model has yet to see (None: the draft cannot draft for it now)
+
+
+@dataclass
+class BatchPlan:
+    rows: int  # rows every sequence of the step's range takes (1: a plain step)
+    sources: list[str | None]  # per lane: SOURCE_MODEL, SOURCE_LOOKUP or None
+    lengths: list[int]  # per lane: tokens to draft (at most rows - 1)
+    rate: float = 0.0  # expected tokens per second for the whole batch
+
+
+class BatchPlanner:
+    """The cost model for several sequences in one target batch (continuous batching).
+
+    A step over S sequence streams costs one target pass over S x R rows (every stream takes the same number of
+    rows: llama.cpp passes once per equal-length run, see llama/model.py) plus, when any sequence drafts from the
+    model, R - 1 batched draft steps. Each R and each choice of whether the draft model runs is weighed by the
+    tokens the whole batch gains per second, every sequence with its own acceptance:
+
+        plain              n / V(S)
+        R rows, lookup     sum_i E_lookup_i(min(R - 1, match_i)) / V(S R)
+        R rows, + model    sum_i max(E_lookup_i, E_model_i(R - 1)) / (catch-up + (R - 1) D(w) + V(S R))
+
+    V(n) is timed by total rows, D(w) by draft rows, both learned while serving (StepCosts). At high load V(S R)
+    grows with R faster than the drafts pay for, so the plan shrinks toward plain batched decoding, and since
+    plain is always an option, never below it."""
+
+    def __init__(self, rows_max: int, draft_rows_max: int, has_model: bool, has_lookup: bool):
+        self.rows_max = rows_max  # most rows in one target pass (the exact bound on a CPU)
+        self.has_model = has_model
+        self.has_lookup = has_lookup
+        self.costs = StepCosts(rows_max)  # V by total rows
+        self.draft_costs = StepCosts(draft_rows_max)  # a draft pass by total rows (catch-up rows included)
+        self._since_plain = 0
+
+    def plan(self, lanes: list[Lane], n_streams: int, draft_max: int, fixed: bool = False) -> BatchPlan:
+        """The step's plan for `lanes` (the sequences that generate) over `n_streams` consecutive streams.
+        fixed: draft draft_max tokens (within the rows' bound), from the model when it can: no cost model."""
+        n = len(lanes)
+        r_max = max(1, min(draft_max + 1, self.rows_max // max(1, n_streams)))
+        plain = BatchPlan(1, [None] * n, [0] * n)
+        if r_max == 1 or not any(l.room for l in lanes):
+            return plain
+        if fixed:
+            return self._assign(lanes, r_max, with_model=self.has_model, optimistic=False, prefer_model=True)[0]
+        v_plain = self.costs.verify[n_streams] if n_streams < len(self.costs.verify) else None
+        if v_plain is None or self.costs.samples[n_streams] < 2 or self._since_plain >= REFRESH_ROUNDS:
+            return self._keep(plain)  # the yardstick, as the single-sequence planner keeps it
+        if (self.has_model and sum(self.draft_costs.samples) < EXPLORE_PASSES
+                and any(l.model_behind is not None for l in lanes)):
+            # Then short drafts, to time draft passes and a small verify (as the single-sequence planner does; a
+            # few, since the first pass of each batch shape has llama.cpp build its graph).
+            rows = min(r_max, EXPLORE_K + 1)
+            return self._keep(self._assign(lanes, rows, with_model=True, optimistic=False, prefer_model=True)[0])
+        best = BatchPlan(1, [None] * n, [0] * n, n / v_plain)
+        for rows in range(2, r_max + 1):
+            for with_model in ((False, True) if self.has_model else (False,)):
+                plan, expected, draft_rows, behind = self._assign(lanes, rows, with_model, optimistic=True)
+                cost = self.costs.step(n_streams * rows)
+                if draft_rows:
+                    d = self.draft_costs.step(draft_rows) or 0.0
+                    first = self.draft_costs.step(draft_rows + behind) or d
+                    cost += first + (rows - 2) * d
+                plan.rate = expected / cost
+                if plan.rate > best.rate:
+                    best = plan
+        return self._keep(best)
+
+    def _assign(self, lanes: list[Lane], rows: int, with_model: bool, optimistic: bool, prefer_model: bool = False):
+        """Each lane's source and length at `rows` rows, the one it expects most from (the model whenever it can
+        with prefer_model): (plan, expected tokens, lanes drafting from the model, their catch-up tokens)."""
+        sources, lengths, expected, draft_rows, behind = [], [], 0.0, 0, 0
+        for lane in lanes:
+            k = min(rows - 1, lane.room)
+            options = [(1.0, None, 0)]
+            if self.has_lookup and lane.lookup_len and k:
+                kl = min(k, lane.lookup_len)
+                options.append((lane.acceptance[SOURCE_LOOKUP].expected_tokens(kl), SOURCE_LOOKUP, kl))
+            if with_model and lane.model_behind is not None and k:
+                e = lane.acceptance[SOURCE_MODEL].expected_tokens(k, optimistic)
+                options.append((math.inf if prefer_model else e, SOURCE_MODEL, k))
+            e, source, length = max(options, key=lambda o: o[0])
+            sources.append(source)
+            lengths.append(length)
+            expected += min(e, 1.0 + length)  # (prefer_model's inf counts as the most a draft can bring)
+            if source == SOURCE_MODEL:
+                draft_rows += 1
+                behind += lane.model_behind
+        return BatchPlan(rows, sources, lengths), expected, draft_rows, behind
+
+    def _keep(self, plan: BatchPlan) -> BatchPlan:
+        self._since_plain = 0 if plan.rows == 1 else self._since_plain + 1
+        return plan
+
+    def record_round(self, lane: Lane, source: str | None, n_drafted: int, n_accepted: int, n_new: int) -> None:
+        """After a step, for one lane: what its drafts did (n_new: tokens the step added to it)."""
+        for acc in lane.acceptance.values():
+            acc.fade(n_new)
+        if source is not None and n_drafted:
+            lane.acceptance[source].record(n_drafted, n_accepted)
+
+
+def new_acceptance(width: int) -> dict[str, Acceptance]:
+    """A fresh sequence's acceptance by source, from the priors."""
+    return {s: Acceptance(PRIOR[s], width) for s in (SOURCE_MODEL, SOURCE_LOOKUP)}

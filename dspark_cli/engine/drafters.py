@@ -102,21 +102,28 @@ class ModelDrafter:
         if ahead.tokens and self.model.is_eog(ahead.tokens[-1]):
             return False
         t0 = time.perf_counter()
-        logits = self.model.sync(self._seen(seq + ahead.tokens), n_logits=1)[0][: self.n_shared]
-        pos = len(seq) + len(ahead.tokens)
-        if params.greedy and self.p_min > 0.0:
-            tok = int(np.argmax(logits))
-            p_top = 1.0 / float(np.exp(logits.astype(np.float64) - float(logits[tok])).sum())
-            if p_top < self.p_min:
-                tok = None
-        else:
-            tok = pick(logits, params, noise, pos)
+        logits = self.model.sync(self._seen(seq + ahead.tokens), n_logits=1)[0]
+        tok = self.choose(logits, params, noise, len(seq) + len(ahead.tokens))
         ahead.steps += 1
         ahead.seconds += time.perf_counter() - t0
         if tok is None:
             return False
         ahead.tokens.append(tok)
         return True
+
+    def choose(self, logits: np.ndarray, params: SamplingParams, noise: Noise, pos: int) -> int | None:
+        """The draft token at position `pos` from the draft model's logits there (None: stop drafting, the
+        model is unsure under --draft-p-min). The batched engine drafts through this too."""
+        logits = logits[: self.n_shared]
+        if params.greedy and self.p_min > 0.0:
+            tok = int(np.argmax(logits))
+            p_top = 1.0 / float(np.exp(logits.astype(np.float64) - float(logits[tok])).sum())
+            return tok if p_top >= self.p_min else None
+        return pick(logits, params, noise, pos)
+
+    def seen(self, seq: list[int]) -> list[int]:
+        """seq in the draft model's vocabulary (see _seen)."""
+        return self._seen(seq)
 
     def lookup_tokens(self, seq: list[int], n_max: int) -> list[int]:
         return []

@@ -51,6 +51,7 @@ class GenerationStats(Rates):
     rounds: list[tuple[int, int]] = field(default_factory=list)  # (drafted, accepted) per target step
     draft_lengths: dict[str, int] = field(default_factory=dict)  # target steps by what they verified: "none", "draft@3"…
     speculation_note: str | None = None  # why the cost model left speculation off, when it did
+    batch_max: int = 1  # the most generations that shared one target pass with this one (batched serving)
     t_prompt: float = 0.0  # seconds processing the prompt (target and draft)
     t_draft: float = 0.0  # seconds drafting during generation
     t_target: float = 0.0  # seconds in target verification during generation
@@ -98,6 +99,7 @@ class GenerationStats(Rates):
             "acceptance_by_position": [round(x, 4) for x in self.acceptance_by_position],
             "draft_lengths": dict(self.draft_lengths),
             "speculation_note": self.speculation_note,
+            "batch_max": self.batch_max,
             "tokens_per_second": round(self.tokens_per_second, 3),
             "prompt_seconds": round(self.t_prompt, 4),
             "prompt_tokens_per_second": round(self.prompt_tokens_per_second, 2),

@@ -134,6 +134,7 @@ class MemoryPlan:
     remote_free: int | None = None  # None: no RPC servers
     forced: bool = False
     notes: list[str] = field(default_factory=list)
+    parallel: int = 1  # sequences sharing n_ctx (dspark serve --parallel): n_ctx / parallel tokens each
 
     @property
     def fits_ram(self) -> bool:
@@ -162,7 +163,8 @@ class MemoryPlan:
             parts.append(f"draft {fmt_bytes(self.draft.weights)}")
         kv = self.target.kv_cache + (self.draft.kv_cache if self.draft else 0)
         compute = self.target.compute + (self.draft.compute if self.draft else 0)
-        parts.append(f"KV cache {fmt_bytes(kv)} at {self.n_ctx} tokens")
+        per = f" ({self.parallel} sequences x {self.n_ctx // self.parallel})" if self.parallel > 1 else ""
+        parts.append(f"KV cache {fmt_bytes(kv)} at {self.n_ctx} tokens{per}")
         parts.append(f"buffers {fmt_bytes(compute)}")
         return " + ".join(parts)
 
@@ -237,14 +239,17 @@ def preflight(
     force: bool = False,
     remote_free: int | None = None,
     remote: tuple[bool, bool] = (False, False),
+    parallel: int = 1,
 ) -> MemoryPlan:
     """Check before any model loads that target + draft + KV cache fit free RAM (and VRAM for offloaded layers).
+    parallel: sequences held at once (dspark serve --parallel), each with n_ctx tokens of KV cache.
 
     Raises ResourceError with the numbers and the ways out when they do not, unless force is set; then the
     returned plan has forced=True and fits=False and the caller goes ahead (and should say so).
     """
-    p = plan(target, draft, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_gpu_layers_draft=n_gpu_layers_draft,
-             remote_free=remote_free, remote=remote)
+    p = plan(target, draft, n_ctx=n_ctx * parallel, n_gpu_layers=n_gpu_layers,
+             n_gpu_layers_draft=n_gpu_layers_draft, remote_free=remote_free, remote=remote)
+    p.parallel = parallel
     if p.fits:
         return p
     if force:
@@ -282,9 +287,11 @@ def max_context(p: MemoryPlan, budget: int, *, ram: bool) -> int:
 
 def _ways_out(p: MemoryPlan, budget: int, *, ram: bool) -> str:
     ways = []
-    ctx = max_context(p, budget, ram=ram)
-    if ctx >= 256 and ctx < p.n_ctx:
+    ctx = max_context(p, budget, ram=ram) // p.parallel
+    if ctx >= 256 and ctx < p.n_ctx // p.parallel:
         ways.append(f"a smaller context (--ctx-size {ctx} fits)")
+    if p.parallel > 1:
+        ways.append(f"fewer parallel sequences (--parallel {p.parallel})")
     if not ram:
         ways.append("fewer GPU layers (--n-gpu-layers / --n-gpu-layers-draft)")
     ways.append("a smaller quant of the target (e.g. Q4_K_M, Q3_K_M)")

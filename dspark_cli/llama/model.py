@@ -1,9 +1,18 @@
 """One GGUF model with its own llama.cpp context and KV cache, driven through the low-level API.
 
-The class keeps `cached`, the token ids whose keys/values are in the KV cache (sequence 0, positions
-0..len-1). Everything that changes the cache goes through `eval` (append) and `truncate` (drop a suffix),
-so `cached` and the real cache never disagree; `sync` brings the cache to any token list by keeping the
-common prefix, which is what makes draft-KV reuse and multi-turn reuse fall out of one mechanism.
+The class keeps, per sequence, the token ids whose keys/values are in the KV cache (`cached` is sequence 0's,
+positions 0..len-1). Everything that changes the cache goes through `eval`/`decode_rows` (append) and
+`truncate` (drop a suffix), so those lists and the real cache never disagree; `sync` brings a sequence's cache
+to any token list by keeping the common prefix, which is what makes draft-KV reuse and multi-turn reuse fall
+out of one mechanism.
+
+Parallel sequences (`n_seq` > 1, what `dspark serve --parallel` batches): each one a llama.cpp seq id, with
+`n_ctx` tokens of its own. `separate=True` gives each its own KV stream (llama.cpp's kv_unified off), so a
+sequence's keys sit in the very cells, and its attention sums run in the very order, they would alone: what
+keeps the target's logits bit-identical to a lone run whatever shares the batch. llama.cpp then splits a
+batch into one pass per equal-length run of consecutive sequences, so `decode_rows` callers give every
+sequence of a consecutive range the same number of rows. The draft, whose numerics never change the output,
+shares one pool (`separate=False`) and takes any mix of rows in one pass.
 """
 
 from __future__ import annotations
@@ -32,21 +41,25 @@ class Model:
         devices: list[int] | None = None,
         tensor_split: list[float] | None = None,
         remote: bool = False,
+        n_seq: int = 1,
+        separate: bool = True,
     ):
         """devices: the ggml devices to offload to (None: llama.cpp's choice, this machine's GPUs); remote: some
-        of them are RPC servers; tensor_split: each device's share of the layers, in the order of devices."""
+        of them are RPC servers; tensor_split: each device's share of the layers, in the order of devices.
+        n_seq: sequences held at once, each with n_ctx tokens; separate: each in its own KV stream (see above)."""
         self.path = check_gguf_file(path, role).path
         self.role = role
         self.remote = remote
+        self.n_seq = n_seq
         self._model = self._ctx = self._batch = None
         try:
             with backend.deferred_interrupt():
-                self._load(n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only, devices, tensor_split)
+                self._load(n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only, devices, tensor_split, separate)
         except BaseException:  # a failed or interrupted load frees what it had
             self.close()
             raise
 
-    def _load(self, n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only, devices, tensor_split) -> None:
+    def _load(self, n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only, devices, tensor_split, separate) -> None:
         role = self.role
         backend.init()
         mparams = llama_cpp.llama_model_default_params()
@@ -70,8 +83,8 @@ class Model:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
-        self.cached: list[int] = []
-        self._stray = False  # llama.cpp may hold positions past `cached` (see _decode)
+        self.seq_cached: list[list[int]] = [[] for _ in range(self.n_seq)]  # per sequence: the ids in its cache
+        self._stray: set[int] = set()  # sequences where llama.cpp may hold positions past seq_cached (see _decode)
         self.n_evaluated = 0  # tokens ever run through this model: a cost counter for stats
         self.on_cpu = n_gpu_layers == 0  # everything runs on this machine's CPU
         self.n_threads = 0
@@ -82,7 +95,9 @@ class Model:
 
         threads = n_threads or backend.default_threads()
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
+        cparams.n_ctx = n_ctx * self.n_seq
+        cparams.n_seq_max = self.n_seq
+        cparams.kv_unified = self.n_seq == 1 or not separate
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_threads = threads
@@ -102,12 +117,18 @@ class Model:
             raise backend.load_error(f"cannot create a context for the {role} model {self.path}", lines)
         self._ctx = ctx
         self.n_threads = threads
-        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        # Tokens one sequence may hold: its own stream's, or its share of a pool.
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx) // self.n_seq if cparams.kv_unified else llama_cpp.llama_n_ctx_seq(ctx)
         # llama.cpp caps a batch at the context it was asked for (and rounds the context up to 256): send it
         # batches of what it says it takes, or it aborts the process on an assert.
         self.n_batch = min(llama_cpp.llama_n_batch(ctx), llama_cpp.llama_n_ubatch(ctx))
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+
+    @property
+    def cached(self) -> list[int]:
+        """Sequence 0's cached ids (the one sequence of a Model that is not parallel)."""
+        return self.seq_cached[0]
 
     def set_threads(self, n: int) -> None:
         """Change the CPU threads decoding uses from now on (scripts/spec_ceiling.py splits the cores)."""
@@ -218,8 +239,8 @@ class Model:
         return buf.value.decode("utf-8", errors="replace")
 
     # ---- the KV cache ---------------------------------------------------------------------------------
-    def eval(self, tokens: list[int], n_logits: int = 1) -> np.ndarray | None:
-        """Append `tokens` to the cache. Returns the logits of the last `n_logits` of them as an
+    def eval(self, tokens: list[int], n_logits: int = 1, seq: int = 0) -> np.ndarray | None:
+        """Append `tokens` to sequence `seq`'s cache. Returns the logits of the last `n_logits` of them as an
         (n_logits, n_vocab) float32 view, valid until the next eval."""
         if self._ctx is None:
             raise ModelFileError(f"the {self.role} model was closed")
@@ -227,7 +248,7 @@ class Model:
             if n_logits:
                 raise ValueError("eval: logits asked for with no tokens")
             return None
-        if len(self.cached) + len(tokens) > self.n_ctx:
+        if len(self.seq_cached[seq]) + len(tokens) > self.n_ctx:
             raise PromptError(
                 f"the {self.role} context is full ({self.n_ctx} tokens); use a larger --ctx-size"
             )
@@ -237,9 +258,10 @@ class Model:
         # Tokens without logits go in full batches; the ones we need logits for go last, in one batch,
         # so all their rows are in llama.cpp's output buffer together.
         for start in range(0, split, self.n_batch):
-            self._decode(tokens[start : min(split, start + self.n_batch)], 0)
+            chunk = tokens[start : min(split, start + self.n_batch)]
+            self._decode([(seq, chunk, 0)])
         if n_logits:
-            self._decode(tokens[split:], n_logits)
+            self._decode([(seq, tokens[split:], n_logits)])
             ptr = llama_cpp.llama_get_logits(self._ctx)
             return np.ctypeslib.as_array(ptr, shape=(n_logits, self.n_vocab))
         # Without logits to read, a GPU may still be computing when llama_decode returns: wait, so the time this
@@ -248,53 +270,79 @@ class Model:
         llama_cpp.llama_synchronize(self._ctx)
         return None
 
-    def _decode(self, tokens: list[int], n_logits: int) -> None:
-        # A KeyboardInterrupt can land between llama_decode returning and `cached` being extended; the
-        # flag makes the next call drop whatever llama.cpp holds past `cached`, so the two never disagree.
-        if self._stray:
-            self._seq_rm(len(self.cached))
+    def decode_rows(self, parts: list[tuple[int, list[int], int]]) -> np.ndarray:
+        """One batch over several sequences: parts are (seq, tokens appended to it, rows with logits); a part's
+        logit rows are its FIRST ones when n > 0 and its last -n when n < 0 (a draft's catch-up then its newest
+        token). Returns the logit rows of all parts in order, an (n, n_vocab) view valid until the next decode."""
+        if self._ctx is None:
+            raise ModelFileError(f"the {self.role} model was closed")
+        if sum(len(t) for _, t, _ in parts) > self.n_batch:
+            raise ValueError("decode_rows: more rows than fit one batch")
+        for seq, tokens, _ in parts:
+            if len(self.seq_cached[seq]) + len(tokens) > self.n_ctx:
+                raise PromptError(f"the {self.role} context is full ({self.n_ctx} tokens); use a larger --ctx-size")
+        n_out = self._decode(parts)
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+
+    def _decode(self, parts: list[tuple[int, list[int], int]]) -> int:
+        """llama_decode over parts (seq, tokens, logit rows: first n if n >= 0, last -n if n < 0); returns the
+        logit rows. A KeyboardInterrupt can land between llama_decode returning and the cached lists being
+        extended; the stray set makes the next call drop whatever llama.cpp holds past them, so the two never
+        disagree."""
+        for seq in list(self._stray):
+            self._seq_rm(len(self.seq_cached[seq]), seq)
         b = self._batch
-        n = len(tokens)
-        pos0 = len(self.cached)
-        first_logit = n - n_logits
-        for i, t in enumerate(tokens):
-            b.token[i] = t
-            b.pos[i] = pos0 + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = i >= first_logit
-        b.n_tokens = n
-        self._stray = True
+        i = n_out = 0
+        starts = []
+        for seq, tokens, n_logits in parts:
+            pos0 = len(self.seq_cached[seq])
+            starts.append(pos0)
+            lo, hi = (0, n_logits) if n_logits >= 0 else (len(tokens) + n_logits, len(tokens))
+            for j, t in enumerate(tokens):
+                b.token[i] = t
+                b.pos[i] = pos0 + j
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = lo <= j < hi
+                i += 1
+            n_out += hi - lo
+            self._stray.add(seq)
+        b.n_tokens = i
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
-            self._seq_rm(pos0)  # leave nothing half-written: the cache may hold part of the batch
+            for (seq, _, _), pos0 in zip(parts, starts):
+                self._seq_rm(pos0, seq)  # leave nothing half-written: the cache may hold part of the batch
             raise ModelFileError(f"llama_decode failed on the {self.role} model (code {rc})")
-        self.cached.extend(tokens)
-        self._stray = False
-        self.n_evaluated += n
+        for seq, tokens, _ in parts:
+            self.seq_cached[seq].extend(tokens)
+            self._stray.discard(seq)
+        self.n_evaluated += i
         backend.raise_if_interrupted()  # a Ctrl-C that llama.cpp's log callback caught during the batch
+        return n_out
 
-    def _seq_rm(self, keep: int) -> None:
-        """Drop positions >= keep from llama.cpp's cache (and from `cached`, first, so that an interrupt
-        in between leaves `cached` the shorter of the two, which the stray flag then repairs)."""
-        del self.cached[keep:]
-        self._stray = True
-        if not llama_cpp.llama_memory_seq_rm(self._mem, 0, keep, -1):
+    def _seq_rm(self, keep: int, seq: int = 0) -> None:
+        """Drop positions >= keep of sequence `seq` from llama.cpp's cache (and from its cached list, first, so
+        that an interrupt in between leaves the list the shorter of the two, which the stray set then repairs)."""
+        del self.seq_cached[seq][keep:]
+        self._stray.add(seq)
+        if not llama_cpp.llama_memory_seq_rm(self._mem, seq, keep, -1):
             # Some caches (recurrent models) cannot drop a suffix: start over from nothing.
-            self.cached.clear()
-            llama_cpp.llama_memory_clear(self._mem, True)
-        self._stray = False
+            self.seq_cached[seq].clear()
+            llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._stray.discard(seq)
 
-    def truncate(self, n_keep: int) -> None:
-        """Drop every cached token from position n_keep on (nothing to do once the model is closed)."""
+    def truncate(self, n_keep: int, seq: int = 0) -> None:
+        """Drop every cached token of sequence `seq` from position n_keep on (nothing to do once the model is
+        closed)."""
         if self._ctx is None:
             return
-        if n_keep < len(self.cached) or self._stray:
-            self._seq_rm(n_keep)
+        if n_keep < len(self.seq_cached[seq]) or seq in self._stray:
+            self._seq_rm(n_keep, seq)
 
-    def common_prefix(self, tokens: list[int]) -> int:
-        """How many of `tokens` are already in the cache, from the start."""
-        cached = self.cached
+    def common_prefix(self, tokens: list[int], seq: int = 0) -> int:
+        """How many of `tokens` are already in sequence `seq`'s cache, from the start."""
+        cached = self.seq_cached[seq]
         if len(cached) <= len(tokens) and tokens[: len(cached)] == cached:
             return len(cached)  # the usual case, compared at C speed
         common = 0
@@ -303,13 +351,13 @@ class Model:
             common += 1
         return common
 
-    def sync(self, tokens: list[int], n_logits: int = 1) -> np.ndarray | None:
-        """Make the cache hold exactly `tokens`, evaluating only what is not already there, and return the
-        logits of the last n_logits tokens (which are re-evaluated if they were cached already)."""
-        common = min(self.common_prefix(tokens), len(tokens) - n_logits)
-        self.truncate(common)
-        return self.eval(tokens[len(self.cached) :], n_logits)
+    def sync(self, tokens: list[int], n_logits: int = 1, seq: int = 0) -> np.ndarray | None:
+        """Make sequence `seq`'s cache hold exactly `tokens`, evaluating only what is not already there, and
+        return the logits of the last n_logits tokens (which are re-evaluated if they were cached already)."""
+        common = min(self.common_prefix(tokens, seq), len(tokens) - n_logits)
+        self.truncate(common, seq)
+        return self.eval(tokens[len(self.seq_cached[seq]) :], n_logits, seq)
 
-    def kv_pos_max(self) -> int:
-        """Highest position llama.cpp holds for sequence 0 (-1 when empty): for consistency checks."""
-        return llama_cpp.llama_memory_seq_pos_max(self._mem, 0)
+    def kv_pos_max(self, seq: int = 0) -> int:
+        """Highest position llama.cpp holds for sequence `seq` (-1 when empty): for consistency checks."""
+        return llama_cpp.llama_memory_seq_pos_max(self._mem, seq)

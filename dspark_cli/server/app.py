@@ -44,11 +44,40 @@ def create_app(pair, options: ServeOptions, worker: Worker) -> Starlette:
     def card() -> dict:
         return {"id": options.model_id, "object": "model", "created": int(time.time()), "owned_by": "dspark",
                 "meta": {"target": str(pair.target_path), "draft": str(pair.draft_path) if pair.draft_path else None,
-                         "method": pair.method, "n_ctx": pair.target.n_ctx}}
+                         "method": pair.method, "n_ctx": pair.target.n_ctx, "parallel": pair.parallel}}
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": options.model_id, "generating": worker.busy,
-                             "waiting": worker.waiting})
+        meter = worker.meter
+        return JSONResponse({
+            "status": "ok", "model": options.model_id, "generating": worker.busy, "active": worker.active,
+            "slots": worker.slots, "waiting": worker.waiting,
+            "tokens_per_second": round(meter.tokens_per_second(), 2),
+            "requests": [{"tokens": st.n_generated, "acceptance": round(st.acceptance_rate, 4) if st.n_drafted else None,
+                          "tokens_per_second": round(st.tokens_per_second, 2)} for st in list(meter.live.values())]})
+
+    async def metrics(request: Request) -> Response:
+        """Prometheus' text format: the same figures as /health, plus counters."""
+        meter = worker.meter
+        live = list(meter.live.values())
+        drafted = sum(st.n_drafted for st in live)
+        lines = [
+            "# HELP dspark_requests_active Requests holding a slot (generating).", "# TYPE dspark_requests_active gauge",
+            f"dspark_requests_active {worker.active}",
+            "# HELP dspark_requests_waiting Requests waiting for a slot.", "# TYPE dspark_requests_waiting gauge",
+            f"dspark_requests_waiting {worker.waiting}",
+            "# HELP dspark_slots Generations the server runs at once (--parallel).", "# TYPE dspark_slots gauge",
+            f"dspark_slots {worker.slots}",
+            "# HELP dspark_tokens_per_second Tokens delivered per second, all requests, last 10 s.",
+            "# TYPE dspark_tokens_per_second gauge", f"dspark_tokens_per_second {meter.tokens_per_second():.3f}",
+            "# HELP dspark_tokens_total Tokens delivered since start.", "# TYPE dspark_tokens_total counter",
+            f"dspark_tokens_total {meter.tokens}",
+            "# HELP dspark_requests_total Generations started since start.", "# TYPE dspark_requests_total counter",
+            f"dspark_requests_total {meter.requests}",
+            "# HELP dspark_acceptance_active Drafted tokens accepted, over the requests under way.",
+            "# TYPE dspark_acceptance_active gauge",
+            f"dspark_acceptance_active {sum(st.n_accepted for st in live) / drafted if drafted else 0.0:.4f}",
+        ]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def models(request: Request) -> Response:
         _authorize(request, options)
@@ -106,7 +135,7 @@ def create_app(pair, options: ServeOptions, worker: Worker) -> Starlette:
         where = f"{request.method} {request.url.path}"
         if exc.status_code == 404:
             err = ApiError(404, f"Invalid URL ({where}): dspark serve has POST /v1/chat/completions, POST "
-                           "/v1/completions, GET /v1/models, GET /v1/models/{id} and GET /health", code="unknown_url")
+                           "/v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health and GET /metrics", code="unknown_url")
         elif exc.status_code == 405:
             allowed = (exc.headers or {}).get("Allow", "")
             err = ApiError(405, f"{request.method} is not allowed on {request.url.path}; it takes {allowed}",
@@ -117,6 +146,7 @@ def create_app(pair, options: ServeOptions, worker: Worker) -> Starlette:
 
     app = Starlette(routes=[
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{name:path}", model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

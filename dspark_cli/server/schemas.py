@@ -220,6 +220,7 @@ def timings(stats: GenerationStats) -> dict:
         "predicted_per_second": round(stats.tokens_per_second, 3),
         "draft_n": stats.n_drafted, "draft_n_accepted": stats.n_accepted,
         "tokens_per_step": round(stats.tokens_per_step, 3), "method": stats.method,
+        "batch_max": stats.batch_max,  # the most requests that shared one target pass with this one
     }
 
 

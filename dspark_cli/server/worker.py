@@ -1,16 +1,19 @@
-"""One pair of models, so one generation at a time: requests take turns in arrival order (asyncio.Lock is
-first-come first-served), at most `max_queue` of them waiting; each generation runs in one worker thread
-(llama.cpp releases the GIL, so the event loop keeps serving /health, queueing and streaming meanwhile)."""
+"""Admission and threads for the pair's generations: up to `slots` at once (the pair's parallel sequences,
+batched together by its scheduler; 1: one generation at a time), the rest waiting in arrival order, at most
+`max_queue` of them (Busy beyond). Each admitted generation is read in a worker thread of its own (llama.cpp
+releases the GIL, so the event loop keeps serving /health, queueing and streaming meanwhile)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Iterator
 
 from ..engine.loop import Event
+from ..engine.stats import GenerationStats
 from ..llama.backend import abort_hook
 
 
@@ -26,35 +29,91 @@ class Stopped(Exception):
     """The server is shutting down: the generation was cut short."""
 
 
+class Meter:
+    """What /health and /metrics report: tokens delivered (in all, and over the last WINDOW seconds) and the
+    figures of each generation under way."""
+
+    WINDOW = 10.0
+
+    def __init__(self):
+        self.tokens = 0
+        self.requests = 0
+        self.live: dict[object, GenerationStats] = {}  # per generation under way: its cumulative stats
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent events
+        self.started = time.monotonic()
+
+    def record(self, ev: Event, key: object) -> None:
+        if key not in self.live:
+            self.requests += 1
+        self.live[key] = ev.stats
+        if ev.token is not None:
+            now = time.monotonic()
+            self.tokens += 1
+            self._recent.append((now, 1))
+
+    def tokens_per_second(self) -> float:
+        """Tokens delivered per second over the last WINDOW seconds (or since start)."""
+        now = time.monotonic()
+        while self._recent and self._recent[0][0] < now - self.WINDOW:
+            self._recent.popleft()
+        span = min(self.WINDOW, now - self.started)
+        return sum(n for _, n in self._recent) / span if span > 0 else 0.0
+
+
 class Worker:
-    def __init__(self, max_queue: int):
+    def __init__(self, max_queue: int, slots: int = 1):
         self.max_queue = max_queue
-        self.stopping = threading.Event()  # set on Ctrl-C / SIGTERM: the current generation ends at its next token
-        self._lock = asyncio.Lock()
-        self._waiting = 0
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dspark-generate")
+        self.slots = slots
+        self.stopping = threading.Event()  # set on Ctrl-C / SIGTERM: the generations end at their next token
+        self._free = slots
+        self._queue: deque[asyncio.Future] = deque()  # requests waiting for a slot, oldest first
+        self._thread = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="dspark-generate")
+        self.meter = Meter()
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return sum(1 for f in self._queue if not f.done())
+
+    @property
+    def active(self) -> int:
+        """Requests holding a slot (generating, or about to)."""
+        return self.slots - self._free
 
     @property
     def busy(self) -> bool:
         """A request holds the models (generating, or about to)."""
-        return self._lock.locked()
+        return self.active > 0
 
     async def acquire(self) -> None:
-        """Wait for the models (Busy right away when max_queue requests already wait)."""
-        if self._lock.locked() and self._waiting >= self.max_queue:
-            raise Busy(self._waiting)
-        self._waiting += 1
+        """Wait for a slot, first come first served (Busy right away when max_queue requests already wait)."""
+        if self._free > 0 and not self._queue:
+            self._free -= 1
+            return
+        if self.waiting >= self.max_queue:
+            raise Busy(self.waiting)
+        ticket = asyncio.get_running_loop().create_future()
+        self._queue.append(ticket)
         try:
-            await self._lock.acquire()
+            await ticket
+        except BaseException:  # the client left while waiting: its place goes to the next one
+            if ticket.done() and not ticket.cancelled():
+                self.release()  # it had been handed the slot in the meantime
+            else:
+                ticket.cancel()
+            raise
         finally:
-            self._waiting -= 1
+            try:
+                self._queue.remove(ticket)
+            except ValueError:
+                pass
 
     def release(self) -> None:
-        self._lock.release()
+        while self._queue:
+            ticket = self._queue.popleft()
+            if not ticket.done():
+                ticket.set_result(None)  # the slot passes straight to the oldest waiting request
+                return
+        self._free += 1
 
     async def events(self, start: Callable[[], Iterator[Event]]) -> AsyncIterator[Event]:
         """The events of `start()`, generated in the worker thread. Closing this iterator (the client went away)
@@ -89,10 +148,12 @@ class Worker:
 
         done = loop.run_in_executor(self._thread, run)
         fatal = False
+        key = object()
         try:
             while True:
                 kind, item = await queue.get()
                 if kind == "event":
+                    self.meter.record(item, key)
                     yield item
                 elif kind == "error":
                     raise item
@@ -102,6 +163,7 @@ class Worker:
                 else:
                     return
         finally:
+            self.meter.live.pop(key, None)
             cancel.set()
             if not fatal:
                 await asyncio.shield(done)  # the models are free only when the thread has let go of them

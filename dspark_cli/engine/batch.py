@@ -1,0 +1,418 @@
+"""Several generations at once in one pair of contexts: continuous batching, with speculation, still exact.
+
+A Scheduler owns the target and draft models and one thread that drives them. Each generation (a Job) takes a
+slot, which is a sequence of its own in both models' KV caches (llama/model.py, n_seq). The thread loops:
+
+  1. drop jobs whose consumer left (their caches trimmed to what was delivered; the slot is free at once);
+  2. give free slots to waiting jobs in arrival order, each the free slot whose cache shares the longest prefix
+     with its prompt (a conversation resent with one more message processes only the new tokens);
+  3. process prompts: up to a batch's worth of tokens each iteration, one job's chunk per llama.cpp call with
+     the very chunks a lone run makes (exactness, below), so a long prompt does not stall the others for its
+     whole length. A job generates as soon as its target prompt is in; its draft model catches up afterwards;
+  4. one step for every generating job: the batch planner (costs.BatchPlanner) picks how many rows every
+     sequence takes and what each drafts (its own acceptance, the measured batch costs); the draft model drafts
+     for all of them in one pass per draft position; the target verifies every sequence's rows in one pass;
+     each job keeps the longest prefix of its draft that the target itself picks, plus the target's next token,
+     exactly as engine/loop.py does for one.
+
+Exact under batching: the target's KV cache keeps each sequence in a stream of its own, where its keys sit in
+the cells and its attention sums run in the order they would alone; every pass stays within the rows that
+dspark's kernels keep bit-identical to one-token decoding (EXACT_BATCH_MAX on the CPU), and prompts are
+processed in a lone run's chunks. So each row's logits are the ones a lone run computes, whatever shares the
+batch, and every answer is the lone run's (greedy: token for token; sampled: the same keyed noise, same text).
+llama.cpp passes once per run of consecutive streams holding the same number of rows, so every stream of the
+step's range gets the same rows: a sequence with fewer real ones, or a free slot inside the range, is padded
+with rows whose logits are never read and which are dropped right after (they come after the real rows, where
+the causal mask keeps them out of the real rows' attention).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import DsparkError, UsageError
+from ..llama.kernels import EXACT_BATCH_MAX
+from ..llama.model import Model
+from .costs import SOURCE_LOOKUP, SOURCE_MODEL, BatchPlanner, Lane, judge_lookup, new_acceptance
+from .detok import TextStream
+from .drafters import METHOD_TARGET, Drafter, lookup
+from .loop import Event
+from .sampling import Noise, SamplingParams, pick, verify
+from .stats import FINISH_CONTEXT, FINISH_LENGTH, FINISH_STOP, GenerationStats
+
+ENGINE_BATCHED = "batched"  # GenerationStats.engine of a generation the scheduler ran
+CATCHUP_INLINE = 32  # a draft model this far behind catches up inside a draft pass; further, as a prompt chunk
+_END = object()
+
+
+@dataclass
+class Job:
+    """One generation in the scheduler: the request, its state, and the queue its consumer reads events from."""
+
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...]
+    draft_max: int
+    fixed: bool = False  # --draft-fixed: draft_max tokens every step, no cost model
+    out: queue.Queue = field(default_factory=queue.Queue)  # Event, a DsparkError to raise, or _END
+    cancelled: bool = False
+    slot: int | None = None
+    arrived: float = field(default_factory=time.perf_counter)
+    prefill_from: int = 0  # prompt tokens its slot's cache already held
+    seq: list[int] = field(default_factory=list)  # prompt + accepted tokens
+    seen: int = 0  # tokens of seq delivered (the prompt counts): the caches never keep more once it ends
+    generating: bool = False  # the target's prompt is in
+    draft_ready: bool = False  # the draft model's prompt is in
+    lane: Lane | None = None
+    pending_lookup: tuple[int, list[int]] | None = None  # a lookup proposal judged in hindsight
+    proposal: list[int] = field(default_factory=list)  # this step's lookup match
+    source: str | None = None  # this step's draft source
+    stats: GenerationStats | None = None
+    stream: TextStream | None = None
+    noise: Noise | None = None
+    finished: bool = False
+
+    def events(self):
+        """The events as they come, ending after the one with finish_reason; a failure is raised."""
+        while True:
+            item = self.out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class Scheduler:
+    """Continuous batching over `target.n_seq` slots; see the module docstring. Thread-safe: submit() and
+    cancel() from any thread; the models are driven by the scheduler's own thread only."""
+
+    def __init__(self, target: Model, drafter: Drafter | None):
+        self.target = target
+        self.drafter = drafter
+        self.draft = drafter.model if drafter is not None else None
+        self.n_slots = target.n_seq
+        self.slots: list[Job | None] = [None] * self.n_slots
+        rows_max = target.n_batch
+        if target.on_cpu or target.remote:
+            rows_max = min(rows_max, EXACT_BATCH_MAX)  # past it dspark's CPU kernels are not batch-invariant
+        self.planner = BatchPlanner(rows_max, 64, has_model=self.draft is not None,
+                                    has_lookup=drafter is not None and drafter.lookup)
+        self._waiting: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # target passes during generation (for /health and tests)
+
+    # ---- from any thread --------------------------------------------------------------------------------
+    def submit(self, *jobs: Job) -> None:
+        """Queue jobs (several at once: they arrive together, before the scheduler's next step)."""
+        with self._wake:
+            if self._closing:
+                raise UsageError("the pair is closed")
+            for job in jobs:
+                job.stats = GenerationStats(method=self.drafter.name if self.drafter else METHOD_TARGET,
+                                            engine=ENGINE_BATCHED, n_prompt=len(job.prompt))
+                self._waiting.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dspark-batch", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The consumer is gone: the job ends at the scheduler's next step, its slot freed."""
+        with self._wake:
+            job.cancelled = True
+            self._wake.notify()
+
+    @property
+    def active(self) -> int:
+        return sum(1 for j in self.slots if j is not None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def close(self, why: str = "the pair is closed") -> None:
+        """End every job (their consumers get a UsageError(why)) and stop the thread."""
+        with self._wake:
+            self._closing = True
+            self._why = why
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # ---- the scheduler's thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and not self._waiting and not any(self.slots):
+                    self._wake.wait()
+                if self._closing:
+                    for job in list(self._waiting) + [j for j in self.slots if j is not None]:
+                        self._fail(job, UsageError(self._why))
+                    self._waiting.clear()
+                    return
+                self._reap()
+                self._admit()
+            try:
+                self._prefill()
+                if any(j is not None and j.generating for j in self.slots):
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a failed pass fails the jobs in it; the scheduler goes on
+                err = e if isinstance(e, DsparkError) else DsparkError(f"internal error: {type(e).__name__}: {e}")
+                for job in [j for j in self.slots if j is not None]:
+                    self._fail(job, err)
+
+    def _reap(self) -> None:
+        for job in self.slots:
+            if job is not None and job.cancelled:
+                self._free(job)
+        self._waiting = deque(j for j in self._waiting if not j.cancelled)
+
+    def _admit(self) -> None:
+        while self._waiting and None in self.slots:
+            job = self._waiting.popleft()
+            free = [s for s in range(self.n_slots) if self.slots[s] is None]
+            job.slot = max(free, key=lambda s: self._worth(job, s))
+            self.slots[job.slot] = job
+            job.seq = list(job.prompt)
+            job.seen = len(job.seq)
+            job.stream = TextStream(job.stop)
+            job.noise = Noise(job.params.seed)
+            width = max(1, self.planner.rows_max - 1)
+            job.lane = Lane(new_acceptance(width), 0, 0, None)
+            job.prefill_from = min(self.target.common_prefix(job.prompt[:-1], job.slot), len(job.prompt) - 1)
+            self.target.truncate(job.prefill_from, job.slot)
+
+    def _worth(self, job: Job, slot: int) -> tuple[int, int]:
+        """How good a free slot is for a job: prompt tokens its cache saves, less the cached tokens the job would
+        throw away (another conversation that may come back), so a resent conversation finds its own slot and a
+        newcomer does not take it over for a shared system prompt; then the lowest slot, which keeps the busy
+        slots together (a free slot inside their range costs padding rows)."""
+        common = self.target.common_prefix(job.prompt[:-1], slot)
+        lost = len(self.target.seq_cached[slot]) - common
+        return common - lost, -slot
+
+    def _prefill(self) -> None:
+        """Prompt chunks, oldest job first, up to about one batch of tokens per iteration: the target's (a job
+        generates once its prompt is in), then the draft model's. The target's chunks are the lone run's: from
+        the cached prefix on, n_batch tokens each (prompts take llama.cpp's fast batch kernels, so a chunk's
+        keys depend on how the prompt was cut)."""
+        budget = self.target.n_batch
+        target, draft = self.target, self.draft
+        for job in sorted((j for j in self.slots if j is not None and not j.generating), key=lambda j: j.arrived):
+            t0 = time.perf_counter()
+            done = len(target.seq_cached[job.slot])
+            todo = job.prompt[done : len(job.prompt) - 1][: target.n_batch]
+            if todo:
+                target.eval(todo, n_logits=0, seq=job.slot)
+                budget -= len(todo)
+            job.stats.t_prompt += time.perf_counter() - t0
+            if len(target.seq_cached[job.slot]) == len(job.prompt) - 1:
+                job.generating = True
+                job.stats.n_prompt_evaluated = len(job.prompt) - job.prefill_from
+                if job.stats.n_prompt_evaluated - 1 >= 16:
+                    self.planner.costs.record_prefill(job.stats.n_prompt_evaluated - 1, job.stats.t_prompt)
+                job.stats.t_start = time.perf_counter()
+            if budget <= 0:
+                return
+        if draft is None:
+            return
+        for job in self.slots:
+            if job is None or not job.generating or job.draft_ready or budget <= 0:
+                continue
+            seen = self.drafter.seen(job.seq)[:-1]
+            common = draft.common_prefix(seen, job.slot)
+            draft.truncate(common, job.slot)
+            chunk = seen[common:][: draft.n_batch]
+            if len(seen) - common - len(chunk) <= CATCHUP_INLINE:
+                job.draft_ready = True
+            if chunk:
+                t0 = time.perf_counter()
+                draft.eval(chunk, n_logits=0, seq=job.slot)
+                job.stats.n_prompt_evaluated_draft += len(chunk)
+                job.stats.t_prompt += time.perf_counter() - t0
+                budget -= len(chunk)
+
+    def _step(self) -> None:
+        """One target pass for every generating job (see the module docstring)."""
+        target = self.target
+        jobs = [j for j in self.slots if j is not None and j.generating]
+        lo, hi = min(j.slot for j in jobs), max(j.slot for j in jobs)
+        n_streams = hi - lo + 1
+        for job in jobs:
+            lane = job.lane
+            n_gen = len(job.seq) - len(job.prompt)
+            draft_ctx = self.draft.n_ctx if self.draft is not None else target.n_ctx
+            lane.room = 0 if self.drafter is None else max(0, min(
+                job.draft_max, target.n_ctx - len(job.seq) - 1, draft_ctx - len(job.seq) - 1,
+                job.max_tokens - n_gen - 1))
+            proposal = lookup(job.seq, lane.room) if lane.room and self.drafter.lookup else []
+            if self.drafter is not None and self.drafter.lookup:
+                job.pending_lookup = judge_lookup(job.pending_lookup, lane.acceptance[SOURCE_LOOKUP], job.seq, proposal)
+            job.proposal = proposal
+            lane.lookup_len = len(proposal)
+            lane.model_behind = None
+            if self.draft is not None and job.draft_ready:
+                behind = len(job.seq) - 1 - self.draft.common_prefix(self.drafter.seen(job.seq), job.slot)
+                lane.model_behind = max(0, behind) if behind <= CATCHUP_INLINE else None
+                if lane.model_behind is None:
+                    job.draft_ready = False  # fell far behind (plain steps): its catch-up is a prompt chunk
+        plan = self.planner.plan([j.lane for j in jobs], n_streams, max(j.draft_max for j in jobs),
+                                 fixed=any(j.fixed for j in jobs))
+        # Padding rows must fit every stream's context: the range's rows shrink for a job near its end.
+        rows = min([plan.rows] + [target.n_ctx - len(target.seq_cached[s]) for s in range(lo, hi + 1)
+                                  if self.slots[s] is not None and self.slots[s].generating])
+        drafts: dict[int, list[int]] = {}
+        t0 = time.perf_counter()
+        model_jobs = []
+        for job, source, k in zip(jobs, plan.sources, plan.lengths):
+            k = min(k, rows - 1)
+            if source == SOURCE_LOOKUP:
+                drafts[job.slot] = job.proposal[:k]
+            elif source == SOURCE_MODEL and k:
+                model_jobs.append((job, k))
+            job.source = source if k else None
+        n_draft_passes = self._draft(model_jobs, drafts) if model_jobs else 0
+        t1 = time.perf_counter()
+        # The target pass: every stream of lo..hi takes `rows` rows.
+        parts, before = [], {}
+        for s in range(lo, hi + 1):
+            job = self.slots[s]
+            before[s] = len(target.seq_cached[s])
+            if job is not None and job.generating:
+                d = [t for t in drafts.get(s, []) if t < target.n_vocab][: rows - 1]
+                drafts[s] = d
+                toks = [job.seq[-1]] + d
+                parts.append((s, toks + [job.seq[-1]] * (rows - len(toks)), len(toks)))
+            else:
+                if before[s] + rows > target.n_ctx:  # a free slot's kept prefix makes room for the padding
+                    target.truncate(target.n_ctx - rows, s)
+                    before[s] = len(target.seq_cached[s])
+                parts.append((s, [0] * rows, 0))
+        logits = target.decode_rows(parts)
+        t2 = time.perf_counter()
+        self.planner.costs.record_verify(n_streams * rows, t2 - t1)
+        self.steps += 1
+        row = 0
+        results = []
+        for s, toks, n_out in parts:
+            job = self.slots[s]
+            if job is None or not job.generating:
+                target.truncate(before[s], s)
+                continue
+            d = drafts[s]
+            rows_of = logits[row : row + n_out]
+            row += n_out
+            if job.params.greedy:
+                picks = np.argmax(rows_of, axis=1).tolist()
+                n_acc = verify(picks, d)
+                nxt = picks[n_acc]
+            else:
+                n_acc = 0
+                while True:
+                    nxt = pick(rows_of[n_acc], job.params, job.noise, len(job.seq) + n_acc)
+                    if n_acc == len(d) or nxt != d[n_acc]:
+                        break
+                    n_acc += 1
+            target.truncate(before[s] + 1 + n_acc, s)
+            results.append((job, d, n_acc, nxt))
+        for job, d, n_acc, nxt in results:
+            job.stats.batch_max = max(job.stats.batch_max, len(results))
+            job.stats.t_draft += t1 - t0
+            job.stats.t_target += t2 - t1
+            job.stats.n_target_steps += 1
+            if job.source == SOURCE_MODEL:
+                job.stats.n_draft_steps += n_draft_passes
+            key = "none" if not d else f"{job.source}@{len(d)}"
+            job.stats.draft_lengths[key] = job.stats.draft_lengths.get(key, 0) + 1
+            if job.source == SOURCE_LOOKUP:
+                job.pending_lookup = None  # verified: recorded below
+            out = d[:n_acc] + [nxt]
+            self.planner.record_round(job.lane, job.source if d else None, len(d), n_acc, len(out))
+            self._deliver(job, out, n_acc, len(d))
+
+    def _draft(self, model_jobs: list[tuple[Job, int]], drafts: dict[int, list[int]]) -> int:
+        """The draft model drafts for every job in model_jobs (k tokens each at most), one pass per position:
+        the first pass also catches each one up on the tokens it has not seen. Returns the passes made."""
+        draft, drafter = self.draft, self.drafter
+        live = []
+        for job, k in model_jobs:
+            drafts[job.slot] = []
+            live.append((job, k))
+        passes = 0
+        while live:
+            parts = []
+            for job, _ in live:
+                seen = drafter.seen(job.seq + drafts[job.slot])
+                common = min(draft.common_prefix(seen, job.slot), len(seen) - 1)
+                draft.truncate(common, job.slot)
+                parts.append((job.slot, seen[common:], -1))
+            t0 = time.perf_counter()
+            logits = draft.decode_rows(parts)
+            self.planner.draft_costs.record_verify(sum(len(p[1]) for p in parts), time.perf_counter() - t0)
+            passes += 1
+            still = []
+            for i, (job, k) in enumerate(live):
+                ahead = drafts[job.slot]
+                tok = drafter.choose(logits[i], job.params, job.noise, len(job.seq) + len(ahead))
+                if tok is None:
+                    continue
+                ahead.append(tok)
+                if len(ahead) < k and not draft.is_eog(tok):
+                    still.append((job, k))
+            live = still
+        return passes
+
+    def _deliver(self, job: Job, tokens: list[int], n_accepted: int, n_drafted: int) -> None:
+        """The round's tokens to the job's consumer, as engine/loop.py yields them; ends the job when done."""
+        target = self.target
+        finish = None
+        kept = 0
+        for i, tok in enumerate(tokens):
+            if target.is_eog(tok):
+                finish = FINISH_STOP
+                break
+            job.seq.append(tok)
+            kept = i + 1
+            job.stats.n_generated += 1
+            text = job.stream.push(target.piece(tok))
+            if job.stream.stopped:
+                finish = FINISH_STOP
+            elif job.stats.n_generated >= job.max_tokens:
+                finish = FINISH_LENGTH
+            elif len(job.seq) >= target.n_ctx:
+                finish = FINISH_CONTEXT
+            job.seen = len(job.seq)
+            job.out.put(Event(tok, text, i < n_accepted, job.stats))
+            if finish:
+                break
+        job.stats.record_draft(n_drafted, min(n_accepted, kept))
+        if finish:
+            job.stats.t_end = time.perf_counter()
+            job.out.put(Event(None, job.stream.flush(), False, job.stats, finish))
+            job.out.put(_END)
+            self._free(job)
+
+    def _fail(self, job: Job, err: BaseException) -> None:
+        job.out.put(err)
+        job.out.put(_END)
+        if job.slot is not None and self.slots[job.slot] is job:
+            self._free(job)
+
+    def _free(self, job: Job) -> None:
+        """The job leaves its slot; its caches keep what was delivered (the next request may extend it)."""
+        job.finished = True
+        s = job.slot
+        self.target.truncate(job.seen, s)
+        if self.draft is not None:
+            self.draft.truncate(job.seen, s)
+        self.slots[s] = None

@@ -1,0 +1,152 @@
+"""The batched engine (engine/batch.py) on the real demo pair: several generations in one pair of contexts, each
+identical to the same generation run alone through engine/loop.py (greedy token for token, seeded sampling
+token for token), whatever shares its passes: queued jobs, a job cancelled mid-answer, a free slot inside the
+batch's range, a conversation resent with one more turn (which processes only its new tokens)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dspark_cli.engine.batch import Job, Scheduler
+from dspark_cli.engine.drafters import make_drafter
+from dspark_cli.engine.loop import generate
+from dspark_cli.engine.sampling import SamplingParams
+from dspark_cli.llama.model import Model
+from dspark_cli.prompt import ChatTemplate, tokenize_prompt
+
+QUESTIONS = [
+    "Write a short story about a robot learning to paint.",
+    "Explain how a refrigerator works, step by step.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Summarize the plot of Romeo and Juliet in five sentences.",
+    "List ten fruits, one per line.",
+    "Count from one to twenty in words.",
+]
+
+
+@pytest.fixture(scope="module")
+def batch_models(demo_paths):
+    target = Model(demo_paths[0], role="target", n_ctx=1024, n_seq=4)
+    draft = Model(demo_paths[1], role="draft", n_ctx=1024, n_seq=4, separate=False)
+    yield target, draft
+    draft.close()
+    target.close()
+
+
+@pytest.fixture
+def scheduler(batch_models):
+    target, draft = batch_models
+    for slot in range(target.n_seq):  # empty slots: jobs arriving together take them in order
+        target.truncate(0, slot)
+        draft.truncate(0, slot)
+    s = Scheduler(target, make_drafter("hybrid", draft))
+    yield s
+    s.close()
+
+
+def prompts(target: Model) -> list[list[int]]:
+    template = ChatTemplate(target)
+    return [tokenize_prompt(target, template.render([{"role": "user", "content": q}]).text) for q in QUESTIONS]
+
+
+def lone(demo_models, prompt, params, max_tokens) -> list[int]:
+    target, draft = demo_models
+    return [ev.token for ev in generate(target, prompt, drafter=make_drafter("hybrid", draft), params=params,
+                                        max_tokens=max_tokens) if ev.token is not None]
+
+
+def tokens_of(job: Job) -> list[int]:
+    return [ev.token for ev in job.events() if ev.token is not None]
+
+
+def wait_for(condition, what: str) -> None:
+    """Until condition() holds (a state; the bound only keeps a broken scheduler from hanging the run)."""
+    deadline = time.time() + 300
+    while not condition():
+        assert time.time() < deadline, f"waited five minutes for {what}"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_six_jobs_on_four_slots_each_as_alone(demo_models, batch_models, scheduler, temperature):
+    """Greedy and seeded sampling: six requests at once on four slots (two wait for a slot), each answer the
+    lone engine's, token for token, and the first four shared their target passes."""
+    ps = prompts(batch_models[0])
+    params = [SamplingParams(temperature=temperature, seed=11 + i) for i in range(len(ps))]
+    jobs = [Job(p, sp, 40, (), 8) for p, sp in zip(ps, params)]
+    scheduler.submit(*jobs)  # all arrive before the scheduler's first step
+    got = [tokens_of(j) for j in jobs]
+    assert got == [lone(demo_models, p, sp, 40) for p, sp in zip(ps, params)]
+    assert all(j.stats.batch_max >= 2 for j in jobs[:4])
+    assert scheduler.active == 0
+
+
+def test_a_cancelled_job_frees_its_slot_and_the_others_lose_nothing(demo_models, batch_models, scheduler):
+    """The middle one of three leaves after its first tokens: a free slot inside the range the other two
+    still span (padded rows there), and both answers stay the lone ones."""
+    ps = prompts(batch_models[0])[:3]
+    greedy = SamplingParams()
+    jobs = [Job(p, greedy, 48, (), 8) for p in ps]
+    scheduler.submit(*jobs)
+    events = jobs[1].events()
+    next(events)
+    next(events)
+    scheduler.cancel(jobs[1])
+    wait_for(lambda: jobs[1].finished, "the cancelled job to leave its slot")
+    assert [j.slot for j in jobs] == [0, 1, 2] and scheduler.slots[1] is None
+    assert tokens_of(jobs[0]) == lone(demo_models, ps[0], greedy, 48)
+    assert tokens_of(jobs[2]) == lone(demo_models, ps[2], greedy, 48)
+    # Its cache keeps only what was delivered (a resend can reuse it), nothing past it.
+    target = batch_models[0]
+    assert len(target.seq_cached[1]) <= jobs[1].seen
+    assert target.kv_pos_max(1) == len(target.seq_cached[1]) - 1
+
+
+def test_a_resent_conversation_processes_only_its_new_tokens(demo_models, batch_models, scheduler):
+    """Turn two extends turn one's prompt and answer: it goes to the slot holding them and the target processes
+    only the new tokens, while another job generates beside it; both turns equal the lone engine's two turns
+    (which reuse their cache the same way)."""
+    target = batch_models[0]
+    ps = prompts(target)
+    greedy = SamplingParams()
+    first = Job(ps[0], greedy, 24, (), 8)
+    scheduler.submit(first)
+    answer = tokens_of(first)
+    more = target.tokenize("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n",
+                           add_special=False)
+    second_prompt = ps[0] + answer + more
+    other = Job(ps[3], greedy, 40, (), 8)
+    second = Job(second_prompt, greedy, 24, (), 8)
+    scheduler.submit(second, other)
+    assert tokens_of(second) == lone_two_turns(demo_models, ps[0], second_prompt, greedy)
+    assert second.slot == first.slot
+    assert second.stats.n_prompt_evaluated <= len(more) + 1
+    assert tokens_of(other) == lone(demo_models, ps[3], greedy, 40)
+
+
+def lone_two_turns(demo_models, prompt, second_prompt, params) -> list[int]:
+    target, draft = demo_models
+    drafter = make_drafter("hybrid", draft)
+    for _ in generate(target, prompt, drafter=drafter, params=params, max_tokens=24):
+        pass
+    return [ev.token for ev in generate(target, second_prompt, drafter=drafter, params=params, max_tokens=24)
+            if ev.token is not None]
+
+
+def test_closing_ends_every_job_with_an_error(batch_models):
+    from dspark_cli.errors import UsageError
+
+    target, draft = batch_models
+    s = Scheduler(target, make_drafter("hybrid", draft))
+    job = Job(prompts(target)[5], SamplingParams(), 400, (), 8)
+    s.submit(job)
+    events = job.events()
+    next(events)
+    s.close()
+    with pytest.raises(UsageError, match="closed"):
+        for _ in events:
+            pass
+    with pytest.raises(UsageError, match="closed"):
+        s.submit(Job([1, 2, 3], SamplingParams(), 4, (), 8))
