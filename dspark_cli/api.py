@@ -302,6 +302,24 @@ class Pair:
             last = ev
         return Result("".join(pieces), tokens, last.finish_reason, last.stats)
 
+    # ---- the caches between requests ------------------------------------------------------------------
+    def settle(self) -> int:
+        """Re-process the last answer's tokens in the target's cache as a prompt batch (at most one batch), so
+        that a next prompt extending the conversation processes only its new tokens and still gets exactly a
+        fresh run's answer (see Model.prompt_plan). Worth calling while idle (a chat waiting for its user);
+        otherwise the next prompt does it. Returns the tokens processed. A pair with parallel > 1 does this by
+        itself whenever it is idle."""
+        with self._turns, self._step:
+            self._check_open()
+            if self._scheduler is not None:
+                return 0
+            return self.target.settle()
+
+    @property
+    def settling(self) -> int:
+        """Slots whose cached answer is still to be settled (parallel > 1; the scheduler does it while idle)."""
+        return self._scheduler.settling if self._scheduler is not None else 0
+
     # ---- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
         """Free both models. A generation under way is ended first (its caches trimmed while the models

@@ -67,7 +67,10 @@ def start(extra: list[str]) -> tuple[subprocess.Popen, int]:
     sys.exit("a server did not start")
 
 
-def one_round(port: int, clients: int, max_tokens: int) -> dict:
+def one_round(port: int, clients: int, max_tokens: int, tag: str = "") -> dict:
+    """C clients at once; `tag` starts every prompt (a round's own, so no server answers from a cached prompt
+    of an earlier round: a server keeping several slots' prompts would otherwise skip prefill that the others
+    pay for)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=1800)
@@ -81,7 +84,7 @@ def one_round(port: int, clients: int, max_tokens: int) -> dict:
         text = []
         stream = client.chat.completions.create(
             model=model, temperature=0, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True},
-            messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
+            messages=[{"role": "user", "content": tag + PROMPTS[i % len(PROMPTS)]}])
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 text.append(chunk.choices[0].delta.content)
@@ -152,7 +155,7 @@ def main() -> None:
                 order = SERVERS[r % 3:] + SERVERS[:r % 3]
                 got = {}
                 for name in order:
-                    got[name] = one_round(servers[name][1], c, args.max_tokens)
+                    got[name] = one_round(servers[name][1], c, args.max_tokens, tag=f"(Request {r}.{c}) ")
                     rows[c][name].append(got[name])
                     print(f"round {r + 1}, {c} clients, {name}: "
                           + json.dumps({k: round(v, 3) for k, v in got[name].items() if k != "texts"}),

@@ -13,6 +13,7 @@ from dspark_cli.engine.batch import Job, Scheduler
 from dspark_cli.engine.drafters import make_drafter
 from dspark_cli.engine.loop import generate
 from dspark_cli.engine.sampling import SamplingParams
+from dspark_cli.llama.kernels import EXACT_BATCH_MAX
 from dspark_cli.llama.model import Model
 from dspark_cli.prompt import ChatTemplate, tokenize_prompt
 
@@ -114,6 +115,7 @@ def test_a_resent_conversation_processes_only_its_new_tokens(demo_models, batch_
     first = Job(ps[0], greedy, 24, (), 8)
     scheduler.submit(first)
     answer = tokens_of(first)
+    wait_for(lambda: scheduler.settling == 0, "the idle scheduler to settle the answer for reuse")
     more = target.tokenize("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n",
                            add_special=False)
     second_prompt = ps[0] + answer + more
@@ -122,7 +124,7 @@ def test_a_resent_conversation_processes_only_its_new_tokens(demo_models, batch_
     scheduler.submit(second, other)
     assert tokens_of(second) == lone_two_turns(demo_models, ps[0], second_prompt, greedy)
     assert second.slot == first.slot
-    assert second.stats.n_prompt_evaluated <= len(more) + 1
+    assert second.stats.n_prompt_evaluated <= max(len(more), EXACT_BATCH_MAX + 1) + 1
     assert tokens_of(other) == lone(demo_models, ps[3], greedy, 40)
 
 

@@ -62,11 +62,15 @@ class Server:
 
     def long_stream(self, max_tokens: int):
         """A streaming request for a long answer, read until its first chunk: (connection, response)."""
+        return self.long_stream_of([{"role": "user", "content": "Write a very long essay about the history of bridges."}],
+                                   max_tokens)
+
+    def long_stream_of(self, messages, max_tokens: int, **fields):
+        """A streaming chat request (greedy unless fields say otherwise), read until its first chunk."""
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         c.request("POST", "/v1/chat/completions", body=json.dumps({
             "model": model_id(self), "stream": True, "max_tokens": max_tokens, "temperature": 0,
-            "messages": [{"role": "user", "content": "Write a very long essay about the history of bridges."}]}),
-            headers={"Content-Type": "application/json"})
+            "messages": messages, **fields}), headers={"Content-Type": "application/json"})
         r = c.getresponse()
         assert r.status == 200
         r.readline()  # the first chunk arrived: it is generating
@@ -157,6 +161,8 @@ def test_a_growing_conversation_reuses_the_cache(server):
     first = c.chat.completions.create(model=model_id(server), messages=messages, temperature=0, max_tokens=24)
     messages += [{"role": "assistant", "content": first.choices[0].message.content},
                  {"role": "user", "content": "And of Germany?"}]
+    # Idle, the server re-processes the answer as a fresh run of the resent conversation would (exactness).
+    wait_for(lambda: server.request("GET", "/health")[1]["settling"] == 0, "the idle server to settle the answer")
     second = c.chat.completions.create(model=model_id(server), messages=messages, temperature=0, max_tokens=24)
     t = second.model_extra["timings"]
     assert t["prompt_n"] < 20 < second.usage.prompt_tokens  # only the new turn was processed

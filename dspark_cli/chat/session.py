@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import closing, contextmanager
 
@@ -64,6 +65,7 @@ class ChatSession:
     def __init__(self, loaded, screen: Screen, reader, *, conversation: Conversation, transcript: Transcript | None,
                  params, max_tokens: int, draft_max: int, interactive: bool, fixed: bool = False):
         self.loaded = loaded
+        self._settler: threading.Thread | None = None  # the last answer's settling, while the user types
         self.screen = screen
         self.reader = reader
         self.conv = conversation
@@ -135,6 +137,9 @@ class ChatSession:
     # view and the conversation's pending turn).
     def answer(self, message: str) -> str | None:
         target = self.loaded.target
+        if self._settler is not None:
+            self._settler.join()  # the cache is the last answer's, settled (see _settle_while_idle)
+            self._settler = None
         try:
             # Room for a whole answer, but never more than half the context: a large --max-tokens must not
             # make every turn drop history.
@@ -149,7 +154,7 @@ class ChatSession:
             self.screen.note(f"context full ({target.n_ctx} tokens): dropped {what} (the system prompt stays); "
                              f"re-processing the remaining {len(turn.tokens)} tokens once", style="yellow")
 
-        cached = target.common_prefix(turn.tokens)
+        cached = target.prompt_plan(turn.tokens[:-1])[0]  # what the target's cache keeps (a fresh run's keys)
         view = self.screen.answer_view(len(turn.tokens) - cached)
         tokens: list[int] = []
         pieces: list[str] = []
@@ -205,7 +210,23 @@ class ChatSession:
             self.totals.add(stats, finish)
             if finish == "context":
                 self.screen.note("the context is full; the next message drops the oldest turns", style="yellow")
+        if finish != FINISH_INTERRUPTED:
+            self._settle_while_idle()
         return finish
+
+    def _settle_while_idle(self) -> None:
+        """While the user reads and types, the target re-processes this answer's tokens as a prompt batch
+        (Pair.settle): the next turn then processes only its own tokens and still gets exactly a fresh run's
+        answer. The pair's locks make the next answer wait for it, if it comes first."""
+
+        def settle() -> None:
+            try:
+                self.loaded.settle()
+            except BaseException:  # noqa: BLE001 - a cache left unsettled only costs the next turn its reuse
+                pass
+
+        self._settler = threading.Thread(target=settle, name="dspark-settle", daemon=True)
+        self._settler.start()
 
     # ---- /commands ------------------------------------------------------------------------------------
     def command(self, line: str) -> str | None:

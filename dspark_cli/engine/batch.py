@@ -47,7 +47,7 @@ from .sampling import Noise, SamplingParams, pick, verify
 from .stats import FINISH_CONTEXT, FINISH_LENGTH, FINISH_STOP, GenerationStats
 
 ENGINE_BATCHED = "batched"  # GenerationStats.engine of a generation the scheduler ran
-CATCHUP_INLINE = 32  # a draft model this far behind catches up inside a draft pass; further, as a prompt chunk
+CATCHUP_INLINE = 32  # the end of a draft's prompt left to its first draft pass (which catches it up anyway)
 _END = object()
 
 
@@ -66,6 +66,7 @@ class Job:
     slot: int | None = None
     arrived: float = field(default_factory=time.perf_counter)
     prefill_from: int = 0  # prompt tokens its slot's cache already held
+    batches: list[int] = field(default_factory=list)  # the sizes of the prompt batches still to run
     seq: list[int] = field(default_factory=list)  # prompt + accepted tokens
     seen: int = 0  # tokens of seq delivered (the prompt counts): the caches never keep more once it ends
     generating: bool = False  # the target's prompt is in
@@ -109,6 +110,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._to_settle: set[int] = set()  # free slots whose cache holds an answer to re-process while idle
         self.steps = 0  # target passes during generation (for /health and tests)
 
     # ---- from any thread --------------------------------------------------------------------------------
@@ -140,6 +142,11 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def settling(self) -> int:
+        """Free slots whose cached answer waits to be re-processed for reuse (done while idle)."""
+        return len(self._to_settle)
+
     def close(self, why: str = "the pair is closed") -> None:
         """End every job (their consumers get a UsageError(why)) and stop the thread."""
         with self._wake:
@@ -152,9 +159,19 @@ class Scheduler:
     # ---- the scheduler's thread -------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
+            settle = None
             with self._wake:
-                while not self._closing and not self._waiting and not any(self.slots):
+                while not self._closing and not self._waiting and not any(self.slots) and not self._to_settle:
                     self._wake.wait()
+                if not self._closing and not self._waiting and not any(self.slots):
+                    settle = self._to_settle.pop()  # idle: one free slot's answer re-processed (Model.settle)
+            if settle is not None:
+                try:
+                    self.target.settle(settle)
+                except Exception:  # noqa: BLE001 - a cache left unsettled only costs a resend its reuse
+                    self.target.truncate(0, settle)
+                continue
+            with self._wake:
                 if self._closing:
                     for job in list(self._waiting) + [j for j in self.slots if j is not None]:
                         self._fail(job, UsageError(self._why))
@@ -166,6 +183,7 @@ class Scheduler:
                 self._prefill()
                 if any(j is not None and j.generating for j in self.slots):
                     self._step()
+                self._prefill_draft()
             except Exception as e:  # noqa: BLE001 - a failed pass fails the jobs in it; the scheduler goes on
                 err = e if isinstance(e, DsparkError) else DsparkError(f"internal error: {type(e).__name__}: {e}")
                 for job in [j for j in self.slots if j is not None]:
@@ -189,32 +207,33 @@ class Scheduler:
             job.noise = Noise(job.params.seed)
             width = max(1, self.planner.rows_max - 1)
             job.lane = Lane(new_acceptance(width), 0, 0, None)
-            job.prefill_from = min(self.target.common_prefix(job.prompt[:-1], job.slot), len(job.prompt) - 1)
+            # The cached prefix a fresh run's prompt processing agrees with, then the rest in a fresh run's kinds
+            # of batches (Model.prompt_plan): what makes the answer the lone run's whatever the slot held.
+            job.prefill_from, job.batches = self.target.prompt_plan(job.prompt[:-1], job.slot)
             self.target.truncate(job.prefill_from, job.slot)
+            self._to_settle.discard(job.slot)
 
     def _worth(self, job: Job, slot: int) -> tuple[int, int]:
         """How good a free slot is for a job: prompt tokens its cache saves, less the cached tokens the job would
         throw away (another conversation that may come back), so a resent conversation finds its own slot and a
         newcomer does not take it over for a shared system prompt; then the lowest slot, which keeps the busy
         slots together (a free slot inside their range costs padding rows)."""
-        common = self.target.common_prefix(job.prompt[:-1], slot)
-        lost = len(self.target.seq_cached[slot]) - common
-        return common - lost, -slot
+        keep = self.target.prompt_plan(job.prompt[:-1], slot)[0]
+        lost = len(self.target.seq_cached[slot]) - keep
+        return keep - lost, -slot
 
     def _prefill(self) -> None:
-        """Prompt chunks, oldest job first, up to about one batch of tokens per iteration: the target's (a job
-        generates once its prompt is in), then the draft model's. The target's chunks are the lone run's: from
-        the cached prefix on, n_batch tokens each (prompts take llama.cpp's fast batch kernels, so a chunk's
-        keys depend on how the prompt was cut)."""
+        """The target's prompt batches (Model.prompt_plan), oldest job first, up to about one batch of tokens per
+        iteration; a job generates once its prompt is in."""
         budget = self.target.n_batch
-        target, draft = self.target, self.draft
+        target = self.target
         for job in sorted((j for j in self.slots if j is not None and not j.generating), key=lambda j: j.arrived):
             t0 = time.perf_counter()
-            done = len(target.seq_cached[job.slot])
-            todo = job.prompt[done : len(job.prompt) - 1][: target.n_batch]
-            if todo:
-                target.eval(todo, n_logits=0, seq=job.slot)
-                budget -= len(todo)
+            if job.batches:
+                done = len(target.seq_cached[job.slot])
+                size = job.batches.pop(0)
+                target.eval(job.prompt[done : done + size], n_logits=0, seq=job.slot)
+                budget -= size
             job.stats.t_prompt += time.perf_counter() - t0
             if len(target.seq_cached[job.slot]) == len(job.prompt) - 1:
                 job.generating = True
@@ -224,23 +243,34 @@ class Scheduler:
                 job.stats.t_start = time.perf_counter()
             if budget <= 0:
                 return
+
+    def _prefill_draft(self) -> None:
+        """The draft model's prompt chunks, after the step (a job's first token does not wait for them), all the
+        jobs' in one pass: the draft's pool takes any mix of rows and its numerics never reach the output. Until
+        its prompt is in, a job drafts from lookup or not at all; afterwards its catch-up is part of drafting."""
+        draft = self.draft
         if draft is None:
             return
+        parts, budget = [], draft.n_batch
         for job in self.slots:
             if job is None or not job.generating or job.draft_ready or budget <= 0:
                 continue
             seen = self.drafter.seen(job.seq)[:-1]
             common = draft.common_prefix(seen, job.slot)
             draft.truncate(common, job.slot)
-            chunk = seen[common:][: draft.n_batch]
+            chunk = seen[common:][:budget]
             if len(seen) - common - len(chunk) <= CATCHUP_INLINE:
                 job.draft_ready = True
             if chunk:
-                t0 = time.perf_counter()
-                draft.eval(chunk, n_logits=0, seq=job.slot)
+                parts.append((job.slot, chunk, 0))
                 job.stats.n_prompt_evaluated_draft += len(chunk)
-                job.stats.t_prompt += time.perf_counter() - t0
                 budget -= len(chunk)
+        if parts:
+            t0 = time.perf_counter()
+            draft.decode_rows(parts)
+            seconds = time.perf_counter() - t0
+            for seq, _, _ in parts:
+                self.slots[seq].stats.t_prompt += seconds
 
     def _step(self) -> None:
         """One target pass for every generating job (see the module docstring)."""
@@ -262,10 +292,10 @@ class Scheduler:
             lane.lookup_len = len(proposal)
             lane.model_behind = None
             if self.draft is not None and job.draft_ready:
-                behind = len(job.seq) - 1 - self.draft.common_prefix(self.drafter.seen(job.seq), job.slot)
-                lane.model_behind = max(0, behind) if behind <= CATCHUP_INLINE else None
-                if lane.model_behind is None:
-                    job.draft_ready = False  # fell far behind (plain steps): its catch-up is a prompt chunk
+                # Tokens its draft has yet to see (after plain or lookup steps): caught up in the first draft pass,
+                # when the planner finds drafting worth that too, as the single-sequence loop does.
+                behind = max(0, len(job.seq) - 1 - self.draft.common_prefix(self.drafter.seen(job.seq), job.slot))
+                lane.model_behind = behind if behind < self.draft.n_batch // self.n_slots else None
         plan = self.planner.plan([j.lane for j in jobs], n_streams, max(j.draft_max for j in jobs),
                                  fixed=any(j.fixed for j in jobs))
         # Padding rows must fit every stream's context: the range's rows shrink for a job near its end.
@@ -416,3 +446,4 @@ class Scheduler:
         if self.draft is not None:
             self.draft.truncate(job.seen, s)
         self.slots[s] = None
+        self._to_settle.add(s)

@@ -84,9 +84,15 @@ class Model:
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
         self.seq_cached: list[list[int]] = [[] for _ in range(self.n_seq)]  # per sequence: the ids in its cache
+        # ... and per cached token, whether a prompt batch (more than EXACT_BATCH_MAX rows: llama.cpp's fast
+        # kernels) computed its keys and values, or a verify-sized one (dspark's exact kernels). See prompt_plan.
+        self.seq_fast: list[list[bool]] = [[] for _ in range(self.n_seq)]
         self._stray: set[int] = set()  # sequences where llama.cpp may hold positions past seq_cached (see _decode)
         self.n_evaluated = 0  # tokens ever run through this model: a cost counter for stats
         self.on_cpu = n_gpu_layers == 0  # everything runs on this machine's CPU
+        # A target on dspark's exact kernels keeps its prompts' keys and values as a fresh run computes them
+        # (prompt_plan); a draft's numerics never reach the output, and elsewhere nothing is proven exact.
+        self.canonical = role == "target" and (self.on_cpu or self.remote) and not kernels.fast_kernels()
         self.n_threads = 0
         if vocab_only:
             self.n_ctx = 0
@@ -314,8 +320,10 @@ class Model:
             for (seq, _, _), pos0 in zip(parts, starts):
                 self._seq_rm(pos0, seq)  # leave nothing half-written: the cache may hold part of the batch
             raise ModelFileError(f"llama_decode failed on the {self.role} model (code {rc})")
+        fast = i > kernels.EXACT_BATCH_MAX
         for seq, tokens, _ in parts:
             self.seq_cached[seq].extend(tokens)
+            self.seq_fast[seq].extend([fast] * len(tokens))
             self._stray.discard(seq)
         self.n_evaluated += i
         backend.raise_if_interrupted()  # a Ctrl-C that llama.cpp's log callback caught during the batch
@@ -325,10 +333,12 @@ class Model:
         """Drop positions >= keep of sequence `seq` from llama.cpp's cache (and from its cached list, first, so
         that an interrupt in between leaves the list the shorter of the two, which the stray set then repairs)."""
         del self.seq_cached[seq][keep:]
+        del self.seq_fast[seq][keep:]
         self._stray.add(seq)
         if not llama_cpp.llama_memory_seq_rm(self._mem, seq, keep, -1):
             # Some caches (recurrent models) cannot drop a suffix: start over from nothing.
             self.seq_cached[seq].clear()
+            self.seq_fast[seq].clear()
             llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self._stray.discard(seq)
 
@@ -353,10 +363,69 @@ class Model:
 
     def sync(self, tokens: list[int], n_logits: int = 1, seq: int = 0) -> np.ndarray | None:
         """Make sequence `seq`'s cache hold exactly `tokens`, evaluating only what is not already there, and
-        return the logits of the last n_logits tokens (which are re-evaluated if they were cached already)."""
+        return the logits of the last n_logits tokens (which are re-evaluated if they were cached already).
+        With no logits wanted, `tokens` is a prompt: it is brought in as prompt_plan says."""
+        if n_logits == 0:
+            keep, batches = self.prompt_plan(tokens, seq)
+            self.truncate(keep, seq)
+            for size in batches:
+                done = len(self.seq_cached[seq])
+                self.eval(tokens[done : done + size], 0, seq)
+            return None
         common = min(self.common_prefix(tokens, seq), len(tokens) - n_logits)
         self.truncate(common, seq)
         return self.eval(tokens[len(self.seq_cached[seq]) :], n_logits, seq)
+
+    def prompt_plan(self, tokens: list[int], seq: int = 0) -> tuple[int, list[int]]:
+        """How to bring sequence `seq`'s cache to the prompt `tokens`: (cached tokens kept, then the sizes of the
+        batches that process the rest).
+
+        A canonical target keeps every prompt token's keys and values exactly as a fresh run computes them. A
+        fresh run processes a prompt in n_batch chunks from its start: through llama.cpp's fast batch kernels,
+        but for a last chunk of EXACT_BATCH_MAX tokens or fewer, which takes dspark's exact ones; and the two
+        round differently (keys up to ~0.4 apart on the real pair, enough to flip a greedy near-tie). So a
+        cached prefix is kept only as far as each of its tokens went through the kind of batch a fresh run would
+        use for it (a previous answer's tokens, computed by verify batches, are not: a resent conversation
+        processes them again, unless the server re-processed them while idle, see engine/batch.py), and the rest
+        is cut into batches of the same kinds, never into a fast-kernel chunk too small to take them. Any other
+        model keeps its whole common prefix and processes the rest in n_batch chunks."""
+        common = self.common_prefix(tokens, seq)
+        n, size = len(tokens), self.n_batch
+        if not self.canonical:
+            return common, [min(size, n - i) for i in range(common, n, size)]
+        x = kernels.EXACT_BATCH_MAX
+        rem = n % size
+        fast_end = n - rem if 0 < rem <= x else n  # a fresh run's fast-kernel tokens are [0, fast_end)
+        flags = self.seq_fast[seq]
+        keep = next((i for i in range(common) if flags[i] != (i < fast_end)), common)
+        if 0 < fast_end - keep <= x:  # too few to make a fast batch: take some kept tokens along
+            keep = max(0, fast_end - x - 1)
+        batches = []
+        if fast_end > keep:
+            count = -(-(fast_end - keep) // size)
+            share, extra = divmod(fast_end - keep, count)
+            batches = [share + (1 if j < extra else 0) for j in range(count)]  # each more than x, at most n_batch
+        if n > max(keep, fast_end):
+            batches.append(n - max(keep, fast_end))  # the exact-kernel tail, as a fresh run makes it
+        return keep, batches
+
+    def settle(self, seq: int = 0) -> int:
+        """Re-process, as a prompt batch, the cached tokens a fresh run would have computed with the fast kernels
+        but this cache has from verify batches (an answer's): then a next prompt extending the cache (a resent
+        conversation) keeps all of it. At most one batch; returns the tokens processed (0: nothing to do)."""
+        if not self.canonical:
+            return 0
+        flags = self.seq_fast[seq]
+        first = next((i for i, f in enumerate(flags) if not f), len(flags))
+        end = len(flags)
+        if end - first < 1 or end <= kernels.EXACT_BATCH_MAX:
+            return 0
+        start = max(0, min(first, end - kernels.EXACT_BATCH_MAX - 1))  # a fast batch: more than EXACT_BATCH_MAX
+        stop = min(end, start + self.n_batch)  # one batch; the cache lets go of what lies past it
+        tokens = self.seq_cached[seq][start:stop]
+        self.truncate(start, seq)
+        self.eval(tokens, 0, seq)
+        return stop - start
 
     def kv_pos_max(self, seq: int = 0) -> int:
         """Highest position llama.cpp holds for sequence `seq` (-1 when empty): for consistency checks."""

@@ -50,7 +50,7 @@ def create_app(pair, options: ServeOptions, worker: Worker) -> Starlette:
         meter = worker.meter
         return JSONResponse({
             "status": "ok", "model": options.model_id, "generating": worker.busy, "active": worker.active,
-            "slots": worker.slots, "waiting": worker.waiting,
+            "slots": worker.slots, "waiting": worker.waiting, "settling": pair.settling,
             "tokens_per_second": round(meter.tokens_per_second(), 2),
             "requests": [{"tokens": st.n_generated, "acceptance": round(st.acceptance_rate, 4) if st.n_drafted else None,
                           "tokens_per_second": round(st.tokens_per_second, 2)} for st in list(meter.live.values())]})

@@ -1,0 +1,190 @@
+"""`dspark serve --parallel 4` (the default) as a real process, driven by the official `openai` client: requests
+batched together are each exactly what `dspark run` answers alone (greedy and seeded sampling), a client that
+drops mid-stream frees its slot while the others finish unharmed, a conversation resent with one more turn
+processes only its new tokens while another request generates, /health and /metrics say what runs, and the
+library batches concurrent callers the same way (load(parallel=N))."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+
+import pytest
+
+from test_serve import DSPARK, Server, model_id, wait_for
+
+openai = pytest.importorskip("openai")
+
+QUESTIONS = [
+    "Name three colours.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Summarize the plot of Romeo and Juliet in three sentences.",
+]
+# The demo target, greedy, counts on past a thousand: an answer that never ends by itself.
+COUNTING = "Count from 1 to 2000, separated by commas."
+
+
+@pytest.fixture(scope="module")
+def server(demo_paths):
+    s = Server("--max-queue", "8")  # the default --parallel 4
+    yield s
+    s.stop()
+
+
+def run_alone(prompt: str, *args: str) -> str:
+    out = subprocess.run(DSPARK + ["run", "--json", "-t", "1", *args, prompt], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["text"]
+
+
+def health(s: Server) -> dict:
+    return s.request("GET", "/health")[1]
+
+
+def ask_all(s: Server, questions: list[str], **options) -> dict[int, object]:
+    """The questions at once, each from its own thread through the openai client: {index: response}."""
+    client = s.client()
+    got: dict[int, object] = {}
+
+    def one(i: int) -> None:
+        got[i] = client.chat.completions.create(model=model_id(s), messages=[{"role": "user", "content": questions[i]}],
+                                                **options)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    return got
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.8, "seed": 7}])
+def test_requests_batched_together_are_each_what_run_gives_alone(server, sampling):
+    """While a long answer streams, three more arrive: all four share target passes (timings.batch_max), and each
+    text is `dspark run`'s for the same prompt and settings, the long one's too, as far as it got."""
+    conn, stream = server.long_stream_of([{"role": "user", "content": COUNTING}], 1000, **sampling)
+    try:
+        got = ask_all(server, QUESTIONS, max_tokens=40, **sampling)
+        received = read_some(stream)
+    finally:
+        conn.close()
+    flags = ["--temp", str(sampling["temperature"])] + (["--seed", str(sampling["seed"])] if "seed" in sampling else [])
+    for i, question in enumerate(QUESTIONS):
+        assert got[i].choices[0].message.content == run_alone(question, "-n", "40", *flags), question
+        assert got[i].model_extra["timings"]["batch_max"] >= 2  # it shared passes with the long answer at least
+    assert run_alone(COUNTING, "-n", "40", *flags).startswith(received)
+
+
+def read_some(stream) -> str:
+    """What the long stream has sent so far (its text), read until a few chunks are in (or it ended)."""
+    text = []
+    while len(text) < 12:
+        line = stream.readline().decode()
+        if not line or line.startswith("data: [DONE]"):
+            break
+        if line.strip():
+            chunk = json.loads(line.removeprefix("data: "))
+            if chunk.get("choices"):
+                text.append(chunk["choices"][0]["delta"].get("content") or "")
+    return "".join(text)
+
+
+def test_a_client_dropped_mid_stream_frees_its_slot_and_three_go_on(server):
+    since = len(server.log)
+    conns = [server.long_stream_of([{"role": "user", "content": COUNTING}], 1000)]
+    try:
+        wait_for(lambda: health(server)["active"] == 1, "the long answer to hold a slot")
+        results: dict[int, object] = {}
+
+        def others():
+            results.update(ask_all(server, QUESTIONS, max_tokens=32, temperature=0))
+
+        t = threading.Thread(target=others)
+        t.start()
+        wait_for(lambda: health(server)["active"] == 4, "all four generating at once")
+        conns[0][0].close()  # the long answer's client goes away mid-stream
+        wait_for(lambda: health(server)["active"] <= 3, "its slot to be freed")
+        t.join(timeout=600)
+    finally:
+        for c, _ in conns:
+            c.close()
+    for i, question in enumerate(QUESTIONS):
+        assert results[i].choices[0].message.content == run_alone(question, "-n", "32"), question
+    posts = lambda: [line for line in server.log[since:] if " POST " in line]  # noqa: E731
+    wait_for(lambda: len(posts()) >= 4, "the four requests' log lines")
+    assert not any(" 1000 tokens" in line for line in posts()), posts()  # the dropped one stopped early
+    wait_for(lambda: health(server)["active"] == 0, "every slot free")
+
+
+def test_a_resent_conversation_processes_only_its_new_tokens_while_another_generates(server):
+    client = server.client()
+    first = [{"role": "user", "content": "Name three colours."}]
+    r1 = client.chat.completions.create(model=model_id(server), messages=first, max_tokens=24, temperature=0)
+    wait_for(lambda: health(server)["settling"] == 0, "the idle server to settle the answer for reuse")
+    conn, _ = server.long_stream_of([{"role": "user", "content": COUNTING}], 1000)  # another request generates
+    try:
+        second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                          {"role": "user", "content": "And three more?"}]
+        r2 = client.chat.completions.create(model=model_id(server), messages=second, max_tokens=24, temperature=0)
+    finally:
+        conn.close()
+    timings = r2.model_extra["timings"]
+    assert timings["prompt_n"] <= 18, timings  # only the new turn (or the 17 tokens of a fast batch), not the
+    assert r2.usage.prompt_tokens > 30  # whole conversation
+
+
+def test_health_and_metrics_report_what_runs(server):
+    conn, _ = server.long_stream_of([{"role": "user", "content": COUNTING}], 1000)
+    try:
+        wait_for(lambda: health(server)["active"] == 1, "a generation")
+        h = health(server)
+        assert h["slots"] == 4 and h["waiting"] == 0 and h["generating"] is True
+        assert len(h["requests"]) == 1 and h["requests"][0]["tokens"] >= 1
+        status, body, headers = server.request("GET", "/metrics")
+        text = body.decode()
+        assert status == 200 and headers["content-type"].startswith("text/plain")
+        assert "dspark_requests_active 1" in text and "dspark_slots 4" in text
+        values = dict(line.split() for line in text.splitlines() if line and not line.startswith("#"))
+        assert float(values["dspark_tokens_total"]) >= 1 and float(values["dspark_requests_total"]) >= 1
+    finally:
+        conn.close()
+
+
+def test_parallel_larger_than_memory_allows_refuses_to_start():
+    out = subprocess.run(DSPARK + ["serve", "--parallel", "256", "--ctx-size", "131072", "--port", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode in (2, 7), out.stderr
+    if out.returncode == 7:
+        assert "--parallel" in out.stderr and "KV cache" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_parallel_is_a_usage_error():
+    out = subprocess.run(DSPARK + ["serve", "--parallel", "0", "--port", "1"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_the_library_batches_concurrent_callers(demo_paths):
+    """load(parallel=2): two complete() calls from two threads run at once, each the lone answer."""
+    import dspark_cli as dspark
+
+    questions = QUESTIONS[:2]
+    with dspark.load(quiet=True) as pair:
+        alone = [pair.complete(q, max_tokens=24).text for q in questions]
+    with dspark.load(parallel=2, quiet=True) as pair:
+        got: dict[int, object] = {}
+        threads = [threading.Thread(target=lambda i=i: got.update({i: pair.complete(questions[i], max_tokens=24)}))
+                   for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert [got[i].text for i in range(2)] == alone
+        # Two generations started before either is read share their passes.
+        gens = [pair.generate(q, max_tokens=24) for q in questions]
+        texts = ["".join(ev.text for ev in g) for g in gens]
+        assert texts == alone
+        assert pair.generate(questions[0], max_tokens=2) is not None  # a third is fine too: it waits its turn
