@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import DsparkError, UsageError
 from ..llama.kernels import EXACT_BATCH_MAX
 from ..llama.model import Model
-from .costs import SOURCE_LOOKUP, SOURCE_MODEL, BatchPlanner, Lane, judge_lookup, new_acceptance
+from .costs import SOURCE_LOOKUP, SOURCE_MODEL, BatchPlanner, Lane, judge_lookup
 from .detok import TextStream
 from .drafters import METHOD_TARGET, Drafter, lookup
 from .loop import Event
@@ -71,7 +71,7 @@ class Job:
     seen: int = 0  # tokens of seq delivered (the prompt counts): the caches never keep more once it ends
     generating: bool = False  # the target's prompt is in
     draft_ready: bool = False  # the draft model's prompt is in
-    lane: Lane | None = None
+    lane: Lane | None = None  # its part in the batch planner (costs.Lane)
     pending_lookup: tuple[int, list[int]] | None = None  # a lookup proposal judged in hindsight
     proposal: list[int] = field(default_factory=list)  # this step's lookup match
     source: str | None = None  # this step's draft source
@@ -205,8 +205,7 @@ class Scheduler:
             job.seen = len(job.seq)
             job.stream = TextStream(job.stop)
             job.noise = Noise(job.params.seed)
-            width = max(1, self.planner.rows_max - 1)
-            job.lane = Lane(new_acceptance(width), 0, 0, None)
+            job.lane = self.planner.new_lane()
             # The cached prefix a fresh run's prompt processing agrees with, then the rest in a fresh run's kinds
             # of batches (Model.prompt_plan): what makes the answer the lone run's whatever the slot held.
             job.prefill_from, job.batches = self.target.prompt_plan(job.prompt[:-1], job.slot)

@@ -40,6 +40,7 @@ OPTIMISM = 1.0  # choices use acceptance this many standard deviations above its
 SLOPE_PRIOR = 0.05  # a verify's extra cost per token, relative to V(1), before two sizes (or a prefill) were timed
 DRAFT_PRIOR = 0.1  # a draft step, relative to V(1), before one was measured
 EXPLORE_K = 2  # the draft length of the first draft-model round
+POOLED_WEIGHT = 4.0  # batched: how many rounds of its own the pooled evidence is worth to a new sequence
 EXPLORE_PASSES = 4  # batched: draft passes timed before the draft model is judged on its cost
 REFRESH_ROUNDS = 32  # while speculating, a plain step at least this often keeps V(1), the yardstick, current
 
@@ -95,6 +96,15 @@ class Acceptance:
     @property
     def evidence(self) -> float:
         return self.reached[0] if self.reached else 0.0
+
+    def start_from(self, pooled: "Acceptance", weight: float) -> "Acceptance":
+        """This (fresh) estimate starting from `pooled`'s, its evidence scaled to at most `weight` rounds: what
+        the other sequences showed is a prior worth a few rounds of this one's own."""
+        scale = min(1.0, weight / pooled.evidence) if pooled.evidence > 0 else 0.0
+        n = min(len(self.reached), len(pooled.reached))
+        self.reached[:n] = [x * scale for x in pooled.reached[:n]]
+        self.accepted[:n] = [x * scale for x in pooled.accepted[:n]]
+        return self
 
 
 class StepCosts:
@@ -351,6 +361,16 @@ class BatchPlanner:
         self.costs = StepCosts(rows_max)  # V by total rows
         self.draft_costs = StepCosts(draft_rows_max)  # a draft pass by total rows (catch-up rows included)
         self._since_plain = 0
+        # Every sequence's acceptance evidence, pooled (fading by tokens like each one's): a new sequence's prior,
+        # so a request starts from what this server's drafts have been doing, not from optimistic guesses.
+        self.pooled = new_acceptance(max(1, rows_max - 1))
+
+    def new_lane(self) -> Lane:
+        """A new sequence's lane: its acceptance starts from the pooled evidence, worth POOLED_WEIGHT rounds."""
+        width = max(1, self.rows_max - 1)
+        own = {source: Acceptance(PRIOR[source], width).start_from(self.pooled[source], POOLED_WEIGHT)
+               for source in (SOURCE_MODEL, SOURCE_LOOKUP)}
+        return Lane(own, 0, 0, None)
 
     def plan(self, lanes: list[Lane], n_streams: int, draft_max: int, fixed: bool = False) -> BatchPlan:
         """The step's plan for `lanes` (the sequences that generate) over `n_streams` consecutive streams.
@@ -413,10 +433,11 @@ class BatchPlanner:
 
     def record_round(self, lane: Lane, source: str | None, n_drafted: int, n_accepted: int, n_new: int) -> None:
         """After a step, for one lane: what its drafts did (n_new: tokens the step added to it)."""
-        for acc in lane.acceptance.values():
+        for acc in list(lane.acceptance.values()) + list(self.pooled.values()):
             acc.fade(n_new)
         if source is not None and n_drafted:
             lane.acceptance[source].record(n_drafted, n_accepted)
+            self.pooled[source].record(n_drafted, n_accepted)
 
 
 def new_acceptance(width: int) -> dict[str, Acceptance]:
