@@ -112,6 +112,18 @@ def one_round(port: int, clients: int, max_tokens: int, tag: str = "") -> dict:
             "texts": [r["text"] for r in rs]}
 
 
+def wait_quiet(port: int) -> None:
+    """Until the server generates nothing and settles no cache (a server re-processes finished answers while
+    idle, see README "Exact whatever the cache held": that must not run beside another server's round)."""
+    import urllib.request
+
+    while True:
+        h = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30))
+        if not h.get("active") and not h.get("settling"):
+            return
+        time.sleep(0.05)
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
@@ -155,6 +167,8 @@ def main() -> None:
                 order = SERVERS[r % 3:] + SERVERS[:r % 3]
                 got = {}
                 for name in order:
+                    for _, port in servers.values():  # every server quiet: none settles its caches meanwhile
+                        wait_quiet(port)
                     got[name] = one_round(servers[name][1], c, args.max_tokens, tag=f"(Request {r}.{c}) ")
                     rows[c][name].append(got[name])
                     print(f"round {r + 1}, {c} clients, {name}: "

@@ -248,7 +248,9 @@ class Scheduler:
         jobs' in one pass: the draft's pool takes any mix of rows and its numerics never reach the output. Until
         its prompt is in, a job drafts from lookup or not at all; afterwards its catch-up is part of drafting."""
         draft = self.draft
-        if draft is None:
+        if draft is None or not any(j is not None and j.generating and not j.draft_ready for j in self.slots):
+            return
+        if not self.planner.draft_wanted():  # the model does not pay at this load: no prompt for it
             return
         parts, budget = [], draft.n_batch
         for job in self.slots:

@@ -41,6 +41,9 @@ SLOPE_PRIOR = 0.05  # a verify's extra cost per token, relative to V(1), before 
 DRAFT_PRIOR = 0.1  # a draft step, relative to V(1), before one was measured
 EXPLORE_K = 2  # the draft length of the first draft-model round
 POOLED_WEIGHT = 4.0  # batched: how many rounds of its own the pooled evidence is worth to a new sequence
+BATCH_MARGIN = 1.05  # batched: how much faster than plain batching a speculative plan must look to be taken
+MODEL_IDLE_STEPS = 64  # batched: plans without the model after which new prompts skip the draft model
+RETRY_GAP, RETRY_GAP_MAX = 128, 4096  # batched: plans between re-tries of an unused draft model
 EXPLORE_PASSES = 4  # batched: draft passes timed before the draft model is judged on its cost
 REFRESH_ROUNDS = 32  # while speculating, a plain step at least this often keeps V(1), the yardstick, current
 
@@ -364,6 +367,25 @@ class BatchPlanner:
         # Every sequence's acceptance evidence, pooled (fading by tokens like each one's): a new sequence's prior,
         # so a request starts from what this server's drafts have been doing, not from optimistic guesses.
         self.pooled = new_acceptance(max(1, rows_max - 1))
+        self._steps = 0  # plans made
+        self._model_last = 0  # the plan that last drafted from the model
+        self._retry_at = 0  # when the draft's prompts are next processed while the model sits unused
+        self._retry_gap = RETRY_GAP
+
+    def draft_wanted(self) -> bool:
+        """Whether new sequences' prompts should go through the draft model now: while its costs are being
+        learned, while the model drafts (it did in the last MODEL_IDLE_STEPS plans), and, once it sits unused
+        (it does not pay at this load), again at a falling rate (gaps doubling up to RETRY_GAP_MAX plans), so
+        that it is re-tried when the load or the text changes, and otherwise costs nothing."""
+        if not self.has_model:
+            return False
+        if sum(self.draft_costs.samples) < EXPLORE_PASSES or self._steps - self._model_last < MODEL_IDLE_STEPS:
+            return True
+        if self._steps >= self._retry_at:
+            self._retry_at = self._steps + self._retry_gap
+            self._retry_gap = min(2 * self._retry_gap, RETRY_GAP_MAX)
+            return True
+        return False
 
     def new_lane(self) -> Lane:
         """A new sequence's lane: its acceptance starts from the pooled evidence, worth POOLED_WEIGHT rounds."""
@@ -379,7 +401,7 @@ class BatchPlanner:
         r_max = max(1, min(draft_max + 1, self.rows_max // max(1, n_streams)))
         plain = BatchPlan(1, [None] * n, [0] * n)
         if r_max == 1 or not any(l.room for l in lanes):
-            return plain
+            return self._keep(plain)
         if fixed:
             return self._assign(lanes, r_max, with_model=self.has_model, optimistic=False, prefer_model=True)[0]
         v_plain = self.costs.verify[n_streams] if n_streams < len(self.costs.verify) else None
@@ -391,10 +413,12 @@ class BatchPlanner:
             # few, since the first pass of each batch shape has llama.cpp build its graph).
             rows = min(r_max, EXPLORE_K + 1)
             return self._keep(self._assign(lanes, rows, with_model=True, optimistic=False, prefer_model=True)[0])
-        best = BatchPlan(1, [None] * n, [0] * n, n / v_plain)
+        # Speculation must beat plain batching by a margin: a wrong guess costs every sequence in the batch, and
+        # the estimates behind it (interpolated pass costs, a few rounds of acceptance) are noisy.
+        best = BatchPlan(1, [None] * n, [0] * n, n / v_plain * BATCH_MARGIN)
         for rows in range(2, r_max + 1):
             for with_model in ((False, True) if self.has_model else (False,)):
-                plan, expected, draft_rows, behind = self._assign(lanes, rows, with_model, optimistic=True)
+                plan, expected, draft_rows, behind = self._assign(lanes, rows, with_model, optimistic=False)
                 cost = self.costs.step(n_streams * rows)
                 if draft_rows:
                     d = self.draft_costs.step(draft_rows) or 0.0
@@ -429,6 +453,10 @@ class BatchPlanner:
 
     def _keep(self, plan: BatchPlan) -> BatchPlan:
         self._since_plain = 0 if plan.rows == 1 else self._since_plain + 1
+        self._steps += 1
+        if SOURCE_MODEL in plan.sources:
+            self._model_last = self._steps
+            self._retry_gap = RETRY_GAP
         return plan
 
     def record_round(self, lane: Lane, source: str | None, n_drafted: int, n_accepted: int, n_new: int) -> None:
