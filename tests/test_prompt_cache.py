@@ -17,12 +17,11 @@ TEXT = ("Write a Python function that checks whether a string is a palindrome, a
 
 
 @pytest.fixture(scope="module")
-def fresh_and_used(demo_paths):
-    fresh = Model(demo_paths[0], role="target", n_ctx=1024)
+def fresh_and_used(demo_paths, demo_models):
+    """Two copies of the demo target: one started from scratch for every reference, one whose cache goes on."""
     used = Model(demo_paths[0], role="target", n_ctx=1024)
-    yield fresh, used
+    yield demo_models[0], used
     used.close()
-    fresh.close()
 
 
 def next_logits(model: Model, prompt: list[int]) -> np.ndarray:

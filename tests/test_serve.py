@@ -176,9 +176,7 @@ def test_concurrent_streams_all_complete_alike(server):
     results, finished = {}, []
 
     def one(i):
-        stream = c.chat.completions.create(model=model_id(server), temperature=0, max_tokens=16, stream=True,
-                                           messages=[{"role": "user", "content": PROMPT}])
-        results[i] = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+        results[i] = streamed_answer(c, server)
         finished.append(i)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
@@ -198,9 +196,7 @@ def test_one_at_a_time_serves_in_arrival_order(demo_paths):
         results, finished = {}, []
 
         def one(i):
-            stream = c.chat.completions.create(model=model_id(s), temperature=0, max_tokens=16, stream=True,
-                                               messages=[{"role": "user", "content": PROMPT}])
-            results[i] = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+            results[i] = streamed_answer(c, s)
             finished.append(i)
 
         first = threading.Thread(target=one, args=(0,))
@@ -217,6 +213,13 @@ def test_one_at_a_time_serves_in_arrival_order(demo_paths):
         assert len(set(results.values())) == 1
     finally:
         s.stop()
+
+
+def streamed_answer(client, server) -> str:
+    """PROMPT's greedy answer of 16 tokens, streamed, as one text."""
+    stream = client.chat.completions.create(model=model_id(server), temperature=0, max_tokens=16, stream=True,
+                                            messages=[{"role": "user", "content": PROMPT}])
+    return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
 
 
 def wait_for(condition, what: str = "a state") -> None:

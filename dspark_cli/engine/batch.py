@@ -34,7 +34,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from ..errors import DsparkError, UsageError
 from ..llama.kernels import EXACT_BATCH_MAX
@@ -43,7 +42,7 @@ from .costs import SOURCE_LOOKUP, SOURCE_MODEL, BatchPlanner, Lane, judge_lookup
 from .detok import TextStream
 from .drafters import METHOD_TARGET, Drafter, lookup
 from .loop import Event
-from .sampling import Noise, SamplingParams, pick, verify
+from .sampling import Noise, SamplingParams, accept
 from .stats import FINISH_CONTEXT, FINISH_LENGTH, FINISH_STOP, GenerationStats
 
 ENGINE_BATCHED = "batched"  # GenerationStats.engine of a generation the scheduler ran
@@ -222,17 +221,21 @@ class Scheduler:
         return keep - lost, -slot
 
     def _prefill(self) -> None:
-        """The target's prompt batches (Model.prompt_plan), oldest job first, up to about one batch of tokens per
-        iteration; a job generates once its prompt is in."""
-        budget = self.target.n_batch
+        """The target's prompt batches (Model.prompt_plan), oldest job first, one batch per iteration: a job
+        generates once its prompt is in, and takes its first step before the next prompt's batch runs. (All
+        waiting prompts first, then a step, would give every one of them the last one's wait: with four arriving
+        together, the median time to first token is 2.5 prompts' processing this way, 4 the other.)"""
         target = self.target
+        ran = False
         for job in sorted((j for j in self.slots if j is not None and not j.generating), key=lambda j: j.arrived):
             t0 = time.perf_counter()
             if job.batches:
+                if ran:
+                    return
                 done = len(target.seq_cached[job.slot])
                 size = job.batches.pop(0)
                 target.eval(job.prompt[done : done + size], n_logits=0, seq=job.slot)
-                budget -= size
+                ran = True
             job.stats.t_prompt += time.perf_counter() - t0
             if len(target.seq_cached[job.slot]) == len(job.prompt) - 1:
                 job.generating = True
@@ -240,8 +243,6 @@ class Scheduler:
                 if job.stats.n_prompt_evaluated - 1 >= 16:
                     self.planner.costs.record_prefill(job.stats.n_prompt_evaluated - 1, job.stats.t_prompt)
                 job.stats.t_start = time.perf_counter()
-            if budget <= 0:
-                return
 
     def _prefill_draft(self) -> None:
         """The draft model's prompt chunks, after the step (a job's first token does not wait for them), all the
@@ -341,19 +342,8 @@ class Scheduler:
                 target.truncate(before[s], s)
                 continue
             d = drafts[s]
-            rows_of = logits[row : row + n_out]
+            n_acc, nxt = accept(logits[row : row + n_out], d, job.params, job.noise, len(job.seq))
             row += n_out
-            if job.params.greedy:
-                picks = np.argmax(rows_of, axis=1).tolist()
-                n_acc = verify(picks, d)
-                nxt = picks[n_acc]
-            else:
-                n_acc = 0
-                while True:
-                    nxt = pick(rows_of[n_acc], job.params, job.noise, len(job.seq) + n_acc)
-                    if n_acc == len(d) or nxt != d[n_acc]:
-                        break
-                    n_acc += 1
             target.truncate(before[s] + 1 + n_acc, s)
             results.append((job, d, n_acc, nxt))
         for job, d, n_acc, nxt in results:

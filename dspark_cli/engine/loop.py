@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
 
 from .costs import SOURCE_LOOKUP, SOURCE_MODEL, Plan, Planner
 from .detok import TextStream
@@ -33,7 +32,7 @@ from .drafters import METHOD_TARGET, Draft, Drafter
 from ..errors import ContextFullError, PromptError, UsageError
 from ..llama.kernels import EXACT_BATCH_MAX
 from ..llama.model import Model
-from .sampling import Noise, SamplingParams, pick, verify
+from .sampling import Noise, SamplingParams, accept
 from .stats import FINISH_CONTEXT, FINISH_LENGTH, FINISH_STOP, GenerationStats
 
 # The most tokens drafted per target step. The cost model picks fewer whenever fewer pay (often on CPU,
@@ -189,17 +188,7 @@ def _verify(target: Model, seq: list[int], drafted: list[int], params: SamplingP
             drafted = drafted[:i]
             break
     logits = target.sync(seq + drafted, n_logits=len(drafted) + 1)
-    if params.greedy:
-        picks = np.argmax(logits, axis=1).tolist()
-        n_acc = verify(picks, drafted)
-        nxt = picks[n_acc]
-    else:
-        n_acc = 0
-        while True:
-            nxt = pick(logits[n_acc], params, noise, len(seq) + n_acc)
-            if n_acc == len(drafted) or nxt != drafted[n_acc]:
-                break
-            n_acc += 1
+    n_acc, nxt = accept(logits, drafted, params, noise, len(seq))
     target.truncate(len(seq) + n_acc)
     return n_acc, nxt
 

@@ -162,3 +162,19 @@ def verify(picks: list[int], drafted: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def accept(rows: np.ndarray, drafted: list[int], params: SamplingParams, noise: "Noise", pos: int) -> tuple[int, int]:
+    """The acceptance rule over one verify's rows (rows[i]: the target's logits where drafted[i] stands, one
+    more after them): (drafts accepted, the target's own next token). `pos` is the position of rows[0]'s token.
+    Rows past the first disagreement are never sampled."""
+    if params.greedy:
+        picks = np.argmax(rows, axis=1).tolist()
+        n_acc = verify(picks, drafted)
+        return n_acc, picks[n_acc]
+    n_acc = 0
+    while True:
+        nxt = pick(rows[n_acc], params, noise, pos + n_acc)
+        if n_acc == len(drafted) or nxt != drafted[n_acc]:
+            return n_acc, nxt
+        n_acc += 1
