@@ -152,6 +152,23 @@ def test_health_and_metrics_report_what_runs(server):
         conn.close()
 
 
+def test_a_request_that_fills_its_context_ends_alone(demo_paths):
+    """With 256 tokens a request, one that runs into its context ends there (finish_reason "length") while the
+    one beside it goes on to its own end, the answer `dspark run` gives alone with the same context."""
+    s = Server("--ctx-size", "256")
+    try:
+        conn, stream = s.long_stream_of([{"role": "user", "content": COUNTING}], 1000)
+        other = ask_all(s, QUESTIONS[1:2], max_tokens=48, temperature=0)[0]
+        rest = stream.read().decode()
+        conn.close()
+    finally:
+        s.stop()
+    chunks = [json.loads(line.removeprefix("data: ")) for line in rest.splitlines()
+              if line.startswith("data: {")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # the context, in OpenAI's words
+    assert other.choices[0].message.content == run_alone(QUESTIONS[1], "-n", "48", "--ctx-size", "256")
+
+
 def test_parallel_larger_than_memory_allows_refuses_to_start():
     out = subprocess.run(DSPARK + ["serve", "--parallel", "256", "--ctx-size", "131072", "--port", "1"],
                          capture_output=True, text=True, timeout=120)

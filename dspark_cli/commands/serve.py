@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         sampling: SamplingParams,
         host: Annotated[str, typer.Option("--host", help="Address to listen on. Anything but loopback exposes the models to the network (a warning says so).")] = "127.0.0.1",
         port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
-        api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="DSPARK_API_KEY", help="Require 'Authorization: Bearer KEY' on every endpoint but /health (also DSPARK_API_KEY).", show_default=False)] = None,
+        api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="DSPARK_API_KEY", help="Require 'Authorization: Bearer KEY' on every endpoint but /health and /metrics (also DSPARK_API_KEY).", show_default=False)] = None,
         max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait while one generates; more get 429 with Retry-After.")] = 16,
         max_body: Annotated[int, typer.Option("--max-body", help="Largest request body in bytes (413 beyond).")] = 8 << 20,
         model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send (default: the target's name).", show_default=False)] = None,

@@ -110,6 +110,7 @@ class Scheduler:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._to_settle: set[int] = set()  # free slots whose cache holds an answer to re-process while idle
+        self._settling_now: int | None = None  # the one being re-processed
         self.steps = 0  # target passes during generation (for /health and tests)
 
     # ---- from any thread --------------------------------------------------------------------------------
@@ -143,8 +144,8 @@ class Scheduler:
 
     @property
     def settling(self) -> int:
-        """Free slots whose cached answer waits to be re-processed for reuse (done while idle)."""
-        return len(self._to_settle)
+        """Free slots whose cached answer waits to be, or is being, re-processed for reuse (done while idle)."""
+        return len(self._to_settle) + (self._settling_now is not None)
 
     def close(self, why: str = "the pair is closed") -> None:
         """End every job (their consumers get a UsageError(why)) and stop the thread."""
@@ -164,11 +165,14 @@ class Scheduler:
                     self._wake.wait()
                 if not self._closing and not self._waiting and not any(self.slots):
                     settle = self._to_settle.pop()  # idle: one free slot's answer re-processed (Model.settle)
+                    self._settling_now = settle
             if settle is not None:
                 try:
                     self.target.settle(settle)
                 except Exception:  # noqa: BLE001 - a cache left unsettled only costs a resend its reuse
                     self.target.truncate(0, settle)
+                finally:
+                    self._settling_now = None
                 continue
             with self._wake:
                 if self._closing:
