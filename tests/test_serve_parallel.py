@@ -153,19 +153,27 @@ def test_health_and_metrics_report_what_runs(server):
 
 
 def test_a_request_that_fills_its_context_ends_alone(demo_paths):
-    """With 256 tokens a request, one that runs into its context ends there (finish_reason "length") while the
-    one beside it goes on to its own end, the answer `dspark run` gives alone with the same context."""
+    """With 256 tokens a request, one that runs into its context (a raw count that goes on) ends there
+    (finish_reason "length") while the one beside it goes on to its own end, the answer `dspark run` gives alone
+    with the same context."""
     s = Server("--ctx-size", "256")
     try:
-        conn, stream = s.long_stream_of([{"role": "user", "content": COUNTING}], 1000)
+        client = s.client()
+        counted = {}
+
+        def count():
+            stream = client.completions.create(model=model_id(s), prompt="1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+                                               max_tokens=1000, temperature=0, stream=True)
+            counted["finish"] = [c.choices[0].finish_reason for c in stream if c.choices][-1]
+
+        t = threading.Thread(target=count)
+        t.start()
+        wait_for(lambda: health(s)["active"] == 1 or "finish" in counted, "the count to start")
         other = ask_all(s, QUESTIONS[1:2], max_tokens=48, temperature=0)[0]
-        rest = stream.read().decode()
-        conn.close()
+        t.join(timeout=600)
     finally:
         s.stop()
-    chunks = [json.loads(line.removeprefix("data: ")) for line in rest.splitlines()
-              if line.startswith("data: {")]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # the context, in OpenAI's words
+    assert counted["finish"] == "length"  # the context, in OpenAI's words
     assert other.choices[0].message.content == run_alone(QUESTIONS[1], "-n", "48", "--ctx-size", "256")
 
 
