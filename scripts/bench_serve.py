@@ -11,7 +11,8 @@ Three servers run side by side on loopback ports, each warmed up:
   plain         --draft none --parallel N: continuous batching without speculation
   one-at-a-time the default drafter, --parallel 1 (what dspark served before batching)
 For each client count, each round sends the same C streaming chat requests (the official `openai` client, one
-thread each, greedy) to every server in turn, in an order that rotates every round. Per request: time to first
+thread each, greedy) to every server in turn, in an order that rotates every round (`--servers` picks some of
+them, e.g. `speculative,plain` for a plain A/B). Per request: time to first
 token, tokens (from `usage`), tokens/s while streaming; per round: total tokens/s. Ratios are taken within a
 round (the machine's speed drifts between rounds) and summarized by their median and range. Every answer is
 checked against the one-at-a-time server's: batching must not change a token.
@@ -135,10 +136,15 @@ def main() -> None:
     ap.add_argument("-n", "--max-tokens", type=int, default=128)
     ap.add_argument("--parallel", type=int, help="--parallel of the batching servers (default: the most clients)")
     ap.add_argument("--real", action="store_true", help="the Qwen2.5-Coder 0.5B -> 1.5B pair (scripts/fetch_real_pair.py)")
+    ap.add_argument("--servers", default=",".join(SERVERS),
+                    help="which of speculative, plain, one-at-a-time to run (e.g. speculative,plain for an A/B)")
     ap.add_argument("--json", dest="json_path")
     ap.add_argument("serve_args", nargs="*", help="after --: options for every server (--target, --draft, ...)")
     args = ap.parse_args()
     counts = [int(x) for x in args.clients.split(",")]
+    names = tuple(n for n in SERVERS if n in args.servers.split(","))
+    if not names:
+        sys.exit(f"--servers: choose from {', '.join(SERVERS)}")
     parallel = args.parallel or max(counts)
 
     common = list(args.serve_args)
@@ -156,15 +162,15 @@ def main() -> None:
                "one-at-a-time": common + ["--parallel", "1"]}
     servers = {}
     try:
-        for name in SERVERS:
+        for name in names:
             servers[name] = start(configs[name])
         for name, (_, port) in servers.items():  # warm-up: weights paged in, threads spun up, graphs built
             one_round(port, min(parallel, 4), 16)
-        rows: dict[int, dict[str, list[dict]]] = {c: {name: [] for name in SERVERS} for c in counts}
+        rows: dict[int, dict[str, list[dict]]] = {c: {name: [] for name in names} for c in counts}
         mismatches = 0
         for r in range(args.rounds):
             for c in counts:
-                order = SERVERS[r % 3:] + SERVERS[:r % 3]
+                order = names[r % len(names):] + names[:r % len(names)]
                 got = {}
                 for name in order:
                     for _, port in servers.values():  # every server quiet: none settles its caches meanwhile
@@ -174,8 +180,9 @@ def main() -> None:
                     print(f"round {r + 1}, {c} clients, {name}: "
                           + json.dumps({k: round(v, 3) for k, v in got[name].items() if k != "texts"}),
                           file=sys.stderr, flush=True)
-                reference = got["one-at-a-time"]["texts"]
-                mismatches += sum(a != b for a, b in zip(got["speculative"]["texts"], reference))
+                if "speculative" in got:  # every answer against the first other server's (all must agree)
+                    reference = got[next(n for n in names if n != "speculative")]["texts"] if len(names) > 1 else []
+                    mismatches += sum(a != b for a, b in zip(got["speculative"]["texts"], reference))
     finally:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGINT)
@@ -183,16 +190,16 @@ def main() -> None:
 
     summary: dict = {"settings": {"clients": counts, "rounds": args.rounds, "max_tokens": args.max_tokens,
                                   "parallel": parallel, "serve_args": common},
-                     "speculative_answers_differing_from_one_at_a_time": mismatches}
-    print(f"\n| clients | server | total tok/s | per-request tok/s | median TTFT s | worst TTFT s "
-          f"| total vs one-at-a-time | total vs plain |")
+                     "speculative_answers_differing": mismatches}
+    print("\n| clients | server | total tok/s | per-request tok/s | median TTFT s | worst TTFT s "
+          "| total vs one-at-a-time | total vs plain |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for c in counts:
         summary[c] = {}
-        for name in SERVERS:
+        for name in names:
             rs = rows[c][name]
-            vs_one = [a["total_tok_s"] / b["total_tok_s"] for a, b in zip(rs, rows[c]["one-at-a-time"])]
-            vs_plain = [a["total_tok_s"] / b["total_tok_s"] for a, b in zip(rs, rows[c]["plain"])]
+            vs_one = [a["total_tok_s"] / b["total_tok_s"] for a, b in zip(rs, rows[c].get("one-at-a-time", rs))]
+            vs_plain = [a["total_tok_s"] / b["total_tok_s"] for a, b in zip(rs, rows[c].get("plain", rs))]
             summary[c][name] = {
                 "total_tok_s": statistics.median(x["total_tok_s"] for x in rs),
                 "request_tok_s": statistics.median(x["request_tok_s"] for x in rs),
@@ -203,11 +210,12 @@ def main() -> None:
             s = summary[c][name]
             print(f"| {c} | {name} | {s['total_tok_s']:.1f} | {s['request_tok_s']:.1f} | {s['median_ttft']:.2f} "
                   f"| {s['worst_ttft']:.2f} | {spread(vs_one)} | {spread(vs_plain)} |")
-    lone_ttft = summary[min(counts)]["speculative"]["median_ttft"]
+    first = names[0]
+    lone_ttft = summary[min(counts)][first]["median_ttft"]
     for c in counts:
-        summary[c]["ttft_vs_lone"] = summary[c]["speculative"]["median_ttft"] / lone_ttft
-    print(f"\nspeculative answers differing from the one-at-a-time server's: {mismatches}")
-    print("median TTFT vs the fewest clients': "
+        summary[c]["ttft_vs_lone"] = summary[c][first]["median_ttft"] / lone_ttft
+    print(f"\nspeculative answers differing from the other server's: {mismatches}")
+    print(f"{first}'s median TTFT vs the fewest clients': "
           + ", ".join(f"{c} clients {summary[c]['ttft_vs_lone']:.2f}x" for c in counts))
     if args.json_path:
         with open(args.json_path, "w") as f:
