@@ -255,12 +255,15 @@ class Scheduler:
         draft = self.draft
         if draft is None or not any(j is not None and j.generating and not j.draft_ready for j in self.slots):
             return
-        if not self.planner.draft_wanted():  # the model does not pay at this load: no prompt for it
+        wanted = self.planner.drafts_wanted()  # 0: the model does not pay at this load, no prompt for it
+        if wanted == 0:
             return
+        pending = [j for j in self.slots if j is not None and j.generating and not j.draft_ready]
+        pending.sort(key=lambda j: len(j.seq))  # a re-try takes the cheapest
         parts, budget = [], draft.n_batch
-        for job in self.slots:
-            if job is None or not job.generating or job.draft_ready or budget <= 0:
-                continue
+        for job in pending[:wanted]:
+            if budget <= 0:
+                break
             seen = self.drafter.seen(job.seq)[:-1]
             common = draft.common_prefix(seen, job.slot)
             draft.truncate(common, job.slot)

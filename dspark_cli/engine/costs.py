@@ -372,20 +372,20 @@ class BatchPlanner:
         self._retry_at = 0  # when the draft's prompts are next processed while the model sits unused
         self._retry_gap = RETRY_GAP
 
-    def draft_wanted(self) -> bool:
-        """Whether new sequences' prompts should go through the draft model now: while its costs are being
-        learned, while the model drafts (it did in the last MODEL_IDLE_STEPS plans), and, once it sits unused
-        (it does not pay at this load), again at a falling rate (gaps doubling up to RETRY_GAP_MAX plans), so
-        that it is re-tried when the load or the text changes, and otherwise costs nothing."""
+    def drafts_wanted(self) -> int | None:
+        """How many new sequences' prompts should go through the draft model now (None: all of them): all while
+        its costs are being learned and while the model drafts (it did in the last MODEL_IDLE_STEPS plans); once
+        it sits unused (it does not pay at this load), one now and then (gaps doubling up to RETRY_GAP_MAX
+        plans), so that it is re-tried when the load or the text changes and otherwise costs next to nothing."""
         if not self.has_model:
-            return False
+            return 0
         if sum(self.draft_costs.samples) < EXPLORE_PASSES or self._steps - self._model_last < MODEL_IDLE_STEPS:
-            return True
+            return None
         if self._steps >= self._retry_at:
             self._retry_at = self._steps + self._retry_gap
             self._retry_gap = min(2 * self._retry_gap, RETRY_GAP_MAX)
-            return True
-        return False
+            return 1
+        return 0
 
     def new_lane(self) -> Lane:
         """A new sequence's lane: its acceptance starts from the pooled evidence, worth POOLED_WEIGHT rounds."""
