@@ -278,7 +278,8 @@ class Pair:
                     self._scheduler.cancel(job)  # its slot is freed, its caches trimmed, at the next step
                 if remember:
                     with self._step:
-                        self._continuation.remember(text, tokens, "".join(pieces), answer)
+                        if not self._closed:  # (closed: the models are gone, and so is what they held)
+                            self._continuation.remember(text, tokens, "".join(pieces), answer)
 
         return Generation(self, events(), lock=threading.RLock())
 

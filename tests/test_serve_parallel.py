@@ -212,3 +212,17 @@ def test_the_library_batches_concurrent_callers(demo_paths):
         texts = ["".join(ev.text for ev in g) for g in gens]
         assert texts == alone
         assert pair.generate(questions[0], max_tokens=2) is not None  # a third is fine too: it waits its turn
+
+
+def test_closing_a_batching_pair_ends_its_generations_with_the_pair_is_closed(demo_paths):
+    import dspark_cli as dspark
+
+    pair = dspark.load(parallel=2, quiet=True)
+    generation = pair.generate(COUNTING, max_tokens=500)
+    next(generation)
+    pair.close()
+    with pytest.raises(dspark.UsageError, match="the pair is closed"):
+        for _ in generation:
+            pass
+    with pytest.raises(dspark.UsageError, match="the pair is closed"):
+        pair.complete("Hi", max_tokens=2)
