@@ -226,15 +226,6 @@ class Continuation:
         self.keep = keep
         self._known: list[tuple[str, list[int]]] = []  # (text, its exact tokens), newest first
 
-    @property
-    def text(self) -> str | None:
-        """The newest remembered conversation's text (None: nothing reusable)."""
-        return self._known[0][0] if self._known else None
-
-    @property
-    def tokens(self) -> list[int]:
-        return self._known[0][1] if self._known else []
-
     def tokens_for(self, prompt: Rendered) -> tuple[list[int], int]:
         """(the prompt's tokens, how many of them come from a previous context)."""
         text = prompt.text

@@ -111,7 +111,6 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._to_settle: set[int] = set()  # free slots whose cache holds an answer to re-process while idle
         self._settling_now: int | None = None  # the one being re-processed
-        self.steps = 0  # target passes during generation (for /health and tests)
 
     # ---- from any thread --------------------------------------------------------------------------------
     def submit(self, *jobs: Job) -> None:
@@ -137,10 +136,6 @@ class Scheduler:
     @property
     def active(self) -> int:
         return sum(1 for j in self.slots if j is not None)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
 
     @property
     def settling(self) -> int:
@@ -287,10 +282,10 @@ class Scheduler:
         jobs = [j for j in self.slots if j is not None and j.generating]
         lo, hi = min(j.slot for j in jobs), max(j.slot for j in jobs)
         n_streams = hi - lo + 1
+        draft_ctx = self.draft.n_ctx if self.draft is not None else target.n_ctx
         for job in jobs:
             lane = job.lane
             n_gen = len(job.seq) - len(job.prompt)
-            draft_ctx = self.draft.n_ctx if self.draft is not None else target.n_ctx
             lane.room = 0 if self.drafter is None else max(0, min(
                 job.draft_max, target.n_ctx - len(job.seq) - 1, draft_ctx - len(job.seq) - 1,
                 job.max_tokens - n_gen - 1))
@@ -340,7 +335,6 @@ class Scheduler:
         logits = target.decode_rows(parts)
         t2 = time.perf_counter()
         self.planner.costs.record_verify(n_streams * rows, t2 - t1)
-        self.steps += 1
         row = 0
         results = []
         for s, toks, n_out in parts:

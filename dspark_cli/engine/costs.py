@@ -403,7 +403,7 @@ class BatchPlanner:
         if r_max == 1 or not any(l.room for l in lanes):
             return self._keep(plain)
         if fixed:
-            return self._assign(lanes, r_max, with_model=self.has_model, optimistic=False, prefer_model=True)[0]
+            return self._keep(self._assign(lanes, r_max, with_model=self.has_model, prefer_model=True)[0])
         v_plain = self.costs.verify[n_streams] if n_streams < len(self.costs.verify) else None
         if v_plain is None or self.costs.samples[n_streams] < 2 or self._since_plain >= REFRESH_ROUNDS:
             return self._keep(plain)  # the yardstick, as the single-sequence planner keeps it
@@ -412,13 +412,13 @@ class BatchPlanner:
             # Then short drafts, to time draft passes and a small verify (as the single-sequence planner does; a
             # few, since the first pass of each batch shape has llama.cpp build its graph).
             rows = min(r_max, EXPLORE_K + 1)
-            return self._keep(self._assign(lanes, rows, with_model=True, optimistic=False, prefer_model=True)[0])
+            return self._keep(self._assign(lanes, rows, with_model=True, prefer_model=True)[0])
         # Speculation must beat plain batching by a margin: a wrong guess costs every sequence in the batch, and
         # the estimates behind it (interpolated pass costs, a few rounds of acceptance) are noisy.
         best = BatchPlan(1, [None] * n, [0] * n, n / v_plain * BATCH_MARGIN)
         for rows in range(2, r_max + 1):
             for with_model in ((False, True) if self.has_model else (False,)):
-                plan, expected, draft_rows, behind = self._assign(lanes, rows, with_model, optimistic=False)
+                plan, expected, draft_rows, behind = self._assign(lanes, rows, with_model)
                 cost = self.costs.step(n_streams * rows)
                 if draft_rows:
                     d = self.draft_costs.step(draft_rows) or 0.0
@@ -429,9 +429,11 @@ class BatchPlanner:
                     best = plan
         return self._keep(best)
 
-    def _assign(self, lanes: list[Lane], rows: int, with_model: bool, optimistic: bool, prefer_model: bool = False):
-        """Each lane's source and length at `rows` rows, the one it expects most from (the model whenever it can
-        with prefer_model): (plan, expected tokens, lanes drafting from the model, their catch-up tokens)."""
+    def _assign(self, lanes: list[Lane], rows: int, with_model: bool, prefer_model: bool = False):
+        """Each lane's source and length at `rows` rows, the one it expects most from (estimated acceptance, not
+        the single-sequence planner's optimistic bound: a wrong guess here costs the whole batch; the model
+        whenever it can with prefer_model): (plan, expected tokens, lanes drafting from the model, their catch-up
+        tokens)."""
         sources, lengths, expected, draft_rows, behind = [], [], 0.0, 0, 0
         for lane in lanes:
             k = min(rows - 1, lane.room)
@@ -440,7 +442,7 @@ class BatchPlanner:
                 kl = min(k, lane.lookup_len)
                 options.append((lane.acceptance[SOURCE_LOOKUP].expected_tokens(kl), SOURCE_LOOKUP, kl))
             if with_model and lane.model_behind is not None and k:
-                e = lane.acceptance[SOURCE_MODEL].expected_tokens(k, optimistic)
+                e = lane.acceptance[SOURCE_MODEL].expected_tokens(k)
                 options.append((math.inf if prefer_model else e, SOURCE_MODEL, k))
             e, source, length = max(options, key=lambda o: o[0])
             sources.append(source)

@@ -39,7 +39,7 @@ class Meter:
         self.tokens = 0
         self.requests = 0
         self.live: dict[object, GenerationStats] = {}  # per generation under way: its cumulative stats
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent events
+        self._recent: deque[float] = deque()  # when each recent token was delivered
         self.started = time.monotonic()
 
     def record(self, ev: Event, key: object) -> None:
@@ -47,17 +47,16 @@ class Meter:
             self.requests += 1
         self.live[key] = ev.stats
         if ev.token is not None:
-            now = time.monotonic()
             self.tokens += 1
-            self._recent.append((now, 1))
+            self._recent.append(time.monotonic())
 
     def tokens_per_second(self) -> float:
         """Tokens delivered per second over the last WINDOW seconds (or since start)."""
         now = time.monotonic()
-        while self._recent and self._recent[0][0] < now - self.WINDOW:
+        while self._recent and self._recent[0] < now - self.WINDOW:
             self._recent.popleft()
         span = min(self.WINDOW, now - self.started)
-        return sum(n for _, n in self._recent) / span if span > 0 else 0.0
+        return len(self._recent) / span if span > 0 else 0.0
 
 
 class Worker:
