@@ -228,7 +228,8 @@ class Pair:
             self._check_open()
             drafter = self.drafter if method is None else self._drafter_for(method)
             return self._start(_generate(self.target, tokens, drafter=drafter, params=params, max_tokens=max_tokens,
-                                         draft_max=draft_max, stop=tuple(stop), fixed=fixed))
+                                         draft_max=draft_max, stop=tuple(stop), fixed=fixed,
+                                         profile=self._loaded.profile))
 
     def _start(self, events: Iterator[Event]) -> Generation:  # with the step lock held
         if self._active is not None:
@@ -247,7 +248,7 @@ class Pair:
         answer: list[int] = []
         pieces: list[str] = []
         events = _generate(self.target, tokens, drafter=self.drafter, params=params, max_tokens=max_tokens,
-                           draft_max=draft_max, stop=stop, fixed=fixed)
+                           draft_max=draft_max, stop=stop, fixed=fixed, profile=self._loaded.profile)
         try:
             for ev in events:
                 if ev.token is not None:

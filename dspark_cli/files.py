@@ -118,3 +118,20 @@ def save_fallback(text: str, prefix: str, suffix: str) -> Path | None:
         return Path(tmp)
     except OSError:
         return None
+
+
+def fingerprint(path: str | Path, sample: int = 1 << 20) -> str:
+    """A short hash naming a file's content cheaply: its size and its first and last `sample` bytes (a GGUF's
+    header and metadata sit at its start). Changes when the file is replaced or rewritten, not when it moves."""
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        h.update(f.read(sample))
+        if size > sample:
+            f.seek(max(sample, size - sample))
+            h.update(f.read(sample))
+    return h.hexdigest()[:16]

@@ -36,6 +36,8 @@ class ModelOptions:
     rpc_draft: str | None = None  # the same for the draft (which stays on this machine by default)
     tensor_split: str | None = None  # "3,1": each device's share of the target's layers
     parallel: int = 1  # generations at once, batched (dspark serve --parallel): a KV sequence each
+    profile: bool = True  # start the cost model from what earlier runs measured here, and add to it (profiles.py)
+    draft_as_is: bool = False  # never derive a faster copy of the draft (models/derive.py)
 
     def rpc_endpoints(self, draft: bool = False):
         from .llama.rpc import parse_endpoints
@@ -89,6 +91,7 @@ class Loaded:
     draft_model: Model | None
     target_path: Path
     draft_path: Path | None
+    profile: object = None  # models.profiles.StoredProfile: the cost model's prior, updated by every generation
 
     def close(self) -> None:
         if self.draft_model is not None:
@@ -221,4 +224,9 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
         from .llama.rpc import keep_alive
 
         keep_alive(servers)
-    return Loaded(target, drafter, draft_model, target_path, draft_path)
+    profile = None
+    if drafter is not None and opts.profile:
+        from .models.profiles import open_profile, profile_key
+
+        profile = open_profile(profile_key(target, draft_model), quiet=quiet)
+    return Loaded(target, drafter, draft_model, target_path, draft_path, profile)

@@ -14,6 +14,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import make_pair  # noqa: E402
 
 
+def pytest_configure(config):
+    # Cost profiles (what earlier runs measured) go to a folder of the test session's own, inherited by the CLI
+    # and server processes the tests start: no test starts from what a user's runs, or another session, left.
+    import os
+    import tempfile
+
+    os.environ["DSPARK_PROFILES"] = tempfile.mkdtemp(prefix="dspark-profiles-")
+
+
 @pytest.fixture(scope="session")
 def demo_paths():
     from dspark_cli.models.demo import demo_pair

@@ -93,11 +93,18 @@ def test_free_lookup_pays_where_the_draft_model_does_not():
     assert p.plan(0, 0).source is None  # no match: the model does not pay here either
 
 
-def test_catching_the_draft_model_up_counts():
-    p = told(Planner(8, True, False), {n: gpu_like(n) for n in range(1, 10)}, draft=0.1 * V1, catchup=0.1 * V1)
+def test_catching_the_draft_model_up_counts_but_only_the_reentry_window():
+    from dspark_cli.engine.costs import REENTRY_WINDOW
+
+    p = told(Planner(8, True, False), {n: gpu_like(n) for n in range(1, 10)}, draft=0.1 * V1, catchup=2 * V1)
     accept(p, SOURCE_MODEL, 0.7)
     assert p.plan(0, 0).source == SOURCE_MODEL
-    assert p.plan(0, 2000).source is None  # thousands of tokens to catch up on: not worth a round
+    assert p.plan(0, REENTRY_WINDOW).source is None  # a catch-up dearer than the round gains: not worth it
+    # However long the model sat unused, it comes back over the last REENTRY_WINDOW tokens (drafters.rewind):
+    # the cost of coming back is bounded, so a long pause cannot keep it out for good.
+    cheap = told(Planner(8, True, False), {n: gpu_like(n) for n in range(1, 10)}, draft=0.1 * V1, catchup=0.01 * V1)
+    accept(cheap, SOURCE_MODEL, 0.7)
+    assert cheap.plan(0, 100_000).source == SOURCE_MODEL
 
 
 def test_fixed_lengths_ignore_the_costs():

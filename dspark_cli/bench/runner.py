@@ -95,7 +95,7 @@ def run_bench(loaded: Loaded, config: BenchConfig, *, draft_p_min: float = 0.0,
             loaded.draft_model.truncate(0)
         drafter = drafters[method] if method != BASELINE else None
         events = generate(loaded.target, toks, drafter=drafter, params=config.params,
-                          max_tokens=max_tokens, draft_max=n or 1, fixed=config.fixed)
+                          max_tokens=max_tokens, draft_max=n or 1, fixed=config.fixed, profile=loaded.profile)
         rec = record_from_events(events, prompt_id=bp.id, category=bp.category,
                                  variant=variant_name(method, n), repeat=repeat)
         if on_run is not None:

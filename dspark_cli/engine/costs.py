@@ -46,6 +46,13 @@ MODEL_IDLE_STEPS = 64  # batched: plans without the model after which new prompt
 RETRY_GAP, RETRY_GAP_MAX = 128, 4096  # batched: plans between re-tries of an unused draft model
 EXPLORE_PASSES = 4  # batched: draft passes timed before the draft model is judged on its cost
 REFRESH_ROUNDS = 32  # while speculating, a plain step at least this often keeps V(1), the yardstick, current
+PROFILE_WEIGHT = 8.0  # how many rounds of its own a profile's acceptance (earlier runs, profile.py) is worth
+CATCHUP_ROUNDS = 4  # a draft model back after a pause pays its catch-up once, then drafts for a few rounds:
+# a round's share of the catch-up is this fraction
+REENTRY_WINDOW = 16  # a draft model more tokens behind than this catches up on the last this many only (its
+# context then starts there: its drafts may be a little worse, never the output), so coming back costs little
+MODEL_RETRY, MODEL_RETRY_MAX = 64, 512  # rounds without the draft model after which one round tries it again
+# (gaps doubling up to the max): evidence that turned it off long ago must not keep it off for good
 
 
 @dataclass
@@ -62,12 +69,17 @@ class Acceptance:
         self.prior = prior
         self.reached = [0.0] * width  # rounds whose drafts got as far as position i (all before accepted)
         self.accepted = [0.0] * width
+        # The same counts never faded: what this run showed, for the profile the next run starts from.
+        self.total_reached = [0.0] * width
+        self.total_accepted = [0.0] * width
 
     def record(self, n_drafted: int, n_accepted: int) -> None:
         for i in range(min(n_drafted, n_accepted + 1, len(self.reached))):
             self.reached[i] += 1.0
+            self.total_reached[i] += 1.0
             if i < n_accepted:
                 self.accepted[i] += 1.0
+                self.total_accepted[i] += 1.0
 
     def fade(self, tokens: int) -> None:
         f = FORGET ** tokens
@@ -100,6 +112,28 @@ class Acceptance:
     def evidence(self) -> float:
         return self.reached[0] if self.reached else 0.0
 
+    @property
+    def total_evidence(self) -> float:
+        return self.total_reached[0] if self.total_reached else 0.0
+
+    @property
+    def mean(self) -> float | None:
+        """The evidence's own acceptance at the first position (no prior), None without evidence."""
+        return self.accepted[0] / self.reached[0] if self.evidence > 0 else None
+
+    def add_totals(self, run: "Acceptance") -> None:
+        """Add another estimate's never-faded counts to this one's evidence (a profile absorbing a run)."""
+        n = max(len(self.reached), len(run.total_reached))
+        self.reached = [_at(self.reached, i) + _at(run.total_reached, i) for i in range(n)]
+        self.accepted = [_at(self.accepted, i) + _at(run.total_accepted, i) for i in range(n)]
+
+    def cap(self, rounds: float) -> None:
+        """Scale the evidence down to at most `rounds` rounds: older evidence fades as newer is added."""
+        if self.evidence > rounds:
+            f = rounds / self.evidence
+            self.reached = [x * f for x in self.reached]
+            self.accepted = [x * f for x in self.accepted]
+
     def start_from(self, pooled: "Acceptance", weight: float) -> "Acceptance":
         """This (fresh) estimate starting from `pooled`'s, its evidence scaled to at most `weight` rounds: what
         the other sequences showed is a prior worth a few rounds of this one's own."""
@@ -111,15 +145,22 @@ class Acceptance:
 
 
 class StepCosts:
-    """Seconds per target step by its token count, and per draft-model step, as running averages."""
+    """Seconds per target step by its token count, and per draft-model step, as running averages.
 
-    def __init__(self, width: int):
+    With a `prior` (what earlier runs measured here, engine/profile.py) every figure not yet timed in this run
+    comes from it: its ratio to a one-token step, times the one-token step as this run sees it (`scale`: how much
+    slower or faster than the prior this run's timed steps ran, so a machine that slowed down since is seen at
+    once, by any step size)."""
+
+    def __init__(self, width: int, prior=None):
         self.verify: list[float | None] = [None] * (width + 2)  # index n: a step over n tokens
         self.samples: list[int] = [0] * (width + 2)  # how many steps of each size were timed
         self.draft: float | None = None
         self.prefill_per_token: float | None = None  # the target's prompt, a large batch: seconds per token
         self.catchup_one: float | None = None  # draft-model seconds to catch up on a single token
         self.catchup_per_token: float | None = None  # … per token, when it catches up on several in a batch
+        self.prior = prior  # a profile.CostPrior, or None: learn from nothing
+        self.scale = 1.0  # this run's step times over the prior's (while the prior is in use)
 
     @staticmethod
     def _mix(old: float | None, new: float) -> float:
@@ -133,6 +174,9 @@ class StepCosts:
     def record_verify(self, n: int, seconds: float) -> None:
         if n < len(self.verify):
             self.samples[n] += 1
+            expected = self._from_prior(n, rescaled=False)
+            if expected is not None and self.samples[n] > 1:  # (a size's first step builds its graph: slow)
+                self.scale = self._mix(self.scale, seconds / expected)
             # The first step of a size has llama.cpp build and allocate its graph (on an RPC server too: a
             # first one-token step after the prompt measured 325 ms against 47 ms after), so of the first two
             # timings the smaller stands (a slow second one is an outlier, not the yardstick); then averages.
@@ -154,28 +198,56 @@ class StepCosts:
         elif tokens > 1:
             self.catchup_per_token = self._mix(self.catchup_per_token, seconds / tokens)
 
+    def _from_prior(self, n: int, rescaled: bool = True) -> float | None:
+        """V(n) as the prior has it (times `scale` when rescaled), None without one for n."""
+        ratio = self.prior.verify.get(n) if self.prior is not None else None
+        return None if ratio is None else self.prior.v1 * ratio * (self.scale if rescaled else 1.0)
+
+    def _relative(self, own: float | None, name: str) -> float | None:
+        """A figure this run measured, else the prior's ratio for it times this run's one-token step."""
+        if own is not None or self.prior is None or getattr(self.prior, name) is None:
+            return own
+        return getattr(self.prior, name) * self.step(1)
+
     def catchup(self, tokens: int) -> float:
         """Seconds the draft model needs to see `tokens` it has not seen (a batch costs less per token)."""
         if tokens <= 0:
             return 0.0
-        one = self.catchup_one if self.catchup_one is not None else (self.draft_step() or 0.0)
+        one = self._relative(self.catchup_one, "catchup_one")
+        one = one if one is not None else (self.draft_step() or 0.0)
         if tokens == 1:
             return one
-        return tokens * (self.catchup_per_token if self.catchup_per_token is not None else one)
+        per_token = self._relative(self.catchup_per_token, "catchup_per_token")
+        return tokens * (per_token if per_token is not None else one)
+
+    @property
+    def knows_yardstick(self) -> bool:
+        """Whether V(1) can be trusted: two one-token steps timed (see record_verify), or a prior to start from."""
+        return self.samples[1] >= 2 or (self.prior is not None and self.step(1) is not None)
+
+    @property
+    def knows_draft(self) -> bool:
+        return self.draft is not None or (self.prior is not None and self.prior.draft is not None)
 
     def step(self, n: int) -> float | None:
-        """V(n): measured, else on the line through the measured sizes around it (the nearest two on one
-        side past the ends; a slope guess while one size alone is known). None before any step was timed."""
+        """V(n): measured, else the prior's (rescaled), else on the line through the known sizes around it (the
+        nearest two on one side past the ends; a slope guess while one size alone is known). None before any
+        step was timed."""
         if n < len(self.verify) and self.verify[n] is not None:
             return self.verify[n]
-        known = [(i, v) for i, v in enumerate(self.verify) if v is not None]
+        prior = self._from_prior(n)
+        if prior is not None:
+            return prior
+        known = [(i, v) for i, v in ((i, self.verify[i] if self.verify[i] is not None else self._from_prior(i))
+                                     for i in range(len(self.verify))) if v is not None]
         if not known:
             return None
         if len(known) == 1:
             # One size timed: the slope is a batch's cost per token, which the prompt's prefill measured (on a
             # CPU most of a step, on a GPU next to nothing), or a guess.
             i, v = known[0]
-            slope = self.prefill_per_token if self.prefill_per_token is not None else SLOPE_PRIOR * v
+            prefill = self._relative(self.prefill_per_token, "prefill_per_token")
+            slope = prefill if prefill is not None else SLOPE_PRIOR * v
             return max(1e-9, v + slope * (n - i))
         below = [x for x in known if x[0] < n]
         above = [x for x in known if x[0] > n]
@@ -189,8 +261,9 @@ class StepCosts:
         return max(1e-9, v0 + slope * (n - i0))
 
     def draft_step(self) -> float | None:
-        if self.draft is not None:
-            return self.draft
+        known = self._relative(self.draft, "draft")
+        if known is not None:
+            return known
         v1 = self.step(1)
         return None if v1 is None else DRAFT_PRIOR * v1
 
@@ -208,12 +281,21 @@ class Planner:
     acceptance: dict[str, Acceptance] = field(init=False)
     chosen: dict[tuple[str | None, int], int] = field(default_factory=dict)
     off_reason: str | None = None
+    profile: object = None  # what earlier runs measured (profile.CostProfile), or None: learn from nothing
     _pending: tuple[int, list[int]] | None = None  # a lookup proposal waiting for its verdict (lookup_hindsight)
     _since_plain: int = 0  # rounds since the last plain step
+    _since_model: int = 0  # rounds since the draft model last drafted
+    _retry_gap: int = MODEL_RETRY
 
     def __post_init__(self):
-        self.costs = StepCosts(self.draft_max)
+        prior = self.profile.prior() if self.profile is not None else None
+        self.costs = StepCosts(self.draft_max, prior)
         self.acceptance = {s: Acceptance(PRIOR[s], self.draft_max) for s in (SOURCE_MODEL, SOURCE_LOOKUP)}
+        if self.profile is not None:
+            for source, acc in self.acceptance.items():
+                earlier = self.profile.acceptance_prior(source)
+                if earlier is not None:
+                    acc.start_from(earlier, PROFILE_WEIGHT)
 
     # ---- choosing -----------------------------------------------------------------------------------
     def plan(self, lookup_len: int, model_behind: int) -> Plan:
@@ -225,20 +307,25 @@ class Planner:
             if self.has_lookup and lookup_len:
                 return self._keep(Plan(SOURCE_LOOKUP, min(self.draft_max, lookup_len)))
             return self._keep(Plan(None, 0))
-        v1 = self.costs.verify[1]
-        if v1 is None or self.costs.samples[1] < 2 or self._since_plain >= REFRESH_ROUNDS:
+        if not self.costs.knows_yardstick or self._since_plain >= REFRESH_ROUNDS:
             # The yardstick: plain steps, as the target alone takes them (two at first: see record_verify;
             # then one now and then, so a yardstick that changed is noticed while speculation runs).
             return self._keep(Plan(None, 0))
-        if self.has_model and self.costs.draft is None:
-            # Then one short draft, to time a draft step and a small verify: cheap to try where the model
-            # does not pay (a CPU), and what the line through V(1) and V(3) extrapolates from.
+        if self.has_model and (not self.costs.knows_draft or self._since_model >= self._retry_gap):
+            # One short draft: to time a draft step and a small verify (cheap to try where the model does not
+            # pay, a CPU; what the line through V(1) and V(3) extrapolates from), or to try a model left unused
+            # for long again (gaps doubling: a falling rate, never zero).
+            if self.costs.knows_draft:
+                self._retry_gap = min(2 * self._retry_gap, MODEL_RETRY_MAX)
             return self._keep(Plan(SOURCE_MODEL, min(self.draft_max, EXPLORE_K)))
+        v1 = self.costs.step(1)
         options = [Plan(None, 0, 1.0 / v1)] + self._options(lookup_len, model_behind)
         options.sort(key=lambda p: p.rate, reverse=True)
         best = options[0]
         if best.source is None:
             self.off_reason = self._why_off(options, v1)
+        elif best.source == SOURCE_MODEL:
+            self._retry_gap = MODEL_RETRY  # chosen on its merits: a later pause starts the retries afresh
         return self._keep(best)
 
     def _options(self, lookup_len: int, model_behind: int) -> list[Plan]:
@@ -251,7 +338,8 @@ class Planner:
             optimistic = source == SOURCE_MODEL
             if source == SOURCE_MODEL:
                 d = self.costs.draft_step() or 0.0
-                catch = self.costs.catchup(model_behind)
+                behind = min(model_behind, REENTRY_WINDOW)
+                catch = self.costs.catchup(behind) / (CATCHUP_ROUNDS if behind > 1 else 1)
                 top = self.draft_max
             else:
                 d, catch, top = 0.0, 0.0, min(self.draft_max, lookup_len)
@@ -278,6 +366,7 @@ class Planner:
 
     def _keep(self, plan: Plan) -> Plan:
         self._since_plain = 0 if plan.source is None else self._since_plain + 1
+        self._since_model = 0 if plan.source == SOURCE_MODEL else self._since_model + 1
         key = (plan.source, plan.k)
         self.chosen[key] = self.chosen.get(key, 0) + 1
         return plan
@@ -304,6 +393,10 @@ class Planner:
         for (source, k), n in sorted(self.chosen.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
             out["none" if source is None else f"{source}@{k}"] = n
         return out
+
+
+def _at(values: list[float], i: int) -> float:
+    return values[i] if i < len(values) else 0.0
 
 
 def judge_lookup(pending: tuple[int, list[int]] | None, acceptance: Acceptance, seq: list[int],

@@ -51,6 +51,9 @@ class Drafter(Protocol):
     def behind(self, seq: list[int]) -> int:
         """Tokens of seq[:-1] the draft model has yet to process."""
 
+    def rewind(self, seq: list[int], window: int) -> None:
+        """Let the draft model catch up on at most the last `window` tokens of seq (see ModelDrafter)."""
+
     def extend(self, seq: list[int], ahead: Draft, params: SamplingParams, noise: Noise) -> bool:
         """Draft one more token after seq + ahead.tokens into `ahead` (one model step). False when there is
         nothing more to draft (no model, an end token)."""
@@ -75,13 +78,25 @@ class ModelDrafter:
         # unsure of is likely rejected, and every rejected token costs verify-batch width on CPU.
         self.p_min = p_min
         self.n_shared = model.n_vocab  # ids both vocabularies have (see prepare)
+        # Where in the sequence the draft model's cache starts: 0, or later after `rewind` (the model came back
+        # after a long pause and caught up on the recent tokens only).
+        self.start = 0
 
     def prepare(self, seq: list[int], n_vocab: int) -> int:
         # A padded draft vocabulary (more ids than the target's) drafts over the shared ids only: its extra ids
         # can never be accepted, and left in they would shift the draft's distribution (normalization, top-p,
         # min-p, the tail's aggregated draw) away from what the unpadded draft proposes for the same noise.
         self.n_shared = min(self.model.n_vocab, n_vocab)
+        self.start = 0
         return self.catch_up(seq)[0]
+
+    def rewind(self, seq: list[int], window: int) -> None:
+        """When the model is more than `window` tokens behind seq, let its cache start `window` tokens before
+        seq's last: catching up then costs `window` tokens, not every token written while it sat unused. Its
+        drafts see less context (they may be accepted less, which the cost model measures); the output is the
+        target's either way."""
+        if self.behind(seq) > window:
+            self.start = max(self.start, len(seq) - 1 - window)
 
     def _seen(self, seq: list[int]) -> list[int]:
         """seq as the draft model can take it: a target token past its vocabulary (a padded target's) stands
@@ -92,17 +107,17 @@ class ModelDrafter:
     def catch_up(self, seq: list[int]) -> tuple[int, float]:
         # All but the last token: the next `extend` evaluates that one and gets its logits.
         before, t0 = self.model.n_evaluated, time.perf_counter()
-        self.model.sync(self._seen(seq[:-1]), n_logits=0)
+        self.model.sync(self._seen(seq[self.start:-1]), n_logits=0)
         return self.model.n_evaluated - before, time.perf_counter() - t0
 
     def behind(self, seq: list[int]) -> int:
-        return max(0, len(seq) - 1 - self.model.common_prefix(self._seen(seq)))
+        return max(0, len(seq) - 1 - self.start - self.model.common_prefix(self._seen(seq[self.start:])))
 
     def extend(self, seq: list[int], ahead: Draft, params: SamplingParams, noise: Noise) -> bool:
         if ahead.tokens and self.model.is_eog(ahead.tokens[-1]):
             return False
         t0 = time.perf_counter()
-        logits = self.model.sync(self._seen(seq + ahead.tokens), n_logits=1)[0]
+        logits = self.model.sync(self._seen(seq[self.start:] + ahead.tokens), n_logits=1)[0]
         tok = self.choose(logits, params, noise, len(seq) + len(ahead.tokens))
         ahead.steps += 1
         ahead.seconds += time.perf_counter() - t0
@@ -129,7 +144,7 @@ class ModelDrafter:
         return []
 
     def release(self, n_keep: int) -> None:
-        self.model.truncate(n_keep)
+        self.model.truncate(max(0, n_keep - self.start))
 
 
 class PromptLookupDrafter:
@@ -150,6 +165,9 @@ class PromptLookupDrafter:
 
     def catch_up(self, seq: list[int]) -> tuple[int, float]:
         return 0, 0.0
+
+    def rewind(self, seq: list[int], window: int) -> None:
+        pass
 
     def behind(self, seq: list[int]) -> int:
         return 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 
-from .costs import SOURCE_LOOKUP, SOURCE_MODEL, Plan, Planner
+from .costs import REENTRY_WINDOW, SOURCE_LOOKUP, SOURCE_MODEL, Plan, Planner
 from .detok import TextStream
 from .drafters import METHOD_TARGET, Draft, Drafter
 from ..errors import ContextFullError, PromptError, UsageError
@@ -95,9 +95,11 @@ def generate(
     draft_max: int = DEFAULT_DRAFT_MAX,
     stop: tuple[str, ...] | list[str] = (),
     fixed: bool = False,
+    profile=None,
 ) -> Iterator[Event]:
     """Events for the answer to `prompt`. `fixed`: draft `draft_max` tokens every round instead of what the
-    cost model picks."""
+    cost model picks. `profile`: what earlier runs measured on this machine (profile.CostProfile, or a stored
+    one that writes itself when it absorbs): the cost model starts from it, and absorbs this run at the end."""
     check_limits(max_tokens, draft_max if drafter is not None else None)
     check_prompt(target, prompt)
     stats = GenerationStats(method=drafter.name if drafter else METHOD_TARGET, n_prompt=len(prompt))
@@ -114,7 +116,8 @@ def generate(
         # (larger ones are prompts and take llama.cpp's fast kernels): drafting more would lose exactness.
         max_draft = min(max_draft, EXACT_BATCH_MAX - 1)
     planner = Planner(max_draft, has_model=drafter is not None and drafter.model is not None,
-                      has_lookup=drafter is not None and drafter.lookup, fixed=fixed)
+                      has_lookup=drafter is not None and drafter.lookup, fixed=fixed,
+                      profile=None if fixed else profile)
 
     def room() -> int:  # draft tokens the next verify may carry (both models' contexts, --max-tokens)
         if drafter is None:
@@ -175,6 +178,8 @@ def generate(
         target.truncate(seen)
         if drafter is not None:
             drafter.release(seen)
+        if profile is not None and not fixed and stats.n_target_steps:
+            profile.absorb(planner)  # what this run measured, for the next (an abandoned run's timings count too)
 
 
 Rounds = Iterator[Round]
@@ -206,6 +211,7 @@ def _sequential_rounds(target, drafter, seq, params, noise, planner: Planner, ro
         t_draft = time.perf_counter()
         draft = Draft([])
         if plan.source == SOURCE_MODEL and k:
+            drafter.rewind(seq, REENTRY_WINDOW)
             n, seconds = drafter.catch_up(seq)
             planner.costs.record_catchup(n, seconds)
             while len(draft.tokens) < k and drafter.extend(seq, draft, params, noise):

@@ -152,3 +152,16 @@ def gpu_summary() -> dict:
     if total_sum:
         out["vram_free"], out["vram_total"] = free_sum, total_sum
     return out
+
+
+def build_id() -> str:
+    """A short hash naming this llama.cpp build as far as speed goes (versions, commit, dspark's patches, the
+    kernel choice): what measured costs and derived files are keyed by."""
+    import hashlib
+    import json
+
+    from .kernels import fast_kernels
+
+    info = llama_info()
+    parts = [info.get(k) for k in ("llama_cpp_python", "ggml_version", "ggml_commit", "dspark_patches")]
+    return hashlib.sha256(json.dumps(parts + [fast_kernels()]).encode()).hexdigest()[:12]

@@ -1,0 +1,112 @@
+"""Cost profiles on disk: one JSON file per (target file, draft file, llama.cpp build, device, threads) in dspark's
+cache, holding what the cost model measured there (engine/profile.py), read at load and written after every
+generation. A file that cannot be read as a profile of this key (corrupt, another version, another pair) is
+ignored with one warning and replaced by the next write; a profile that cannot be written warns once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from ..console import say
+from ..engine.profile import CostProfile
+from ..errors import OutputError
+from ..files import fingerprint, write_atomic
+
+
+def profiles_dir() -> Path:
+    """$DSPARK_PROFILES, else the cache's profiles/ folder ($DSPARK_CACHE or ~/.cache/dspark)."""
+    from ..places import user_dir
+
+    if os.environ.get("DSPARK_PROFILES"):
+        return Path(os.environ["DSPARK_PROFILES"]).expanduser()
+    root = os.environ.get("DSPARK_CACHE")
+    return (Path(root).expanduser() if root else user_dir("XDG_CACHE_HOME", ".cache") / "dspark") / "profiles"
+
+
+def profile_key(target, draft) -> dict:
+    """What a profile's figures depend on: both files' content, the build, where the models run and on how many
+    threads. `target`/`draft` are loaded llama.Model objects (draft None: prompt lookup alone). Acceptance is
+    kept per drafter inside, so every method over the same files shares one profile."""
+    from ..llama.machine import build_id
+
+    def where(model) -> str:
+        return "rpc" if model.remote else ("cpu" if model.on_cpu else "gpu")
+
+    key = {
+        "target": {"name": target.path.name, "fingerprint": fingerprint(target.path)},
+        "draft": None if draft is None else {"name": draft.path.name, "fingerprint": fingerprint(draft.path)},
+        "build": build_id(),
+        "device": where(target) + ("" if draft is None else "+" + where(draft)),
+        "threads": target.n_threads,
+    }
+    return key
+
+
+def key_name(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class StoredProfile:
+    """A CostProfile that writes itself after absorbing a run; what engine.loop.generate takes as `profile`."""
+
+    def __init__(self, path: Path, key: dict, profile: CostProfile, *, updated: float | None = None):
+        self.path = path
+        self.key = key
+        self.profile = profile
+        self.updated = updated
+        self._write_failed = False
+
+    def prior(self):
+        return self.profile.prior()
+
+    def acceptance_prior(self, source: str):
+        return self.profile.acceptance_prior(source)
+
+    def absorb(self, planner) -> None:
+        if self.profile.absorb(planner):
+            self.save()
+
+    def save(self) -> None:
+        if self._write_failed:
+            return
+        self.updated = time.time()
+        data = {"key": self.key, "updated": self.updated, **self.profile.to_dict()}
+        try:
+            write_atomic(self.path, json.dumps(data, indent=1) + "\n", make_dirs=True)
+        except OutputError as e:
+            self._write_failed = True
+            say(f"warning: cannot save the cost profile ({e.message}); the next run learns its costs afresh")
+
+
+def open_profile(key: dict, directory: Path | None = None, *, quiet: bool = False) -> StoredProfile:
+    """The profile stored for `key`, or an empty one (after one warning when the file is unreadable as one)."""
+    path = (directory or profiles_dir()) / f"{key_name(key)}.json"
+    why = None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("key") != key:
+            raise ValueError("it was written for other models, build or settings")
+        updated = data.get("updated")
+        return StoredProfile(path, key, CostProfile.from_dict(data),
+                             updated=updated if isinstance(updated, (int, float)) else None)
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    if why is not None and not quiet:
+        say(f"warning: ignoring the cost profile {path} ({why}); learning costs afresh")
+    return StoredProfile(path, key, CostProfile())
+
+
+def read_profile(path: Path) -> dict | None:
+    """A stored profile's raw contents (for `doctor`), None when unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        CostProfile.from_dict(data)
+        return data
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError):
+        return None
