@@ -349,7 +349,8 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
          n_gpu_layers: int | None = None, n_gpu_layers_draft: int | None = None, threads: int | None = None,
          draft_p_min: float = 0.0, lookup: bool = True, pull: bool = False, offline: bool = False,
          force: bool = False, rpc: str | None = None, rpc_draft: str | None = None,
-         tensor_split: str | None = None, parallel: int = 1, quiet: bool = False) -> Pair:
+         tensor_split: str | None = None, parallel: int = 1, draft_as_is: bool = False, profile: bool = True,
+         quiet: bool = False) -> Pair:
     """Load a target and its drafter, as the CLI's model options do.
 
     target, draft: a GGUF path, "org/repo:file.gguf", "org/repo:QUANT" or a registry name; draft may also be
@@ -361,8 +362,10 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
     models not in the cache; offline: the cache only. force: skip the memory preflight. rpc / rpc_draft:
     "HOST:PORT,..." llama.cpp RPC servers for the target's / the draft's layers; tensor_split: "3,1", the
     devices' shares of the target. parallel: generations at once, batched together (each exactly what it would
-    be alone; each with ctx_size tokens of its own); with 1, one at a time. quiet: no status line on stderr. A
-    wrong type or value is a UsageError.
+    be alone; each with ctx_size tokens of its own); with 1, one at a time. draft_as_is: load the draft file as it
+    is (by default, on the CPU, a copy re-encoded in a layout measured faster here is derived once and used).
+    profile: start the cost model from what earlier runs measured on this machine and add this one's (False: learn
+    from nothing, store nothing). quiet: no status line on stderr. A wrong type or value is a UsageError.
     """
     opts = ModelOptions(
         target=check.model_ref("target", target), draft=check.model_ref("draft", draft),
@@ -374,7 +377,8 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
         force=check.flag("force", force), rpc=check.text("rpc", rpc, optional=True),
         rpc_draft=check.text("rpc_draft", rpc_draft, optional=True),
         tensor_split=check.text("tensor_split", tensor_split, optional=True),
-        parallel=check.integer("parallel", parallel))
+        parallel=check.integer("parallel", parallel), draft_as_is=check.flag("draft_as_is", draft_as_is),
+        profile=check.flag("profile", profile))
     return open_pair(opts, quiet=check.flag("quiet", quiet))
 
 

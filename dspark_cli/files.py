@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputError, UsageError
@@ -135,3 +136,18 @@ def fingerprint(path: str | Path, sample: int = 1 << 20) -> str:
             f.seek(max(sample, size - sample))
             h.update(f.read(sample))
     return h.hexdigest()[:16]
+
+
+@contextmanager
+def locked(directory: Path):
+    """Held by one dspark process at a time (two starting at once, tests, a user with two terminals, must not both
+    download or derive the same file); made in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:  # Windows: no lock, the atomic renames still keep files whole
+            pass
+        yield

@@ -162,3 +162,23 @@ def test_a_mismatched_output_is_reported(demo_paths, prompts_file, tmp_path):
     assert [v["variant"] for v in rep["variants"]] == ["draft@2", "draft@4", "lookup@2", "lookup@4"]
     assert rep["best"]["variant"] in {v["variant"] for v in rep["variants"]}
     assert "Speedup by method and draft length" in proc.stderr and "★" in proc.stderr
+
+
+def test_calibrate_starts_the_cost_profile_afresh_from_a_sweep(tmp_path):
+    profiles = tmp_path / "profiles"
+    text = "Summarize in one sentence: " + "The lighthouse was built on a reef that the sea covers at high tide. " * 4
+    f = tmp_path / "long.txt"
+    f.write_text(text + "\n", encoding="utf-8")
+    for calibrate in (False, True):
+        r = dspark("bench", "--prompts", str(f), "-r", "1", "--no-warmup", "-n", "8", "--draft-max", "4",
+                   *(["--calibrate"] if calibrate else []), env_extra={"DSPARK_PROFILES": str(profiles)})
+        assert r.returncode == 0, r.stderr
+        (path,) = profiles.glob("*.json")
+        data = json.loads(path.read_text())
+        if not calibrate:  # a mark in the old profile: a 9-second step no run here measures
+            data["figures"]["v1"] = [9.0]
+            path.write_text(json.dumps(data))
+    assert "calibrating: timing target steps of 1 to 5 tokens" in r.stderr
+    assert 9.0 not in data["figures"]["v1"]  # afresh: nothing of the old profile is left
+    assert 2 <= data["runs"] <= 3  # the sweep, the target alone's run, and the hybrid's if it learned anything
+    assert {f"verify.{n}" for n in range(2, 6)} <= set(data["figures"]) and "draft" in data["figures"]

@@ -15,7 +15,7 @@ def test_builtin_suite_covers_every_category_with_several_prompts():
     cats = {}
     for p in suite:
         cats.setdefault(p.category, []).append(p)
-    assert set(cats) == {"chat", "code", "summarization", "translation", "math", "qa", "editing"}
+    assert set(cats) == {"chat", "code", "summarization", "translation", "math", "qa", "short", "editing"}
     assert all(len(v) >= 2 for v in cats.values())
     assert len({p.id for p in suite}) == len(suite)
     assert all(p.text.strip() for p in suite)

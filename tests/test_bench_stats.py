@@ -219,3 +219,19 @@ def test_prediction_counts_steps_that_drafted_nothing():
     assert r["drafted_step_fraction"] == 0.5 and r["alpha"] == 1.0 and r["cost_ratio"] is None
     assert r["predicted_mean_accepted_tokens"] == pytest.approx(0.5 * 3 + 0.5 * 1) == r["mean_accepted_tokens"]
     assert r["predicted_speedup"] == pytest.approx(r["speedup"])
+
+
+def test_the_spread_over_rounds_pairs_each_round_with_the_target_alone_in_it():
+    from dspark_cli.bench.stats import summarize
+
+    runs = []
+    # Round 0: 2 tokens per step at the target's step cost (2x); round 1: a slow machine for both (still 2x);
+    # round 2: half the steps drafted, nothing accepted (1x the tokens per step, and drafting cost nothing).
+    for repeat, (t_step, rounds) in enumerate([(0.01, [(1, 1)] * 10), (0.03, [(1, 1)] * 10),
+                                               (0.01, [(1, 0), (0, 0)] * 10)]):
+        runs.append(baseline(20, t_step=t_step, repeat=repeat))
+        runs.append(record(rounds, t_target_step=t_step, repeat=repeat))
+    (row,) = summarize(runs)["variants"][0]["per_prompt"]
+    assert row["speedup_rounds"] == pytest.approx([2.0, 2.0, 1.0])
+    assert (row["speedup_min"], row["speedup_max"]) == pytest.approx((1.0, 2.0))
+    assert row["drafted_fraction_rounds"] == pytest.approx([1.0, 1.0, 0.5])

@@ -24,6 +24,14 @@ def _pct(v) -> str:
     return "—" if v is None else f"{v:.0%}"
 
 
+def _spread(values: list[float] | None, fmt) -> str:
+    """Lowest–highest over the rounds (one value: itself; none: a dash)."""
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    return fmt(lo) if len(values) == 1 or fmt(lo) == fmt(hi) else f"{fmt(lo).rstrip('%')}–{fmt(hi)}"
+
+
 def _n(k: int, word: str) -> str:
     return f"{k} {word}{'' if k == 1 else 's'}"
 
@@ -95,24 +103,25 @@ def render(report: dict, *, to_stderr: bool) -> None:
     bv = next(v for v in variants if v["variant"] == best["variant"])
 
     t = Table(title=f"{bv['variant']} vs the target alone (measured)", title_justify="left")
-    for name, justify in (("prompt", "left"), ("category", "left"), ("target tok/s", "right"), ("spec tok/s", "right"),
-                          ("speedup", "right"), ("accept", "right"), ("tok/step", "right"), ("predicted", "right"),
-                          ("same", "center")):
+    for name, justify in (("prompt", "left"), ("target tok/s", "right"), ("spec tok/s", "right"),
+                          ("speedup", "right"), ("rounds", "right"), ("drafted", "right"), ("accept", "right"),
+                          ("tok/step", "right"), ("predicted", "right"), ("same", "center")):
         t.add_column(name, justify=justify)
 
-    def row(label, cat, r, style=None, same=None, tie=None):
+    def row(label, r, style=None, same=None, tie=None):
         mark = "" if same is None else ("✓" if same else ("[yellow]≈[/]" if tie else "[bold red]✗[/]"))
-        t.add_row(label, cat, _f(r["baseline_tokens_per_second"], 1), _f(r["speculative_tokens_per_second"], 1),
-                  _x(r["speedup"]), _pct(r["acceptance_rate"]), _f(r["mean_accepted_tokens"]),
+        t.add_row(label, _f(r["baseline_tokens_per_second"], 1), _f(r["speculative_tokens_per_second"], 1),
+                  _x(r["speedup"]), _spread(r.get("speedup_rounds"), _f), _spread(r.get("drafted_fraction_rounds"), _pct),
+                  _pct(r["acceptance_rate"]), _f(r["mean_accepted_tokens"]),
                   _x(r["predicted_speedup"]), mark, style=style)
 
     for r in bv["per_prompt"]:
-        row(r["prompt_id"], r["category"], r, same=r.get("identical"), tie=r.get("near_tie"))
+        row(r["prompt_id"], r, same=r.get("identical"), tie=r.get("near_tie"))
     t.add_section()
     for r in bv["per_category"]:
-        row(escape(f"[{r['category']}]"), _n(r["prompts"], "prompt"), r)
+        row(escape(f"[{r['category']}] ({r['prompts']})"), r)
     t.add_section()
-    row("overall", _n(bv["overall"]["prompts"], "prompt"), bv["overall"], style="bold", same=report["identical"],
+    row(f"overall ({bv['overall']['prompts']})", bv["overall"], style="bold", same=report["identical"],
         tie=report["identical_up_to_near_ties"])
     con.print(t)
 
@@ -146,6 +155,8 @@ def render(report: dict, *, to_stderr: bool) -> None:
         con.print(Text(f"  {v['variant']:<{width}}  " + (" ".join(f"{p * 100:3.0f}" for p in pos[:16]) or "—")
                        + (" …" if len(pos) > 16 else "")))
     for line in ("accept = accepted / drafted; α = P(accepted | the drafted tokens before it accepted); γ = mean tokens drafted",
+                 "rounds = the lowest–highest speedup over the repeats, each against the target alone in the same round;",
+                 "          drafted = the share of target steps that verified a draft, lowest–highest over the repeats",
                  "tok/step = tokens per target step, bonus token included (target alone = 1.00)",
                  "c = draft step / target-alone step; verify = speculative target step / target-alone step (measured)",
                  "predicted = E / (f·γ·c + verify), E = f·(1 − α^(γ+1)) / (1 − α) + (1 − f)  (Leviathan et al. 2023;",

@@ -15,8 +15,8 @@ TOP_LEVEL = ("speedup", "baseline_tokens_per_second", "speculative_tokens_per_se
              "predicted_mean_accepted_tokens", "predicted_speedup", "acceptance_by_position")
 
 CSV_COLUMNS = ("variant", "method", "draft_max", "prompt_id", "category", "prompt_tokens", "tokens",
-               "baseline_tokens_per_second", "speculative_tokens_per_second", "speedup", "acceptance_rate",
-               "mean_accepted_tokens", "alpha", "mean_draft_length", "cost_ratio", "verify_cost",
+               "baseline_tokens_per_second", "speculative_tokens_per_second", "speedup", "speedup_min", "speedup_max",
+               "acceptance_rate", "mean_accepted_tokens", "alpha", "mean_draft_length", "cost_ratio", "verify_cost",
                "predicted_mean_accepted_tokens", "predicted_speedup", "identical", "acceptance_by_position")
 
 

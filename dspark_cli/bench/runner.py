@@ -137,6 +137,54 @@ def run_bench(loaded: Loaded, config: BenchConfig, *, draft_p_min: float = 0.0,
                     warmup_seconds=t1 - t0, templated=templated)
 
 
+CALIBRATION_TIMINGS = 4  # timed steps per size when calibrating (after one untimed: its graph is built then)
+
+
+def calibrate(loaded: Loaded, tokens: list[int], width: int) -> None:
+    """Start the pair's cost profile afresh from an explicit sweep: the target's steps over 1..width+1 tokens, the
+    draft model's one-token step and catch-up, each timed CALIBRATION_TIMINGS times after an untimed one. The bench's
+    runs then add their acceptance (and costs) to it, as any run does."""
+    from ..engine.costs import Planner
+    from ..engine.profile import CostProfile
+
+    if loaded.profile is None:
+        return
+    target, draft = loaded.target, loaded.draft_model
+    width = max(1, min(width, len(tokens) - 33, target.n_batch - 1))
+    planner = Planner(width, has_model=draft is not None, has_lookup=True)
+    head = tokens[:32]
+
+    def timed(model, base: list[int], extra: list[int], n_logits: int) -> float:
+        model.truncate(len(base))
+        t0 = time.perf_counter()
+        model.sync(base + extra, n_logits=n_logits)
+        return time.perf_counter() - t0
+
+    target.truncate(0)
+    t0 = time.perf_counter()
+    target.sync(head, n_logits=1)
+    planner.costs.record_prefill(len(head), time.perf_counter() - t0)
+    for n in range(1, width + 2):
+        for i in range(CALIBRATION_TIMINGS + 1):
+            seconds = timed(target, head, tokens[32:32 + n], n)
+            if i:
+                planner.costs.record_verify(n, seconds)
+    target.truncate(0)
+    if draft is not None:
+        draft.truncate(0)
+        draft.sync(head, n_logits=1)
+        for i in range(CALIBRATION_TIMINGS + 1):
+            one = timed(draft, head, tokens[32:33], 1)
+            batch = timed(draft, head, tokens[32:48], 0)
+            if i:
+                planner.costs.record_draft(one)
+                planner.costs.record_catchup(1, one)
+                planner.costs.record_catchup(16, batch)
+        draft.truncate(0)
+    loaded.profile.profile = CostProfile()
+    loaded.profile.absorb(planner)
+
+
 def _classify(loaded: Loaded, prompts: dict[str, list[int]], records: list[RunRecord], mismatches: list[Mismatch]) -> None:
     """Give each mismatch the target's logit margin between the two outputs' tokens at the divergence (the
     top two when one output ended there): a near-tie points at batch-size numerics, a wide margin at a bug."""

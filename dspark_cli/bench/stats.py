@@ -265,6 +265,21 @@ def check_identity(records: list[RunRecord]) -> list[Mismatch]:
     return out
 
 
+def rounds_spread(spec: list[RunRecord], base: list[RunRecord]) -> dict:
+    """Per repeat (round), the speedup against the target alone in the same round and the share of target steps
+    that verified a draft: how steady the result and the cost model's decisions were, not only their median."""
+    alone = {r.repeat: r for r in base}
+    speedups, drafted = [], []
+    for r in sorted(spec, key=lambda r: r.repeat):
+        b = alone.get(r.repeat)
+        if b is not None and r.t_gen > 0 and b.t_gen > 0 and b.n_generated:
+            speedups.append((r.n_generated / r.t_gen) / (b.n_generated / b.t_gen))
+        if r.n_target_steps:
+            drafted.append(r.draft_rounds / r.n_target_steps)
+    return {"speedup_rounds": speedups, "drafted_fraction_rounds": drafted,
+            "speedup_min": min(speedups, default=None), "speedup_max": max(speedups, default=None)}
+
+
 def summarize(records: list[RunRecord], prompt_order: list[str] | None = None) -> dict:
     """Per variant: per-prompt, per-category and overall comparisons against the target alone, and the
     best variant by overall speedup."""
@@ -288,7 +303,8 @@ def summarize(records: list[RunRecord], prompt_order: list[str] | None = None) -
             if spec is None or base is None:
                 continue
             cat = categories[pid]
-            per_prompt.append({"prompt_id": pid, "category": cat, **compare(spec, base)})
+            per_prompt.append({"prompt_id": pid, "category": cat, **compare(spec, base),
+                               **rounds_spread(groups.get((pid, v), []), groups.get((pid, BASELINE), []))})
             by_cat_spec[cat] = by_cat_spec.get(cat, Cell()) + spec
             by_cat_base[cat] = by_cat_base.get(cat, Cell()) + base
             total_spec, total_base = total_spec + spec, total_base + base

@@ -1,7 +1,8 @@
-"""The built-in benchmark prompts, written for dspark: two per category, short enough that a 2-core CPU runs
-the whole suite in minutes. Categories follow Spec-Bench's so figures can be read side by side; the ones with
+"""The built-in benchmark prompts, written for dspark: two or three per category, short enough that a 2-core CPU
+runs the whole suite in minutes. Categories follow Spec-Bench's so figures can be read side by side; the ones with
 a passage (summarization, qa) and the edits (editing) are where prompt lookup shines, the open-ended ones (chat)
-where it cannot."""
+where it cannot; the short ones (answers of 16-32 tokens) are where a run that must first learn its costs loses
+most, and the ones the cost model got wrong most often before (code-3, chat-3) watch its steadiness."""
 
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ _CODE = (
 SUITE: tuple[tuple[str, str, str], ...] = (
     ("chat-1", "chat", "What are three simple ways to sleep better at night?"),
     ("chat-2", "chat", "Write a short, friendly message inviting a neighbour to a weekend barbecue."),
+    ("chat-3", "chat", "Explain why the sky is blue in a short paragraph for a ten-year-old."),
     ("code-1", "code", "Write a Python function that returns True if a string is a palindrome, ignoring case and spaces."),
     ("code-2", "code", "Write a Python function `fizzbuzz(n)` that returns a list of strings for the numbers 1 to n."),
+    ("code-3", "code", "Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring."),
     ("summarization-1", "summarization", f"Summarize the following text in two sentences.\n\n{_PASSAGE_LIGHTHOUSE}"),
     ("summarization-2", "summarization", f"Summarize the following text in two sentences.\n\n{_PASSAGE_BEES}"),
     ("translation-1", "translation", "Translate into French: 'The train leaves at eight o'clock, so we should be at the station by half past seven.'"),
@@ -52,6 +55,10 @@ SUITE: tuple[tuple[str, str, str], ...] = (
     ("math-2", "math", "Tom has 15 apples. He gives 4 to Anna and then buys twice as many as he has left. How many apples does he have now? Think step by step."),
     ("qa-1", "qa", f"{_PASSAGE_LIGHTHOUSE}\n\nQuestion: Who built the Bell Rock Lighthouse, and when was it first lit?"),
     ("qa-2", "qa", f"{_PASSAGE_BEES}\n\nQuestion: How does the waggle dance tell other bees how far away the food is?"),
+    # Short answers (16-32 tokens on a small instruct model).
+    ("short-1", "short", "Name the largest planet in the solar system and say in one sentence why it is so big."),
+    ("short-2", "short", "Write a one-sentence description of what a hash table is."),
+    ("short-3", "short", "What does HTTP status code 404 mean? Answer in one sentence."),
     # Input-heavy: the answer mostly copies the input, where prompt lookup drafts for free.
     ("editing-1", "editing", f"Fix the typos in the following text. Reply with the corrected text only.\n\n{_TYPOS}"),
     ("editing-2", "editing", f"Add type hints and a docstring to this Python function. Reply with the code only.\n\n{_CODE}"),

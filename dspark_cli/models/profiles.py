@@ -110,3 +110,39 @@ def read_profile(path: Path) -> dict | None:
         return data
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError):
         return None
+
+
+def stored_profiles(target_path: Path | None, draft_path: Path | None, directory: Path | None = None) -> list[dict]:
+    """What `doctor` shows: every readable profile for these files (all profiles when no file is given), newest
+    first, summarized: runs, age, the one-token step, verify and draft costs relative to it, acceptance."""
+    folder = directory or profiles_dir()
+    want = {role: fingerprint(p) for role, p in (("target", target_path), ("draft", draft_path)) if p is not None}
+    out = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        data = read_profile(path)
+        key = data.get("key") if data else None
+        if not isinstance(key, dict):
+            continue
+        if any((key.get(role) or {}).get("fingerprint") != fp for role, fp in want.items()):
+            continue
+        out.append(summarize(path, data))
+    return sorted(out, key=lambda s: -(s["updated"] or 0))
+
+
+def summarize(path: Path, data: dict) -> dict:
+    profile = CostProfile.from_dict(data)
+    prior = profile.prior()
+    key = data["key"]
+    return {
+        "path": str(path),
+        "target": (key.get("target") or {}).get("name"),
+        "draft": (key.get("draft") or {}).get("name"),
+        "device": key.get("device"),
+        "threads": key.get("threads"),
+        "runs": profile.runs,
+        "updated": data.get("updated"),
+        "step_ms": prior.v1 * 1000 if prior else None,
+        "verify": {n: r for n, r in sorted(prior.verify.items()) if n in (2, 4, 8, 16)} if prior else {},
+        "draft_step": prior.draft if prior else None,
+        "acceptance": {s: a.mean for s, a in profile.acceptance.items() if a.mean is not None},
+    }
