@@ -30,6 +30,20 @@ def demo_paths():
     return demo_pair()  # (target, draft)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def demo_draft_layout_measured(demo_paths):
+    """Whatever loads the demo pair measures its draft's layouts the first time on a build (models/derive.py,
+    seconds, then cached): done once here, so no test's stderr or wait depends on being the first."""
+    from dspark_cli.llama.model import Model
+    from dspark_cli.models.derive import fastest_draft
+
+    target = Model(demo_paths[0], role="target", n_ctx=512)
+    try:
+        return fastest_draft(demo_paths[1], target, threads=None, quiet=True)
+    finally:
+        target.close()
+
+
 @pytest.fixture(scope="session")
 def demo_models(demo_paths):
     from dspark_cli.llama.model import Model

@@ -164,3 +164,30 @@ def test_the_draft_model_rewinds_to_a_window_of_recent_tokens(demo_models):
     assert draft.seq_cached[0] == seq[len(seq) - 17:]  # the window, and the token its draft came after
     drafter.prepare(seq, target.n_vocab)  # a new generation: the whole sequence again
     assert drafter.start == 0 and drafter.behind(seq) == 0
+
+
+def test_a_sizes_first_timing_does_not_override_the_profile():
+    # A step size's first pass in a run builds llama.cpp's graph (measured: several times a step): alone, that one
+    # timing would turn a profitable draft length off for the whole answer.
+    profile = CostProfile()
+    profile.absorb(measured_planner())
+    p = Planner(8, has_model=True, has_lookup=True, profile=profile)
+    p.costs.record_verify(3, 10 * V1)
+    assert p.costs.step(3) == pytest.approx(V1 * 1.2)
+    p.costs.record_verify(3, 1.3 * V1)
+    assert p.costs.step(3) == pytest.approx(1.3 * V1)  # two timings: the smaller stands, as without a profile
+    p.costs.record_draft(5 * V1)
+    assert p.costs.draft_step() == pytest.approx(0.2 * V1, rel=0.2)
+
+
+def test_a_few_tokens_behind_cost_no_catch_up_round():
+    from dspark_cli.engine.costs import FOLD_CATCHUP
+
+    profile = CostProfile()
+    profile.absorb(measured_planner())
+    p = Planner(8, has_model=True, has_lookup=False, profile=profile)
+    near = p._options(0, FOLD_CATCHUP)[0]
+    far = p._options(0, FOLD_CATCHUP + 1)[0]
+    # Up to FOLD_CATCHUP tokens go through the draft model in its first draft step's batch, as measured in D.
+    assert near.rate == pytest.approx(p._options(0, 0)[0].rate)
+    assert far.rate < near.rate

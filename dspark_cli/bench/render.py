@@ -53,7 +53,8 @@ def _header(report: dict) -> list[str]:
     ram = (m.get("ram") or {}).get("total")
 
     def model(d) -> str:
-        return f"{d['file']} ({d.get('quantization') or '?'}, {_mb(d.get('size_bytes'))}, {d.get('gpu_layers', 0)} layers on GPU)"
+        name = f"{d['derived_from']}, as its derived copy {d['file']}" if d.get("derived_from") else d["file"]
+        return f"{name} ({d.get('quantization') or '?'}, {_mb(d.get('size_bytes'))}, {d.get('gpu_layers', 0)} layers on GPU)"
 
     lines = [f"target  {model(s['target'])}"]
     if s.get("draft"):

@@ -82,6 +82,8 @@ def setup_info(loaded: Loaded, opts: ModelOptions, load_seconds: float) -> dict:
     target["gpu_layers"] = _offloaded(opts.n_gpu_layers, target["layers"], offload)
     if draft is not None:
         draft["gpu_layers"] = _offloaded(opts.n_gpu_layers_draft, draft["layers"], offload)
+        if loaded.draft_path is not None and loaded.draft_model.path != loaded.draft_path:
+            draft["derived_from"] = loaded.draft_path.name  # a faster copy (models/derive.py) runs in its place
     return {
         "machine": machine,
         "target": target,

@@ -28,7 +28,9 @@ from .costs import PRIOR, SOURCE_LOOKUP, SOURCE_MODEL, Acceptance
 
 VERSION = 1
 KEEP_RUNS = 9  # runs whose cost figures are kept; the median of them is used
-ACCEPTANCE_CAP = 256.0  # rounds of acceptance evidence a profile keeps (older evidence is scaled down)
+ACCEPTANCE_CAP = 256.0  # rounds of acceptance evidence a profile keeps (older evidence is scaled down): the last
+# few answers' worth, so the prior follows what the user has been asking for lately (code all day, or prose). A
+# cap of 1,024 (the long-run mix) drafted less on the code prompts and ran the suite no steadier (bench, 5 rounds)
 PROFILE_WEIGHT = 8.0  # how many rounds of a run's own the profile's acceptance is worth to it
 WIDTH_MAX = 64  # draft positions kept
 

@@ -30,6 +30,7 @@ from ..files import fingerprint, locked, write_atomic
 
 DERIVE_MARGIN = 1.05  # how much faster speculation must be predicted with a derived draft for it to be used
 STEPS = 12  # one-token draft steps timed per candidate and round
+CALIBRATION_TOKENS = 192  # the most of the calibration text used (the candidates load with a 256-token context)
 ROUNDS = 3  # rounds of timing, candidates interleaved
 # A calibration text the target sees teacher-forced: code and prose, what users ask a small draft to write.
 CALIBRATION = (
@@ -115,6 +116,8 @@ def _measure(source: Path, target, folder: Path, stem: str, threads: int | None,
         verdict = {"choice": None, "why": e.message}
     except OSError as e:
         verdict = {"choice": None, "why": e.strerror or str(e)}
+    except Exception as e:  # noqa: BLE001 - a faster draft is an extra: whatever failed, the file itself loads
+        verdict = {"choice": None, "why": f"measuring failed: {type(e).__name__}: {e}"}
     verdict["source"] = {"path": str(source.resolve()), "fingerprint": stem.split("-")[0]}
     try:
         write_atomic(verdict_path, json.dumps(verdict, indent=1) + "\n", make_dirs=True)
@@ -172,7 +175,11 @@ def _derive(source: Path, target, folder: Path, stem: str, threads: int | None) 
         requantize(source, dest, ftype, what=f"a {name} copy of the draft", head_type=head)
         made[name] = dest
     try:
-        text = target.tokenize(CALIBRATION, add_special=False)
+        # At most one batch of logits, and room in the candidates' small contexts (a byte-level vocabulary makes
+        # many tokens of the text).
+        text = target.tokenize(CALIBRATION, add_special=False)[:min(CALIBRATION_TOKENS, target.n_batch, target.n_ctx - 1)]
+        if len(text) < 48:
+            raise DsparkError(f"the calibration text is only {len(text)} tokens for this target")
         target.truncate(0)
         rows = target.sync(text, n_logits=len(text))
         wanted = [int(r.argmax()) for r in rows[:-1]]  # the target's pick after each prefix
