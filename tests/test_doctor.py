@@ -120,3 +120,22 @@ def test_doctor_with_a_model_not_downloaded(env):
 def test_doctor_rejects_pair_with_target(env):
     r = dspark("doctor", "--pair", "demo", "--target", "x.gguf", env=env)
     assert r.returncode == 2 and r.stderr.startswith("dspark: error: --pair sets both models")
+
+
+def test_doctor_shows_the_cost_profile_and_the_draft_layout(demo_paths, tmp_path):
+    import os
+
+    target, draft = (str(p) for p in demo_paths)
+    e = {**os.environ, "DSPARK_PROFILES": str(tmp_path)}
+    before = dspark("doctor", "-m", target, "-d", draft, "--json", env=e)
+    assert before.returncode == 0, before.stderr
+    assert json.loads(before.stdout)["profiles"] == []
+    r = dspark("run", "-m", target, "-d", draft, "-n", "24", "List three colours.", env=e)
+    assert r.returncode == 0, r.stderr
+    after = dspark("doctor", "-m", target, "-d", draft, "--json", env=e)
+    report = json.loads(after.stdout)
+    (profile,) = report["profiles"]
+    assert profile["runs"] == 1 and profile["device"] == "cpu+cpu" and profile["step_ms"] > 0
+    assert report["derived_draft"]["figures"]["as-is"]["step_ms"] > 0  # measured once per session (conftest)
+    text = dspark("doctor", "-m", target, "-d", draft, env=e).stdout
+    assert "Cost profiles (1)" in text and "Draft layout" in text

@@ -191,3 +191,14 @@ def test_a_few_tokens_behind_cost_no_catch_up_round():
     # Up to FOLD_CATCHUP tokens go through the draft model in its first draft step's batch, as measured in D.
     assert near.rate == pytest.approx(p._options(0, 0)[0].rate)
     assert far.rate < near.rate
+
+
+def test_a_folder_that_cannot_hold_profiles_is_said_once_at_load(demo_paths, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**os.environ, "DSPARK_PROFILES": str(blocker / "profiles")}
+    r = _run_cli(PROMPT, "-n", "16", env=env)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "cost profile" in ln]
+    assert len(lines) == 1 and "cannot keep cost profiles" in lines[0], r.stderr
+    assert r.stderr.index(lines[0]) < r.stderr.index("tokens,")  # before the answer, not in the middle of it

@@ -132,14 +132,15 @@ def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: 
             advice.append(f"the draft is {d_size / t_size:.0%} of the target's size: too big to gain much; "
                           "pick a smaller draft of the same family")
         report["pairing"] = _pairing(paths["target"], paths["draft"], problems)
-        if not llama.get("error"):
-            from ..models.derive import stored_verdict
+    draft_file = paths.get("draft")  # the file a load uses: a derived copy when one is cached for this build
+    if draft_file is not None and not llama.get("error") and (report["pairing"] or {}).get("ok"):
+        from ..models.derive import stored_verdict
 
-            report["derived_draft"] = stored_verdict(paths["draft"])
+        report["derived_draft"], draft_file = stored_verdict(draft_file)
     if "target" in paths:
         from ..models.profiles import stored_profiles
 
-        report["profiles"] = stored_profiles(paths["target"], paths.get("draft"))
+        report["profiles"] = stored_profiles(paths["target"], draft_file)
     return report, problems
 
 

@@ -87,11 +87,14 @@ def fastest_draft(source: Path, target, *, threads: int | None, quiet: bool = Fa
         return source
 
 
-def stored_verdict(source: Path, directory: Path | None = None) -> dict | None:
-    """The verdict on `source` for this build (what `doctor` shows), None when it was never measured."""
+def stored_verdict(source: Path, directory: Path | None = None) -> tuple[dict | None, Path]:
+    """The verdict on `source` for this build (what `doctor` shows; None when it was never measured) and the file
+    a load uses for it (the derived copy, or `source`)."""
     from ..llama.machine import build_id
 
-    return _read_verdict((directory or derived_dir()) / f"{fingerprint(source)}-{build_id()}.json")
+    folder = directory or derived_dir()
+    stem = f"{fingerprint(source)}-{build_id()}"
+    return _read_verdict(folder / f"{stem}.json"), _known(folder, stem, source) or source
 
 
 def _known(folder: Path, stem: str, source: Path) -> Path | None:

@@ -53,12 +53,13 @@ def key_name(key: dict) -> str:
 class StoredProfile:
     """A CostProfile that writes itself after absorbing a run; what engine.loop.generate takes as `profile`."""
 
-    def __init__(self, path: Path, key: dict, profile: CostProfile, *, updated: float | None = None):
+    def __init__(self, path: Path, key: dict, profile: CostProfile, *, updated: float | None = None,
+                 writable: bool = True):
         self.path = path
         self.key = key
         self.profile = profile
         self.updated = updated
-        self._write_failed = False
+        self._write_failed = not writable
 
     def prior(self):
         return self.profile.prior()
@@ -83,8 +84,19 @@ class StoredProfile:
 
 
 def open_profile(key: dict, directory: Path | None = None, *, quiet: bool = False) -> StoredProfile:
-    """The profile stored for `key`, or an empty one (after one warning when the file is unreadable as one)."""
-    path = (directory or profiles_dir()) / f"{key_name(key)}.json"
+    """The profile stored for `key`, or an empty one (after one warning when the file is unreadable as one, or when
+    the folder cannot hold profiles: said at load, not in the middle of an answer)."""
+    folder = directory or profiles_dir()
+    path = folder / f"{key_name(key)}.json"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        problem = None if os.access(folder, os.W_OK) else "not writable"
+    except OSError as e:
+        problem = e.strerror or str(e)
+    if problem is not None:
+        if not quiet:
+            say(f"warning: cannot keep cost profiles in {folder} ({problem}); every run learns its costs afresh")
+        return StoredProfile(path, key, CostProfile(), writable=False)
     why = None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
