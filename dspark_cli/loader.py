@@ -214,15 +214,10 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
                 # On this machine's CPU, a copy in a layout it steps faster, when measured so (once per build).
                 from .models.derive import fastest_draft
 
-                vocab = Model(draft_path, role="draft", vocab_only=True)  # a mismatched pair fails before any work
-                try:
-                    check_pair(target, vocab)
-                finally:
-                    vocab.close()
                 draft_file = fastest_draft(draft_path, target, threads=opts.threads, quiet=quiet)
             draft_model = Model(draft_file, role="draft", n_ctx=opts.ctx_size, n_threads=opts.threads,
                                 n_seq=opts.parallel, separate=False, **where_draft.model_args())
-            check_pair(target, draft_model)
+            check_pair(target, draft_model, draft_name=draft_path.name)
             drafter = make_drafter(METHOD_HYBRID if opts.lookup else METHOD_DRAFT, draft_model, opts.draft_p_min)
         elif draft == DRAFT_LOOKUP:
             drafter = make_drafter(METHOD_LOOKUP)

@@ -248,12 +248,12 @@ class Scheduler:
         jobs' in one pass: the draft's pool takes any mix of rows and its numerics never reach the output. Until
         its prompt is in, a job drafts from lookup or not at all; afterwards its catch-up is part of drafting."""
         draft = self.draft
-        if draft is None or not any(j is not None and j.generating and not j.draft_ready for j in self.slots):
+        pending = [] if draft is None else [j for j in self.slots if j is not None and j.generating and not j.draft_ready]
+        if not pending:
             return
         wanted = self.planner.drafts_wanted()  # 0: the model does not pay at this load, no prompt for it
         if wanted == 0:
             return
-        pending = [j for j in self.slots if j is not None and j.generating and not j.draft_ready]
         pending.sort(key=lambda j: len(j.seq))  # a re-try takes the cheapest
         parts, budget = [], draft.n_batch
         for job in pending[:wanted]:

@@ -296,7 +296,7 @@ class Planner:
     def __post_init__(self):
         prior = self.profile.prior() if self.profile is not None else None
         self.costs = StepCosts(self.draft_max, prior)
-        self.acceptance = {s: Acceptance(PRIOR[s], self.draft_max) for s in (SOURCE_MODEL, SOURCE_LOOKUP)}
+        self.acceptance = new_acceptance(self.draft_max)
         if self.profile is not None:
             for source, acc in self.acceptance.items():
                 earlier = self.profile.acceptance_prior(source)

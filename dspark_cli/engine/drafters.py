@@ -51,8 +51,9 @@ class Drafter(Protocol):
     def behind(self, seq: list[int]) -> int:
         """Tokens of seq[:-1] the draft model has yet to process."""
 
-    def rewind(self, seq: list[int], window: int) -> None:
-        """Let the draft model catch up on at most the last `window` tokens of seq (see ModelDrafter)."""
+    def rewind(self, seq: list[int], window: int) -> int:
+        """Let the draft model catch up on at most the last `window` tokens of seq (see ModelDrafter): returns the
+        tokens it is then behind."""
 
     def extend(self, seq: list[int], ahead: Draft, params: SamplingParams, noise: Noise) -> bool:
         """Draft one more token after seq + ahead.tokens into `ahead` (one model step). False when there is
@@ -90,13 +91,16 @@ class ModelDrafter:
         self.start = 0
         return self.catch_up(seq)[0]
 
-    def rewind(self, seq: list[int], window: int) -> None:
+    def rewind(self, seq: list[int], window: int) -> int:
         """When the model is more than `window` tokens behind seq, let its cache start `window` tokens before
         seq's last: catching up then costs `window` tokens, not every token written while it sat unused. Its
         drafts see less context (they may be accepted less, which the cost model measures); the output is the
-        target's either way."""
-        if self.behind(seq) > window:
+        target's either way. Returns the tokens it is then behind."""
+        behind = self.behind(seq)
+        if behind > window:
             self.start = max(self.start, len(seq) - 1 - window)
+            return self.behind(seq)
+        return behind
 
     def _seen(self, seq: list[int]) -> list[int]:
         """seq as the draft model can take it: a target token past its vocabulary (a padded target's) stands
@@ -166,8 +170,8 @@ class PromptLookupDrafter:
     def catch_up(self, seq: list[int]) -> tuple[int, float]:
         return 0, 0.0
 
-    def rewind(self, seq: list[int], window: int) -> None:
-        pass
+    def rewind(self, seq: list[int], window: int) -> int:
+        return 0
 
     def behind(self, seq: list[int]) -> int:
         return 0

@@ -211,8 +211,7 @@ def _sequential_rounds(target, drafter, seq, params, noise, planner: Planner, ro
         t_draft = time.perf_counter()
         draft = Draft([])
         if plan.source == SOURCE_MODEL and k:
-            drafter.rewind(seq, REENTRY_WINDOW)
-            if drafter.behind(seq) > FOLD_CATCHUP:  # else the first draft step takes them in its batch
+            if drafter.rewind(seq, REENTRY_WINDOW) > FOLD_CATCHUP:  # else the first draft step takes them in its batch
                 n, seconds = drafter.catch_up(seq)
                 planner.costs.record_catchup(n, seconds)
             while len(draft.tokens) < k and drafter.extend(seq, draft, params, noise):

@@ -8,6 +8,7 @@ llama-cpp-python loaded (its Python bindings do not wrap those functions).
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 import re
 import subprocess
@@ -154,9 +155,11 @@ def gpu_summary() -> dict:
     return out
 
 
+@functools.cache
 def build_id() -> str:
     """A short hash naming this llama.cpp build as far as speed goes (versions, commit, dspark's patches, the
-    kernel choice): what measured costs and derived files are keyed by."""
+    kernel choice): what measured costs and derived files are keyed by. The same for the whole process (a load
+    asks for it twice: the derived draft, then the profile)."""
     import hashlib
     import json
 

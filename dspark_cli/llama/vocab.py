@@ -39,11 +39,13 @@ def pairing_problem(target: Model, draft: Model) -> str | None:
     return None
 
 
-def check_pair(target: Model, draft: Model) -> None:
+def check_pair(target: Model, draft: Model, draft_name: str | None = None) -> None:
+    """PairError when they cannot pair. draft_name: the draft as the user named it (default: its file's name; a
+    derived copy, models/derive.py, is named by its source)."""
     problem = pairing_problem(target, draft)
     if problem:
         raise PairError(
-            f"the draft {draft.path.name} cannot pair with the target {target.path.name}: {problem}",
+            f"the draft {draft_name or draft.path.name} cannot pair with the target {target.path.name}: {problem}",
             hint="pick a draft from the same model family (same tokenizer), or run with --draft none",
         )
 

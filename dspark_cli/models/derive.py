@@ -110,6 +110,15 @@ def _known(folder: Path, stem: str, source: Path) -> Path | None:
 
 
 def _measure(source: Path, target, folder: Path, stem: str, threads: int | None, quiet: bool) -> Path:
+    from ..llama.model import Model
+    from ..llama.vocab import check_pair
+
+    # A mismatched pair fails here (PairError), before any copy is made or measured.
+    vocab = Model(source, role="draft", vocab_only=True)
+    try:
+        check_pair(target, vocab)
+    finally:
+        vocab.close()
     verdict_path = folder / f"{stem}.json"
     if not quiet:
         say(f"measuring whether a re-encoded copy of the draft {source.name} runs faster on this build (once)")

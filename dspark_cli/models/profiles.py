@@ -114,16 +114,6 @@ def open_profile(key: dict, directory: Path | None = None, *, quiet: bool = Fals
     return StoredProfile(path, key, CostProfile())
 
 
-def read_profile(path: Path) -> dict | None:
-    """A stored profile's raw contents (for `doctor`), None when unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        CostProfile.from_dict(data)
-        return data
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError):
-        return None
-
-
 def stored_profiles(target_path: Path | None, draft_path: Path | None, directory: Path | None = None) -> list[dict]:
     """What `doctor` shows: every readable profile for these files (all profiles when no file is given), newest
     first, summarized: runs, age, the one-token step, verify and draft costs relative to it, acceptance."""
@@ -131,18 +121,21 @@ def stored_profiles(target_path: Path | None, draft_path: Path | None, directory
     want = {role: fingerprint(p) for role, p in (("target", target_path), ("draft", draft_path)) if p is not None}
     out = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        data = read_profile(path)
-        key = data.get("key") if data else None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            profile = CostProfile.from_dict(data)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError):
+            continue  # unreadable: not shown (the next run using it warns and replaces it)
+        key = data.get("key")
         if not isinstance(key, dict):
             continue
         if any((key.get(role) or {}).get("fingerprint") != fp for role, fp in want.items()):
             continue
-        out.append(summarize(path, data))
+        out.append(_summary(path, data, profile))
     return sorted(out, key=lambda s: -(s["updated"] or 0))
 
 
-def summarize(path: Path, data: dict) -> dict:
-    profile = CostProfile.from_dict(data)
+def _summary(path: Path, data: dict, profile: CostProfile) -> dict:
     prior = profile.prior()
     key = data["key"]
     return {
