@@ -140,17 +140,31 @@ def run_bench(loaded: Loaded, config: BenchConfig, *, draft_p_min: float = 0.0,
 CALIBRATION_TIMINGS = 4  # timed steps per size when calibrating (after one untimed: its graph is built then)
 
 
+def calibration_plan(loaded: Loaded, width: int) -> tuple[list[int], int]:
+    """The text a calibration times its steps on (the derived draft's calibration text: every sweep sees the same,
+    whatever the bench's prompts) and the verify width it can time (at most `width` drafted tokens, within the
+    exact verify bound on the CPU): (tokens, width)."""
+    from ..llama.kernels import EXACT_BATCH_MAX
+    from ..models.derive import CALIBRATION
+
+    target = loaded.target
+    tokens = target.tokenize(CALIBRATION, add_special=False)
+    if target.on_cpu or target.remote:
+        width = min(width, EXACT_BATCH_MAX - 1)
+    return tokens, max(1, min(width, len(tokens) - 33, target.n_batch - 1))
+
+
 def calibrate(loaded: Loaded, tokens: list[int], width: int) -> None:
-    """Start the pair's cost profile afresh from an explicit sweep: the target's steps over 1..width+1 tokens, the
-    draft model's one-token step and catch-up, each timed CALIBRATION_TIMINGS times after an untimed one. The bench's
-    runs then add their acceptance (and costs) to it, as any run does."""
+    """Start the pair's cost profile afresh from an explicit sweep (calibration_plan's tokens and width): the
+    target's steps over 1..width+1 tokens, the draft model's one-token step and catch-up, each timed
+    CALIBRATION_TIMINGS times after an untimed one. The bench's runs then add their acceptance (and costs) to it, as
+    any run does."""
     from ..engine.costs import Planner
     from ..engine.profile import CostProfile
 
     if loaded.profile is None:
         return
     target, draft = loaded.target, loaded.draft_model
-    width = max(1, min(width, len(tokens) - 33, target.n_batch - 1))
     planner = Planner(width, has_model=draft is not None, has_lookup=True)
     head = tokens[:32]
 

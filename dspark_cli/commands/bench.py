@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
         try:
             setup = setup_info(loaded, opts, load_seconds)
             if calibrate:
-                _calibrate(loaded, suite, max(lengths), raw)
+                _calibrate(loaded, max(lengths))
             run = _run_with_progress(loaded, config, opts.draft_p_min)
         finally:
             loaded.close()
@@ -139,17 +139,13 @@ def register(app: typer.Typer) -> None:
             raise errors[0]
 
 
-def _calibrate(loaded, suite, width: int, raw: bool) -> None:
-    from ..bench.runner import calibrate
-    from ..llama.kernels import EXACT_BATCH_MAX
-    from ..prompt import build_prompt
+def _calibrate(loaded, width: int) -> None:
+    from ..bench.runner import calibrate, calibration_plan
 
     if loaded.profile is None:
         say("--calibrate: no cost profile to calibrate (the target alone drafts nothing)")
         return
-    if loaded.target.on_cpu or loaded.target.remote:
-        width = min(width, EXACT_BATCH_MAX - 1)
-    tokens = max((build_prompt(loaded.target, p.text, raw=raw)[0] for p in suite), key=len)
+    tokens, width = calibration_plan(loaded, width)
     say(f"calibrating: timing target steps of 1 to {width + 1} tokens and the draft model")
     calibrate(loaded, tokens, width)
     say(f"cost profile started afresh: {loaded.profile.path}")
