@@ -94,7 +94,8 @@ class Pair:
         self.template = ChatTemplate(loaded.target)
         self.parallel = loaded.target.n_seq
         self._continuation = Continuation(loaded.target, keep=self.parallel)
-        self._scheduler = Scheduler(loaded.target, loaded.drafter) if self.parallel > 1 else None
+        self._scheduler = (Scheduler(loaded.target, loaded.drafter, verify_max=loaded.verify_max,
+                                     exact=loaded.exact_label) if self.parallel > 1 else None)
         self._active: Generation | None = None  # the generation under way, closed before the models are
         self._closed = False
         self._turns = threading.RLock()  # held by complete() for a whole answer: callers take turns
@@ -229,13 +230,30 @@ class Pair:
             drafter = self.drafter if method is None else self._drafter_for(method)
             return self._start(_generate(self.target, tokens, drafter=drafter, params=params, max_tokens=max_tokens,
                                          draft_max=draft_max, stop=tuple(stop), fixed=fixed,
-                                         profile=self._loaded.profile))
+                                         profile=self._loaded.profile, **self._exactness(drafter)))
 
     def _start(self, events: Iterator[Event]) -> Generation:  # with the step lock held
         if self._active is not None:
             self._active._end(SUPERSEDED)  # one generation at a time: a new one ends an unfinished one
         self._active = Generation(self, events)
         return self._active
+
+    def _exactness(self, drafter) -> dict:
+        """The engine's verify bound and what its stats say about exactness, for a generation with `drafter`
+        (a drafter the load did not prove for, asked for by method=, is said as unknown)."""
+        return {"verify_max": self._loaded.verify_max,
+                "exact": self._loaded.exact_label if self._loaded.exactness is not None else ""}
+
+    @property
+    def exact_label(self) -> str:
+        """One line: "proven (batches <= 16)", "no - <which batch sizes differ, by how much>", or the target alone."""
+        return self._loaded.exact_label
+
+    @property
+    def exactness(self):
+        """The proof's verdict for this target here (llama.proof.Verdict: .proven, .bound, .label, .differ), or
+        None when nothing was proven: the target was loaded to run alone, one generation at a time."""
+        return self._loaded.exactness
 
     def _check_open(self) -> None:
         if self._closed:
@@ -248,7 +266,8 @@ class Pair:
         answer: list[int] = []
         pieces: list[str] = []
         events = _generate(self.target, tokens, drafter=self.drafter, params=params, max_tokens=max_tokens,
-                           draft_max=draft_max, stop=stop, fixed=fixed, profile=self._loaded.profile)
+                           draft_max=draft_max, stop=stop, fixed=fixed, profile=self._loaded.profile,
+                           **self._exactness(self.drafter))
         try:
             for ev in events:
                 if ev.token is not None:
@@ -350,7 +369,7 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
          draft_p_min: float = 0.0, lookup: bool = True, pull: bool = False, offline: bool = False,
          force: bool = False, rpc: str | None = None, rpc_draft: str | None = None,
          tensor_split: str | None = None, parallel: int = 1, draft_as_is: bool = False, profile: bool = True,
-         quiet: bool = False) -> Pair:
+         exact: bool = False, quiet: bool = False) -> Pair:
     """Load a target and its drafter, as the CLI's model options do.
 
     target, draft: a GGUF path, "org/repo:file.gguf", "org/repo:QUANT" or a registry name; draft may also be
@@ -365,7 +384,9 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
     be alone; each with ctx_size tokens of its own); with 1, one at a time. draft_as_is: load the draft file as it
     is (by default, on the CPU, a copy re-encoded in a layout measured faster here is derived once and used).
     profile: start the cost model from what earlier runs measured on this machine and add this one's (False: learn
-    from nothing, store nothing). quiet: no status line on stderr. A wrong type or value is a UsageError.
+    from nothing, store nothing). exact: speculate only with verify batches the proof at load found bit-identical to
+    one-token decoding here (the target alone where none is); Pair.exactness says what it found either way.
+    quiet: no status line on stderr. A wrong type or value is a UsageError.
     """
     opts = ModelOptions(
         target=check.model_ref("target", target), draft=check.model_ref("draft", draft),
@@ -378,7 +399,7 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
         rpc_draft=check.text("rpc_draft", rpc_draft, optional=True),
         tensor_split=check.text("tensor_split", tensor_split, optional=True),
         parallel=check.integer("parallel", parallel), draft_as_is=check.flag("draft_as_is", draft_as_is),
-        profile=check.flag("profile", profile))
+        profile=check.flag("profile", profile), exact=check.flag("exact", exact))
     return open_pair(opts, quiet=check.flag("quiet", quiet))
 
 

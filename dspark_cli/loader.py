@@ -38,6 +38,7 @@ class ModelOptions:
     parallel: int = 1  # generations at once, batched (dspark serve --parallel): a KV sequence each
     profile: bool = True  # start the cost model from what earlier runs measured here, and add to it (profiles.py)
     draft_as_is: bool = False  # never derive a faster copy of the draft (models/derive.py)
+    exact: bool = False  # speculate only with verify batches proven exact here (llama/proof.py)
 
     def rpc_endpoints(self, draft: bool = False):
         from .llama.rpc import parse_endpoints
@@ -92,6 +93,15 @@ class Loaded:
     target_path: Path
     draft_path: Path | None
     profile: object = None  # models.profiles.StoredProfile: the cost model's prior, updated by every generation
+    exactness: object = None  # llama.proof.Verdict for the target here (None: the target alone, nothing to prove)
+    verify_max: int | None = None  # the largest verify batch the engine may send (None: no bound)
+
+    @property
+    def exact_label(self) -> str:
+        """What stats and reports say about exactness: the proof's verdict, or that the target runs alone."""
+        from .engine.stats import EXACT_ALONE
+
+        return self.exactness.label if self.exactness is not None else EXACT_ALONE
 
     def close(self) -> None:
         if self.draft_model is not None:
@@ -117,6 +127,16 @@ class Placement:
     devices: list[int] | None = None
     servers: list = field(default_factory=list)  # the RPC endpoints among them
     tensor_split: list[float] | None = None
+
+    def describe(self) -> str:
+        """Where the layers run, in words that name the device for cached measurements: "cpu", or the offloaded
+        layers' count and devices (ggml names an RPC server's device by its address)."""
+        if self.n_gpu_layers == 0:
+            return "cpu"
+        from .llama.ggml import device_name, local_accelerators
+
+        names = [device_name(d) for d in (self.devices if self.devices is not None else local_accelerators())]
+        return f"{self.n_gpu_layers} layers on " + ",".join(names)
 
     def model_args(self) -> dict:
         return dict(n_gpu_layers=self.n_gpu_layers, devices=self.devices, tensor_split=self.tensor_split,
@@ -226,6 +246,32 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
             draft_model.close()
         target.close()
         raise
+    from .llama.kernels import default_verify_max
+
+    exactness, verify_max = None, default_verify_max(target)
+    if drafter is not None or opts.parallel > 1:  # verify batches, or several sequences' rows in one pass
+        exactness = _prove(target, where, quiet=quiet)
+        if opts.exact:
+            verify_max = min(verify_max or exactness.bound, exactness.bound)
+            if 1 < opts.parallel and exactness.bound < opts.parallel:
+                target.close()
+                if draft_model is not None:
+                    draft_model.close()
+                raise UsageError(f"--exact --parallel {opts.parallel}: batching {opts.parallel} sequences takes "
+                                 f"passes of {opts.parallel} tokens, and here {_proven_words(exactness)}",
+                                 hint=f"use --parallel {exactness.bound}" if exactness.bound > 1 else "drop --parallel")
+            if drafter is not None and exactness.bound < 2:
+                say(f"--exact: {_proven_words(exactness)}; running the target alone")
+                # (the verdict stays: Pair.exactness reports it, and verify_max 1 keeps any drafter off)
+                if draft_model is not None:
+                    draft_model.close()
+                drafter, draft_model, draft_path = None, None, None
+            elif not exactness.proven:
+                say(f"--exact: verify batches held to {exactness.bound} tokens, the largest proven exact here")
+        elif not exactness.proven and not quiet:
+            say(f"warning: speculation is not proven exact here: {exactness.why()}; greedy output may differ from "
+                "the target alone at near-ties (--exact: "
+                + ("the target alone)" if exactness.bound < 2 else f"batches of at most {exactness.bound})"))
     if where.servers or where_draft.servers:
         from .llama.rpc import keep_alive
 
@@ -235,4 +281,23 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
         from .models.profiles import open_profile, profile_key
 
         profile = open_profile(profile_key(target, draft_model), quiet=quiet)
-    return Loaded(target, drafter, draft_model, target_path, draft_path, profile)
+    return Loaded(target, drafter, draft_model, target_path, draft_path, profile, exactness, verify_max)
+
+
+def _proven_words(verdict) -> str:
+    """The verdict as the end of a sentence."""
+    if verdict.bound < 2:
+        return f"no verify batch is proven exact here ({verdict.why()})"
+    return f"verify batches are proven exact up to {verdict.bound} tokens only ({verdict.why()})"
+
+
+def _prove(target: Model, where: Placement, *, quiet: bool):
+    """The exactness proof's verdict for the target where it runs (run once, then kept: models/proofs.py)."""
+    from .llama.kernels import EXACT_BATCH_MAX
+    from .models.proofs import verdict_for
+
+    def running() -> None:
+        if not quiet:
+            say("proving that verify batches match one-token decoding on this build and device (once)")
+
+    return verdict_for(target, device=where.describe(), largest=EXACT_BATCH_MAX, on_run=running)

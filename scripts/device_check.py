@@ -8,8 +8,10 @@ It writes random-weight GGUF models of real shapes (a 7B target as Q4_K_M-like Q
 0.5B draft as Q8_0; their vocabularies 152,064 and 151,936 tokens as the real ones), quantized blocks written
 directly so nothing has to be quantized on the machine. Then it measures: the one-token decode, the verify
 cost curve for 1-16 tokens, a draft step, the 512-token prefill, and what dspark's cost model would choose
-with those costs at acceptance 0.6 / 0.8 / 0.9; and a correctness run with the target as its own draft
-(acceptance 1, so every verify batch is full): greedy speculative output against the target alone.
+with those costs at acceptance 0.6 / 0.8 / 0.9; dspark's exactness proof per verify size (llama/proof.py: does
+every row of a batch of n tokens equal one-token decoding, bit for bit?); and a correctness run with the target
+as its own draft (acceptance 1, so every verify batch is full): greedy speculative output against the target
+alone, with the engine's default bound and with the proven one (what --exact uses).
 Random weights say nothing about acceptance and everything about costs; the JSON says so too.
 Everything goes into one JSON file (--out): figures, backend, device, versions. No network is needed.
 """
@@ -154,6 +156,16 @@ def measure(model, tokens: list[int], reps: int, max_batch: int) -> dict:
             "prefill_512_tok_s": round(512 / t, 1)}
 
 
+def exactness(model, max_batch: int) -> dict:
+    """dspark's proof at load (llama/proof.py) on this device: per verify size, whether every row's logits equal
+    one-token decoding's bit for bit (true) or the largest difference; the bound --exact would use; its cost."""
+    from dspark_cli.llama.proof import prove
+
+    verdict = prove(model, max_batch)
+    by_size = {n: (True if n not in verdict.differ else verdict.differ[n]) for n in range(2, verdict.checked + 1)}
+    return {**verdict.as_dict(), "by_size": by_size, "seconds": round(verdict.seconds, 3)}
+
+
 def choices(target_fig: dict, draft_fig: dict, draft_max: int) -> dict:
     """What dspark's cost model picks with these costs, at a few acceptance rates."""
     from dspark_cli.engine.costs import SOURCE_MODEL, Planner
@@ -178,8 +190,9 @@ def choices(target_fig: dict, draft_fig: dict, draft_max: int) -> dict:
     return out
 
 
-def identity(target_path: Path, ngl: int, n_ctx: int, max_tokens: int) -> dict:
-    """Greedy: the target alone, then the target drafting for itself (acceptance 1: full verify batches)."""
+def identity(target_path: Path, ngl: int, n_ctx: int, max_tokens: int, verify_max: int | None = None) -> dict:
+    """Greedy: the target alone, then the target drafting for itself (acceptance 1: full verify batches), with
+    verify batches of at most verify_max tokens (None: the engine's default bound here)."""
     from dspark_cli.engine.drafters import ModelDrafter
     from dspark_cli.engine.loop import generate
     from dspark_cli.llama.model import Model
@@ -190,7 +203,7 @@ def identity(target_path: Path, ngl: int, n_ctx: int, max_tokens: int) -> dict:
         prompt = target.tokenize("w1 w2 w3 w4 w5 w6 w7 w8", add_special=True)
         alone = [e.token for e in generate(target, prompt, max_tokens=max_tokens) if e.token is not None]
         spec_events = list(generate(target, prompt, drafter=ModelDrafter(draft), max_tokens=max_tokens, draft_max=8,
-                                    fixed=True))
+                                    fixed=True, verify_max=verify_max))
         spec = [e.token for e in spec_events if e.token is not None]
         st = spec_events[-1].stats
         first = next((i for i, (a, b) in enumerate(zip(alone, spec)) if a != b), None)
@@ -243,21 +256,29 @@ def main() -> None:
             try:
                 tokens = list(range(300, 300 + 600))
                 figures[name] = {"file_bytes": path.stat().st_size, **measure(model, tokens, args.reps, args.max_batch)}
+                if name.startswith("target"):
+                    figures[name]["exact"] = exactness(model, args.max_batch)
             finally:
                 model.close()
+            exact = figures[name].get("exact", {}).get("label", "-")
             print(f"device_check: {name}: decode {figures[name]['decode_ms']} ms, verify 8 "
-                  f"{figures[name]['verify_ms'][8]} ms, prefill {figures[name]['prefill_512_tok_s']} tok/s",
-                  file=sys.stderr, flush=True)
+                  f"{figures[name]['verify_ms'][8]} ms, prefill {figures[name]['prefill_512_tok_s']} tok/s, "
+                  f"exact: {exact}", file=sys.stderr, flush=True)
         result["figures"] = figures
         result["draft_step_over_target_step"] = round(figures["draft_q8_0"]["decode_ms"]
                                                       / figures["target_q4_k_m"]["decode_ms"], 3)
         result["cost_model_choice"] = {t: choices(figures[t], figures["draft_q8_0"], 8)
                                        for t in ("target_q4_k_m", "target_q8_0")}
         result["identity"] = identity(files["target_q4_k_m"], ngl, 1024, 64 if args.tiny else 128)
+        # What --exact does here: verify batches held to the largest size the proof found exact (1: none drafted).
+        bound = figures["target_q4_k_m"]["exact"]["bound"]
+        result["identity_exact"] = {"verify_max": bound, **identity(files["target_q4_k_m"], ngl, 1024,
+                                                                    64 if args.tiny else 128, verify_max=bound)}
+        result["exact"] = {t: figures[t]["exact"]["label"] for t in ("target_q4_k_m", "target_q8_0")}
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("backend", "draft_step_over_target_step", "cost_model_choice", "identity",
-                                             "seconds")}, indent=2))
+                                             "identity_exact", "exact", "seconds")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ def pytest_configure(config):
     import tempfile
 
     os.environ["DSPARK_PROFILES"] = tempfile.mkdtemp(prefix="dspark-profiles-")
+    # The same for the exactness proof's verdicts: every session proves afresh.
+    os.environ["DSPARK_PROOFS"] = tempfile.mkdtemp(prefix="dspark-proofs-")
 
 
 @pytest.fixture(scope="session")
@@ -33,12 +35,18 @@ def demo_paths():
 @pytest.fixture(scope="session", autouse=True)
 def demo_draft_layout_measured(demo_paths):
     """Whatever loads the demo pair measures its draft's layouts the first time on a build (models/derive.py,
-    seconds, then cached): done once here, so no test's stderr or wait depends on being the first."""
+    seconds, then cached) and proves its target exact (models/proofs.py): done once here, so no test's stderr or
+    wait depends on being the first."""
     from dspark_cli.llama.model import Model
     from dspark_cli.models.derive import fastest_draft
 
+    from dspark_cli.llama.kernels import EXACT_BATCH_MAX
+    from dspark_cli.models.proofs import verdict_for
+
     target = Model(demo_paths[0], role="target", n_ctx=512)
     try:
+        # ... and the exactness proof of its target, at the default threads, for the same reason.
+        verdict_for(target, device="cpu", largest=EXACT_BATCH_MAX)
         return fastest_draft(demo_paths[1], target, threads=None, quiet=True)
     finally:
         target.close()

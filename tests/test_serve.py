@@ -102,6 +102,8 @@ def model_id(server) -> str:
 def test_models_and_health(server):
     models = server.client().models.list().data
     assert len(models) == 1 and models[0].id
+    meta = models[0].model_extra["meta"]  # the proof at load, on dspark's build: every verify batch matched
+    assert meta["exact"] == "proven (batches <= 16)" and meta["exactness"]["proven"] and meta["exactness"]["bound"] == 16
     status, body, _ = server.request("GET", "/health")
     assert status == 200 and body["status"] == "ok"
 
@@ -115,6 +117,7 @@ def test_greedy_chat_equals_dspark_run(server):
     assert r.usage.completion_tokens == 24 and r.usage.prompt_tokens > 0
     timings = r.model_extra["timings"]
     assert timings["predicted_n"] == 24 and timings["draft_n"] >= timings["draft_n_accepted"] >= 0
+    assert timings["exact"] == "proven (batches <= 16)"
 
 
 def test_streaming_chat_with_usage(server):

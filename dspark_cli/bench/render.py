@@ -75,6 +75,8 @@ def _header(report: dict) -> list[str]:
         f"runs    {_n(st['prompts'], 'prompt')} × {_n(st['repeats'], 'repeat')}, target alone and each method interleaved"
         + (" after a warm-up" if st["warmup"] else "") + ", fresh KV cache per run"
     )
+    if s.get("exact"):
+        lines.append(f"exact   {s['exact']} on this build and device (the proof at load)")
     lines.append(f"timing  load {s['load_seconds']:.1f}s and prompt processing are not in tokens/s (generated tokens / "
                  f"generation seconds, median of repeats)")
     return lines

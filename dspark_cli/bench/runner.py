@@ -69,6 +69,9 @@ def drafters_for(loaded: Loaded, methods: list[str], draft_p_min: float = 0.0) -
     for m in methods:
         if m not in METHODS:
             raise UsageError(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
+        if loaded.verify_max == 1:  # --exact where no verify batch is proven exact: nothing but the target runs
+            raise UsageError(f"--exact: no verify batch is proven exact here ({loaded.exactness.why()}), so no "
+                             "method can speculate; without --exact, bench shows what speculation does anyway")
         if m != METHOD_LOOKUP and loaded.draft_model is None:
             raise UsageError(f"--methods {m} needs a draft model; pass --draft PATH or use --methods lookup")
     return {m: make_drafter(m, loaded.draft_model, draft_p_min) for m in methods}
@@ -95,7 +98,8 @@ def run_bench(loaded: Loaded, config: BenchConfig, *, draft_p_min: float = 0.0,
             loaded.draft_model.truncate(0)
         drafter = drafters[method] if method != BASELINE else None
         events = generate(loaded.target, toks, drafter=drafter, params=config.params,
-                          max_tokens=max_tokens, draft_max=n or 1, fixed=config.fixed, profile=loaded.profile)
+                          max_tokens=max_tokens, draft_max=n or 1, fixed=config.fixed, profile=loaded.profile,
+                          verify_max=loaded.verify_max, exact=loaded.exact_label)
         rec = record_from_events(events, prompt_id=bp.id, category=bp.category,
                                  variant=variant_name(method, n), repeat=repeat)
         if on_run is not None:
@@ -144,13 +148,12 @@ def calibration_plan(loaded: Loaded, width: int) -> tuple[list[int], int]:
     """The text a calibration times its steps on (the derived draft's calibration text: every sweep sees the same,
     whatever the bench's prompts) and the verify width it can time (at most `width` drafted tokens, within the
     exact verify bound on the CPU): (tokens, width)."""
-    from ..llama.kernels import EXACT_BATCH_MAX
     from ..models.derive import CALIBRATION
 
     target = loaded.target
     tokens = target.tokenize(CALIBRATION, add_special=False)
-    if target.on_cpu or target.remote:
-        width = min(width, EXACT_BATCH_MAX - 1)
+    if loaded.verify_max is not None:
+        width = min(width, loaded.verify_max - 1)
     return tokens, max(1, min(width, len(tokens) - 33, target.n_batch - 1))
 
 

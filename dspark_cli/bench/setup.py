@@ -91,4 +91,7 @@ def setup_info(loaded: Loaded, opts: ModelOptions, load_seconds: float) -> dict:
         "ctx_size": loaded.target.n_ctx,
         "threads": opts.threads or default_threads(),
         "load_seconds": load_seconds,
+        # The proof at load (llama/proof.py): whether verify batches match one-token decoding bit for bit here.
+        "exact": loaded.exact_label,
+        "exactness": loaded.exactness.as_dict() if loaded.exactness is not None else None,
     }

@@ -283,6 +283,7 @@ class ChatSession:
                          f"{t.tokens_per_step:.2f} tokens/step")
         else:
             lines.append("drafting: none (target alone)")
+        lines.append(f"exact: {self.loaded.exact_label}")
         reuse = f"prompt: {t.n_prompt} tokens over all turns, target processed {t.n_prompt_evaluated}"
         if self.loaded.draft_model is not None:
             reuse += f", draft processed {t.n_prompt_evaluated_draft}"

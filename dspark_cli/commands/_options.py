@@ -29,6 +29,7 @@ Rpc = Annotated[Optional[str], typer.Option("--rpc", help="Put the target's laye
 RpcDraft = Annotated[Optional[str], typer.Option("--rpc-draft", help="The same for the draft model (by default it stays on this machine).", rich_help_panel=MODELS, show_default=False)]
 TensorSplit = Annotated[Optional[str], typer.Option("--tensor-split", help="Each device's share of the target's layers, e.g. 3,1: the --rpc servers in order, then this machine's GPUs (default: by free memory).", rich_help_panel=MODELS, show_default=False)]
 DraftAsIs = Annotated[bool, typer.Option("--draft-as-is", help="Load the draft file as it is: never derive (once per build) and use a copy in a layout this machine steps faster.", rich_help_panel=MODELS)]
+Exact = Annotated[bool, typer.Option("--exact", help="Speculate only with verify batches proven bit-identical to one-token decoding on this build and device (the target alone where none is); by default speculation runs either way and says when it is not proven.", rich_help_panel=MODELS)]
 Force = Annotated[bool, typer.Option("--force", help="Load even if the memory preflight says it will not fit.", rich_help_panel=MODELS)]
 
 Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 = greedy. Either way the output is the target's own (sampled: for this --seed).", rich_help_panel=SAMPLING)]
@@ -46,7 +47,7 @@ MODEL_OPTIONS = [
     ("no_lookup", NoLookup, False), ("ctx_size", CtxSize, 4096), ("n_gpu_layers", GpuLayers, None),
     ("n_gpu_layers_draft", GpuLayersDraft, None), ("threads", Threads, None), ("pull", Pull, False),
     ("offline", Offline, False), ("force", Force, False), ("rpc", Rpc, None), ("rpc_draft", RpcDraft, None),
-    ("tensor_split", TensorSplit, None), ("draft_as_is", DraftAsIs, False),
+    ("tensor_split", TensorSplit, None), ("draft_as_is", DraftAsIs, False), ("exact", Exact, False),
 ]
 SAMPLING_OPTIONS = [("temp", Temp, 0.0), ("top_k", TopK, 0), ("top_p", TopP, 1.0), ("min_p", MinP, DEFAULT_MIN_P)]
 
@@ -72,7 +73,8 @@ def shared_options(fn):
                             n_gpu_layers=m["n_gpu_layers"], n_gpu_layers_draft=m["n_gpu_layers_draft"],
                             threads=m["threads"], draft_p_min=m["draft_p_min"], lookup=not m["no_lookup"],
                             pull=m["pull"], offline=m["offline"], force=m["force"], rpc=m["rpc"],
-                            rpc_draft=m["rpc_draft"], tensor_split=m["tensor_split"], draft_as_is=m["draft_as_is"])
+                            rpc_draft=m["rpc_draft"], tensor_split=m["tensor_split"], draft_as_is=m["draft_as_is"],
+                            exact=m["exact"])
         opts.validate()
         s = {name: kw.pop(name) for name, _, _ in SAMPLING_OPTIONS}
         sampling = sampling_params(s["temp"], s["top_k"], s["top_p"], kw.get("seed"), s["min_p"])

@@ -47,7 +47,7 @@ def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: 
 
     info = machine_info()
     report: dict = {"machine": info, "models": None, "memory": None, "pairing": None, "profiles": [],
-                    "derived_draft": None, "advice": []}
+                    "derived_draft": None, "exactness": None, "advice": []}
     problems: list[DsparkError] = []
     advice: list[str] = report["advice"]
     gpu, cpu, llama = info["gpu"], info["cpu"], info["llama"]
@@ -71,6 +71,7 @@ def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: 
 
         target, draft = resolve_pair(pair)
     if not (target or draft):
+        report["exactness"] = _exactness(llama, None)
         return report, problems
 
     from ..models.refs import resolve_model
@@ -141,7 +142,28 @@ def diagnose(target: str | None, draft: str | None, pair: str | None, *, n_ctx: 
         from ..models.profiles import stored_profiles
 
         report["profiles"] = stored_profiles(paths["target"], draft_file)
+    report["exactness"] = _exactness(llama, paths.get("target"))
     return report, problems
+
+
+def _exactness(llama: dict, target) -> dict:
+    """The build's exactness state, and the proof's verdicts kept for this build (for the target, when given)."""
+    from ..llama.kernels import build_exactness
+
+    state, words = build_exactness(llama.get("dspark_patches"))
+    out = {"build": state, "detail": words, "proofs": []}
+    if llama.get("error"):
+        return out
+    from ..llama.machine import build_id
+    from ..models.proofs import stored_verdicts
+
+    build = build_id()
+    for found in stored_verdicts(target):
+        key, verdict = found["key"], found["verdict"]
+        if key.get("build") == build:
+            out["proofs"].append({"file": key.get("file"), "device": key.get("device"), "threads": key.get("threads"),
+                                  "seconds": found["seconds"], **verdict.as_dict()})
+    return out
 
 
 def _pairing(target, draft, problems: list[DsparkError]) -> dict:
@@ -249,6 +271,18 @@ def _print_learned(out, report: dict) -> None:
             draft = f"; draft step {p['draft_step']:.2f}" if p["draft_step"] else ""
             out.print(escape(f"- {p['device']}, {p['threads']} threads, {p['runs']} runs: one-token step {step}; "
                              f"verify (x a step) {verify or '?'}{draft}; acceptance {acc or '?'}  [{p['path']}]"))
+    exactness = report.get("exactness")
+    if exactness:
+        style = {"exact": "green", "unknown": "yellow", "stock": "yellow", "partial": "yellow", "fast": "yellow"}
+        out.print(f"\n[bold]Exactness[/]: [{style.get(exactness['build'], 'yellow')}]{escape(exactness['detail'])}[/]")
+        proofs = exactness.get("proofs") or []
+        for p in proofs:
+            cost = f", checked in {p['seconds']:.2f}s" if isinstance(p.get("seconds"), (int, float)) else ""
+            out.print(escape(f"- {p['file']} on {p['device']}, {p['threads']} threads: {p['label']}{cost}"))
+        if not proofs:
+            target_given = report.get("models") and "target" in report["models"]
+            out.print("- " + ("not proven yet on this build: the first load of this target with a drafter proves it"
+                              if target_given else "no proof kept for this build yet (doctor -m MODEL shows a model's)"))
     verdict = report.get("derived_draft")
     if verdict is not None:
         choice = verdict.get("choice")

@@ -56,6 +56,8 @@ def _summary(stats, finish: str | None) -> str:
     else:
         line += " (target alone)"
     line += f"; prompt {s.n_prompt} tokens in {s.t_prompt:.2f}s; finish: {finish}"
+    if s.exact.startswith("no"):  # said only when it is not proven (the proof at load, llama/proof.py)
+        line += "; not proven exact here"
     return line
 
 

@@ -17,7 +17,8 @@ slot, which is a sequence of its own in both models' KV caches (llama/model.py, 
 
 Exact under batching: the target's KV cache keeps each sequence in a stream of its own, where its keys sit in
 the cells and its attention sums run in the order they would alone; every pass stays within the rows that
-dspark's kernels keep bit-identical to one-token decoding (EXACT_BATCH_MAX on the CPU), and prompts are
+dspark's kernels keep bit-identical to one-token decoding (EXACT_BATCH_MAX on the CPU; the proven bound with
+--exact, llama/proof.py), and prompts are
 processed in a lone run's chunks. So each row's logits are the ones a lone run computes, whatever shares the
 batch, and every answer is the lone run's (greedy: token for token; sampled: the same keyed noise, same text).
 llama.cpp passes once per run of consecutive streams holding the same number of rows, so every stream of the
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 
 
 from ..errors import DsparkError, UsageError
-from ..llama.kernels import EXACT_BATCH_MAX
+from ..llama.kernels import default_verify_max
 from ..llama.model import Model
 from .costs import SOURCE_LOOKUP, SOURCE_MODEL, BatchPlanner, Lane, judge_lookup
 from .detok import TextStream
@@ -94,15 +95,19 @@ class Scheduler:
     """Continuous batching over `target.n_seq` slots; see the module docstring. Thread-safe: submit() and
     cancel() from any thread; the models are driven by the scheduler's own thread only."""
 
-    def __init__(self, target: Model, drafter: Drafter | None):
+    def __init__(self, target: Model, drafter: Drafter | None, *, verify_max: int | None = None, exact: str = ""):
+        """verify_max: the most rows in one target pass (None: kernels.default_verify_max); exact: what every
+        job's stats say about exactness (the loader's words for the proof's verdict)."""
         self.target = target
+        self.exact = exact
         self.drafter = drafter
         self.draft = drafter.model if drafter is not None else None
         self.n_slots = target.n_seq
         self.slots: list[Job | None] = [None] * self.n_slots
         rows_max = target.n_batch
-        if target.on_cpu or target.remote:
-            rows_max = min(rows_max, EXACT_BATCH_MAX)  # past it dspark's CPU kernels are not batch-invariant
+        verify_max = verify_max if verify_max is not None else default_verify_max(target)
+        if verify_max is not None:
+            rows_max = min(rows_max, verify_max)  # past it a row's logits may depend on the others
         self.planner = BatchPlanner(rows_max, 64, has_model=self.draft is not None,
                                     has_lookup=drafter is not None and drafter.lookup)
         self._waiting: deque[Job] = deque()
@@ -120,7 +125,7 @@ class Scheduler:
                 raise UsageError("the pair is closed")
             for job in jobs:
                 job.stats = GenerationStats(method=self.drafter.name if self.drafter else METHOD_TARGET,
-                                            engine=ENGINE_BATCHED, n_prompt=len(job.prompt))
+                                            engine=ENGINE_BATCHED, n_prompt=len(job.prompt), exact=self.exact)
                 self._waiting.append(job)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="dspark-batch", daemon=True)

@@ -30,10 +30,10 @@ from .costs import FOLD_CATCHUP, REENTRY_WINDOW, SOURCE_LOOKUP, SOURCE_MODEL, Pl
 from .detok import TextStream
 from .drafters import METHOD_TARGET, Draft, Drafter
 from ..errors import ContextFullError, PromptError, UsageError
-from ..llama.kernels import EXACT_BATCH_MAX
+from ..llama.kernels import default_verify_max
 from ..llama.model import Model
 from .sampling import Noise, SamplingParams, accept
-from .stats import FINISH_CONTEXT, FINISH_LENGTH, FINISH_STOP, GenerationStats
+from .stats import EXACT_ALONE, FINISH_CONTEXT, FINISH_LENGTH, FINISH_STOP, GenerationStats
 
 # The most tokens drafted per target step. The cost model picks fewer whenever fewer pay (often on CPU,
 # where a verify batch costs several one-token steps); on a GPU, where a batch costs about one step, raise it.
@@ -96,13 +96,26 @@ def generate(
     stop: tuple[str, ...] | list[str] = (),
     fixed: bool = False,
     profile=None,
+    verify_max: int | None = None,
+    exact: str = "",
 ) -> Iterator[Event]:
     """Events for the answer to `prompt`. `fixed`: draft `draft_max` tokens every round instead of what the
     cost model picks. `profile`: what earlier runs measured on this machine (profile.CostProfile, or a stored
-    one that writes itself when it absorbs): the cost model starts from it, and absorbs this run at the end."""
+    one that writes itself when it absorbs): the cost model starts from it, and absorbs this run at the end.
+    `verify_max`: the largest verify batch in tokens (None: kernels.default_verify_max); `exact`: what the
+    stats say about exactness (the loader's words for the proof's verdict)."""
     check_limits(max_tokens, draft_max if drafter is not None else None)
     check_prompt(target, prompt)
-    stats = GenerationStats(method=drafter.name if drafter else METHOD_TARGET, n_prompt=len(prompt))
+    max_draft = min(draft_max, target.n_batch - 1)
+    # Verify batches beyond the bound are not bit-identical to one-token decoding (on the CPU past it they are
+    # prompts, for llama.cpp's fast kernels): drafting more would lose exactness.
+    verify_max = verify_max if verify_max is not None else default_verify_max(target)
+    if verify_max is not None:
+        max_draft = min(max_draft, verify_max - 1)
+    if max_draft < 1:
+        drafter = None  # no verify batch is allowed: the target alone
+    stats = GenerationStats(method=drafter.name if drafter else METHOD_TARGET, n_prompt=len(prompt),
+                            exact=exact if drafter is not None else EXACT_ALONE)
     noise = Noise(params.seed)
     stream = TextStream(stop)
     seq = list(prompt)
@@ -110,12 +123,7 @@ def generate(
     n_ctx = target.n_ctx
     # Drafting needs room in the draft model's context too (it may be smaller than the target's).
     draft_ctx = drafter.model.n_ctx if drafter is not None and drafter.model is not None else n_ctx
-    max_draft = min(draft_max, target.n_batch - 1)
-    if target.on_cpu or target.remote:
-        # dspark's CPU kernels keep batches of up to EXACT_BATCH_MAX tokens bit-identical to one-token decoding
-        # (larger ones are prompts and take llama.cpp's fast kernels): drafting more would lose exactness.
-        max_draft = min(max_draft, EXACT_BATCH_MAX - 1)
-    planner = Planner(max_draft, has_model=drafter is not None and drafter.model is not None,
+    planner = Planner(max(1, max_draft), has_model=drafter is not None and drafter.model is not None,
                       has_lookup=drafter is not None and drafter.lookup, fixed=fixed,
                       profile=None if fixed else profile)
 

@@ -13,6 +13,8 @@ FINISH_LENGTH = "length"  # --max-tokens reached
 FINISH_CONTEXT = "context"  # the context window is full
 FINISH_INTERRUPTED = "interrupted"  # Ctrl-C during the answer
 FINISH_ERROR = "error"  # the process is ending on a failure mid-answer (an RPC server went away)
+# GenerationStats.exact when no verify batch runs at all: nothing to prove.
+EXACT_ALONE = "yes (the target alone)"
 
 
 class Rates:
@@ -51,6 +53,8 @@ class GenerationStats(Rates):
     rounds: list[tuple[int, int]] = field(default_factory=list)  # (drafted, accepted) per target step
     draft_lengths: dict[str, int] = field(default_factory=dict)  # target steps by what they verified: "none", "draft@3"…
     speculation_note: str | None = None  # why the cost model left speculation off, when it did
+    exact: str = ""  # the exactness proof's verdict for this target here ("proven (batches <= 16)", "no - ..."), or
+    # EXACT_ALONE; "" when the caller did not say
     batch_max: int = 1  # the most generations that shared one target pass with this one (batched serving)
     t_prompt: float = 0.0  # seconds processing the prompt (target and draft)
     t_draft: float = 0.0  # seconds drafting during generation
@@ -99,6 +103,7 @@ class GenerationStats(Rates):
             "acceptance_by_position": [round(x, 4) for x in self.acceptance_by_position],
             "draft_lengths": dict(self.draft_lengths),
             "speculation_note": self.speculation_note,
+            "exact": self.exact or None,
             "batch_max": self.batch_max,
             "tokens_per_second": round(self.tokens_per_second, 3),
             "prompt_seconds": round(self.t_prompt, 4),

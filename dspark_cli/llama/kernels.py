@@ -29,19 +29,53 @@ KERNEL_PATCHES = {
 EXACT_BATCH_MAX = 16
 
 
+def default_verify_max(model) -> int | None:
+    """The engine's verify bound before any proof: on the CPU (or an RPC server, often one) dspark's kernels keep
+    batches of up to EXACT_BATCH_MAX tokens bit-identical to one-token decoding, larger ones are prompts (fast
+    kernels); elsewhere no bound is known (llama/proof.py finds one)."""
+    return EXACT_BATCH_MAX if model.on_cpu or model.remote else None
+
+
 def dspark_patches(pkg_dir: str | None = None) -> list[str] | None:
     """dspark's llama.cpp patches that scripts/install.sh built into this llama-cpp-python ([] for none), or None
-    when it was installed some other way (then nobody knows). install.sh leaves the list in the package."""
+    when it was installed some other way (then nobody knows). install.sh leaves the list in the package. Libraries
+    loaded from elsewhere (LLAMA_CPP_LIB_PATH, as llama-cpp-python reads it) carry the package's list only if
+    their own folder has one: a stock build pointed at that way is unknown, not the package's build."""
     if pkg_dir is None:
         spec = importlib.util.find_spec("llama_cpp")
         if spec is None or not spec.origin:
             return None
         pkg_dir = os.path.dirname(spec.origin)
+        lib_dir = os.environ.get("LLAMA_CPP_LIB_PATH")
+        if lib_dir and os.path.realpath(lib_dir) != os.path.realpath(os.path.join(pkg_dir, "lib")):
+            pkg_dir = lib_dir
     try:
         with open(os.path.join(pkg_dir, ".dspark-patches")) as f:
             return [line.strip() for line in f if line.strip()]
     except OSError:
         return None
+
+
+def build_exactness(patches: list[str] | None) -> tuple[str, str]:
+    """What this build promises about exactness before any proof, for doctor: (state, words). state is "exact"
+    (every dspark patch: verify batches of up to EXACT_BATCH_MAX tokens match one-token decoding by construction
+    on the CPU), "partial", "stock", "fast" (DSPARK_FAST_KERNELS=1) or "unknown"; only the proof at load
+    (llama/proof.py) turns any of them into "proven" for a model, a device and this build."""
+    if fast_kernels():
+        return "fast", ("speed chosen over exactness (DSPARK_FAST_KERNELS=1): llama.cpp's batch kernels; "
+                        "the proof at load says which verify batches still match")
+    if patches is None:
+        return "unknown", ("unknown: this llama.cpp was not built by scripts/install.sh, so nothing says which "
+                           "kernels it has; only the proof at load can tell")
+    if not patches:
+        return "stock", ("stock llama.cpp: its CPU batch kernels are not row-invariant (greedy output may differ "
+                         "from the target alone); the proof at load says which verify batches still match")
+    missing = [name for name in KERNEL_PATCHES if name not in patches]
+    if missing:
+        return "partial", (f"dspark's kernels without {', '.join(missing)}: verify batches of the weight types "
+                           "those cover may not match; the proof at load says")
+    return "exact", (f"dspark's kernels (every patch): on the CPU, verify batches of up to {EXACT_BATCH_MAX} tokens "
+                     "match one-token decoding by construction; the proof at load confirms it per model")
 
 
 def fast_kernels() -> bool:

@@ -167,4 +167,19 @@ def build_id() -> str:
 
     info = llama_info()
     parts = [info.get(k) for k in ("llama_cpp_python", "ggml_version", "ggml_commit", "dspark_patches")]
-    return hashlib.sha256(json.dumps(parts + [fast_kernels()]).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(parts + [fast_kernels(), _library_stamp()]).encode()).hexdigest()[:12]
+
+
+def _library_stamp() -> list:
+    """The very libllama loaded (path, size, modification time): two builds of one version with other flags or
+    patches, or one pointed at by LLAMA_CPP_LIB_PATH, are different builds."""
+    import os
+
+    try:
+        from .ggml import library_paths
+
+        path = os.path.realpath(library_paths("llama")[0])
+        stat = os.stat(path)
+        return [path, stat.st_size, stat.st_mtime_ns]
+    except (ImportError, IndexError, OSError, RuntimeError):
+        return []

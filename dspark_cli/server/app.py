@@ -44,7 +44,8 @@ def create_app(pair, options: ServeOptions, worker: Worker) -> Starlette:
     def card() -> dict:
         return {"id": options.model_id, "object": "model", "created": int(time.time()), "owned_by": "dspark",
                 "meta": {"target": str(pair.target_path), "draft": str(pair.draft_path) if pair.draft_path else None,
-                         "method": pair.method, "n_ctx": pair.target.n_ctx, "parallel": pair.parallel}}
+                         "method": pair.method, "n_ctx": pair.target.n_ctx, "parallel": pair.parallel,
+                         "exact": pair.exact_label, "exactness": pair.exactness.as_dict() if pair.exactness else None}}
 
     async def health(request: Request) -> Response:
         meter = worker.meter

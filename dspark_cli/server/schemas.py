@@ -221,6 +221,7 @@ def timings(stats: GenerationStats) -> dict:
         "draft_n": stats.n_drafted, "draft_n_accepted": stats.n_accepted,
         "tokens_per_step": round(stats.tokens_per_step, 3), "method": stats.method,
         "batch_max": stats.batch_max,  # the most requests that shared one target pass with this one
+        "exact": stats.exact or None,  # the proof at load: "proven (batches <= 16)", "no - ...", or the target alone
     }
 
 
