@@ -117,6 +117,11 @@ def test_device_check_tiny_runs_end_to_end(tmp_path):
     assert result["identity"]["identical"] is True and result["identity"]["acceptance_rate"] == 1.0
     for target in ("target_q4_k_m", "target_q8_0"):
         assert set(result["cost_model_choice"][target]) == {"0.6", "0.8", "0.9"}
+        # The exactness proof per verify size, on dspark's CPU build: every size matches.
+        exact = result["figures"][target]["exact"]
+        assert exact["proven"] and exact["bound"] == 9 and exact["by_size"] == {str(n): True for n in range(2, 10)}
+        assert result["exact"][target] == "proven (batches <= 9)"
+    assert result["identity_exact"]["verify_max"] == 9 and result["identity_exact"]["identical"] is True
     assert result["backend"] and result["versions"]["llama_cpp_python"]
     assert not list(tmp_path.glob("*/*.gguf"))  # the models were written to a temporary folder, and removed
 

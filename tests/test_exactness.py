@@ -127,9 +127,13 @@ def stock_libs():
 
 
 def test_stock_llama_cpp_is_not_proven_and_exact_then_runs_the_target_alone(demo_paths, stock_libs, tmp_path):
-    env = {"LLAMA_CPP_LIB_PATH": stock_libs, "DSPARK_PROOFS": str(tmp_path)}
+    ours = {"DSPARK_PROOFS": str(tmp_path)}
+    env = {"LLAMA_CPP_LIB_PATH": stock_libs, **ours}
+    first = _run("run", PROMPT, "-n", "8", "--json", env=ours)  # dspark's build proves and keeps its verdict
+    assert json.loads(first.stdout)["exact"] == f"proven (batches <= {EXACT_BATCH_MAX})"
     spec = _run("run", PROMPT, "-n", "24", env=env)
     assert spec.returncode == 0, spec.stderr
+    assert "proving that verify batches match" in spec.stderr  # another build: its own proof, not ours reused
     warning = next(line for line in spec.stderr.splitlines() if "not proven exact" in line)
     assert "verify batches of 2-" in warning and "differ from one-token decoding by up to" in warning, warning
     assert spec.stderr.splitlines()[-1].endswith("; not proven exact here")  # the summary line says it
@@ -149,6 +153,9 @@ def test_stock_llama_cpp_is_not_proven_and_exact_then_runs_the_target_alone(demo
     parallel = _run("serve", "--exact", "--parallel", "2", "--port", "1", env=env)
     assert parallel.returncode == 2 and "--exact --parallel 2" in parallel.stderr
     assert "Traceback" not in parallel.stderr
+
+    again = _run("run", PROMPT, "-n", "8", "--json", env=ours)  # dspark's build again: its verdict, kept
+    assert "proving" not in again.stderr and json.loads(again.stdout)["exact"].startswith("proven")
 
     doctor = _run("doctor", "--json", env=env)
     assert json.loads(doctor.stdout)["exactness"]["build"] == "unknown"  # libraries from elsewhere: not "fine"
