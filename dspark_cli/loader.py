@@ -241,37 +241,16 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
             drafter = make_drafter(METHOD_HYBRID if opts.lookup else METHOD_DRAFT, draft_model, opts.draft_p_min)
         elif draft == DRAFT_LOOKUP:
             drafter = make_drafter(METHOD_LOOKUP)
+        exactness, verify_max = _hold_to_proof(opts, target, where, speculates=drafter is not None, quiet=quiet)
     except BaseException:
         if draft_model is not None:
             draft_model.close()
         target.close()
         raise
-    from .llama.kernels import default_verify_max
-
-    exactness, verify_max = None, default_verify_max(target)
-    if drafter is not None or opts.parallel > 1:  # verify batches, or several sequences' rows in one pass
-        exactness = _prove(target, where, quiet=quiet)
-        if opts.exact:
-            verify_max = min(verify_max or exactness.bound, exactness.bound)
-            if 1 < opts.parallel and exactness.bound < opts.parallel:
-                target.close()
-                if draft_model is not None:
-                    draft_model.close()
-                raise UsageError(f"--exact --parallel {opts.parallel}: batching {opts.parallel} sequences takes "
-                                 f"passes of {opts.parallel} tokens, and here {_proven_words(exactness)}",
-                                 hint=f"use --parallel {exactness.bound}" if exactness.bound > 1 else "drop --parallel")
-            if drafter is not None and exactness.bound < 2:
-                say(f"--exact: {_proven_words(exactness)}; running the target alone")
-                # (the verdict stays: Pair.exactness reports it, and verify_max 1 keeps any drafter off)
-                if draft_model is not None:
-                    draft_model.close()
-                drafter, draft_model, draft_path = None, None, None
-            elif not exactness.proven:
-                say(f"--exact: verify batches held to {exactness.bound} tokens, the largest proven exact here")
-        elif not exactness.proven and not quiet:
-            say(f"warning: speculation is not proven exact here: {exactness.why()}; greedy output may differ from "
-                "the target alone at near-ties (--exact: "
-                + ("the target alone)" if exactness.bound < 2 else f"batches of at most {exactness.bound})"))
+    if verify_max == 1 and drafter is not None:  # --exact where no verify batch is proven: the target alone
+        if draft_model is not None:
+            draft_model.close()
+        drafter, draft_model, draft_path = None, None, None
     if where.servers or where_draft.servers:
         from .llama.rpc import keep_alive
 
@@ -282,6 +261,33 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
 
         profile = open_profile(profile_key(target, draft_model), quiet=quiet)
     return Loaded(target, drafter, draft_model, target_path, draft_path, profile, exactness, verify_max)
+
+
+def _hold_to_proof(opts: ModelOptions, target: Model, where: Placement, *, speculates: bool, quiet: bool):
+    """(the proof's verdict or None, the engine's verify bound) for a loaded target. The proof runs (once per file
+    and build, llama/proof.py) where verify batches will: with a drafter, or with several sequences per pass.
+    With --exact the bound is the largest proven size (1: the target alone); without, a verdict short of proven
+    is said once and speculation runs anyway."""
+    from .llama.kernels import default_verify_max
+
+    verify_max = default_verify_max(target)
+    if not speculates and opts.parallel == 1:
+        return None, verify_max
+    verdict = _prove(target, where, quiet=quiet)
+    if not opts.exact:
+        if not verdict.proven and not quiet:
+            say(f"warning: speculation is not proven exact here: {verdict.why()}; greedy output may differ from "
+                "the target alone at near-ties (--exact: "
+                + ("the target alone)" if verdict.bound < 2 else f"batches of at most {verdict.bound})"))
+        return verdict, verify_max
+    if 1 < opts.parallel and verdict.bound < opts.parallel:
+        raise UsageError(f"--exact --parallel {opts.parallel}: batching {opts.parallel} sequences takes passes of "
+                         f"{opts.parallel} tokens, and {_proven_words(verdict)}",
+                         hint=f"use --parallel {verdict.bound}" if verdict.bound > 1 else "drop --parallel")
+    if not quiet and speculates and not verdict.proven:
+        say(f"--exact: {_proven_words(verdict)}; " + ("running the target alone" if verdict.bound < 2 else
+                                                         f"verify batches held to {verdict.bound} tokens"))
+    return verdict, min(verify_max or verdict.bound, verdict.bound)
 
 
 def _proven_words(verdict) -> str:
