@@ -23,11 +23,11 @@ _PUBLIC = {
     "SamplingParams": "engine.sampling", "DsparkError": "errors", "UsageError": "errors", "ModelFileError": "errors",
     "PairError": "errors", "PromptError": "errors", "DownloadError": "errors", "ResourceError": "errors",
     "OutputError": "errors", "Interrupted": "errors", "ContextFullError": "errors", "RemoteError": "errors",
-    "Generation": "api",
+    "Generation": "api", "Verdict": "llama.proof",
 }
 __all__ = ["load", "Pair", "Result", "Event", "GenerationStats", "SamplingParams", "DsparkError", "UsageError",
            "ModelFileError", "PairError", "PromptError", "DownloadError", "ResourceError", "OutputError",
-           "Interrupted", "ContextFullError", "RemoteError", "Generation", "__version__"]
+           "Interrupted", "ContextFullError", "RemoteError", "Generation", "Verdict", "__version__"]
 
 if TYPE_CHECKING:  # for editors and type checkers
     from .api import Generation, Pair, Result, load

@@ -116,6 +116,18 @@ def test_a_load_says_it_proved_once_then_reuses_the_verdict(demo_paths, tmp_path
     assert json.loads(alone.stdout)["exact"] == "yes (the target alone)" and "proving" not in alone.stderr
 
 
+def test_the_api_says_it_and_exact_keeps_speculating_where_proven(demo_paths):
+    import dspark_cli as dspark
+
+    with dspark.load(exact=True, quiet=True) as pair:
+        assert isinstance(pair.exactness, dspark.Verdict) and pair.exactness.proven
+        result = pair.complete(PROMPT, max_tokens=16)
+        assert result.stats.exact == pair.exact_label == f"proven (batches <= {EXACT_BATCH_MAX})"
+        assert result.stats.n_drafted > 0  # proven: --exact takes nothing away
+    with dspark.load(draft="none", quiet=True) as pair:
+        assert pair.exactness is None and pair.complete(PROMPT, max_tokens=4).stats.exact == "yes (the target alone)"
+
+
 @pytest.fixture(scope="module")
 def stock_libs():
     """Stock llama.cpp's libraries, from the very llama.cpp our llama-cpp-python vendors, built without dspark's
