@@ -47,6 +47,12 @@ done
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { echo "install.sh: $*" >&2; }
+t_start=$SECONDS
+elapsed() { local s=$((SECONDS - ${1:-$t_start})); printf '%dm%02ds' $((s / 60)) $((s % 60)); }
+step() { log "[$1] $2 (at $(elapsed))"; }  # the step a user is waiting on, and the time so far
+ticker=""
+stop_ticker() { if [[ -n "$ticker" ]]; then kill "$ticker" 2>/dev/null || true; wait "$ticker" 2>/dev/null || true; ticker=""; fi; }
+trap stop_ticker EXIT
 
 # dspark's llama.cpp patches, in the order of their series file (none with DSPARK_LLAMA_PATCHES=0).
 patches=()
@@ -90,6 +96,27 @@ apply_patches() {
 
 if [[ -n "$PATCH_ONLY" ]]; then apply_patches "$PATCH_ONLY"; exit 0; fi
 
+# dspark loads libllama and ggml's libraries, nothing else of llama-cpp-python's build. Two more things are
+# compiled by default, about 40% of the time: llama.cpp's common library (llama-cpp-python's CMakeLists forces it
+# on, with cpp-httplib; its Python bindings never load it) and the multimodal library (LLAVA_BUILD: tools/mtmd
+# with miniaudio and stb; loaded only by multimodal chat handlers, which dspark does not use). They are left out
+# (-DLLAVA_BUILD=OFF below; the common library by editing that one line of the unpacked source), unless
+# DSPARK_FULL_BUILD=1. Part of the wheel cache's key.
+TRIM="common-llava-off"
+if [[ "${DSPARK_FULL_BUILD:-0}" == 1 ]]; then TRIM="full"; fi
+trim_build() {  # $1: llama-cpp-python's unpacked source
+  [[ "$TRIM" == full ]] && return 0
+  "$PYTHON" - "$1/CMakeLists.txt" <<'PY' || log "note: llama.cpp's common library stays in the build (it only takes longer)"
+import sys
+path = sys.argv[1]
+text = open(path).read()
+forced = 'set(LLAMA_BUILD_COMMON ON CACHE BOOL "Build llama.cpp common library" FORCE)'
+if forced not in text:
+    sys.exit(1)
+open(path, "w").write(text.replace(forced, forced.replace(" ON ", " OFF ")))
+PY
+}
+
 cpu_flags() {
   # Map the CPU's reported features to ggml's CMake switches (Linux x86_64).
   # GGML_LLAMAFILE=OFF and GGML_CPU_REPACK=OFF make stock CPU kernels batch-invariant: a token's logits are
@@ -130,6 +157,7 @@ if [[ -z "${CMAKE_ARGS:-}" ]]; then
   # llama.cpp's RPC backend, on every platform: `dspark rpc-server` serves this machine's devices and --rpc
   # spreads a target over such servers (the same libraries either way, no second build).
   CMAKE_ARGS+=" -DGGML_RPC=ON"
+  if [[ "${DSPARK_FULL_BUILD:-0}" != 1 ]]; then CMAKE_ARGS+=" -DLLAVA_BUILD=OFF"; fi  # see trim_build
 fi
 export CMAKE_ARGS
 if [[ "$PRINT_ONLY" == 1 ]]; then echo "$CMAKE_ARGS"; exit 0; fi
@@ -150,7 +178,7 @@ pyver="$("$PYTHON" -c 'import sys, platform; print(f"{sys.implementation.name}{s
 sha256() { sha256sum 2>/dev/null || shasum -a 256; }
 patch_sum=none
 if (( ${#patches[@]} )); then patch_sum="$(cat "${patches[@]}" | sha256 | cut -c1-16)"; fi
-key="$(printf '%s|%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$pyver" "$patch_sum" | sha256)"
+key="$(printf '%s|%s|%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$CMAKE_ARGS" "$pyver" "$patch_sum" "$TRIM" | sha256)"
 key="${key:0:16}"
 cache="${DSPARK_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dspark/wheels}/$key"
 
@@ -162,7 +190,7 @@ if [[ "$installed" == "$LLAMA_CPP_PYTHON_VERSION" && "$stamp" == "$key" ]]; then
 else
   wheel="$(ls "$cache"/llama_cpp_python-*.whl 2>/dev/null | head -n1 || true)"
   if [[ -z "$wheel" ]]; then
-    log "building llama-cpp-python from source (a few minutes on 2 cores) into $cache"
+    log "building llama-cpp-python from source into $cache (once; the wheel is kept for every venv)"
     rm -rf "$cache.tmp" && mkdir -p "$cache.tmp/src"
     source_spec="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
     build_flags=()
@@ -171,16 +199,20 @@ else
       # would download the build backend), with scikit-build-core from the pack.
       cp -r "$pack/llama-cpp-python" "$cache.tmp/src/"
       source_spec="$cache.tmp/src/llama-cpp-python"
+      trim_build "$source_spec"
       cp "$pack/applied-patches" "$cache.tmp/applied-patches"
       "$PYTHON" -m pip install -q "${pip_from[@]}" scikit-build-core
       build_flags=(--no-build-isolation "${pip_from[@]}")
     elif (( ${#patches[@]} )); then
       # The sdist, unpacked, with our patches applied to its vendored llama.cpp.
       need_patch_command
-      "$PYTHON" -m pip download --no-deps --no-binary :all: --no-cache-dir -d "$cache.tmp/src" "$source_spec"
+      step 1/4 "downloading llama-cpp-python $LLAMA_CPP_PYTHON_VERSION's source"
+      "$PYTHON" -m pip download -q --no-deps --no-binary :all: --no-cache-dir -d "$cache.tmp/src" "$source_spec"
       tar -xzf "$cache.tmp"/src/llama_cpp_python-*.tar.gz -C "$cache.tmp/src"
       source_spec="$(ls -d "$cache.tmp"/src/llama_cpp_python-*/ | head -n1)"
+      step 2/4 "applying dspark's llama.cpp patches"
       apply_patches "$source_spec/vendor/llama.cpp" > "$cache.tmp/applied-patches"
+      trim_build "$source_spec"
     fi
     # With dspark-prefill-fast-paths applied, llama.cpp's batch kernels serve only prompts (batches above 16
     # tokens) and repacked Q4_K decodes exactly, so they are built back in: stock prefill and decode speed, verify
@@ -191,9 +223,16 @@ else
       export CMAKE_ARGS
       log "fast prompt paths patched in: building with llamafile sgemm and Q4_K repacking (CMAKE_ARGS=\"$CMAKE_ARGS\")"
     fi
-    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}" \
-      "$PYTHON" -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python ${build_flags[@]+"${build_flags[@]}"} \
+    jobs="${CMAKE_BUILD_PARALLEL_LEVEL:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}"
+    step 3/4 "compiling llama.cpp on $jobs cores (the long step: about 5 minutes on 2 cores)"
+    t_build=$SECONDS
+    ( trap 'exit 0' TERM; while sleep 30; do log "  still compiling llama.cpp: $(elapsed "$t_build") so far"; done ) &
+    ticker=$!
+    CMAKE_BUILD_PARALLEL_LEVEL="$jobs" \
+      "$PYTHON" -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python ${build_flags[@]+"${build_flags[@]}"} \
       -w "$cache.tmp" "$source_spec"
+    stop_ticker
+    log "compiled llama.cpp in $(elapsed "$t_build")"
     rm -rf "$cache.tmp/src"
     touch "$cache.tmp/applied-patches"
     rm -rf "$cache" && mv "$cache.tmp" "$cache"
@@ -202,6 +241,7 @@ else
     log "using cached wheel $wheel"
   fi
   # Replace any llama-cpp-python built with other flags, then let pip add its dependencies.
+  step 4/4 "installing llama-cpp-python"
   "$PYTHON" -m pip install --no-cache-dir --force-reinstall --no-deps "$wheel"
   "$PYTHON" -m pip install --no-cache-dir ${pip_from[@]+"${pip_from[@]}"} "$wheel"
   "$PYTHON" - "$key" "$cache/applied-patches" <<'PY'
@@ -215,5 +255,6 @@ if os.path.exists(sys.argv[2]):
 PY
 fi
 
+log "installing dspark$EXTRAS (at $(elapsed))"
 "$PYTHON" -m pip install ${pip_from[@]+"${pip_from[@]}"} -e "$here$EXTRAS"
-log "done: run  dspark --help"
+log "done in $(elapsed): run  dspark --help"
