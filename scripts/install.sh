@@ -251,7 +251,7 @@ else
       log "fast prompt paths patched in: building with llamafile sgemm and Q4_K repacking (CMAKE_ARGS=\"$CMAKE_ARGS\")"
     fi
     jobs="${CMAKE_BUILD_PARALLEL_LEVEL:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}"
-    step 3/4 "compiling llama.cpp on $jobs cores (the long step: about 5 minutes on 2 cores)"
+    step 3/4 "compiling llama.cpp on $jobs cores (the long step: about 2 minutes on 2 cores)"
     t_build=$SECONDS
     ( trap 'exit 0' TERM; while sleep 30; do log "  still compiling llama.cpp: $(elapsed "$t_build") so far"; done ) &
     ticker=$!

@@ -113,7 +113,7 @@ def test_bench_on_the_demo_pair(demo_paths, prompts_file, tmp_path):
     assert "identical" in proc.stdout and "Speedup by category" in proc.stdout
 
     # The same prompt through `dspark run` gives the same tokens, acceptance and tokens per step.
-    run = dspark("run", "--json", "--max-tokens", "32", "--draft-fixed", PROMPTS[0]["turns"][0])
+    run = dspark("run", "--temp", "0", "--json", "--max-tokens", "32", "--draft-fixed", PROMPTS[0]["turns"][0])
     assert run.returncode == 0, run.stderr
     one = json.loads(run.stdout)
     row = rep["per_prompt"][0]

@@ -31,7 +31,7 @@ def _env(tmp_path, **extra):
 
 def _spawn(tmp_path, *args, width=120, env=None):
     # One thread: two cores are shared, and llama.cpp's threads spin badly when they are oversubscribed.
-    child = pexpect.spawn(sys.executable, ["-m", "dspark_cli", "chat", "-t", "1", *args], env=env or _env(tmp_path),
+    child = pexpect.spawn(sys.executable, ["-m", "dspark_cli", "chat", "-t", "1", "--temp", "0", *args], env=env or _env(tmp_path),
                           dimensions=(40, width), encoding="utf-8", timeout=90)
     child.expect_exact(PROMPT)
     return child
@@ -205,7 +205,7 @@ def test_context_overflow_drops_old_turns_on_a_narrow_terminal(tmp_path):
 
 def test_piped_stdin_prints_only_the_answers(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "dspark_cli", "chat", "-t", "1", "-n", "24"],
+        [sys.executable, "-m", "dspark_cli", "chat", "-t", "1", "--temp", "0", "-n", "24"],
         input="What is the capital of France?\n\nAnd of Germany?\n/stats\n",
         capture_output=True, text=True, env=_env(tmp_path), timeout=120,
     )
@@ -229,7 +229,7 @@ def _colour_env(tmp_path, **extra):
 def test_run_in_a_terminal_shows_a_live_status_line(tmp_path):
     """`dspark run` with a terminal: tok/s, acceptance and tokens per step are redrawn under the streaming
     text, then replaced by the summary line; the answer itself is printed whole."""
-    child = pexpect.spawn(sys.executable, ["-m", "dspark_cli", "run", "-t", "1", "-n", "48",
+    child = pexpect.spawn(sys.executable, ["-m", "dspark_cli", "run", "-t", "1", "--temp", "0", "-n", "48",
                                            "Write a short story about a robot learning to paint."],
                           env=_colour_env(tmp_path), dimensions=(40, 120), encoding="utf-8", timeout=120)
     child.expect(pexpect.EOF)
@@ -256,7 +256,7 @@ def test_run_piped_with_stderr_on_a_terminal_keeps_stdout_clean(tmp_path):
 
 def test_run_with_no_color_or_json_shows_no_live_line(tmp_path):
     for extra, env in ((["--json"], {}), ([], {"NO_COLOR": "1"}), ([], {"TERM": "dumb"})):
-        child = pexpect.spawn(sys.executable, ["-m", "dspark_cli", "run", "-t", "1", "-n", "16", *extra, "Hello"],
+        child = pexpect.spawn(sys.executable, ["-m", "dspark_cli", "run", "-t", "1", "--temp", "0", "-n", "16", *extra, "Hello"],
                               env=_colour_env(tmp_path, **env), dimensions=(40, 120), encoding="utf-8", timeout=120)
         child.expect(pexpect.EOF)
         child.close()

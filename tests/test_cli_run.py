@@ -33,8 +33,8 @@ def one_error_line(r, code, *fragments):
 
 
 def test_stream_to_stdout_summary_to_stderr_and_identical_to_target_alone(demo_paths):
-    spec = dspark("run", "Name three colours.", "-n", "24")
-    alone = dspark("run", "Name three colours.", "-n", "24", "--draft", "none")
+    spec = dspark("run", "Name three colours.", "-n", "24", "--temp", "0")
+    alone = dspark("run", "Name three colours.", "-n", "24", "--temp", "0", "--draft", "none")
     assert spec.returncode == 0 and alone.returncode == 0, spec.stderr
     assert spec.stdout == alone.stdout and spec.stdout.strip()
     err = spec.stderr.decode()
@@ -44,7 +44,7 @@ def test_stream_to_stdout_summary_to_stderr_and_identical_to_target_alone(demo_p
 
 
 def test_json_output(demo_paths):
-    r = dspark("run", "Name three colours.", "-n", "24", "--json")
+    r = dspark("run", "Name three colours.", "-n", "24", "--temp", "0", "--json")
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)  # stdout is exactly one JSON object
     for key in ("text", "n_tokens", "tokens_per_second", "drafted", "accepted", "acceptance_rate",
@@ -142,7 +142,7 @@ def test_ctrl_c_mid_answer_keeps_the_text_and_exits_130(demo_paths):
     import threading
 
     r, w = _small_pipe()
-    p = subprocess.Popen(DSPARK + ["run", *ENDLESS], stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.PIPE,
+    p = subprocess.Popen(DSPARK + ["run", "--temp", "0", *ENDLESS], stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.PIPE,
                          env=ENV, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(w)
     watchdog = threading.Timer(180, p.kill)  # a bound, should the signal be lost: the test then fails, not hangs
@@ -167,7 +167,7 @@ def test_ctrl_c_mid_answer_keeps_the_text_and_exits_130(demo_paths):
 
 
 def test_closed_pipe_exits_quietly(demo_paths):
-    p = subprocess.Popen(DSPARK + ["run", "Write a long essay about the history of bridges.", "-n", "2000"],
+    p = subprocess.Popen(DSPARK + ["run", "--temp", "0", "Write a long essay about the history of bridges.", "-n", "2000"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     p.stdout.read(20)
     p.stdout.close()  # what `| head -c 20` does

@@ -107,16 +107,16 @@ def test_closed_stdout_is_refused_before_any_work(tiny_paths):
 
 
 def test_closed_stderr_still_answers_on_stdout(demo_paths):
-    r = run("run", "Name three colours.", "-n", "12", close=(2,))
+    r = run("run", "--temp", "0", "Name three colours.", "-n", "12", close=(2,))
     assert r.returncode == 0 and r.stdout.strip()
-    assert r.stdout == run("run", "Name three colours.", "-n", "12").stdout
+    assert r.stdout == run("run", "--temp", "0", "Name three colours.", "-n", "12").stdout
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 @pytest.mark.parametrize("extra", [[], ["--json"]])
 def test_full_stdout_is_exit_8(demo_paths, extra):
     with open("/dev/full", "wb") as full:
-        r = run("run", "Name three colours.", "-n", "12", *extra, stdout=full)
+        r = run("run", "--temp", "0", "Name three colours.", "-n", "12", *extra, stdout=full)
     one_error(r, 8, "cannot write to standard output", "No space left")
 
 
@@ -170,7 +170,7 @@ EMOJI = "\N{GLOWING STAR}" * 12  # the demo pair answers a row of these with mor
 @pytest.fixture(scope="module")
 def emoji_answer(demo_paths):
     """A greedy demo-pair answer with characters that latin-1 cannot hold (its text, as JSON gives it)."""
-    r = run("run", EMOJI, "-n", "12", "--json")
+    r = run("run", "--temp", "0", EMOJI, "-n", "12", "--json")
     text = json.loads(r.stdout)["text"]
     assert any(ord(c) > 255 for c in text), text  # the premise of the encoding tests below
     return text
@@ -178,18 +178,18 @@ def emoji_answer(demo_paths):
 
 def test_an_encoding_that_cannot_show_the_answer(emoji_answer):
     env = {**ENV, "PYTHONIOENCODING": "latin-1"}
-    plain = run("run", EMOJI, "-n", "12", env=env)
+    plain = run("run", "--temp", "0", EMOJI, "-n", "12", env=env)
     err = no_traceback(plain)
     assert plain.returncode == 0 and "written as '?'" in err and err.count("encoding") == 1
     assert plain.stdout.decode("latin-1").rstrip("\n") == emoji_answer.encode("latin-1", "replace").decode("latin-1")
-    as_json = run("run", EMOJI, "-n", "12", "--json", env=env)
+    as_json = run("run", "--temp", "0", EMOJI, "-n", "12", "--json", env=env)
     assert as_json.returncode == 0
     assert json.loads(as_json.stdout.decode("ascii"))["text"] == emoji_answer  # \u escapes: nothing lost
 
 
 def test_an_answer_cut_inside_a_character_drops_it(emoji_answer):
     for n in range(1, 5):
-        text = json.loads(run("run", EMOJI, "-n", str(n), "--json").stdout)["text"]
+        text = json.loads(run("run", "--temp", "0", EMOJI, "-n", str(n), "--json").stdout)["text"]
         assert "\ufffd" not in text and emoji_answer.startswith(text), (n, text)
 
 

@@ -123,7 +123,7 @@ def test_a_profile_written_by_one_run_is_read_by_the_next(demo_paths, profiles):
 
 
 def _run_cli(*args, env):
-    return subprocess.run([sys.executable, "-m", "dspark_cli", "run", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dspark_cli", "run", "--temp", "0", *args], capture_output=True, text=True,
                           timeout=300, env=env)
 
 

@@ -111,7 +111,7 @@ def test_models_and_health(server):
 def test_greedy_chat_equals_dspark_run(server):
     r = server.client().chat.completions.create(model=model_id(server), temperature=0, max_tokens=24,
                                                 messages=[{"role": "user", "content": PROMPT}])
-    run = subprocess.run(DSPARK + ["run", "-n", "24", "-t", "1", PROMPT], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(DSPARK + ["run", "--temp", "0", "-n", "24", "-t", "1", PROMPT], capture_output=True, text=True, timeout=300)
     assert r.choices[0].message.content == run.stdout.rstrip("\n")
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 24 and r.usage.prompt_tokens > 0

@@ -32,7 +32,7 @@ DraftAsIs = Annotated[bool, typer.Option("--draft-as-is", help="Load the draft f
 Exact = Annotated[bool, typer.Option("--exact", help="Speculate only with verify batches proven bit-identical to one-token decoding on this build and device (the target alone where none is); by default speculation runs either way and says when it is not proven.", rich_help_panel=MODELS)]
 Force = Annotated[bool, typer.Option("--force", help="Load even if the memory preflight says it will not fit.", rich_help_panel=MODELS)]
 
-Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 = greedy. Either way the output is the target's own (sampled: for this --seed).", rich_help_panel=SAMPLING)]
+Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 = greedy (bench's default; run and chat sample at 0.8 with top-k 40, top-p 0.95, min-p 0.05, as llama.cpp does). Either way the output is the target's own (sampled: for this --seed).", rich_help_panel=SAMPLING)]
 TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off). Filters run in llama.cpp's order: top-k, top-p, min-p, then the temperature.", rich_help_panel=SAMPLING)]
 TopP = Annotated[float, typer.Option("--top-p", help="Keep the smallest set of tokens with this much probability (1 = off).", rich_help_panel=SAMPLING)]
 MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens below this fraction of the top token's probability (0 = off; llama.cpp's default).", rich_help_panel=SAMPLING)]
@@ -50,14 +50,26 @@ MODEL_OPTIONS = [
     ("tensor_split", TensorSplit, None), ("draft_as_is", DraftAsIs, False), ("exact", Exact, False),
 ]
 SAMPLING_OPTIONS = [("temp", Temp, 0.0), ("top_k", TopK, 0), ("top_p", TopP, 1.0), ("min_p", MinP, DEFAULT_MIN_P)]
+# What a person reading the answer gets by default (run, chat): the sampling llama.cpp's and Ollama's users know,
+# temperature 0.8 with top-k 40, top-p 0.95 and min-p 0.05, the seed printed so a run can be repeated (and the
+# output still exactly the target's for that seed). Greedy decoding loops on small models, and the built-in demo
+# is one. bench (speedup figures) and serve (its clients choose) stay greedy by default.
+READING_SAMPLING = {"temp": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
 
 
-def shared_options(fn):
+def shared_options(fn=None, *, sampling: dict | None = None):
     """A command taking the shared model and sampling options once, as `models: ModelOptions` and
     `sampling: SamplingParams` (its seed is the command's own `seed` option, or drawn at random and recorded).
-    The options are checked before the command runs, so before any model is loaded."""
+    The options are checked before the command runs, so before any model is loaded. `sampling`: the command's
+    own sampling defaults by option name (READING_SAMPLING), else greedy. Use as @shared_options or
+    @shared_options(sampling=...)."""
+    if fn is None:
+        return lambda f: shared_options(f, sampling=sampling)
     import functools
     import inspect
+
+    sampling_options = [(name, annotation, (sampling or {}).get(name, default))
+                        for name, annotation, default in SAMPLING_OPTIONS]
 
     own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
            for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name not in ("models", "sampling")]
@@ -80,7 +92,7 @@ def shared_options(fn):
         sampling = sampling_params(s["temp"], s["top_k"], s["top_p"], kw.get("seed"), s["min_p"])
         return fn(models=opts, sampling=sampling, **kw)
 
-    params = declared(MODEL_OPTIONS) + own + declared(SAMPLING_OPTIONS)  # the order of --help
+    params = declared(MODEL_OPTIONS) + own + declared(sampling_options)  # the order of --help
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     del command.__wrapped__  # Typer must see this signature, not the function's own

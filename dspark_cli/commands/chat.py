@@ -18,7 +18,7 @@ from . import _options as o
 
 def register(app: typer.Typer) -> None:
     @app.command("chat")
-    @o.shared_options
+    @o.shared_options(sampling=o.READING_SAMPLING)
     def chat(
         models: ModelOptions,
         sampling: SamplingParams,

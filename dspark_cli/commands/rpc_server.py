@@ -60,10 +60,10 @@ def register(app: typer.Typer) -> None:
         if not is_loopback(host) and not allow_network:
             raise UsageError(f"--host {host} would expose this machine to the network; add --allow-network "
                              "if that network is trusted")
+        devs = rpc.pick_devices(names)  # a flag that names no device is refused whatever holds the port
         rpc.check_port_free(host, port)
         if not is_loopback(host):
             say(rpc.NETWORK_WARNING)
-        devs = rpc.pick_devices(names)
         cache_dir = None
         if cache:
             cache_dir = _cache_dir()

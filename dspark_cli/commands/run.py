@@ -47,7 +47,28 @@ def read_prompt(argument: str | None) -> str:
     return "\n\n".join(p.rstrip("\n") for p in parts)
 
 
-def _summary(stats, finish: str | None) -> str:
+REPEATED_SHARE = 0.5  # an answer more than half made of what was already written (see repeated_share)
+
+
+def repeated_share(answer: str, prompt: str, n: int = 4) -> float:
+    """The share of the answer's words that end a run of n words already written before them (in the prompt or
+    earlier in the answer): a repetition loop, or text copied from the prompt. Drafts are accepted easily there,
+    so the speed of such a run says little about a typical one."""
+    seen_words = prompt.split()
+    words = answer.split()
+    if len(words) < 2 * n:
+        return 0.0
+    seen = {tuple(seen_words[i : i + n]) for i in range(len(seen_words) - n + 1)}
+    every = seen_words[-(n - 1):] + words
+    repeated = 0
+    for i in range(n - 1, len(every)):
+        gram = tuple(every[i - n + 1 : i + 1])
+        repeated += gram in seen
+        seen.add(gram)
+    return repeated / len(words)
+
+
+def _summary(stats, finish: str | None, *, seed: int | None = None, repeated: float = 0.0) -> str:
     s = stats
     line = f"{s.n_generated} tokens, {s.tokens_per_second:.1f} tok/s"
     if s.method != METHOD_TARGET:
@@ -56,14 +77,19 @@ def _summary(stats, finish: str | None) -> str:
     else:
         line += " (target alone)"
     line += f"; prompt {s.n_prompt} tokens in {s.t_prompt:.2f}s; finish: {finish}"
+    if seed is not None:  # sampled: the seed that repeats this answer exactly
+        line += f"; seed {seed}"
     if s.exact.startswith("no"):  # said only when it is not proven (the proof at load, llama/proof.py)
         line += "; not proven exact here"
+    if repeated > REPEATED_SHARE and s.n_drafted:
+        line += (f"\n  (note: {repeated:.0%} of this answer repeats text already written, which drafts predict easily: "
+                 "not a typical speed; `dspark bench` measures that)")
     return line
 
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
-    @o.shared_options
+    @o.shared_options(sampling=o.READING_SAMPLING)
     def run(
         models: ModelOptions,
         sampling: SamplingParams,
@@ -94,7 +120,7 @@ def register(app: typer.Typer) -> None:
                                      draft_max=draft_max, fixed=draft_fixed, temperature=params.temperature,
                                      top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, seed=params.seed)
             try:
-                _stream(loaded, events, params, as_json)
+                _stream(loaded, events, params, as_json, text_in)
             except BrokenPipeError:
                 quiet_stdout()  # the reader went away (`| head`): stop generating, say nothing, exit 0
             finally:
@@ -113,7 +139,7 @@ def _view(as_json: bool):
     return StatusLine()
 
 
-def _stream(models, events, params, as_json) -> None:
+def _stream(models, events, params, as_json, prompt_text: str = "") -> None:
     pieces: list[str] = []
     stats = None
     finish = None
@@ -151,7 +177,8 @@ def _stream(models, events, params, as_json) -> None:
             write("\n")
         if stats.speculation_note:
             say(stats.speculation_note)
-        say(_summary(stats, finish))
+        say(_summary(stats, finish, seed=params.seed if params.temperature > 0 else None,
+                     repeated=repeated_share("".join(pieces), prompt_text)))
 
 
 def _print_json(pieces, stats, finish, params, models) -> None:
