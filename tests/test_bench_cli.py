@@ -98,6 +98,7 @@ def test_bench_on_the_demo_pair(demo_paths, prompts_file, tmp_path):
     assert {r["category"] for r in rep["per_category"]} == {"chat", "qa"}
     setup = rep["setup"]
     assert setup["target"]["quantization"] == "F32" and setup["draft"]["quantization"] == "Q4_1"
+    assert setup["exact"] == "proven (batches <= 16)" and setup["exactness"]["bound"] == 16  # the proof at load
     assert setup["ctx_size"] == 4096 and "cpu" in setup["machine"]
     # Interleaved runs: the target alone and hybrid@8 alternate, one each per prompt after the warm-up.
     assert [(r["prompt_id"], r["variant"]) for r in rep["runs"]] == [

@@ -139,3 +139,7 @@ def test_doctor_shows_the_cost_profile_and_the_draft_layout(demo_paths, tmp_path
     assert report["derived_draft"]["figures"]["as-is"]["step_ms"] > 0  # measured once per session (conftest)
     text = dspark("doctor", "-m", target, "-d", draft, env=e).stdout
     assert "Cost profiles (1)" in text and "Draft layout" in text
+    # The build's exactness state (scripts/install.sh: every patch) and the proof kept for this target.
+    exactness = report["exactness"]
+    assert exactness["build"] == "exact" and exactness["proofs"] and exactness["proofs"][0]["proven"]
+    assert "Exactness" in text and "proven (batches <= 16)" in text
