@@ -345,7 +345,11 @@ def run_chat(opts: ModelOptions, params: SamplingParams, *, system: str | None, 
         if interactive:
             names = loaded.target_path.name + (f" + draft {loaded.draft_path.name}" if loaded.draft_path else
                                                f" ({loaded.drafter.name})" if loaded.drafter else " alone")
-            screen.note(f"dspark chat · {names} · context {loaded.target.n_ctx} tokens · /help for commands, Ctrl-D to leave")
+            # Sampled by default: the seed repeats the whole chat (each turn draws from its own positions' noise).
+            sampling = (f"temperature {params.temperature:g}, seed {params.seed}" if params.temperature > 0
+                        else "greedy")
+            screen.note(f"dspark chat · {names} · context {loaded.target.n_ctx} tokens · {sampling} · "
+                        "/help for commands, Ctrl-D to leave")
         session = ChatSession(loaded, screen, reader, conversation=conv, transcript=log, params=params,
                               max_tokens=max_tokens, draft_max=draft_max, interactive=interactive, fixed=fixed)
         code = session.run()
