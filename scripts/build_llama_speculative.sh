@@ -13,6 +13,13 @@ out="${1:-${XDG_CACHE_HOME:-$HOME/.cache}/dspark/llama.cpp-$version}"
 if [[ -x "$out/build/bin/llama-speculative-simple" ]]; then echo "$out/build/bin"; exit 0; fi
 if [[ -n "$libs_only" && -e "$out/build/bin/.complete" ]]; then echo "$out/build/bin"; exit 0; fi
 mkdir -p "$out"
+# One build at a time in a folder (two test sessions, say): the second waits, then finds it done.
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$out/.lock"
+  flock 9
+  if [[ -x "$out/build/bin/llama-speculative-simple" ]]; then echo "$out/build/bin"; exit 0; fi
+  if [[ -n "$libs_only" && -e "$out/build/bin/.complete" ]]; then echo "$out/build/bin"; exit 0; fi
+fi
 if [[ ! -d "$out/src" ]]; then
   tmp="$(mktemp -d)"
   python3 -m pip download --no-deps --no-binary :all: -q -d "$tmp" "llama-cpp-python==$version" >&2
