@@ -171,15 +171,20 @@ def build_id() -> str:
 
 
 def _library_stamp() -> list:
-    """The very libllama loaded (path, size, modification time): two builds of one version with other flags or
-    patches, or one pointed at by LLAMA_CPP_LIB_PATH, are different builds."""
-    import os
+    """The content of the libraries loaded (each one's size and first and last MiB: files.fingerprint), so that
+    two builds of one version with other flags or patches, or stock libraries loaded through LLAMA_CPP_LIB_PATH,
+    are different builds, while the same wheel installed in another venv (another path, a newer mtime) is the same
+    one and shares what was measured and derived for it."""
+    from ..files import fingerprint
 
+    stamp = []
     try:
         from .ggml import library_paths
 
-        path = os.path.realpath(library_paths("llama")[0])
-        stat = os.stat(path)
-        return [path, stat.st_size, stat.st_mtime_ns]
-    except (ImportError, IndexError, OSError, RuntimeError):
-        return []
+        for stem in ("llama", "ggml-base", "ggml-cpu", "ggml-cuda", "ggml-metal", "ggml-vulkan"):
+            paths = library_paths(stem)
+            if paths:
+                stamp.append([stem, fingerprint(paths[0])])
+    except (ImportError, OSError, RuntimeError):
+        pass
+    return stamp

@@ -1,8 +1,9 @@
 """The exactness proof's verdicts on disk (llama/proof.py), so that it runs once per (target file, build, device,
 threads, largest batch): one small JSON file each in dspark's cache ($DSPARK_PROOFS, else the cache's proofs/
 folder). The key names the file by its content fingerprint, size and modification time, so a file changed in
-place is proven again; the build by build_id (versions, patches, the very libraries loaded). A stored verdict that
-cannot be read is proven again and replaced; a folder that cannot hold verdicts costs the proof at every load."""
+place is proven again; the build by build_id (versions, patches, the content of the libraries loaded). A stored
+verdict that cannot be read is proven again and replaced; a folder that cannot hold verdicts costs the proof at
+every load."""
 
 from __future__ import annotations
 
