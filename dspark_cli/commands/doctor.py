@@ -273,8 +273,8 @@ def _print_learned(out, report: dict) -> None:
                              f"verify (x a step) {verify or '?'}{draft}; acceptance {acc or '?'}  [{p['path']}]"))
     exactness = report.get("exactness")
     if exactness:
-        style = {"exact": "green", "unknown": "yellow", "stock": "yellow", "partial": "yellow", "fast": "yellow"}
-        out.print(f"\n[bold]Exactness[/]: [{style.get(exactness['build'], 'yellow')}]{escape(exactness['detail'])}[/]")
+        style = "green" if exactness["build"] == "exact" else "yellow"
+        out.print(f"\n[bold]Exactness[/]: [{style}]{escape(exactness['detail'])}[/]")
         proofs = exactness.get("proofs") or []
         for p in proofs:
             cost = f", checked in {p['seconds']:.2f}s" if isinstance(p.get("seconds"), (int, float)) else ""

@@ -52,9 +52,7 @@ class Verdict:
         """One line: "proven (batches <= 16)" or "no - <why>"."""
         if self.proven:
             return f"proven (batches <= {self.bound})"
-        if self.reason is not None:
-            return f"no - {self.why()}"
-        keeps = f"; exact up to {self.bound}" if self.bound >= 2 else ""
+        keeps = f"; exact up to {self.bound}" if self.bound >= 2 else ""  # (never with a reason: bound 1)
         return f"no - {self.why()}{keeps}"
 
     def why(self) -> str:

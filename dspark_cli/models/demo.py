@@ -27,10 +27,9 @@ TARGET_NAME = "SmolLM2-135M-Instruct.F32.gguf"
 
 
 def cache_dir() -> Path:
-    from ..places import user_dir
+    from ..places import cache_dir as dspark_cache
 
-    root = os.environ.get("DSPARK_CACHE")
-    return (Path(root).expanduser() if root else user_dir("XDG_CACHE_HOME", ".cache") / "dspark") / "demo"
+    return dspark_cache("demo")
 
 
 def _sha256(path: Path) -> str:

@@ -19,7 +19,6 @@ changed source or another build derives again; `--draft-as-is` skips all of it.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -50,12 +49,9 @@ CALIBRATION = (
 
 def derived_dir() -> Path:
     """$DSPARK_DERIVED, else the cache's derived/ folder ($DSPARK_CACHE or ~/.cache/dspark)."""
-    from ..places import user_dir
+    from ..places import cache_dir
 
-    if os.environ.get("DSPARK_DERIVED"):
-        return Path(os.environ["DSPARK_DERIVED"]).expanduser()
-    root = os.environ.get("DSPARK_CACHE")
-    return (Path(root).expanduser() if root else user_dir("XDG_CACHE_HOME", ".cache") / "dspark") / "derived"
+    return cache_dir("derived", "DSPARK_DERIVED")
 
 
 def _candidates():

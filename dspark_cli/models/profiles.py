@@ -19,12 +19,9 @@ from ..files import fingerprint, write_atomic
 
 def profiles_dir() -> Path:
     """$DSPARK_PROFILES, else the cache's profiles/ folder ($DSPARK_CACHE or ~/.cache/dspark)."""
-    from ..places import user_dir
+    from ..places import cache_dir
 
-    if os.environ.get("DSPARK_PROFILES"):
-        return Path(os.environ["DSPARK_PROFILES"]).expanduser()
-    root = os.environ.get("DSPARK_CACHE")
-    return (Path(root).expanduser() if root else user_dir("XDG_CACHE_HOME", ".cache") / "dspark") / "profiles"
+    return cache_dir("profiles", "DSPARK_PROFILES")
 
 
 def profile_key(target, draft) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from ..errors import OutputError
@@ -20,12 +19,10 @@ PROOF_VERSION = 1  # bump when what the proof checks changes: older verdicts are
 
 
 def proofs_dir() -> Path:
-    from ..places import user_dir
+    """$DSPARK_PROOFS, else the cache's proofs/ folder ($DSPARK_CACHE or ~/.cache/dspark)."""
+    from ..places import cache_dir
 
-    if os.environ.get("DSPARK_PROOFS"):
-        return Path(os.environ["DSPARK_PROOFS"]).expanduser()
-    root = os.environ.get("DSPARK_CACHE")
-    return (Path(root).expanduser() if root else user_dir("XDG_CACHE_HOME", ".cache") / "dspark") / "proofs"
+    return cache_dir("proofs", "DSPARK_PROOFS")
 
 
 def proof_key(model, device: str, largest: int) -> dict:
@@ -42,16 +39,20 @@ def _path(key: dict, folder: Path) -> Path:
     return folder / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
 
 
-def stored_verdict(key: dict, folder: Path | None = None) -> Verdict | None:
-    """The verdict kept for `key`, or None (never kept, or unreadable as one)."""
-    path = _path(key, folder or proofs_dir())
+def _read(path: Path) -> dict | None:
+    """A kept record as {key, verdict (a Verdict), seconds}, or None when the file is missing or not one."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("key") != key:
-            return None
-        return Verdict.from_dict(data["verdict"])
+        record = {"key": data["key"], "verdict": Verdict.from_dict(data["verdict"]), "seconds": data.get("seconds")}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, KeyError, TypeError):
         return None
+    return record if isinstance(record["key"], dict) else None
+
+
+def stored_verdict(key: dict, folder: Path | None = None) -> Verdict | None:
+    """The verdict kept for `key`, or None (never kept, or unreadable as one)."""
+    record = _read(_path(key, folder or proofs_dir()))
+    return record["verdict"] if record is not None and record["key"] == key else None
 
 
 def verdict_for(model, *, device: str, largest: int, folder: Path | None = None, on_run=None) -> Verdict:
@@ -80,13 +81,7 @@ def stored_verdicts(target_path: Path | None = None, folder: Path | None = None)
     want = fingerprint(target_path) if target_path is not None else None
     out = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            verdict = Verdict.from_dict(data["verdict"])
-            key = data["key"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, KeyError, TypeError):
-            continue
-        if not isinstance(key, dict) or (want is not None and key.get("fingerprint") != want):
-            continue
-        out.append({"key": key, "verdict": verdict, "seconds": data.get("seconds")})
+        record = _read(path)
+        if record is not None and (want is None or record["key"].get("fingerprint") == want):
+            out.append(record)
     return out
