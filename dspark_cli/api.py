@@ -28,7 +28,7 @@ from .engine.batch import Job, Scheduler
 from .engine.drafters import METHOD_TARGET, make_drafter
 from .engine.loop import DEFAULT_DRAFT_MAX, Event, check_limits, check_prompt, generate as _generate
 from .errors import ContextFullError, UsageError
-from .loader import Loaded, ModelOptions, load as _load_models
+from .loader import DEFAULT_MEMORY_MB, Loaded, ModelOptions, load as _load_models
 from .llama.model import Model
 from .prompt import ChatTemplate, Continuation, Rendered, min_tokens, tokenize_prompt
 from .engine.sampling import DEFAULT_MIN_P, SamplingParams
@@ -260,7 +260,8 @@ class Pair:
             raise UsageError(CLOSED)
 
     def _drafter_for(self, method: str):
-        return make_drafter(method, self.draft_model, getattr(self.drafter, "p_min", 0.0))
+        return make_drafter(method, self.draft_model, getattr(self.drafter, "p_min", 0.0),
+                            memory=getattr(self.drafter, "memory", None))  # (one memory per pair)
 
     def _run(self, text, tokens, params, *, max_tokens, stop, draft_max, fixed, remember) -> Iterator[Event]:
         answer: list[int] = []
@@ -369,7 +370,7 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
          draft_p_min: float = 0.0, lookup: bool = True, pull: bool = False, offline: bool = False,
          force: bool = False, rpc: str | None = None, rpc_draft: str | None = None,
          tensor_split: str | None = None, parallel: int = 1, draft_as_is: bool = False, profile: bool = True,
-         exact: bool = False, quiet: bool = False) -> Pair:
+         exact: bool = False, memory_mb: int = DEFAULT_MEMORY_MB, quiet: bool = False) -> Pair:
     """Load a target and its drafter, as the CLI's model options do.
 
     target, draft: a GGUF path, "org/repo:file.gguf", "org/repo:QUANT" or a registry name; draft may also be
@@ -386,6 +387,7 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
     profile: start the cost model from what earlier runs measured on this machine and add this one's (False: learn
     from nothing, store nothing). exact: speculate only with verify batches the proof at load found bit-identical to
     one-token decoding here (the target alone where none is); Pair.exactness says what it found either way.
+    memory_mb: the drafting memory's bound: the pair drafts from its own earlier answers too, where that pays (0: off).
     quiet: no status line on stderr. A wrong type or value is a UsageError.
     """
     opts = ModelOptions(
@@ -399,7 +401,8 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
         rpc_draft=check.text("rpc_draft", rpc_draft, optional=True),
         tensor_split=check.text("tensor_split", tensor_split, optional=True),
         parallel=check.integer("parallel", parallel), draft_as_is=check.flag("draft_as_is", draft_as_is),
-        profile=check.flag("profile", profile), exact=check.flag("exact", exact))
+        profile=check.flag("profile", profile), exact=check.flag("exact", exact),
+        memory_mb=check.integer("memory_mb", memory_mb))
     return open_pair(opts, quiet=check.flag("quiet", quiet))
 
 

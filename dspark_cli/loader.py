@@ -18,6 +18,10 @@ DRAFT_NONE = "none"  # --draft none: the target alone
 DRAFT_LOOKUP = METHOD_LOOKUP  # --draft lookup: prompt lookup, no second model
 
 
+DEFAULT_MEMORY_MB = 64  # the drafting memory's bound: some millions of tokens, a small share of any model's memory
+MAX_MEMORY_MB = 1 << 20
+
+
 @dataclass
 class ModelOptions:
     target: str | None = None  # a model reference; None = the demo pair (or --pair's target)
@@ -39,6 +43,7 @@ class ModelOptions:
     profile: bool = True  # start the cost model from what earlier runs measured here, and add to it (profiles.py)
     draft_as_is: bool = False  # never derive a faster copy of the draft (models/derive.py)
     exact: bool = False  # speculate only with verify batches proven exact here (llama/proof.py)
+    memory_mb: int = DEFAULT_MEMORY_MB  # the drafting memory's bound (engine/memory.py); 0: no memory
 
     def rpc_endpoints(self, draft: bool = False):
         from .llama.rpc import parse_endpoints
@@ -67,6 +72,8 @@ class ModelOptions:
                 raise UsageError(f"{flag} must be 0 or more, got {v}")
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
             raise UsageError(f"--threads must be between 1 and {MAX_THREADS} (llama.cpp's limit), got {self.threads}")
+        if not 0 <= self.memory_mb <= MAX_MEMORY_MB:
+            raise UsageError(f"--draft-memory must be between 0 (off) and {MAX_MEMORY_MB} MB, got {self.memory_mb}")
         if not 1 <= self.parallel <= MAX_PARALLEL:
             raise UsageError(f"--parallel must be between 1 and {MAX_PARALLEL}, got {self.parallel}")
         if not 0.0 <= self.draft_p_min < 1.0:
@@ -256,6 +263,10 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
 
         keep_alive(servers)
     profile = None
+    if drafter is not None and opts.memory_mb:
+        from .engine.memory import DraftMemory
+
+        drafter.memory = DraftMemory(opts.memory_mb << 20)
     if drafter is not None and opts.profile:
         from .models.profiles import open_profile, profile_key
 

@@ -172,7 +172,7 @@ def choices(target_fig: dict, draft_fig: dict, draft_max: int) -> dict:
 
     out = {}
     for alpha in (0.6, 0.8, 0.9):
-        p = Planner(draft_max, has_model=True, has_lookup=False)
+        p = Planner(draft_max, has_model=True, has_free=False)
         for _ in range(8):
             for n, ms in target_fig["verify_ms"].items():
                 if n <= draft_max + 1:
@@ -184,7 +184,7 @@ def choices(target_fig: dict, draft_fig: dict, draft_max: int) -> dict:
             while n < draft_max and (i * 7919 + n * 104729) % 1000 < alpha * 1000:
                 n += 1
             acc.record(draft_max, n)
-        plan = p.plan(0, 0)
+        plan = p.plan({}, 0)
         out[str(alpha)] = {"source": plan.source or "none", "k": plan.k,
                            "predicted_speedup": round(plan.rate * target_fig["decode_ms"] / 1e3, 3)}
     return out

@@ -183,3 +183,25 @@ def test_calibrate_starts_the_cost_profile_afresh_from_a_sweep(tmp_path):
     assert 9.0 not in data["figures"]["v1"]  # afresh: nothing of the old profile is left
     assert 2 <= data["runs"] <= 3  # the sweep, the target alone's run, and the hybrid's if it learned anything
     assert {f"verify.{n}" for n in range(2, 6)} <= set(data["figures"]) and "draft" in data["figures"]
+
+
+def test_suite_and_memory_flags_are_checked_before_loading(prompts_file):
+    _rejected_early(dspark("bench", "--suite", "nope"), 2, "unknown suite")
+    _rejected_early(dspark("bench", "--suite", "repetitive", "--prompts", str(prompts_file)), 2, "--suite and --prompts")
+    _rejected_early(dspark("bench", "--methods", "hybrid+memory", "--draft-memory", "0"), 2, "memory is off")
+    _rejected_early(dspark("bench", "--draft-memory", "-1"), 2, "--draft-memory")
+
+
+def test_repetitive_suite_drafts_from_the_memory_and_says_so():
+    # Each repeat empties the memory: the first record has nothing to recall, the later ones their predecessors.
+    proc = dspark("bench", "--suite", "repetitive", "--draft", "lookup", "--methods", "lookup+memory",
+                  "--draft-fixed", "--draft-max", "4", "--repeats", "1", "--no-warmup", "--max-tokens", "40",
+                  "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["identical"] is True
+    runs = {r["prompt_id"]: r for r in report["runs"] if r["variant"] == "lookup+memory@4"}
+    assert len(runs) == 10 and "memory" not in runs["record-1"]["accepted_by"]
+    assert sum(r["accepted_by"].get("memory", 0) for r in runs.values()) > 0, runs
+    assert "memory" in report["variants"][0]["accepted_by"]
+    assert "accepted tokens by source" in proc.stderr

@@ -35,3 +35,14 @@ def test_methods_are_checked():
         _methods("draft", None, "t.gguf", None)
     with pytest.raises(UsageError, match="needs a draft model"):
         _methods("hybrid", "lookup", None, None)
+
+
+def test_methods_may_take_the_memory():
+    assert _methods("hybrid,hybrid+memory", None, None, None) == ["hybrid", "hybrid+memory"]
+    assert _methods("lookup+memory", "lookup", None, None) == ["lookup+memory"]
+    with pytest.raises(UsageError, match="memory is off"):
+        _methods("hybrid+memory", None, None, None, memory_mb=0)
+    with pytest.raises(UsageError, match="needs a draft model"):
+        _methods("draft+memory", "lookup", None, None)
+    with pytest.raises(UsageError, match="unknown method"):
+        _methods("memory", None, None, None)

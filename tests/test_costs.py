@@ -44,13 +44,13 @@ def cpu_like(n: int) -> float:
 
 
 def test_the_first_rounds_time_two_plain_steps_then_a_short_draft():
-    p = Planner(8, has_model=True, has_lookup=True)
-    assert (p.plan(0, 0).source, p.plan(0, 0).k) == (None, 0)
+    p = Planner(8, has_model=True, has_free=True)
+    assert (p.plan({}, 0).source, p.plan({}, 0).k) == (None, 0)
     p.costs.record_verify(1, 10 * V1)  # the first step builds llama.cpp's graph: slow, and not the yardstick
-    assert (p.plan(0, 0).source, p.plan(0, 0).k) == (None, 0)
+    assert (p.plan({}, 0).source, p.plan({}, 0).k) == (None, 0)
     p.costs.record_verify(1, V1)
     assert p.costs.step(1) == V1  # of the first two timings the smaller stands
-    first = p.plan(0, 0)
+    first = p.plan({}, 0)
     assert (first.source, first.k) == (SOURCE_MODEL, EXPLORE_K)
 
 
@@ -59,7 +59,7 @@ def test_a_plain_step_now_and_then_keeps_the_yardstick_current():
 
     p = told(Planner(8, True, False), {n: gpu_like(n) for n in range(1, 10)}, draft=0.05 * V1)
     accept(p, SOURCE_MODEL, 0.9)
-    sources = [p.plan(0, 0).source for _ in range(3 * REFRESH_ROUNDS)]
+    sources = [p.plan({}, 0).source for _ in range(3 * REFRESH_ROUNDS)]
     plain = [i for i, s in enumerate(sources) if s is None]
     assert 2 <= len(plain) <= 4 and all(b - a == REFRESH_ROUNDS + 1 for a, b in zip(plain, plain[1:]))
 
@@ -67,7 +67,7 @@ def test_a_plain_step_now_and_then_keeps_the_yardstick_current():
 def test_a_flat_verify_and_a_cheap_draft_draft_long():
     p = told(Planner(8, True, False), {n: gpu_like(n) for n in range(1, 10)}, draft=0.05 * V1)
     accept(p, SOURCE_MODEL, 0.9)
-    plan = p.plan(0, 0)
+    plan = p.plan({}, 0)
     assert plan.source == SOURCE_MODEL and plan.k >= 6
     assert plan.rate > 3 / V1
 
@@ -75,22 +75,22 @@ def test_a_flat_verify_and_a_cheap_draft_draft_long():
 def test_a_steep_verify_turns_speculation_off_and_says_why():
     p = told(Planner(8, True, False), {n: cpu_like(n) for n in range(1, 10)}, draft=0.5 * V1)
     accept(p, SOURCE_MODEL, 0.85)
-    plan = p.plan(0, 0)
+    plan = p.plan({}, 0)
     assert plan.source is None and plan.k == 0
     assert p.off_reason.startswith("speculation off: a verify of") and "target steps" in p.off_reason
     # Even a perfect draft cannot pay for a draft step of half a target step plus such a verify.
     accept(p, SOURCE_MODEL, 1.0, rounds=2000)
-    assert p.plan(0, 0).source is None
+    assert p.plan({}, 0).source is None
 
 
 def test_free_lookup_pays_where_the_draft_model_does_not():
     p = told(Planner(8, True, True), {n: V1 * (1 + 0.4 * (n - 1)) for n in range(1, 10)}, draft=0.5 * V1)
     accept(p, SOURCE_MODEL, 0.8)
     accept(p, SOURCE_LOOKUP, 0.95)
-    with_match = p.plan(8, 0)
+    with_match = p.plan({SOURCE_LOOKUP: 8}, 0)
     assert with_match.source == SOURCE_LOOKUP and with_match.k >= 4
-    assert p.plan(3, 0).k <= 3  # never more than the match offers
-    assert p.plan(0, 0).source is None  # no match: the model does not pay here either
+    assert p.plan({SOURCE_LOOKUP: 3}, 0).k <= 3  # never more than the match offers
+    assert p.plan({}, 0).source is None  # no match: the model does not pay here either
 
 
 def test_catching_the_draft_model_up_counts_but_only_the_reentry_window():
@@ -98,27 +98,27 @@ def test_catching_the_draft_model_up_counts_but_only_the_reentry_window():
 
     p = told(Planner(8, True, False), {n: gpu_like(n) for n in range(1, 10)}, draft=0.1 * V1, catchup=2 * V1)
     accept(p, SOURCE_MODEL, 0.7)
-    assert p.plan(0, 0).source == SOURCE_MODEL
-    assert p.plan(0, REENTRY_WINDOW).source is None  # a catch-up dearer than the round gains: not worth it
+    assert p.plan({}, 0).source == SOURCE_MODEL
+    assert p.plan({}, REENTRY_WINDOW).source is None  # a catch-up dearer than the round gains: not worth it
     # However long the model sat unused, it comes back over the last REENTRY_WINDOW tokens (drafters.rewind):
     # the cost of coming back is bounded, so a long pause cannot keep it out for good.
     cheap = told(Planner(8, True, False), {n: gpu_like(n) for n in range(1, 10)}, draft=0.1 * V1, catchup=0.01 * V1)
     accept(cheap, SOURCE_MODEL, 0.7)
-    assert cheap.plan(0, 100_000).source == SOURCE_MODEL
+    assert cheap.plan({}, 100_000).source == SOURCE_MODEL
 
 
 def test_fixed_lengths_ignore_the_costs():
     p = told(Planner(5, True, True, fixed=True), {n: cpu_like(n) for n in range(1, 10)}, draft=V1)
-    assert (p.plan(0, 0).source, p.plan(0, 0).k) == (SOURCE_MODEL, 5)
+    assert (p.plan({}, 0).source, p.plan({}, 0).k) == (SOURCE_MODEL, 5)
     q = Planner(5, False, True, fixed=True)
-    assert (q.plan(2, 0).source, q.plan(2, 0).k) == (SOURCE_LOOKUP, 2)
-    assert q.plan(0, 0).source is None
+    assert (q.plan({SOURCE_LOOKUP: 2}, 0).source, q.plan({SOURCE_LOOKUP: 2}, 0).k) == (SOURCE_LOOKUP, 2)
+    assert q.plan({}, 0).source is None
 
 
 def test_one_bad_round_does_not_end_the_draft_model():
     p = told(Planner(8, True, False), {n: gpu_like(n) for n in range(1, 10)}, draft=0.2 * V1)
     p.acceptance[SOURCE_MODEL].record(2, 0)  # the first round: nothing accepted
-    assert p.plan(0, 0).source == SOURCE_MODEL  # little evidence: still worth trying
+    assert p.plan({}, 0).source == SOURCE_MODEL  # little evidence: still worth trying
 
 
 def test_evidence_fades_so_a_drafter_left_aside_comes_back():
@@ -158,12 +158,12 @@ def test_step_costs_interpolate_extrapolate_and_resist_an_outlier():
 def test_lookup_is_judged_in_hindsight_at_every_depth():
     p = Planner(8, False, True)
     seq = [1, 2, 3]
-    p.lookup_hindsight(seq, [7, 8, 9])  # proposed after [1, 2, 3]
+    p.hindsight(seq, {SOURCE_LOOKUP: [7, 8, 9]})  # proposed after [1, 2, 3]
     seq += [7, 8]
-    p.lookup_hindsight(seq, [])  # not settled yet: 7 and 8 right, 9 unknown
+    p.hindsight(seq, {SOURCE_LOOKUP: []})  # not settled yet: 7 and 8 right, 9 unknown
     assert p.acceptance[SOURCE_LOOKUP].evidence == 0
     seq += [4]
-    p.lookup_hindsight(seq, [])  # 9 was wrong: two accepted, the third rejected
+    p.hindsight(seq, {SOURCE_LOOKUP: []})  # 9 was wrong: two accepted, the third rejected
     acc = p.acceptance[SOURCE_LOOKUP]
     assert (acc.reached[:3], acc.accepted[:3]) == ([1.0, 1.0, 1.0], [1.0, 1.0, 0.0])
 
@@ -171,5 +171,5 @@ def test_lookup_is_judged_in_hindsight_at_every_depth():
 def test_chosen_lengths_are_counted_for_the_report():
     p = told(Planner(8, True, False), {n: cpu_like(n) for n in range(1, 10)}, draft=0.5 * V1)
     for _ in range(3):
-        p.plan(0, 0)
+        p.plan({}, 0)
     assert p.chosen_lengths == {"none": 3}

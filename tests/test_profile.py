@@ -20,7 +20,7 @@ V1 = 0.030
 
 def measured_planner(v1: float = V1, verify_slope: float = 0.1, draft: float = 0.2, alpha: float = 0.8) -> Planner:
     """A planner after a run that timed these costs and saw this acceptance (k = 4 drafts)."""
-    p = Planner(8, has_model=True, has_lookup=True)
+    p = Planner(8, has_model=True, has_free=True)
     for _ in range(4):
         for n in (1, 3, 5):
             p.costs.record_verify(n, v1 * (1 + verify_slope * (n - 1)))
@@ -31,12 +31,12 @@ def measured_planner(v1: float = V1, verify_slope: float = 0.1, draft: float = 0
 
 
 def test_a_profile_starts_the_next_planner_drafting_at_once():
-    fresh = Planner(8, has_model=True, has_lookup=True)
-    assert fresh.plan(0, 0).source is None  # from nothing: the yardstick first
+    fresh = Planner(8, has_model=True, has_free=True)
+    assert fresh.plan({}, 0).source is None  # from nothing: the yardstick first
     profile = CostProfile()
     assert profile.absorb(measured_planner())
-    p = Planner(8, has_model=True, has_lookup=True, profile=profile)
-    first = p.plan(0, 0)
+    p = Planner(8, has_model=True, has_free=True, profile=profile)
+    first = p.plan({}, 0)
     assert first.source == SOURCE_MODEL and first.k >= 2  # no plain steps, no short exploratory draft
     assert p.costs.step(5) == pytest.approx(V1 * 1.4)
     # The profile's acceptance is a prior worth a few rounds: this run's own evidence soon outweighs it.
@@ -46,7 +46,7 @@ def test_a_profile_starts_the_next_planner_drafting_at_once():
 def test_the_machine_slowing_down_rescales_the_profile():
     profile = CostProfile()
     profile.absorb(measured_planner())
-    p = Planner(8, has_model=True, has_lookup=True, profile=profile)
+    p = Planner(8, has_model=True, has_free=True, profile=profile)
     for _ in range(12):  # this run's steps of 3 take three times what the profile says
         p.costs.record_verify(3, 3 * V1 * 1.2)
     assert p.costs.step(1) == pytest.approx(3 * V1, rel=0.05)  # V(1), never timed in this run, follows
@@ -66,14 +66,14 @@ def test_costs_are_medians_of_recent_runs_so_one_disturbed_run_moves_nothing():
 
 
 def test_a_drafter_turned_off_is_tried_again_at_falling_rates():
-    p = Planner(8, has_model=True, has_lookup=False)
+    p = Planner(8, has_model=True, has_free=False)
     for _ in range(4):
         for n in range(1, 10):
             p.costs.record_verify(n, V1 * (1 + 0.9 * (n - 1)))  # a steep CPU verify: the model never pays
         p.costs.record_draft(0.6 * V1)
     for _ in range(50):
         p.acceptance[SOURCE_MODEL].record(4, 0)
-    tries = [i for i in range(2000) if p.plan(0, 3).source == SOURCE_MODEL]
+    tries = [i for i in range(2000) if p.plan({}, 3).source == SOURCE_MODEL]
     gaps = [b - a for a, b in zip(tries, tries[1:])]
     assert len(tries) >= 4  # never locked out
     assert gaps == sorted(gaps) and gaps[0] >= MODEL_RETRY  # a falling rate...
@@ -160,7 +160,7 @@ def test_the_draft_model_rewinds_to_a_window_of_recent_tokens(demo_models):
     assert n == 16 and drafter.behind(seq) == 0
     ahead = Draft([])
     assert drafter.extend(seq, ahead, SamplingParams(), Noise(None)) and len(ahead.tokens) == 1
-    drafter.release(len(seq))
+    drafter.release(seq, 10)
     assert draft.seq_cached[0] == seq[len(seq) - 17:]  # the window, and the token its draft came after
     drafter.prepare(seq, target.n_vocab)  # a new generation: the whole sequence again
     assert drafter.start == 0 and drafter.behind(seq) == 0
@@ -171,7 +171,7 @@ def test_a_sizes_first_timing_does_not_override_the_profile():
     # timing would turn a profitable draft length off for the whole answer.
     profile = CostProfile()
     profile.absorb(measured_planner())
-    p = Planner(8, has_model=True, has_lookup=True, profile=profile)
+    p = Planner(8, has_model=True, has_free=True, profile=profile)
     p.costs.record_verify(3, 10 * V1)
     assert p.costs.step(3) == pytest.approx(V1 * 1.2)
     p.costs.record_verify(3, 1.3 * V1)
@@ -185,11 +185,11 @@ def test_a_few_tokens_behind_cost_no_catch_up_round():
 
     profile = CostProfile()
     profile.absorb(measured_planner())
-    p = Planner(8, has_model=True, has_lookup=False, profile=profile)
-    near = p._options(0, FOLD_CATCHUP)[0]
-    far = p._options(0, FOLD_CATCHUP + 1)[0]
+    p = Planner(8, has_model=True, has_free=False, profile=profile)
+    near = p._options({}, FOLD_CATCHUP)[0]
+    far = p._options({}, FOLD_CATCHUP + 1)[0]
     # Up to FOLD_CATCHUP tokens go through the draft model in its first draft step's batch, as measured in D.
-    assert near.rate == pytest.approx(p._options(0, 0)[0].rate)
+    assert near.rate == pytest.approx(p._options({}, 0)[0].rate)
     assert far.rate < near.rate
 
 

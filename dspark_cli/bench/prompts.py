@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .suite import SUITE
+from .suite import REPETITIVE, SUITE
 from ..errors import PromptError
 
 TEXT_CATEGORY = "custom"  # category of plain-text prompts and of JSON lines without one
@@ -24,8 +24,11 @@ class BenchPrompt:
     text: str
 
 
-def builtin_prompts() -> list[BenchPrompt]:
-    return [BenchPrompt(pid, cat, text) for pid, cat, text in SUITE]
+SUITES = {"standard": SUITE, "repetitive": REPETITIVE}  # the built-in suites by the names --suite takes
+
+
+def builtin_prompts(name: str = "standard") -> list[BenchPrompt]:
+    return [BenchPrompt(pid, cat, text) for pid, cat, text in SUITES[name]]
 
 
 def load_prompts(path: str | Path) -> list[BenchPrompt]:

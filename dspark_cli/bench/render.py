@@ -152,6 +152,12 @@ def render(report: dict, *, to_stderr: bool) -> None:
         con.print(Text(f"  {v['variant']:<{width}}  {chosen}"))
         for pid, note in v.get("speculation_off", {}).items():
             con.print(Text(f"  {'':<{width}}  {pid}: {note}", style="yellow"))
+    con.print(Text("accepted tokens by source (draft model, prompt lookup, memory of earlier answers)", style="bold"))
+    for v in variants:
+        by = v.get("accepted_by", {})
+        total = sum(by.values())
+        shares = ", ".join(f"{k} {n / total:.0%}" for k, n in by.items()) if total else "—"
+        con.print(Text(f"  {v['variant']:<{width}}  {shares}"))
     con.print(Text("acceptance by draft position, % (measured)", style="bold"))
     for v in variants:
         pos = v["overall"]["acceptance_by_position"]

@@ -79,6 +79,7 @@ def _run_row(r) -> dict:
         "accepted": r.n_accepted, "finish_reason": r.finish_reason,
         "tokens_per_second": r.n_generated / r.t_gen if r.t_gen > 0 else 0.0,
         "engine": r.engine, "draft_lengths": r.draft_lengths, "speculation_note": r.speculation_note,
+        "accepted_by": r.accepted_by,
     }
 
 

@@ -5,6 +5,10 @@ Order: a warm-up run of every variant (untimed: first-touch page faults, thread 
 growth would otherwise land on whoever runs first), then for each repeat and prompt every variant back to
 back, the order reversed on odd repeats (A B, B A, ...) so slow drift and any order effect fall on both
 sides alike. Every run starts from an empty KV cache in both models, so no run reuses another's prompt.
+
+A variant with the drafting memory ("hybrid+memory") has a memory of its own, emptied at the start of every
+repeat: within a repeat each prompt may draft from the answers to the prompts before it (a sequence of similar
+requests, as a user or a server sends them), never from its own answer in an earlier repeat.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import numpy as np
 from .prompts import BenchPrompt
 from .stats import (BASELINE, Mismatch, RunRecord, check_identity, parse_variant, record_from_events, summarize,
                           variant_name)
-from ..engine.drafters import METHOD_LOOKUP, METHODS, make_drafter
+from ..engine.drafters import METHOD_LOOKUP, METHODS, make_drafter, split_method
+from ..engine.memory import DraftMemory
 from ..engine.loop import generate
 from ..errors import PromptError, UsageError
-from ..loader import Loaded
+from ..loader import DEFAULT_MEMORY_MB, Loaded
 from ..prompt import build_prompt
 from ..engine.sampling import SamplingParams
 
@@ -65,8 +70,11 @@ class BenchRun:
     templated: bool = True
 
 
-def drafters_for(loaded: Loaded, methods: list[str], draft_p_min: float = 0.0) -> dict:
-    for m in methods:
+def drafters_for(loaded: Loaded, methods: list[str], draft_p_min: float = 0.0,
+                memory_mb: int = DEFAULT_MEMORY_MB) -> dict:
+    out = {}
+    for name in methods:
+        m, with_memory = split_method(name)
         if m not in METHODS:
             raise UsageError(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
         if loaded.verify_max == 1:  # --exact where no verify batch is proven exact: nothing but the target runs
@@ -74,13 +82,17 @@ def drafters_for(loaded: Loaded, methods: list[str], draft_p_min: float = 0.0) -
                              "method can speculate; without --exact, bench shows what speculation does anyway")
         if m != METHOD_LOOKUP and loaded.draft_model is None:
             raise UsageError(f"--methods {m} needs a draft model; pass --draft PATH or use --methods lookup")
-    return {m: make_drafter(m, loaded.draft_model, draft_p_min) for m in methods}
+        memory = DraftMemory(memory_mb << 20) if with_memory else None
+        out[name] = make_drafter(m, loaded.draft_model, draft_p_min, memory=memory)
+    return out
 
 
-def run_bench(loaded: Loaded, config: BenchConfig, *, draft_p_min: float = 0.0,
+def run_bench(loaded: Loaded, config: BenchConfig, *, draft_p_min: float = 0.0, memory_mb: int = DEFAULT_MEMORY_MB,
               on_run: Callable[[str, str, int], None] | None = None) -> BenchRun:
-    """on_run(prompt_id, variant, repeat) is called after every run (repeat -1 for warm-up): for progress."""
-    drafters = drafters_for(loaded, config.methods, draft_p_min)
+    """on_run(prompt_id, variant, repeat) is called after every run (repeat -1 for warm-up): for progress.
+    memory_mb: the bound of each "+memory" variant's drafting memory."""
+    drafters = drafters_for(loaded, config.methods, draft_p_min, memory_mb)
+    memories = [d.memory for d in drafters.values() if d.memory is not None]
     tokenized: list[tuple[BenchPrompt, list[int]]] = []
     templated = True
     for bp in config.prompts:
@@ -116,6 +128,8 @@ def run_bench(loaded: Loaded, config: BenchConfig, *, draft_p_min: float = 0.0,
     def timed(variants: list[tuple[str, int | None]]) -> list[RunRecord]:
         out = []
         for repeat in range(config.repeats):
+            for memory in memories:
+                memory.clear()  # a repeat's prompts draft from the answers before them in it, not from their own
             k = repeat % len(variants)  # the order rotates every repeat, so no variant always goes first
             for bp, toks in tokenized:
                 for method, n in variants[k:] + variants[:k]:
@@ -168,7 +182,7 @@ def calibrate(loaded: Loaded, tokens: list[int], width: int) -> None:
     if loaded.profile is None:
         return
     target, draft = loaded.target, loaded.draft_model
-    planner = Planner(width, has_model=draft is not None, has_lookup=True)
+    planner = Planner(width, has_model=draft is not None, has_free=True)
     head = tokens[:32]
 
     def timed(model, base: list[int], extra: list[int], n_logits: int) -> float:

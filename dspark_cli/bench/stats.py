@@ -48,6 +48,7 @@ class RunRecord:
     engine: str = "sequential"
     draft_lengths: dict[str, int] = field(default_factory=dict)  # target steps by what they verified
     speculation_note: str | None = None
+    accepted_by: dict[str, int] = field(default_factory=dict)  # accepted tokens by source (draft, lookup, memory)
 
     @property
     def rejections(self) -> int:
@@ -89,6 +90,7 @@ def record_from_events(events: Iterable, *, prompt_id: str, category: str, varia
         drafted_at=list(stats.drafted_at), accepted_at=list(stats.accepted_at),
         rounds=list(stats.rounds), finish_reason=finish, engine=stats.engine,
         draft_lengths=dict(stats.draft_lengths), speculation_note=stats.speculation_note,
+        accepted_by=dict(stats.accepted_by),
     )
 
 
@@ -311,14 +313,19 @@ def summarize(records: list[RunRecord], prompt_order: list[str] | None = None) -
         method, draft_max = parse_variant(v)
         runs = [r for r in records if r.variant == v]
         lengths: dict[str, int] = {}
+        sources: dict[str, int] = {}
         for r in runs:
             for key, n in r.draft_lengths.items():
                 lengths[key] = lengths.get(key, 0) + n
+            for key, n in r.accepted_by.items():
+                sources[key] = sources.get(key, 0) + n
         result["variants"].append({
             "variant": v, "method": method, "draft_max": draft_max,
             "engine": runs[0].engine if runs else None,
             # Target steps by what they verified, over every run: the cost model's choices ("none" = a plain step).
             "draft_lengths": dict(sorted(lengths.items(), key=lambda kv: -kv[1])),
+            # Accepted tokens by where their draft came from (the draft model, prompt lookup, the memory).
+            "accepted_by": dict(sorted(sources.items(), key=lambda kv: -kv[1])),
             # Prompts on which the cost model left speculation off for most steps, and why (first repeat's words).
             "speculation_off": {r.prompt_id: r.speculation_note for r in runs if r.speculation_note and r.repeat <= 0},
             "overall": compare(total_spec, total_base),

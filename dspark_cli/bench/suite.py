@@ -65,3 +65,23 @@ SUITE: tuple[tuple[str, str, str], ...] = (
 )
 
 CATEGORIES = tuple(dict.fromkeys(cat for _, cat, _ in SUITE))
+
+# A repetitive workload (`bench --suite repetitive`): ten requests for a record of the same schema, each from a
+# different short text, as a tool or an agent sends them one after another. Run in order: from the second on, the
+# answers before are the best draft for the answer's shape (the drafting memory, engine/memory.py).
+_RECORD = ('Extract a JSON record with the keys "name", "age", "city", "job" and "hobbies" (a list of strings) from '
+           "this text. Reply with the JSON only.\n\nText: ")
+_PEOPLE = (
+    "Maria Lopez is 34 and works as a nurse in Madrid. She loves hiking and painting.",
+    "Tom Becker, 52, teaches history in Hamburg; on weekends he sails and plays chess.",
+    "Aiko Tanaka is a 27-year-old software engineer from Osaka who enjoys climbing and baking.",
+    "Lucas Martin lives in Lyon. He is 41, runs a bakery, and spends his free time cycling and fishing.",
+    "Priya Sharma (age 30) is an architect in Mumbai. Her hobbies are photography, yoga and travel.",
+    "Olav Hansen, a 63-year-old retired pilot in Bergen, likes woodworking and bird watching.",
+    "Chen Wei is 22, studies medicine in Shanghai and plays the violin and basketball.",
+    "Sofia Rossi works as a lawyer in Milan. She is 45 and enjoys opera, tennis and cooking.",
+    "Kwame Mensah, 38, is a farmer near Kumasi who enjoys football and storytelling.",
+    "Emma Wilson is a 29-year-old journalist in Toronto; she runs marathons and knits.",
+)
+REPETITIVE: tuple[tuple[str, str, str], ...] = tuple(
+    (f"record-{i}", "repetitive", _RECORD + text) for i, text in enumerate(_PEOPLE, 1))

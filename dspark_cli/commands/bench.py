@@ -10,11 +10,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..bench.prompts import builtin_prompts, load_prompts
+from ..bench.prompts import SUITES, builtin_prompts, load_prompts
 from ..bench.render import render
 from ..bench.report import build_report, to_csv, to_json
 from ..bench.runner import BenchConfig, run_bench
-from ..engine.drafters import METHOD_DRAFT, METHOD_HYBRID, METHOD_LOOKUP, METHODS
+from ..engine.drafters import METHOD_DRAFT, METHOD_HYBRID, METHOD_LOOKUP, METHODS, WITH_MEMORY, split_method
 from ..bench.setup import setup_info
 from ..bench.stats import summarize
 from ..console import console, say, write
@@ -41,7 +41,8 @@ def _int_list(text: str, flag: str) -> list[int]:
     return out
 
 
-def _methods(text: str | None, draft_flag: str | None, target: str | None, pair: str | None) -> list[str]:
+def _methods(text: str | None, draft_flag: str | None, target: str | None, pair: str | None,
+             memory_mb: int = 1) -> list[str]:
     # As in the loader: a draft model comes from --draft PATH, a --pair, or the demo pair (no --target).
     has_model = draft_flag not in (DRAFT_NONE, DRAFT_LOOKUP) and (draft_flag is not None or target is None or bool(pair))
     if text is None:
@@ -49,15 +50,19 @@ def _methods(text: str | None, draft_flag: str | None, target: str | None, pair:
             say("no draft model named: comparing prompt lookup (pass --draft PATH for a draft model)")
         return [METHOD_HYBRID] if has_model else [METHOD_LOOKUP]
     out = []
-    for m in (p.strip().lower() for p in text.split(",") if p.strip()):
+    for name in (p.strip().lower() for p in text.split(",") if p.strip()):
+        m, with_memory = split_method(name)
         if m not in METHODS:
-            raise UsageError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)} (the target alone always runs)")
-        if m not in out:
-            out.append(m)
+            raise UsageError(f"--methods: unknown method {name!r}; choose from {', '.join(METHODS)}, each may take "
+                             f"{WITH_MEMORY} (the target alone always runs)")
+        if with_memory and not memory_mb:
+            raise UsageError(f"--methods {name}: the drafting memory is off (--draft-memory 0)")
+        if name not in out:
+            out.append(name)
     if not out:
         raise UsageError("--methods is empty; choose from " + ", ".join(METHODS))
-    for m in (METHOD_HYBRID, METHOD_DRAFT):
-        if m in out and not has_model:
+    for m in (split_method(name)[0] for name in out):
+        if m in (METHOD_HYBRID, METHOD_DRAFT) and not has_model:
             raise UsageError(f"--methods {m} needs a draft model: " + (f"--draft is {draft_flag!r}" if draft_flag else "pass --draft PATH"))
     return out
 
@@ -68,10 +73,11 @@ def register(app: typer.Typer) -> None:
     def bench(
         models: ModelOptions,
         sampling: SamplingParams,
-        methods: Annotated[Optional[str], typer.Option("--methods", help="What to compare with the target alone, comma-separated: hybrid (the draft model and prompt lookup, what `run` uses), draft (the model alone), lookup. Default: hybrid (lookup with --draft lookup).", rich_help_panel=o.MODELS)] = None,
+        methods: Annotated[Optional[str], typer.Option("--methods", help="What to compare with the target alone, comma-separated: hybrid (the draft model and prompt lookup, what `run` uses), draft (the model alone), lookup; each may take +memory (hybrid+memory: drafting from the answers to the prompts before it in the same repeat too, as chat, serve and the API do). Default: hybrid (lookup with --draft lookup).", rich_help_panel=o.MODELS)] = None,
         draft_max: Annotated[str, typer.Option("--draft-max", help="Most tokens drafted per step, or several to sweep (2,4,8,16); the best is marked and measured again.", rich_help_panel=o.MODELS)] = str(DEFAULT_DRAFT_MAX),
         draft_fixed: o.DraftFixed = False,
         prompts: Annotated[Optional[Path], typer.Option("--prompts", "-p", help="Prompts file: JSON lines (Spec-Bench / MT-Bench: question_id, category, turns; first turn used) or plain text, one prompt per line. Default: the built-in suite.", show_default=False)] = None,
+        suite_name: Annotated[Optional[str], typer.Option("--suite", help="A built-in suite: standard (the default: chat, code, summaries, edits...) or repetitive (ten requests for a JSON record of one schema, in order: where the drafting memory pays; compare --methods hybrid,hybrid+memory).", show_default=False)] = None,
         repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed runs per prompt and method; medians are reported.")] = 3,
         warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="One untimed run of each method first.")] = True,
         seed: Annotated[int, typer.Option("--seed", help="Random seed, the same for every method and run.", rich_help_panel=o.SAMPLING)] = 0,
@@ -84,7 +90,11 @@ def register(app: typer.Typer) -> None:
         """Measure the speedup: the target alone vs speculative decoding, interleaved, medians of repeats."""
         # Every check on flags and input happens before a model is loaded.
         lengths = _int_list(draft_max, "--draft-max")
-        chosen = _methods(methods, models.draft, models.target, models.pair)
+        chosen = _methods(methods, models.draft, models.target, models.pair, models.memory_mb)
+        if suite_name is not None and suite_name not in SUITES:
+            raise UsageError(f"--suite: unknown suite {suite_name!r}; choose from {', '.join(SUITES)}")
+        if suite_name is not None and prompts is not None:
+            raise UsageError("--suite and --prompts both name the prompts: pass one")
         if repeats < 1:
             raise UsageError(f"--repeats must be at least 1, got {repeats}")
         check_limits(max_tokens)
@@ -95,10 +105,10 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--json - and --csv - cannot both go to stdout")
         if json_path and csv_path and json_path != "-" and Path(json_path).expanduser().resolve() == Path(csv_path).expanduser().resolve():
             raise UsageError(f"--json and --csv name the same file ({json_path}): one would overwrite the other")
-        suite = load_prompts(prompts) if prompts is not None else builtin_prompts()
+        suite = load_prompts(prompts) if prompts is not None else builtin_prompts(suite_name or "standard")
         params = sampling
         opts = models
-        if chosen == [METHOD_LOOKUP] and opts.draft is None:
+        if all(split_method(m)[0] == METHOD_LOOKUP for m in chosen) and opts.draft is None:
             opts = replace(opts, draft=DRAFT_LOOKUP)  # prompt lookup alone: do not load a draft model nobody uses
         if opts.draft == DRAFT_NONE and methods is None:
             say("--draft none: comparing prompt lookup with the target alone (it needs no draft model)")
@@ -112,7 +122,7 @@ def register(app: typer.Typer) -> None:
             setup = setup_info(loaded, opts, load_seconds)
             if calibrate:
                 _calibrate(loaded, max(lengths))
-            run = _run_with_progress(loaded, config, opts.draft_p_min)
+            run = _run_with_progress(loaded, config, opts.draft_p_min, opts.memory_mb)
         finally:
             loaded.close()
 
@@ -168,7 +178,7 @@ def _save(path: str | None, render, report: dict, suffix: str) -> OutputError | 
     return None
 
 
-def _run_with_progress(loaded, config, draft_p_min):
+def _run_with_progress(loaded, config, draft_p_min, memory_mb):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -180,4 +190,4 @@ def _run_with_progress(loaded, config, draft_p_min):
             what = "warm-up" if repeat < 0 else f"repeat {repeat + 1}/{config.repeats}"
             progress.update(task, advance=1, description=f"{what} {prompt_id} {variant}")
 
-        return run_bench(loaded, config, draft_p_min=draft_p_min, on_run=on_run)
+        return run_bench(loaded, config, draft_p_min=draft_p_min, memory_mb=memory_mb, on_run=on_run)

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from ..errors import DsparkError, UsageError
 from ..llama.kernels import default_verify_max
 from ..llama.model import Model
-from .costs import SOURCE_LOOKUP, SOURCE_MODEL, BatchPlanner, Lane, judge_lookup
+from .costs import FREE_SOURCES, SOURCE_MODEL, BatchPlanner, Lane, judge_free
 from .detok import TextStream
-from .drafters import METHOD_TARGET, Drafter, lookup
+from .drafters import METHOD_TARGET, Drafter
 from .loop import Event
 from .sampling import Noise, SamplingParams, accept
 from .stats import FINISH_CONTEXT, FINISH_LENGTH, FINISH_STOP, GenerationStats
@@ -72,8 +72,8 @@ class Job:
     generating: bool = False  # the target's prompt is in
     draft_ready: bool = False  # the draft model's prompt is in
     lane: Lane | None = None  # its part in the batch planner (costs.Lane)
-    pending_lookup: tuple[int, list[int]] | None = None  # a lookup proposal judged in hindsight
-    proposal: list[int] = field(default_factory=list)  # this step's lookup match
+    pending: dict = field(default_factory=dict)  # per free source, a proposal judged in hindsight
+    offers: dict = field(default_factory=dict)  # this step's free drafts by source (lookup, memory)
     source: str | None = None  # this step's draft source
     stats: GenerationStats | None = None
     stream: TextStream | None = None
@@ -109,7 +109,7 @@ class Scheduler:
         if verify_max is not None:
             rows_max = min(rows_max, verify_max)  # past it a row's logits may depend on the others
         self.planner = BatchPlanner(rows_max, 64, has_model=self.draft is not None,
-                                    has_lookup=drafter is not None and drafter.lookup)
+                                    has_free=drafter is not None and (drafter.lookup or drafter.memory is not None))
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -294,11 +294,12 @@ class Scheduler:
             lane.room = 0 if self.drafter is None else max(0, min(
                 job.draft_max, target.n_ctx - len(job.seq) - 1, draft_ctx - len(job.seq) - 1,
                 job.max_tokens - n_gen - 1))
-            proposal = lookup(job.seq, lane.room) if lane.room and self.drafter.lookup else []
-            if self.drafter is not None and self.drafter.lookup:
-                job.pending_lookup = judge_lookup(job.pending_lookup, lane.acceptance[SOURCE_LOOKUP], job.seq, proposal)
-            job.proposal = proposal
-            lane.lookup_len = len(proposal)
+            job.offers = self.drafter.offers(job.seq, lane.room) if lane.room else {}
+            if self.drafter is not None:
+                for source in FREE_SOURCES:
+                    job.pending[source] = judge_free(job.pending.get(source), lane.acceptance[source], job.seq,
+                                                     job.offers.get(source, []))
+            lane.offers = {source: len(t) for source, t in job.offers.items()}
             lane.model_behind = None
             if self.draft is not None and job.draft_ready:
                 # Tokens its draft has yet to see (after plain or lookup steps): caught up in the first draft pass,
@@ -315,8 +316,8 @@ class Scheduler:
         model_jobs = []
         for job, source, k in zip(jobs, plan.sources, plan.lengths):
             k = min(k, rows - 1)
-            if source == SOURCE_LOOKUP:
-                drafts[job.slot] = job.proposal[:k]
+            if source in FREE_SOURCES:
+                drafts[job.slot] = job.offers[source][:k]
             elif source == SOURCE_MODEL and k:
                 model_jobs.append((job, k))
             job.source = source if k else None
@@ -361,8 +362,8 @@ class Scheduler:
                 job.stats.n_draft_steps += n_draft_passes
             key = "none" if not d else f"{job.source}@{len(d)}"
             job.stats.draft_lengths[key] = job.stats.draft_lengths.get(key, 0) + 1
-            if job.source == SOURCE_LOOKUP:
-                job.pending_lookup = None  # verified: recorded below
+            if job.source in FREE_SOURCES:
+                job.pending.pop(job.source, None)  # verified: recorded below
             out = d[:n_acc] + [nxt]
             self.planner.record_round(job.lane, job.source if d else None, len(d), n_acc, len(out))
             self._deliver(job, out, n_acc, len(d))
@@ -422,7 +423,7 @@ class Scheduler:
             job.out.put(Event(tok, text, i < n_accepted, job.stats))
             if finish:
                 break
-        job.stats.record_draft(n_drafted, min(n_accepted, kept))
+        job.stats.record_draft(n_drafted, min(n_accepted, kept), job.source)
         if finish:
             job.stats.t_end = time.perf_counter()
             job.out.put(Event(None, job.stream.flush(), False, job.stats, finish))
@@ -438,6 +439,8 @@ class Scheduler:
     def _free(self, job: Job) -> None:
         """The job leaves its slot; its caches keep what was delivered (the next request may extend it)."""
         job.finished = True
+        if self.drafter is not None:
+            self.drafter.remember(job.seq[:job.seen], len(job.prompt))
         s = job.slot
         self.target.truncate(job.seen, s)
         if self.draft is not None:

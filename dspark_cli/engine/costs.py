@@ -9,6 +9,7 @@ per one-token step. Each round takes the option with the most tokens per second:
     none            1 / V(1)
     draft model, k  E_model(k) / (catch-up + k * D + V(k + 1))
     lookup, k       E_lookup(k) / V(k + 1)          (k <= the tokens the match offers; drafting is free)
+    memory, k       E_memory(k) / V(k + 1)          (the drafting memory, engine/memory.py: free as lookup)
 
 V(n) is the target step over n tokens (a verify, or a plain step when n = 1), D a draft-model step, catch-up
 what the draft model spends on tokens it has not seen (after rounds without it). On a GPU V is nearly flat in
@@ -30,10 +31,13 @@ from dataclasses import dataclass, field
 
 SOURCE_MODEL = "draft"
 SOURCE_LOOKUP = "lookup"
+SOURCE_MEMORY = "memory"
+FREE_SOURCES = (SOURCE_LOOKUP, SOURCE_MEMORY)  # drafts that cost nothing to make: a match offers them, or not
+SOURCES = (SOURCE_MODEL,) + FREE_SOURCES
 
 EMA = 0.25  # weight of a new timing in its running estimate
 FORGET = 0.985  # per generated token, what acceptance evidence keeps (half-life ~46 tokens)
-PRIOR = {SOURCE_MODEL: 0.85, SOURCE_LOOKUP: 0.5}  # acceptance assumed before (or long after) any evidence
+PRIOR = {SOURCE_MODEL: 0.85, SOURCE_LOOKUP: 0.5, SOURCE_MEMORY: 0.5}  # acceptance assumed before (or long after) any evidence
 PRIOR_WEIGHT = 2.0  # how many observations the prior is worth
 OPTIMISM = 1.0  # choices use acceptance this many standard deviations above its estimate: little evidence
 # (one unlucky first round) leaves room to try again, much evidence pins it down
@@ -60,7 +64,7 @@ MODEL_RETRY, MODEL_RETRY_MAX = 64, 512  # rounds without the draft model after w
 
 @dataclass
 class Plan:
-    source: str | None  # SOURCE_MODEL, SOURCE_LOOKUP, or None: a plain target step
+    source: str | None  # SOURCE_MODEL, a free source (SOURCE_LOOKUP, SOURCE_MEMORY), or None: a plain target step
     k: int  # tokens to draft (0 with source None)
     rate: float = 0.0  # expected tokens per second
 
@@ -281,14 +285,14 @@ class Planner:
 
     draft_max: int
     has_model: bool
-    has_lookup: bool
-    fixed: bool = False  # always draft draft_max tokens (from the model, else lookup): no cost model
+    has_free: bool  # whether free sources (prompt lookup, the drafting memory) may offer drafts
+    fixed: bool = False  # always draft draft_max tokens (from the model, else the longest free offer): no cost model
     costs: StepCosts = field(init=False)
     acceptance: dict[str, Acceptance] = field(init=False)
     chosen: dict[tuple[str | None, int], int] = field(default_factory=dict)
     off_reason: str | None = None
     profile: object = None  # what earlier runs measured (profile.CostProfile), or None: learn from nothing
-    _pending: tuple[int, list[int]] | None = None  # a lookup proposal waiting for its verdict (lookup_hindsight)
+    _pending: dict = field(default_factory=dict)  # per free source, a proposal waiting for its verdict (hindsight)
     _since_plain: int = 0  # rounds since the last plain step
     _since_model: int = 0  # rounds since the draft model last drafted
     _retry_gap: int = MODEL_RETRY
@@ -304,14 +308,17 @@ class Planner:
                     acc.start_from(earlier, PROFILE_WEIGHT)
 
     # ---- choosing -----------------------------------------------------------------------------------
-    def plan(self, lookup_len: int, model_behind: int) -> Plan:
-        """This round's plan. lookup_len: tokens a prompt-lookup match offers now (0: no match);
-        model_behind: tokens the draft model has yet to see before it can draft."""
+    def plan(self, offers: dict[str, int], model_behind: int) -> Plan:
+        """This round's plan. offers: tokens each free source offers now (SOURCE_LOOKUP: a prompt-lookup match,
+        SOURCE_MEMORY: the drafting memory's recall; absent or 0: none); model_behind: tokens the draft model has
+        yet to see before it can draft."""
+        offers = {s: n for s, n in offers.items() if n > 0} if self.has_free else {}
         if self.fixed:
             if self.has_model:
                 return self._keep(Plan(SOURCE_MODEL, self.draft_max))
-            if self.has_lookup and lookup_len:
-                return self._keep(Plan(SOURCE_LOOKUP, min(self.draft_max, lookup_len)))
+            if offers:
+                source = max(offers, key=offers.get)  # the longest offer (the first on a tie: lookup)
+                return self._keep(Plan(source, min(self.draft_max, offers[source])))
             return self._keep(Plan(None, 0))
         if not self.costs.knows_yardstick or self._since_plain >= REFRESH_ROUNDS:
             # The yardstick: plain steps, as the target alone takes them (two at first: see record_verify;
@@ -328,7 +335,7 @@ class Planner:
         # With a profile, speculation must beat plain steps by SPEC_MARGIN: the choice is no longer exploring
         # (the profile says what drafting does here), and near break-even a wrong guess only costs.
         margin = SPEC_MARGIN if self.profile is not None else 1.0
-        options = [Plan(None, 0, margin / v1)] + self._options(lookup_len, model_behind)
+        options = [Plan(None, 0, margin / v1)] + self._options(offers, model_behind)
         options.sort(key=lambda p: p.rate, reverse=True)
         best = options[0]
         if best.source is None:
@@ -337,13 +344,13 @@ class Planner:
             self._retry_gap = MODEL_RETRY  # chosen on its merits: a later pause starts the retries afresh
         return self._keep(best)
 
-    def _options(self, lookup_len: int, model_behind: int) -> list[Plan]:
+    def _options(self, offers: dict[str, int], model_behind: int) -> list[Plan]:
         out = []
-        for source, available in ((SOURCE_MODEL, self.has_model), (SOURCE_LOOKUP, self.has_lookup and lookup_len > 0)):
-            if not available:
+        for source in SOURCES:
+            if not (self.has_model if source == SOURCE_MODEL else source in offers):
                 continue
             acc = self.acceptance[source]
-            # Optimism where evidence costs a round to get (the model; lookup's comes free every round), while
+            # Optimism where evidence costs a round to get (the model; free sources' comes every round), while
             # nothing is known: with a profile, its acceptance is the prior and retries keep exploring.
             optimistic = source == SOURCE_MODEL and self.profile is None
             if source == SOURCE_MODEL:
@@ -352,7 +359,7 @@ class Planner:
                 catch = self.costs.catchup(behind) / CATCHUP_ROUNDS if behind > FOLD_CATCHUP else 0.0
                 top = self.draft_max
             else:
-                d, catch, top = 0.0, 0.0, min(self.draft_max, lookup_len)
+                d, catch, top = 0.0, 0.0, min(self.draft_max, offers[source])
             best = None
             for k in range(1, top + 1):
                 rate = acc.expected_tokens(k, optimistic) / (catch + k * d + self.costs.step(k + 1))
@@ -365,7 +372,7 @@ class Planner:
     def _why_off(self, options: list[Plan], v1: float) -> str:
         spec = [p for p in options if p.source is not None]
         if not spec:
-            return "no draft to verify (no prompt-lookup match)"
+            return "no draft to verify (no prompt-lookup or memory match)"
         p = spec[0]
         n = p.k + 1
         line = (f"speculation off: a verify of {n} tokens costs {self.costs.step(n) / v1:.1f} target steps"
@@ -388,13 +395,15 @@ class Planner:
             acc.fade(n_new)
         if plan.source is not None and n_drafted:
             self.acceptance[plan.source].record(n_drafted, n_accepted)
-        if plan.source == SOURCE_LOOKUP:
-            self._pending = None  # this round verified it: already recorded
+        if plan.source in FREE_SOURCES:
+            self._pending.pop(plan.source, None)  # this round verified it: already recorded
 
-    def lookup_hindsight(self, seq: list[int], proposed: list[int]) -> None:
-        """Prompt lookup judged for free, at every depth: a proposal it made after seq (in a round that did
-        not use it) is held until the tokens the target makes in its place show how far it was right."""
-        self._pending = judge_lookup(self._pending, self.acceptance[SOURCE_LOOKUP], seq, proposed)
+    def hindsight(self, seq: list[int], proposals: dict[str, list[int]]) -> None:
+        """Free sources judged for free, at every depth: a proposal each made after seq (in a round that did not
+        use it) is held until the tokens the target makes in its place show how far it was right."""
+        for source in FREE_SOURCES:
+            self._pending[source] = judge_free(self._pending.get(source), self.acceptance[source], seq,
+                                               proposals.get(source, []))
 
     @property
     def chosen_lengths(self) -> dict[str, int]:
@@ -409,10 +418,11 @@ def _at(values: list[float], i: int) -> float:
     return values[i] if i < len(values) else 0.0
 
 
-def judge_lookup(pending: tuple[int, list[int]] | None, acceptance: Acceptance, seq: list[int],
-                 proposed: list[int]) -> tuple[int, list[int]] | None:
-    """Prompt lookup judged in hindsight: a proposal made after seq[:start] and not verified is settled (recorded
-    in `acceptance`) once the tokens made in its place show how far it was right. Returns what is still pending."""
+def judge_free(pending: tuple[int, list[int]] | None, acceptance: Acceptance, seq: list[int],
+               proposed: list[int]) -> tuple[int, list[int]] | None:
+    """A free source (prompt lookup, the memory) judged in hindsight: a proposal made after seq[:start] and not
+    verified is settled (recorded in `acceptance`) once the tokens made in its place show how far it was right.
+    Returns what is still pending."""
     if pending is not None:
         start, tokens = pending
         n = 0
@@ -432,14 +442,14 @@ class Lane:
 
     acceptance: dict[str, Acceptance]  # its own acceptance by source (its text, not its neighbours')
     room: int  # tokens it may draft this step (--draft-max, its context, --max-tokens)
-    lookup_len: int  # tokens its prompt-lookup match offers (0: none)
+    offers: dict[str, int]  # tokens each free source offers it now (see Planner.plan)
     model_behind: int | None  # tokens its draft model has yet to see (None: the draft cannot draft for it now)
 
 
 @dataclass
 class BatchPlan:
     rows: int  # rows every sequence of the step's range takes (1: a plain step)
-    sources: list[str | None]  # per lane: SOURCE_MODEL, SOURCE_LOOKUP or None
+    sources: list[str | None]  # per lane: SOURCE_MODEL, a free source or None
     lengths: list[int]  # per lane: tokens to draft (at most rows - 1)
     rate: float = 0.0  # expected tokens per second for the whole batch
 
@@ -453,17 +463,17 @@ class BatchPlanner:
     tokens the whole batch gains per second, every sequence with its own acceptance:
 
         plain              n / V(S)
-        R rows, lookup     sum_i E_lookup_i(min(R - 1, match_i)) / V(S R)
-        R rows, + model    sum_i max(E_lookup_i, E_model_i(R - 1)) / (catch-up + (R - 1) D(w) + V(S R))
+        R rows, free       sum_i max_f E_f_i(min(R - 1, offer_f_i)) / V(S R)       (f: lookup, memory)
+        R rows, + model    sum_i max(E_f_i, E_model_i(R - 1)) / (catch-up + (R - 1) D(w) + V(S R))
 
     V(n) is timed by total rows, D(w) by draft rows, both learned while serving (StepCosts). At high load V(S R)
     grows with R faster than the drafts pay for, so the plan shrinks toward plain batched decoding, and since
     plain is always an option, never below it."""
 
-    def __init__(self, rows_max: int, draft_rows_max: int, has_model: bool, has_lookup: bool):
+    def __init__(self, rows_max: int, draft_rows_max: int, has_model: bool, has_free: bool):
         self.rows_max = rows_max  # most rows in one target pass (the exact bound on a CPU)
         self.has_model = has_model
-        self.has_lookup = has_lookup
+        self.has_free = has_free
         self.costs = StepCosts(rows_max)  # V by total rows
         self.draft_costs = StepCosts(draft_rows_max)  # a draft pass by total rows (catch-up rows included)
         self._since_plain = 0
@@ -494,8 +504,8 @@ class BatchPlanner:
         """A new sequence's lane: its acceptance starts from the pooled evidence, worth POOLED_WEIGHT rounds."""
         width = max(1, self.rows_max - 1)
         own = {source: Acceptance(PRIOR[source], width).start_from(self.pooled[source], POOLED_WEIGHT)
-               for source in (SOURCE_MODEL, SOURCE_LOOKUP)}
-        return Lane(own, 0, 0, None)
+               for source in SOURCES}
+        return Lane(own, 0, {}, None)
 
     def plan(self, lanes: list[Lane], n_streams: int, draft_max: int, fixed: bool = False) -> BatchPlan:
         """The step's plan for `lanes` (the sequences that generate) over `n_streams` consecutive streams.
@@ -541,9 +551,10 @@ class BatchPlanner:
         for lane in lanes:
             k = min(rows - 1, lane.room)
             options = [(1.0, None, 0)]
-            if self.has_lookup and lane.lookup_len and k:
-                kl = min(k, lane.lookup_len)
-                options.append((lane.acceptance[SOURCE_LOOKUP].expected_tokens(kl), SOURCE_LOOKUP, kl))
+            for source, offer in (lane.offers.items() if self.has_free and k else ()):
+                if offer:
+                    kf = min(k, offer)
+                    options.append((lane.acceptance[source].expected_tokens(kf), source, kf))
             if with_model and lane.model_behind is not None and k:
                 e = lane.acceptance[SOURCE_MODEL].expected_tokens(k)
                 options.append((math.inf if prefer_model else e, SOURCE_MODEL, k))
@@ -575,4 +586,4 @@ class BatchPlanner:
 
 def new_acceptance(width: int) -> dict[str, Acceptance]:
     """A fresh sequence's acceptance by source, from the priors."""
-    return {s: Acceptance(PRIOR[s], width) for s in (SOURCE_MODEL, SOURCE_LOOKUP)}
+    return {s: Acceptance(PRIOR[s], width) for s in SOURCES}

@@ -1,6 +1,7 @@
 """Where draft tokens come from: a small model of the same tokenizer, prompt lookup, or both (the hybrid,
 what a user gets by default with a draft model: a lookup match when there is one, the model otherwise; the
-cost model in engine/costs decides per round which pays).
+cost model in engine/costs decides per round which pays). Any drafter may also hold a drafting memory
+(engine/memory.py: what earlier generations wrote), a second free source beside lookup.
 
 Every drafter has the same interface, so any engine can use any drafter. Drafted tokens are chosen with the
 same sampling rule and noise as the target's own (sampling.pick), so a draft is accepted exactly when it is
@@ -16,6 +17,8 @@ from typing import Protocol
 import numpy as np
 
 from ..llama.model import Model
+from .costs import SOURCE_LOOKUP, SOURCE_MEMORY
+from .memory import DraftMemory
 from .sampling import Noise, SamplingParams, pick
 
 
@@ -25,6 +28,12 @@ METHOD_DRAFT = "draft"  # the draft model alone (--no-lookup)
 METHOD_LOOKUP = "lookup"  # prompt lookup, no second model
 METHOD_HYBRID = "hybrid"  # the draft model and prompt lookup: what a user gets with a draft model
 METHODS = (METHOD_HYBRID, METHOD_DRAFT, METHOD_LOOKUP)
+WITH_MEMORY = "+memory"  # a method with the drafting memory, as `bench --methods hybrid+memory` names it
+
+
+def split_method(name: str) -> tuple[str, bool]:
+    """A method name as bench names variants: (the method, whether it drafts from the memory too)."""
+    return (name[: -len(WITH_MEMORY)], True) if name.endswith(WITH_MEMORY) else (name, False)
 
 
 @dataclass
@@ -35,11 +44,13 @@ class Draft:
 
 
 class Drafter(Protocol):
-    """`model` is the draft model (None for prompt lookup alone); `lookup` whether prompt lookup is on."""
+    """`model` is the draft model (None for prompt lookup alone); `lookup` whether prompt lookup is on;
+    `memory` the drafting memory (None: off)."""
 
     name: str
     model: Model | None
     lookup: bool
+    memory: DraftMemory | None
 
     def prepare(self, seq: list[int], n_vocab: int) -> int:
         """Before generation, with the prompt and the target's vocabulary size: returns the prompt tokens the
@@ -59,14 +70,37 @@ class Drafter(Protocol):
         """Draft one more token after seq + ahead.tokens into `ahead` (one model step). False when there is
         nothing more to draft (no model, an end token)."""
 
-    def lookup_tokens(self, seq: list[int], n_max: int) -> list[int]:
-        """What prompt lookup proposes after seq ([] when off or when nothing matches)."""
+    def offers(self, seq: list[int], n_max: int) -> dict[str, list[int]]:
+        """What the free sources propose after seq, at most n_max tokens each: {SOURCE_LOOKUP: prompt lookup's
+        match, SOURCE_MEMORY: the memory's recall}, the ones that are off or match nothing left out."""
 
-    def release(self, n_keep: int) -> None:
-        """Generation ended with `seq[:n_keep]` accepted: drop any state past it."""
+    def release(self, seq: list[int], n_prompt: int) -> None:
+        """Generation ended with `seq` accepted (its first n_prompt tokens the prompt): drop any state past it,
+        and remember it in the drafting memory."""
 
 
-class ModelDrafter:
+class FreeSources:
+    """Prompt lookup and the drafting memory, the drafts that cost nothing to make (every drafter has them)."""
+
+    lookup = False
+    memory: DraftMemory | None = None
+    ngram_max, ngram_min = 4, 2
+
+    def offers(self, seq: list[int], n_max: int) -> dict[str, list[int]]:
+        out = {}
+        if n_max > 0:
+            if self.lookup:
+                out[SOURCE_LOOKUP] = lookup(seq, n_max, self.ngram_max, self.ngram_min)
+            if self.memory is not None:
+                out[SOURCE_MEMORY] = self.memory.recall(seq, n_max)
+        return {s: t for s, t in out.items() if t}
+
+    def remember(self, seq: list[int], n_prompt: int) -> None:
+        if self.memory is not None:
+            self.memory.add(seq, n_prompt)
+
+
+class ModelDrafter(FreeSources):
     """A small model drafts autoregressively from its own KV cache. Between rounds only the tokens it has not
     seen are fed to it (usually the target's correction), never the whole verified batch again."""
 
@@ -144,14 +178,12 @@ class ModelDrafter:
         """seq in the draft model's vocabulary (see _seen)."""
         return self._seen(seq)
 
-    def lookup_tokens(self, seq: list[int], n_max: int) -> list[int]:
-        return []
-
-    def release(self, n_keep: int) -> None:
-        self.model.truncate(max(0, n_keep - self.start))
+    def release(self, seq: list[int], n_prompt: int) -> None:
+        self.model.truncate(max(0, len(seq) - self.start))
+        self.remember(seq, n_prompt)
 
 
-class PromptLookupDrafter:
+class PromptLookupDrafter(FreeSources):
     """No second model: find the latest earlier occurrence of the last n tokens (n from ngram_max down to
     ngram_min) in the prompt and the text so far, and propose what followed it. Strong when the answer
     copies from the input (summaries, edits, code changes), free when it does not match."""
@@ -179,11 +211,8 @@ class PromptLookupDrafter:
     def extend(self, seq: list[int], ahead: Draft, params: SamplingParams, noise: Noise) -> bool:
         return False
 
-    def lookup_tokens(self, seq: list[int], n_max: int) -> list[int]:
-        return lookup(seq, n_max, self.ngram_max, self.ngram_min)
-
-    def release(self, n_keep: int) -> None:
-        pass
+    def release(self, seq: list[int], n_prompt: int) -> None:
+        self.remember(seq, n_prompt)
 
 
 class HybridDrafter(ModelDrafter):
@@ -195,26 +224,27 @@ class HybridDrafter(ModelDrafter):
 
     def __init__(self, model: Model, p_min: float = 0.0, ngram_max: int = 4, ngram_min: int = 2):
         super().__init__(model, p_min)
-        self._lookup = PromptLookupDrafter(ngram_max, ngram_min)
-
-    def lookup_tokens(self, seq: list[int], n_max: int) -> list[int]:
-        return self._lookup.lookup_tokens(seq, n_max)
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
 
 
-def make_drafter(method: str, model: Model | None = None, p_min: float = 0.0) -> "Drafter | None":
-    """The one way to build a drafter: None for the target alone. UsageError for a method that needs a draft
-    model when there is none, or an unknown one."""
+def make_drafter(method: str, model: Model | None = None, p_min: float = 0.0,
+                 memory: DraftMemory | None = None) -> "Drafter | None":
+    """The one way to build a drafter: None for the target alone. `memory`: the drafting memory it drafts from
+    too (None: none). UsageError for a method that needs a draft model when there is none, or an unknown one."""
     from ..errors import UsageError
 
     if method == METHOD_TARGET:
         return None
     if method == METHOD_LOOKUP:
-        return PromptLookupDrafter()
-    if method in (METHOD_DRAFT, METHOD_HYBRID):
+        drafter = PromptLookupDrafter()
+    elif method in (METHOD_DRAFT, METHOD_HYBRID):
         if model is None:
             raise UsageError(f"method {method!r} needs a draft model; load one (--draft PATH) or use 'lookup'")
-        return (HybridDrafter if method == METHOD_HYBRID else ModelDrafter)(model, p_min=p_min)
-    raise UsageError(f"unknown method {method!r}: choose from {METHOD_TARGET}, {', '.join(METHODS)}")
+        drafter = (HybridDrafter if method == METHOD_HYBRID else ModelDrafter)(model, p_min=p_min)
+    else:
+        raise UsageError(f"unknown method {method!r}: choose from {METHOD_TARGET}, {', '.join(METHODS)}")
+    drafter.memory = memory
+    return drafter
 
 
 def lookup(seq: list[int], n_max: int, ngram_max: int = 4, ngram_min: int = 2) -> list[int]:

@@ -2,8 +2,9 @@
 
 Invariant between rounds: `seq` holds every accepted token (prompt included) and the target's KV cache
 holds seq[:-1]; the last token is pending. One round:
-  1. the cost model (costs.Planner) picks what to draft: k tokens from the draft model, k from a
-     prompt-lookup match, or nothing (a plain target step, as the target alone runs);
+  1. the cost model (costs.Planner) picks what to draft: k tokens from the draft model, k from a free source
+     (a prompt-lookup match, the drafting memory's recall), or nothing (a plain target step, as the target
+     alone runs);
   2. the target evaluates [seq[-1]] + draft in one batch, giving k + 1 rows of logits;
   3. the longest prefix of the draft that matches the target's own picks (sampling.pick: the argmax, or the
      keyed Gumbel draw) is accepted, and the target's pick after it comes along: the correction, or the
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 
-from .costs import FOLD_CATCHUP, REENTRY_WINDOW, SOURCE_LOOKUP, SOURCE_MODEL, Plan, Planner
+from .costs import FOLD_CATCHUP, FREE_SOURCES, REENTRY_WINDOW, SOURCE_MODEL, Plan, Planner
 from .detok import TextStream
 from .drafters import METHOD_TARGET, Draft, Drafter
 from ..errors import ContextFullError, PromptError, UsageError
@@ -76,7 +77,7 @@ class Round:
     tokens: list[int]  # the accepted drafts, then the target's own token
     n_drafted: int
     n_accepted: int
-    source: str | None = None  # where the drafts came from (costs.SOURCE_MODEL / SOURCE_LOOKUP)
+    source: str | None = None  # where the drafts came from (costs.SOURCE_MODEL, SOURCE_LOOKUP, SOURCE_MEMORY)
 
 
 # Long (about 90 lines): the whole generation on one screen, as llama.cpp's speculative-simple keeps it:
@@ -124,7 +125,7 @@ def generate(
     # Drafting needs room in the draft model's context too (it may be smaller than the target's).
     draft_ctx = drafter.model.n_ctx if drafter is not None and drafter.model is not None else n_ctx
     planner = Planner(max(1, max_draft), has_model=drafter is not None and drafter.model is not None,
-                      has_lookup=drafter is not None and drafter.lookup, fixed=fixed,
+                      has_free=drafter is not None and (drafter.lookup or drafter.memory is not None), fixed=fixed,
                       profile=None if fixed else profile)
 
     def room() -> int:  # draft tokens the next verify may carry (both models' contexts, --max-tokens)
@@ -172,7 +173,7 @@ def generate(
                 yield Event(tok, text, i < r.n_accepted, stats)
                 if finish:
                     break
-            stats.record_draft(r.n_drafted, min(r.n_accepted, kept))  # drafts past the end count as not accepted
+            stats.record_draft(r.n_drafted, min(r.n_accepted, kept), r.source)  # drafts past the end: not accepted
 
         stats.t_end = time.perf_counter()
         stats.draft_lengths = planner.chosen_lengths
@@ -185,7 +186,7 @@ def generate(
         # Rejected drafts, and accepted tokens past a stop, must not survive in either cache.
         target.truncate(seen)
         if drafter is not None:
-            drafter.release(seen)
+            drafter.release(seq[:seen], len(prompt))
         if profile is not None and not fixed and stats.n_target_steps:
             profile.absorb(planner)  # what this run measured, for the next (an abandoned run's timings count too)
 
@@ -210,11 +211,11 @@ def _sequential_rounds(target, drafter, seq, params, noise, planner: Planner, ro
     """Draft (what the planner picks), then verify, then again: the simple loop (also the target alone)."""
     while True:
         cap = room()
-        lookup = drafter.lookup_tokens(seq, cap) if cap and drafter.lookup else []
-        if drafter is not None and drafter.lookup:
-            planner.lookup_hindsight(seq, lookup)
+        offers = drafter.offers(seq, cap) if cap else {}
+        if drafter is not None:
+            planner.hindsight(seq, offers)
         behind = drafter.behind(seq) if cap and drafter.model is not None else 0
-        plan = planner.plan(len(lookup), behind) if cap else Plan(None, 0)
+        plan = planner.plan({s: len(t) for s, t in offers.items()}, behind) if cap else Plan(None, 0)
         k = min(plan.k, cap)
         t_draft = time.perf_counter()
         draft = Draft([])
@@ -226,8 +227,8 @@ def _sequential_rounds(target, drafter, seq, params, noise, planner: Planner, ro
                 pass
             if draft.steps:
                 planner.costs.record_draft(draft.seconds / draft.steps)
-        elif plan.source == SOURCE_LOOKUP:
-            draft.tokens = lookup[:k]
+        elif plan.source in FREE_SOURCES:
+            draft.tokens = offers[plan.source][:k]
         t_target = time.perf_counter()
         n_acc, nxt = _verify(target, seq, draft.tokens, params, noise)
         t_done = time.perf_counter()

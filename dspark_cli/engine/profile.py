@@ -24,7 +24,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from .costs import PRIOR, SOURCE_LOOKUP, SOURCE_MODEL, Acceptance
+from .costs import PRIOR, SOURCES, Acceptance
 
 VERSION = 1
 KEEP_RUNS = 9  # runs whose cost figures are kept; the median of them is used
@@ -138,7 +138,7 @@ class CostProfile:
                 raise ValueError(f"figure {key!r} must be a list of positive numbers")
             out.figures[key] = [float(v) for v in values][-KEEP_RUNS:]
         for source, entry in acceptance.items():
-            if source not in (SOURCE_MODEL, SOURCE_LOOKUP) or not isinstance(entry, dict):
+            if source not in SOURCES or not isinstance(entry, dict):
                 raise ValueError(f"unknown drafter {source!r}")
             reached, accepted = entry.get("reached"), entry.get("accepted")
             if (not isinstance(reached, list) or not isinstance(accepted, list) or len(reached) != len(accepted)

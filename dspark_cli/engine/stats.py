@@ -52,6 +52,7 @@ class GenerationStats(Rates):
     accepted_at: list[int] = field(default_factory=list)  # per draft position: of those, accepted
     rounds: list[tuple[int, int]] = field(default_factory=list)  # (drafted, accepted) per target step
     draft_lengths: dict[str, int] = field(default_factory=dict)  # target steps by what they verified: "none", "draft@3"…
+    accepted_by: dict[str, int] = field(default_factory=dict)  # accepted tokens by source: "draft", "lookup", "memory"
     speculation_note: str | None = None  # why the cost model left speculation off, when it did
     exact: str = ""  # the exactness proof's verdict for this target here ("proven (batches <= 16)", "no - ..."), or
     # EXACT_ALONE; "" when the caller did not say
@@ -74,10 +75,12 @@ class GenerationStats(Rates):
     def acceptance_by_position(self) -> list[float]:
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
 
-    def record_draft(self, n_drafted: int, n_accepted: int) -> None:
+    def record_draft(self, n_drafted: int, n_accepted: int, source: str | None = None) -> None:
         self.rounds.append((n_drafted, n_accepted))
         self.n_drafted += n_drafted
         self.n_accepted += n_accepted
+        if source is not None and n_accepted:
+            self.accepted_by[source] = self.accepted_by.get(source, 0) + n_accepted
         if len(self.drafted_at) < n_drafted:
             grow = n_drafted - len(self.drafted_at)
             self.drafted_at.extend([0] * grow)
@@ -102,6 +105,7 @@ class GenerationStats(Rates):
             "tokens_per_step": round(self.tokens_per_step, 4),
             "acceptance_by_position": [round(x, 4) for x in self.acceptance_by_position],
             "draft_lengths": dict(self.draft_lengths),
+            "accepted_by": dict(self.accepted_by),
             "speculation_note": self.speculation_note,
             "exact": self.exact or None,
             "batch_max": self.batch_max,

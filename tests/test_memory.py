@@ -1,0 +1,125 @@
+"""The drafting memory (engine/memory.py): earlier answers drafted from, bounded, exact."""
+
+from __future__ import annotations
+
+import pytest
+
+import dspark_cli as dspark
+from dspark_cli.engine.drafters import PromptLookupDrafter, make_drafter
+from dspark_cli.engine.loop import generate
+from dspark_cli.engine.memory import KEY, PROMPT_TAIL, DraftMemory
+from dspark_cli.engine.sampling import SamplingParams
+from dspark_cli.prompt import build_prompt
+
+ANSWER = [50, 51, 52, 53, 54, 55, 56, 57, 58, 59]
+HEADER = [7, 8, 9]  # the chat template's assistant header, the same before every answer
+
+
+def test_recalls_what_followed_the_longest_earlier_match():
+    m = DraftMemory(1 << 20)
+    m.add([1, 2, 3] + HEADER + ANSWER, n_prompt=6)
+    # A new request, another prompt, the same header: the earlier answer is the draft.
+    assert m.recall([4, 5, 6] + HEADER, 4) == ANSWER[:4]
+    assert m.recall([4, 5, 6] + HEADER + ANSWER[:5], 8) == ANSWER[5:]  # it stops where the text ended
+    assert m.recall([4, 5, 6, 7, 8], 4) == []  # fewer than KEY tokens in common: no match
+    assert m.recall([99, 98, 97], 4) == []
+    assert m.recall(HEADER, 0) == []
+
+
+def test_the_longest_match_wins_and_split_evidence_stops_the_draft():
+    m = DraftMemory(1 << 20)
+    m.add([1, 1] + HEADER + [60, 61, 62, 63], n_prompt=5)
+    m.add([2, 2] + HEADER + [70, 71, 72, 73], n_prompt=5)
+    # Both match the header alone (3 tokens) and disagree at once: no draft rather than a guess.
+    assert m.recall([5, 5] + HEADER, 4) == []
+    # One matches further back: it alone is the evidence.
+    assert m.recall([2, 2] + HEADER, 4) == [70, 71, 72, 73]
+    m.add([3, 3] + HEADER + [70, 71, 80], n_prompt=5)
+    # Two of three agree on 70, 71; past that the two split: the draft stops there.
+    assert m.recall([5, 5] + HEADER, 4) == [70, 71]
+
+
+def test_keeps_the_answer_and_the_prompts_end_only():
+    m = DraftMemory(1 << 20)
+    prompt = list(range(1000, 1000 + 3 * PROMPT_TAIL))
+    m.add(prompt + ANSWER, n_prompt=len(prompt))
+    assert m.n_tokens == PROMPT_TAIL + len(ANSWER)
+    assert m.recall(prompt[:KEY + 1], 4) == []  # the prompt's start is prompt lookup's, not kept again
+    m.add(prompt, n_prompt=len(prompt))  # no answer (an error before the first token): nothing to keep
+    assert len(m) == 1
+
+
+def test_evicts_the_oldest_at_the_bound():
+    bound = 64 << 10
+    m = DraftMemory(bound)
+    texts = [[10_000 + 50 * i + j for j in range(100)] for i in range(60)]  # each shares half its keys
+    for text in texts:
+        m.add(text, n_prompt=0)
+        assert m.nbytes <= bound
+    assert 1 < len(m) < len(texts)
+    assert m.recall(texts[-1][:KEY], 3) == texts[-1][KEY:KEY + 3]  # the newest is kept
+    assert m.recall(texts[0][:KEY], 3) == []  # the oldest is gone, index and all
+    assert all(p >= m.base for postings in m.index.values() for p in postings)
+    m.clear()
+    assert len(m) == 0 and m.recall(texts[-1][:KEY], 3) == []
+    huge = list(range(20_000, 30_000))
+    m.add(huge, n_prompt=0)  # more than the bound holds: its end is kept
+    assert m.nbytes <= bound and m.recall(huge[-10:-7], 2) == huge[-7:-5] and m.recall(huge[:3], 2) == []
+
+
+def _answer(target, prompt, drafter=None, params=SamplingParams(), **kw):
+    tokens, last = [], None
+    for ev in generate(target, prompt, drafter=drafter, params=params, **kw):
+        if ev.token is not None:
+            tokens.append(ev.token)
+        last = ev
+    return tokens, last.stats
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, top_k=40, top_p=0.95,
+                                                                     min_p=0.05, seed=7)], ids=["greedy", "sampled"])
+def test_a_request_drafts_from_an_earlier_answer_and_stays_exact(demo_models, params):
+    target, _ = demo_models
+    prompt, _ = build_prompt(target, "List the planets of the solar system, one per line.")
+    alone, _ = _answer(target, prompt, params=params, max_tokens=48)
+    drafter = PromptLookupDrafter()
+    drafter.memory = DraftMemory(1 << 20)
+    first, stats = _answer(target, prompt, drafter, params, max_tokens=48, draft_max=6, fixed=True)
+    assert first == alone and "memory" not in stats.accepted_by  # nothing remembered yet
+    assert len(drafter.memory) == 1
+    # The same request again (a retry, a second user): the memory drafts the answer it gave before.
+    again, stats = _answer(target, prompt, drafter, params, max_tokens=48, draft_max=6, fixed=True)
+    assert again == alone
+    assert stats.accepted_by.get("memory", 0) >= len(alone) // 2, stats.as_dict()
+    assert any(k.startswith("memory@") for k in stats.draft_lengths)
+
+
+def test_the_pair_remembers_across_calls_unless_off(demo_paths):
+    question = "Name three colours of the rainbow."
+    with dspark.load(demo_paths[0], draft="lookup", ctx_size=512, quiet=True) as pair:
+        first = pair.complete(question, max_tokens=24, fixed=True, draft_max=6)
+        second = pair.complete(question, max_tokens=24, fixed=True, draft_max=6)
+        assert second.tokens == first.tokens
+        assert second.stats.accepted_by.get("memory", 0) > 0, second.stats.as_dict()
+    with dspark.load(demo_paths[0], draft="lookup", ctx_size=512, memory_mb=0, quiet=True) as pair:
+        assert pair.drafter.memory is None
+        pair.complete(question, max_tokens=24, fixed=True, draft_max=6)
+        r = pair.complete(question, max_tokens=24, fixed=True, draft_max=6)
+        assert r.tokens == first.tokens and "memory" not in r.stats.accepted_by
+
+
+def test_batched_requests_draft_from_earlier_ones(demo_paths):
+    question = "Write the numbers from one to ten in words, separated by commas."
+    with dspark.load(demo_paths[0], draft="none", ctx_size=512, quiet=True) as pair:
+        alone = pair.complete(question, max_tokens=32).tokens
+    with dspark.load(demo_paths[0], draft="lookup", ctx_size=512, parallel=2, quiet=True) as pair:
+        first = pair.complete(question, max_tokens=32, fixed=True, draft_max=6)
+        second = pair.complete(question, max_tokens=32, fixed=True, draft_max=6)
+    assert first.tokens == second.tokens == alone
+    assert second.stats.accepted_by.get("memory", 0) > 0, second.stats.as_dict()
+
+
+def test_make_drafter_shares_the_memory_given():
+    memory = DraftMemory(1 << 20)
+    assert make_drafter("lookup", memory=memory).memory is memory
+    assert make_drafter("lookup").memory is None
