@@ -370,7 +370,8 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
          draft_p_min: float = 0.0, lookup: bool = True, pull: bool = False, offline: bool = False,
          force: bool = False, rpc: str | None = None, rpc_draft: str | None = None,
          tensor_split: str | None = None, parallel: int = 1, draft_as_is: bool = False, profile: bool = True,
-         exact: bool = False, memory_mb: int = DEFAULT_MEMORY_MB, quiet: bool = False) -> Pair:
+         exact: bool = False, memory_mb: int = DEFAULT_MEMORY_MB, draft_cache: str | PathLike | None = None,
+         quiet: bool = False) -> Pair:
     """Load a target and its drafter, as the CLI's model options do.
 
     target, draft: a GGUF path, "org/repo:file.gguf", "org/repo:QUANT" or a registry name; draft may also be
@@ -388,6 +389,7 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
     from nothing, store nothing). exact: speculate only with verify batches the proof at load found bit-identical to
     one-token decoding here (the target alone where none is); Pair.exactness says what it found either way.
     memory_mb: the drafting memory's bound: the pair drafts from its own earlier answers too, where that pays (0: off).
+    draft_cache: a file the memory is read from now and saved to at close() (None: this process's answers only).
     quiet: no status line on stderr. A wrong type or value is a UsageError.
     """
     opts = ModelOptions(
@@ -402,7 +404,8 @@ def load(target: str | PathLike | None = None, draft: str | PathLike | None = No
         tensor_split=check.text("tensor_split", tensor_split, optional=True),
         parallel=check.integer("parallel", parallel), draft_as_is=check.flag("draft_as_is", draft_as_is),
         profile=check.flag("profile", profile), exact=check.flag("exact", exact),
-        memory_mb=check.integer("memory_mb", memory_mb))
+        memory_mb=check.integer("memory_mb", memory_mb),
+        draft_cache=check.path("draft_cache", draft_cache))
     return open_pair(opts, quiet=check.flag("quiet", quiet))
 
 

@@ -54,7 +54,7 @@ def valid_unicode(name: str, value: str) -> str:
     return value
 
 
-def model_ref(name: str, value) -> str | None:
+def model_ref(name: str, value, what: str = "a path or a model reference string") -> str | None:
     """A model reference: a str or a path (pathlib.Path and any os.PathLike), or None."""
     if value is None:
         return None
@@ -63,8 +63,13 @@ def model_ref(name: str, value) -> str | None:
         if isinstance(value, bytes):
             value = os.fsdecode(value)
     if not isinstance(value, str):
-        raise UsageError(f"{name} must be a path or a model reference string, got {type(value).__name__}")
+        raise UsageError(f"{name} must be {what}, got {type(value).__name__}")
     return value
+
+
+def path(name: str, value) -> str | None:
+    """A file path: a str or any os.PathLike, or None."""
+    return model_ref(name, value, what="a path")
 
 
 def stop_strings(value) -> tuple[str, ...]:

@@ -57,9 +57,9 @@ def check_writable(path: str | Path, flag: str, *, make_dirs: bool = False) -> P
     return Path(path).expanduser()
 
 
-def write_atomic(path: str | Path, text: str, *, make_dirs: bool = False) -> Path:
-    """Replace the file at `path` with `text`, whole or not at all (a temporary file beside it, renamed over
-    it). Raises OutputError, and then the old file is untouched."""
+def write_atomic(path: str | Path, text: str | bytes, *, make_dirs: bool = False) -> Path:
+    """Replace the file at `path` with `text` (or bytes), whole or not at all (a temporary file beside it, renamed
+    over it). Raises OutputError, and then the old file is untouched."""
     target = _target(path)
     why = _problem(target, make_dirs)
     if why is not None:
@@ -68,7 +68,8 @@ def write_atomic(path: str | Path, text: str, *, make_dirs: bool = False) -> Pat
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        binary = isinstance(text, bytes)
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
             fd = None
             f.write(text)
             f.flush()
@@ -114,7 +115,8 @@ def save_fallback(text: str, prefix: str, suffix: str) -> Path | None:
     so a finished benchmark is not lost. None if even that fails (a full disk)."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        binary = isinstance(text, bytes)
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
             f.write(text)
         return Path(tmp)
     except OSError:

@@ -44,6 +44,7 @@ class ModelOptions:
     draft_as_is: bool = False  # never derive a faster copy of the draft (models/derive.py)
     exact: bool = False  # speculate only with verify batches proven exact here (llama/proof.py)
     memory_mb: int = DEFAULT_MEMORY_MB  # the drafting memory's bound (engine/memory.py); 0: no memory
+    draft_cache: str | None = None  # a file the drafting memory is read from at load and saved to at close
 
     def rpc_endpoints(self, draft: bool = False):
         from .llama.rpc import parse_endpoints
@@ -74,6 +75,9 @@ class ModelOptions:
             raise UsageError(f"--threads must be between 1 and {MAX_THREADS} (llama.cpp's limit), got {self.threads}")
         if not 0 <= self.memory_mb <= MAX_MEMORY_MB:
             raise UsageError(f"--draft-memory must be between 0 (off) and {MAX_MEMORY_MB} MB, got {self.memory_mb}")
+        if self.draft_cache is not None and (not self.memory_mb or self.draft == DRAFT_NONE):
+            raise UsageError("--draft-cache keeps the drafting memory, which is off here "
+                             + ("(--draft-memory 0)" if not self.memory_mb else "(--draft none: nothing drafts)"))
         if not 1 <= self.parallel <= MAX_PARALLEL:
             raise UsageError(f"--parallel must be between 1 and {MAX_PARALLEL}, got {self.parallel}")
         if not 0.0 <= self.draft_p_min < 1.0:
@@ -102,6 +106,7 @@ class Loaded:
     profile: object = None  # models.profiles.StoredProfile: the cost model's prior, updated by every generation
     exactness: object = None  # llama.proof.Verdict for the target here (None: the target alone, nothing to prove)
     verify_max: int | None = None  # the largest verify batch the engine may send (None: no bound)
+    draft_cache: object = None  # models.draft_cache.DraftCache: where the drafting memory is saved at close
 
     @property
     def exact_label(self) -> str:
@@ -111,6 +116,9 @@ class Loaded:
         return self.exactness.label if self.exactness is not None else EXACT_ALONE
 
     def close(self) -> None:
+        if self.draft_cache is not None and self.drafter is not None and self.drafter.memory is not None:
+            self.draft_cache.write(self.drafter.memory)
+            self.draft_cache = None
         if self.draft_model is not None:
             self.draft_model.close()
         self.target.close()
@@ -263,15 +271,21 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
 
         keep_alive(servers)
     profile = None
+    draft_cache = None
     if drafter is not None and opts.memory_mb:
         from .engine.memory import DraftMemory
 
         drafter.memory = DraftMemory(opts.memory_mb << 20)
+        if opts.draft_cache is not None:
+            from .models.draft_cache import DraftCache, vocab_id
+
+            draft_cache = DraftCache(opts.draft_cache, vocab_id(target), quiet=quiet)
+            draft_cache.read(drafter.memory, quiet=quiet)
     if drafter is not None and opts.profile:
         from .models.profiles import open_profile, profile_key
 
         profile = open_profile(profile_key(target, draft_model), quiet=quiet)
-    return Loaded(target, drafter, draft_model, target_path, draft_path, profile, exactness, verify_max)
+    return Loaded(target, drafter, draft_model, target_path, draft_path, profile, exactness, verify_max, draft_cache)
 
 
 def _hold_to_proof(opts: ModelOptions, target: Model, where: Placement, *, speculates: bool, quiet: bool):

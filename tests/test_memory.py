@@ -123,3 +123,70 @@ def test_make_drafter_shares_the_memory_given():
     memory = DraftMemory(1 << 20)
     assert make_drafter("lookup", memory=memory).memory is memory
     assert make_drafter("lookup").memory is None
+
+
+# ---- the memory on disk (--draft-cache) ---------------------------------------------------------------------
+
+def _run(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "dspark_cli", "run", "--draft", "lookup", "--temp", "0", "-n", "24",
+                           "--draft-fixed", "--draft-max", "6", "--ctx-size", "512", "--json", *args],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+
+
+def _warnings(proc) -> list[str]:
+    return [ln for ln in proc.stderr.splitlines() if "warning:" in ln]
+
+
+def test_the_draft_cache_carries_the_memory_to_the_next_process(tmp_path):
+    import json
+
+    cache = tmp_path / "memory.bin"
+    first = _run("--draft-cache", str(cache), "Name three colours of the rainbow.")
+    assert first.returncode == 0, first.stderr
+    assert cache.read_bytes().startswith(b"DSPARK-DRAFT-MEMORY\n") and not _warnings(first)
+    again = _run("--draft-cache", str(cache), "Name three colours of the rainbow.")
+    assert again.returncode == 0, again.stderr
+    a, b = json.loads(first.stdout), json.loads(again.stdout)
+    assert b["text"] == a["text"]
+    assert b["accepted_by"].get("memory", 0) > 0, b
+    assert list(tmp_path.iterdir()) == [cache]  # no temporary file left beside it
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "version", "garbage"])
+def test_a_bad_draft_cache_is_ignored_with_one_warning_and_replaced(tmp_path, damage):
+    import json
+
+    cache = tmp_path / "memory.bin"
+    assert _run("--draft-cache", str(cache), "Say hello.").returncode == 0
+    data = cache.read_bytes()
+    magic, header, body = data.split(b"\n", 2)
+    if damage == "truncated":
+        data = data[:-3]
+    elif damage == "foreign":
+        data = magic + b"\n" + json.dumps({**json.loads(header), "vocab": "0" * 32}).encode() + b"\n" + body
+    elif damage == "version":
+        data = magic + b"\n" + json.dumps({**json.loads(header), "version": 99}).encode() + b"\n" + body
+    else:
+        data = b"\x00\xff" * 50
+    cache.write_bytes(data)
+    proc = _run("--draft-cache", str(cache), "Say hello.")
+    assert proc.returncode == 0, proc.stderr
+    assert len(_warnings(proc)) == 1 and "ignoring the draft cache" in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout)["text"]
+    assert "memory" not in json.loads(proc.stdout)["accepted_by"]  # it started empty
+    ok = _run("--draft-cache", str(cache), "Say hello.")  # replaced at exit by a good one
+    assert not _warnings(ok) and json.loads(ok.stdout)["accepted_by"].get("memory", 0) > 0
+
+
+def test_a_draft_cache_that_cannot_be_written_warns_once(tmp_path):
+    proc = _run("--draft-cache", str(tmp_path), "Say hello.")  # a directory
+    assert proc.returncode == 0, proc.stderr
+    assert len(_warnings(proc)) == 1 and "cannot be saved" in proc.stderr, proc.stderr
+
+
+def test_draft_cache_needs_the_memory(tmp_path):
+    proc = _run("--draft-cache", str(tmp_path / "m.bin"), "--draft-memory", "0", "Say hello.")
+    assert proc.returncode == 2 and "--draft-memory 0" in proc.stderr and "Traceback" not in proc.stderr

@@ -31,6 +31,7 @@ TensorSplit = Annotated[Optional[str], typer.Option("--tensor-split", help="Each
 DraftAsIs = Annotated[bool, typer.Option("--draft-as-is", help="Load the draft file as it is: never derive (once per build) and use a copy in a layout this machine steps faster.", rich_help_panel=MODELS)]
 Exact = Annotated[bool, typer.Option("--exact", help="Speculate only with verify batches proven bit-identical to one-token decoding on this build and device (the target alone where none is); by default speculation runs either way and says when it is not proven.", rich_help_panel=MODELS)]
 DraftMemory = Annotated[int, typer.Option("--draft-memory", help="MB for the drafting memory: earlier answers of this process drafted from when they match what is being written (free to draft; used when it pays). 0 = off.", rich_help_panel=MODELS)]
+DraftCache = Annotated[Optional[str], typer.Option("--draft-cache", help="Keep the drafting memory in this file: read at start, saved at exit, so later runs draft from earlier ones' answers (off by default; a bad file is ignored with a warning).", rich_help_panel=MODELS, show_default=False)]
 Force = Annotated[bool, typer.Option("--force", help="Load even if the memory preflight says it will not fit.", rich_help_panel=MODELS)]
 
 Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 = greedy (bench's default; run and chat sample at 0.8 with top-k 40, top-p 0.95, min-p 0.05, as llama.cpp does). Either way the output is the target's own (sampled: for this --seed).", rich_help_panel=SAMPLING)]
@@ -49,7 +50,7 @@ MODEL_OPTIONS = [
     ("n_gpu_layers_draft", GpuLayersDraft, None), ("threads", Threads, None), ("pull", Pull, False),
     ("offline", Offline, False), ("force", Force, False), ("rpc", Rpc, None), ("rpc_draft", RpcDraft, None),
     ("tensor_split", TensorSplit, None), ("draft_as_is", DraftAsIs, False), ("exact", Exact, False),
-    ("draft_memory", DraftMemory, DEFAULT_MEMORY_MB),
+    ("draft_memory", DraftMemory, DEFAULT_MEMORY_MB), ("draft_cache", DraftCache, None),
 ]
 SAMPLING_OPTIONS = [("temp", Temp, 0.0), ("top_k", TopK, 0), ("top_p", TopP, 1.0), ("min_p", MinP, DEFAULT_MIN_P)]
 # What a person reading the answer gets by default (run, chat): the sampling llama.cpp's and Ollama's users know,
@@ -88,7 +89,7 @@ def shared_options(fn=None, *, sampling: dict | None = None):
                             threads=m["threads"], draft_p_min=m["draft_p_min"], lookup=not m["no_lookup"],
                             pull=m["pull"], offline=m["offline"], force=m["force"], rpc=m["rpc"],
                             rpc_draft=m["rpc_draft"], tensor_split=m["tensor_split"], draft_as_is=m["draft_as_is"],
-                            exact=m["exact"], memory_mb=m["draft_memory"])
+                            exact=m["exact"], memory_mb=m["draft_memory"], draft_cache=m["draft_cache"])
         opts.validate()
         s = {name: kw.pop(name) for name, _, _ in SAMPLING_OPTIONS}
         sampling = sampling_params(s["temp"], s["top_k"], s["top_p"], kw.get("seed"), s["min_p"])
