@@ -242,18 +242,29 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
     drafter: Drafter | None = None
     try:
         if draft_path is not None:
-            from .llama.vocab import check_pair
+            from .llama.vocab import vocab_report
 
+            report, through_text = vocab_report(target, draft_path)
+            if not quiet and through_text:
+                say(f"draft {draft_path.name}: {report}")
             draft_file = draft_path
-            if not opts.draft_as_is and where_draft.n_gpu_layers == 0 and not where_draft.servers:
+            if (not opts.draft_as_is and not through_text and where_draft.n_gpu_layers == 0
+                    and not where_draft.servers):
                 # On this machine's CPU, a copy in a layout it steps faster, when measured so (once per build).
                 from .models.derive import fastest_draft
 
                 draft_file = fastest_draft(draft_path, target, threads=opts.threads, quiet=quiet)
             draft_model = Model(draft_file, role="draft", n_ctx=opts.ctx_size, n_threads=opts.threads,
                                 n_seq=opts.parallel, separate=False, **where_draft.model_args())
-            check_pair(target, draft_model, draft_name=draft_path.name)
-            drafter = make_drafter(METHOD_HYBRID if opts.lookup else METHOD_DRAFT, draft_model, opts.draft_p_min)
+            if through_text:
+                from .engine.through_text import TextDrafter
+
+                drafter = TextDrafter(draft_model, target, opts.draft_p_min, lookup=opts.lookup)
+                if opts.parallel > 1 and not quiet:
+                    say("batched generations (--parallel) draft from prompt lookup and the memory only: a draft of "
+                        "another vocabulary drafts for one generation at a time")
+            else:
+                drafter = make_drafter(METHOD_HYBRID if opts.lookup else METHOD_DRAFT, draft_model, opts.draft_p_min)
         elif draft == DRAFT_LOOKUP:
             drafter = make_drafter(METHOD_LOOKUP)
         exactness, verify_max = _hold_to_proof(opts, target, where, speculates=drafter is not None, quiet=quiet)

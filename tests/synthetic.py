@@ -151,3 +151,35 @@ def pad_vocabulary(src: Path, dst: Path, extra: int = 64, copy_rows: list[int] |
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+def permute_vocabulary(src: Path, dst: Path, first: int = 100) -> Path:
+    """A copy of a real GGUF whose token ids from `first` on come in reverse order (the token texts, types and
+    scores, and the embedding and output rows, moved together): the same model and tokenizer, but a vocabulary
+    whose ids mean other texts than the original's, as a draft of another family has. What it writes as text is
+    what the original writes."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].contents())
+    order = list(range(first)) + list(range(n_vocab - 1, first - 1, -1))  # new id -> old id
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = field.contents()
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            value = [value[i] for i in order]
+        kind = field.types[0]
+        writer.add_key_value(key, value, kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        data = np.asarray(t.data)
+        if t.name in ("token_embd.weight", "output.weight"):
+            data = data[order]
+        writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst

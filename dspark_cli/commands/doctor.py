@@ -167,16 +167,23 @@ def _exactness(llama: dict, target) -> dict:
 
 
 def _pairing(target, draft, problems: list[DsparkError]) -> dict:
+    """How the draft's vocabulary relates to the target's: the same, padded, or another (then it drafts through
+    text, engine/through_text.py). ok False only when a file cannot be read."""
     try:
-        from ..llama.vocab import check_pair_files
+        from ..llama.model import Model
+        from ..llama.vocab import vocab_report
     except Exception as e:  # noqa: BLE001 - llama.cpp missing or broken: say so, do not crash the report
         return {"ok": None, "detail": f"cannot check: {type(e).__name__}: {e}"}
     try:
-        check_pair_files(target, draft)
+        vocab = Model(target, role="target", vocab_only=True)
+        try:
+            report, through_text = vocab_report(vocab, draft)
+        finally:
+            vocab.close()
     except DsparkError as e:
         problems.append(e)
         return {"ok": False, "detail": e.message}
-    return {"ok": True, "detail": "the vocabularies match (llama.cpp's draft/target rule)"}
+    return {"ok": True, "detail": report, "through_text": through_text}
 
 
 # Long: the report's rows in print order, one small block per row.

@@ -101,7 +101,9 @@ class Scheduler:
         self.target = target
         self.exact = exact
         self.drafter = drafter
-        self.draft = drafter.model if drafter is not None else None
+        # A draft of another vocabulary drafts alone (through_text.py), not in batches: these draft from lookup and
+        # the memory.
+        self.draft = drafter.model if drafter is not None and not drafter.through_text else None
         self.n_slots = target.n_seq
         self.slots: list[Job | None] = [None] * self.n_slots
         rows_max = target.n_batch

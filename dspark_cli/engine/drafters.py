@@ -11,7 +11,7 @@ what the target would have produced.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -41,6 +41,7 @@ class Draft:
     tokens: list[int]
     steps: int = 0  # draft-model decode calls spent on it
     seconds: float = 0.0  # draft-model time spent on those steps (catch-up excluded)
+    own: list[int] = field(default_factory=list)  # a draft of another vocabulary: its own tokens (through_text.py)
 
 
 class Drafter(Protocol):
@@ -85,6 +86,7 @@ class FreeSources:
     lookup = False
     memory: DraftMemory | None = None
     ngram_max, ngram_min = 4, 2
+    through_text = False  # a draft model of another vocabulary (engine/through_text.py)
 
     def offers(self, seq: list[int], n_max: int) -> dict[str, list[int]]:
         out = {}

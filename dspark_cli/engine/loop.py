@@ -225,6 +225,7 @@ def _sequential_rounds(target, drafter, seq, params, noise, planner: Planner, ro
                 planner.costs.record_catchup(n, seconds)
             while len(draft.tokens) < k and drafter.extend(seq, draft, params, noise):
                 pass
+            draft.tokens = draft.tokens[:k]  # (a draft through text may gain several tokens in one step)
             if draft.steps:
                 planner.costs.record_draft(draft.seconds / draft.steps)
         elif plan.source in FREE_SOURCES:
