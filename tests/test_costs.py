@@ -173,3 +173,23 @@ def test_chosen_lengths_are_counted_for_the_report():
     for _ in range(3):
         p.plan({}, 0)
     assert p.chosen_lengths == {"none": 3}
+
+
+def test_each_free_source_has_its_own_acceptance():
+    from dspark_cli.engine.costs import SOURCE_MEMORY
+
+    p = told(Planner(8, True, True), {n: V1 * (1 + 0.4 * (n - 1)) for n in range(1, 10)}, draft=0.5 * V1)
+    accept(p, SOURCE_MODEL, 0.6)
+    accept(p, SOURCE_LOOKUP, 0.2)
+    accept(p, SOURCE_MEMORY, 0.95)
+    both = p.plan({SOURCE_LOOKUP: 8, SOURCE_MEMORY: 8}, 0)
+    assert both.source == SOURCE_MEMORY and both.k >= 4  # the memory, right where lookup is not
+    assert p.plan({SOURCE_LOOKUP: 8}, 0).source is None  # lookup alone does not pay here
+    # Both are judged in hindsight, each on its own proposal.
+    seq = [1, 2, 3]
+    p.hindsight(seq, {SOURCE_LOOKUP: [9], SOURCE_MEMORY: [7]})
+    lookup = p.acceptance[SOURCE_LOOKUP].reached[0] - p.acceptance[SOURCE_LOOKUP].accepted[0]
+    memory = p.acceptance[SOURCE_MEMORY].accepted[0]
+    p.hindsight(seq + [7], {})  # 7 came: lookup's 9 was wrong, the memory's 7 right
+    assert p.acceptance[SOURCE_LOOKUP].reached[0] - p.acceptance[SOURCE_LOOKUP].accepted[0] == lookup + 1
+    assert p.acceptance[SOURCE_MEMORY].accepted[0] == memory + 1
