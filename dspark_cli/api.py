@@ -260,8 +260,10 @@ class Pair:
             raise UsageError(CLOSED)
 
     def _drafter_for(self, method: str):
-        return make_drafter(method, self.draft_model, getattr(self.drafter, "p_min", 0.0),
-                            memory=getattr(self.drafter, "memory", None))  # (one memory per pair)
+        drafter = self.drafter
+        return make_drafter(method, self.draft_model, getattr(drafter, "p_min", 0.0),
+                            memory=getattr(drafter, "memory", None),  # (one memory per pair)
+                            through_text_for=self.target if drafter is not None and drafter.through_text else None)
 
     def _run(self, text, tokens, params, *, max_tokens, stop, draft_max, fixed, remember) -> Iterator[Event]:
         answer: list[int] = []

@@ -256,15 +256,11 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
                 draft_file = fastest_draft(draft_path, target, threads=opts.threads, quiet=quiet)
             draft_model = Model(draft_file, role="draft", n_ctx=opts.ctx_size, n_threads=opts.threads,
                                 n_seq=opts.parallel, separate=False, **where_draft.model_args())
-            if through_text:
-                from .engine.through_text import TextDrafter
-
-                drafter = TextDrafter(draft_model, target, opts.draft_p_min, lookup=opts.lookup)
-                if opts.parallel > 1 and not quiet:
-                    say("batched generations (--parallel) draft from prompt lookup and the memory only: a draft of "
-                        "another vocabulary drafts for one generation at a time")
-            else:
-                drafter = make_drafter(METHOD_HYBRID if opts.lookup else METHOD_DRAFT, draft_model, opts.draft_p_min)
+            drafter = make_drafter(METHOD_HYBRID if opts.lookup else METHOD_DRAFT, draft_model, opts.draft_p_min,
+                                   through_text_for=target if through_text else None)
+            if through_text and opts.parallel > 1 and not quiet:
+                say("batched generations (--parallel) draft from prompt lookup and the memory only: a draft of "
+                    "another vocabulary drafts for one generation at a time")
         elif draft == DRAFT_LOOKUP:
             drafter = make_drafter(METHOD_LOOKUP)
         exactness, verify_max = _hold_to_proof(opts, target, where, speculates=drafter is not None, quiet=quiet)

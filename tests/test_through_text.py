@@ -90,3 +90,23 @@ def test_the_cli_says_it_drafts_through_text(demo_paths, permuted_draft):
     assert proc.returncode == 0, proc.stderr
     assert "different vocabulary" in proc.stderr and "drafting through text" in proc.stderr
     assert json.loads(proc.stdout)["method"] == "hybrid"
+
+
+def test_bench_and_the_api_draft_through_text_too(demo_paths, permuted_draft, tmp_path):
+    prompts = tmp_path / "one.txt"
+    prompts.write_text(QUESTION + "\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "dspark_cli", "bench", "-m", str(demo_paths[0]), "-d",
+                           str(permuted_draft), "--methods", "draft", "--draft-fixed", "--draft-max", "4", "-r", "1",
+                           "--no-warmup", "-n", "24", "--prompts", str(prompts), "--json", "-"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["identical"] is True
+    assert report["variants"][0]["accepted_by"].get("draft", 0) > 6, report["variants"][0]
+    with dspark.load(demo_paths[0], draft=permuted_draft, ctx_size=512, quiet=True) as pair:
+        tokens = pair.tokens(QUESTION)
+        from dspark_cli.engine.sampling import SamplingParams
+
+        events = list(pair.generate_tokens(tokens, params=SamplingParams(), max_tokens=24, fixed=True, draft_max=4,
+                                           method="draft"))
+        assert events[-1].stats.accepted_by.get("draft", 0) > 6, events[-1].stats.as_dict()

@@ -83,7 +83,8 @@ def drafters_for(loaded: Loaded, methods: list[str], draft_p_min: float = 0.0,
         if m != METHOD_LOOKUP and loaded.draft_model is None:
             raise UsageError(f"--methods {m} needs a draft model; pass --draft PATH or use --methods lookup")
         memory = DraftMemory(memory_mb << 20) if with_memory else None
-        out[name] = make_drafter(m, loaded.draft_model, draft_p_min, memory=memory)
+        through_text = loaded.target if loaded.drafter is not None and loaded.drafter.through_text else None
+        out[name] = make_drafter(m, loaded.draft_model, draft_p_min, memory=memory, through_text_for=through_text)
     return out
 
 

@@ -230,9 +230,11 @@ class HybridDrafter(ModelDrafter):
 
 
 def make_drafter(method: str, model: Model | None = None, p_min: float = 0.0,
-                 memory: DraftMemory | None = None) -> "Drafter | None":
+                 memory: DraftMemory | None = None, through_text_for: Model | None = None) -> "Drafter | None":
     """The one way to build a drafter: None for the target alone. `memory`: the drafting memory it drafts from
-    too (None: none). UsageError for a method that needs a draft model when there is none, or an unknown one."""
+    too (None: none). `through_text_for`: the target, when the draft model's vocabulary is another (it drafts
+    through text, engine/through_text.py). UsageError for a method that needs a draft model when there is none,
+    or an unknown one."""
     from ..errors import UsageError
 
     if method == METHOD_TARGET:
@@ -242,7 +244,12 @@ def make_drafter(method: str, model: Model | None = None, p_min: float = 0.0,
     elif method in (METHOD_DRAFT, METHOD_HYBRID):
         if model is None:
             raise UsageError(f"method {method!r} needs a draft model; load one (--draft PATH) or use 'lookup'")
-        drafter = (HybridDrafter if method == METHOD_HYBRID else ModelDrafter)(model, p_min=p_min)
+        if through_text_for is not None:
+            from .through_text import TextDrafter
+
+            drafter = TextDrafter(model, through_text_for, p_min, lookup=method == METHOD_HYBRID)
+        else:
+            drafter = (HybridDrafter if method == METHOD_HYBRID else ModelDrafter)(model, p_min=p_min)
     else:
         raise UsageError(f"unknown method {method!r}: choose from {METHOD_TARGET}, {', '.join(METHODS)}")
     drafter.memory = memory
