@@ -117,40 +117,49 @@ def make_padded_pair(directory: Path, *, pad: str, extra: int = 64, noise: float
     return target, draft
 
 
-def pad_vocabulary(src: Path, dst: Path, extra: int = 64, copy_rows: list[int] | None = None) -> Path:
-    """A copy of a real GGUF with `extra` unused tokens appended to its vocabulary and zero rows to its token
-    embedding (and output matrix), as model makers pad vocabularies to a round size. copy_rows: the padded
-    rows are copies of these tokens' rows instead (untrained padding is rarely zero), so the padded ids
-    compete with the real ones for probability."""
+def _rewrite(src: Path, dst: Path, value_of, rows_of) -> Path:
+    """A copy of a GGUF with each metadata value passed through value_of(key, value) and each tensor's data
+    through rows_of(name, data), types kept."""
     import gguf
 
     reader = gguf.GGUFReader(str(src))
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(str(dst), arch)
-    grow = {
-        "tokenizer.ggml.tokens": [f"<|dspark_pad_{i}|>" for i in range(extra)],
-        "tokenizer.ggml.token_type": [5] * extra,  # LLAMA_TOKEN_TYPE_UNUSED
-        "tokenizer.ggml.scores": [0.0] * extra,
-    }
+    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
-        value = field.contents()
-        if key in grow:
-            value = list(value) + grow[key]
         kind = field.types[0]
-        writer.add_key_value(key, value, kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+        writer.add_key_value(key, value_of(key, field.contents()), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
     for t in reader.tensors:
-        data = np.asarray(t.data)
-        if t.name in ("token_embd.weight", "output.weight"):
-            pad = data[list(copy_rows)] if copy_rows is not None else np.zeros((extra,) + data.shape[1:], dtype=data.dtype)
-            data = np.concatenate([data, pad])
-        writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+        writer.add_tensor(t.name, rows_of(t.name, np.asarray(t.data)), raw_dtype=t.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+VOCAB_ROWS = ("token_embd.weight", "output.weight")  # the tensors with a row per token
+
+
+def pad_vocabulary(src: Path, dst: Path, extra: int = 64, copy_rows: list[int] | None = None) -> Path:
+    """A copy of a real GGUF with `extra` unused tokens appended to its vocabulary and zero rows to its token
+    embedding (and output matrix), as model makers pad vocabularies to a round size. copy_rows: the padded
+    rows are copies of these tokens' rows instead (untrained padding is rarely zero), so the padded ids
+    compete with the real ones for probability."""
+    grow = {
+        "tokenizer.ggml.tokens": [f"<|dspark_pad_{i}|>" for i in range(extra)],
+        "tokenizer.ggml.token_type": [5] * extra,  # LLAMA_TOKEN_TYPE_UNUSED
+        "tokenizer.ggml.scores": [0.0] * extra,
+    }
+
+    def rows(name, data):
+        if name not in VOCAB_ROWS:
+            return data
+        pad = data[list(copy_rows)] if copy_rows is not None else np.zeros((extra,) + data.shape[1:], dtype=data.dtype)
+        return np.concatenate([data, pad])
+
+    return _rewrite(src, dst, lambda key, value: list(value) + grow[key] if key in grow else value, rows)
 
 
 def permute_vocabulary(src: Path, dst: Path, first: int = 100) -> Path:
@@ -160,26 +169,8 @@ def permute_vocabulary(src: Path, dst: Path, first: int = 100) -> Path:
     what the original writes."""
     import gguf
 
-    reader = gguf.GGUFReader(str(src))
-    arch = reader.fields["general.architecture"].contents()
-    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].contents())
+    n_vocab = len(gguf.GGUFReader(str(src)).fields["tokenizer.ggml.tokens"].contents())
     order = list(range(first)) + list(range(n_vocab - 1, first - 1, -1))  # new id -> old id
-    writer = gguf.GGUFWriter(str(dst), arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = field.contents()
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-            value = [value[i] for i in order]
-        kind = field.types[0]
-        writer.add_key_value(key, value, kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
-    for t in reader.tensors:
-        data = np.asarray(t.data)
-        if t.name in ("token_embd.weight", "output.weight"):
-            data = data[order]
-        writer.add_tensor(t.name, data, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
+    per_token = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+    return _rewrite(src, dst, lambda key, value: [value[i] for i in order] if key in per_token else value,
+                    lambda name, data: data[order] if name in VOCAB_ROWS else data)
