@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from child_output import read_first
 
 DSPARK = [sys.executable, "-m", "dspark_cli"]
 ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "120"}
@@ -434,7 +435,7 @@ def test_sigterm_and_sighup_keep_what_was_generated(demo_paths, tmp_path, sig, c
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     p.stdin.write(b"Write a long essay about the history of bridges.\nAnd another one.\n")
     p.stdin.flush()
-    got = p.stdout.read(30)  # the answer is streaming
+    got = read_first(p.stdout, 30)  # the answer is streaming
     p.send_signal(sig)
     rest, err = p.communicate(timeout=60)
     assert p.returncode == code, err

@@ -20,6 +20,7 @@ from dspark_cli.llama import rpc
 from dspark_cli.errors import RemoteError
 from test_hostile_input import one_error
 from test_serve import free_port
+from child_output import read_first
 
 DSPARK = [sys.executable, "-m", "dspark_cli"]
 ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "120"}
@@ -174,7 +175,7 @@ def test_a_server_killed_mid_generation_ends_the_run_in_one_line(demo_paths):
                                        "-n", "2000", "Write a long story about a lighthouse keeper."],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
         try:
-            first = p.stdout.read(40)  # the answer is streaming: the target is generating on the server
+            first = read_first(p.stdout, 40)  # the answer is streaming: the target is generating on the server
             assert first, p.stderr.read().decode()
             doomed.kill()
             killed_at = time.monotonic()
@@ -197,7 +198,7 @@ def test_chat_keeps_the_answer_so_far_when_the_server_dies(demo_paths, tmp_path)
         try:
             p.stdin.write(b"Write a long story about a lighthouse keeper.\n")
             p.stdin.flush()
-            first = p.stdout.read(40)
+            first = read_first(p.stdout, 40)
             assert first, p.stderr.read().decode()
             doomed.kill()
             rest, err = p.communicate(timeout=60)
