@@ -244,18 +244,18 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
         if draft_path is not None:
             from .llama.vocab import vocab_report
 
-            report, through_text = vocab_report(target, draft_path)
-            if not quiet and through_text:
-                say(f"draft {draft_path.name}: {report}")
             draft_file = draft_path
-            if (not opts.draft_as_is and not through_text and where_draft.n_gpu_layers == 0
-                    and not where_draft.servers):
-                # On this machine's CPU, a copy in a layout it steps faster, when measured so (once per build).
+            if not opts.draft_as_is and where_draft.n_gpu_layers == 0 and not where_draft.servers:
+                # On this machine's CPU, a copy in a layout it steps faster, when measured so (once per build; a
+                # draft of another vocabulary is kept as it is).
                 from .models.derive import fastest_draft
 
                 draft_file = fastest_draft(draft_path, target, threads=opts.threads, quiet=quiet)
             draft_model = Model(draft_file, role="draft", n_ctx=opts.ctx_size, n_threads=opts.threads,
                                 n_seq=opts.parallel, separate=False, **where_draft.model_args())
+            report, through_text = vocab_report(target, draft_model)
+            if not quiet and through_text:
+                say(f"draft {draft_path.name}: {report}")
             drafter = make_drafter(METHOD_HYBRID if opts.lookup else METHOD_DRAFT, draft_model, opts.draft_p_min,
                                    through_text_for=target if through_text else None)
             if through_text and opts.parallel > 1 and not quiet:

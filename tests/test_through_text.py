@@ -26,11 +26,19 @@ def permuted_draft(demo_paths, tmp_path_factory):
 
 def test_the_vocabulary_check_is_a_report(demo_models, demo_paths, permuted_draft, tiny_paths):
     target, _ = demo_models
-    assert vocab_report(target, demo_paths[1]) == ("same vocabulary", False)
-    report, through_text = vocab_report(target, permuted_draft)
+
+    def report_on(path):
+        draft = Model(path, role="draft", vocab_only=True)
+        try:
+            return vocab_report(target, draft)
+        finally:
+            draft.close()
+
+    assert report_on(demo_paths[1]) == ("same vocabulary", False)
+    report, through_text = report_on(permuted_draft)
     assert through_text and report.startswith("different vocabulary (token 100 differs")
     assert report.endswith("drafting through text")
-    assert vocab_report(target, tiny_paths[1])[1]  # another tokenizer type altogether
+    assert report_on(tiny_paths[1])[1]  # another tokenizer type altogether
 
 
 def test_text_crosses_between_the_vocabularies(demo_models, permuted_draft):

@@ -175,11 +175,13 @@ def _pairing(target, draft, problems: list[DsparkError]) -> dict:
     except Exception as e:  # noqa: BLE001 - llama.cpp missing or broken: say so, do not crash the report
         return {"ok": None, "detail": f"cannot check: {type(e).__name__}: {e}"}
     try:
-        vocab = Model(target, role="target", vocab_only=True)
+        vocabs = [Model(target, role="target", vocab_only=True)]
         try:
-            report, through_text = vocab_report(vocab, draft)
+            vocabs.append(Model(draft, role="draft", vocab_only=True))
+            report, through_text = vocab_report(*vocabs)
         finally:
-            vocab.close()
+            for vocab in vocabs:
+                vocab.close()
     except DsparkError as e:
         problems.append(e)
         return {"ok": False, "detail": e.message}

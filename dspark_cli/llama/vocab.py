@@ -50,20 +50,15 @@ def check_pair(target: Model, draft: Model, draft_name: str | None = None) -> No
         )
 
 
-def vocab_report(target: Model, draft_path: str | Path) -> tuple[str, bool]:
-    """How the draft file's vocabulary relates to the loaded target's, read from the file's vocabulary alone:
-    ("same vocabulary" | "padded (...)" | "different vocabulary (...): drafting through text", whether the draft
-    must draft through text, engine/through_text.py)."""
-    draft = Model(draft_path, role="draft", vocab_only=True)
-    try:
-        problem = pairing_problem(target, draft)
-        if problem is not None:
-            return f"different vocabulary ({problem}): drafting through text", True
-        if draft.n_vocab != target.n_vocab:
-            return f"padded (target {target.n_vocab} tokens, draft {draft.n_vocab})", False
-        return "same vocabulary", False
-    finally:
-        draft.close()
+def vocab_report(target: Model, draft: Model) -> tuple[str, bool]:
+    """How the draft's vocabulary relates to the target's: ("same vocabulary" | "padded (...)" | "different
+    vocabulary (...): drafting through text", whether the draft must draft through text, engine/through_text.py)."""
+    problem = pairing_problem(target, draft)
+    if problem is not None:
+        return f"different vocabulary ({problem}): drafting through text", True
+    if draft.n_vocab != target.n_vocab:
+        return f"padded (target {target.n_vocab} tokens, draft {draft.n_vocab})", False
+    return "same vocabulary", False
 
 
 def check_pair_files(target_path: str | Path, draft_path: str | Path) -> None:

@@ -107,12 +107,15 @@ def _known(folder: Path, stem: str, source: Path) -> Path | None:
 
 def _measure(source: Path, target, folder: Path, stem: str, threads: int | None, quiet: bool) -> Path:
     from ..llama.model import Model
-    from ..llama.vocab import check_pair
+    from ..llama.vocab import pairing_problem
 
-    # A mismatched pair fails here (PairError), before any copy is made or measured.
+    # A draft of another vocabulary drafts through text (engine/through_text.py): its agreement with the target
+    # cannot be measured token for token, so it is kept as it is, and no verdict is kept (with a target of its
+    # own vocabulary the same file is measured as usual).
     vocab = Model(source, role="draft", vocab_only=True)
     try:
-        check_pair(target, vocab)
+        if pairing_problem(target, vocab) is not None:
+            return source
     finally:
         vocab.close()
     verdict_path = folder / f"{stem}.json"
