@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from ..errors import DsparkError, UsageError
 from ..llama.kernels import default_verify_max
 from ..llama.model import Model
-from .costs import FREE_SOURCES, SOURCE_MODEL, BatchPlanner, Lane, judge_free
+from .costs import FREE_SOURCES, SOURCE_MODEL, BatchPlanner, Lane, judge_offers
 from .detok import TextStream
 from .drafters import METHOD_TARGET, Drafter
 from .loop import Event
@@ -111,7 +111,7 @@ class Scheduler:
         if verify_max is not None:
             rows_max = min(rows_max, verify_max)  # past it a row's logits may depend on the others
         self.planner = BatchPlanner(rows_max, 64, has_model=self.draft is not None,
-                                    has_free=drafter is not None and (drafter.lookup or drafter.memory is not None))
+                                    has_free=drafter is not None and drafter.free)
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -298,9 +298,7 @@ class Scheduler:
                 job.max_tokens - n_gen - 1))
             job.offers = self.drafter.offers(job.seq, lane.room) if lane.room else {}
             if self.drafter is not None:
-                for source in FREE_SOURCES:
-                    job.pending[source] = judge_free(job.pending.get(source), lane.acceptance[source], job.seq,
-                                                     job.offers.get(source, []))
+                judge_offers(job.pending, lane.acceptance, job.seq, job.offers)
             lane.offers = {source: len(t) for source, t in job.offers.items()}
             lane.model_behind = None
             if self.draft is not None and job.draft_ready:

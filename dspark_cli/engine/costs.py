@@ -401,9 +401,7 @@ class Planner:
     def hindsight(self, seq: list[int], proposals: dict[str, list[int]]) -> None:
         """Free sources judged for free, at every depth: a proposal each made after seq (in a round that did not
         use it) is held until the tokens the target makes in its place show how far it was right."""
-        for source in FREE_SOURCES:
-            self._pending[source] = judge_free(self._pending.get(source), self.acceptance[source], seq,
-                                               proposals.get(source, []))
+        judge_offers(self._pending, self.acceptance, seq, proposals)
 
     @property
     def chosen_lengths(self) -> dict[str, int]:
@@ -434,6 +432,14 @@ def judge_free(pending: tuple[int, list[int]] | None, acceptance: Acceptance, se
     if pending is None and proposed:
         pending = (len(seq), list(proposed))
     return pending
+
+
+def judge_offers(pending: dict, acceptance: dict[str, Acceptance], seq: list[int],
+                 offers: dict[str, list[int]]) -> None:
+    """Every free source judged in hindsight (judge_free): `pending` holds each one's proposal still waiting for
+    its verdict, `offers` what each proposes after seq now."""
+    for source in FREE_SOURCES:
+        pending[source] = judge_free(pending.get(source), acceptance[source], seq, offers.get(source, []))
 
 
 @dataclass

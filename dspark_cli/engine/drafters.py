@@ -97,9 +97,24 @@ class FreeSources:
                 out[SOURCE_MEMORY] = self.memory.recall(seq, n_max)
         return {s: t for s, t in out.items() if t}
 
+    @property
+    def free(self) -> bool:
+        """Whether any free source may offer drafts."""
+        return self.lookup or self.memory is not None
+
     def remember(self, seq: list[int], n_prompt: int) -> None:
         if self.memory is not None:
             self.memory.add(seq, n_prompt)
+
+
+def confident_top(logits: np.ndarray, p_min: float) -> int | None:
+    """The most likely token, or None when its probability is under p_min (--draft-p-min: a token the draft is
+    unsure of is likely rejected, and every rejected token costs verify-batch width on a CPU)."""
+    tok = int(np.argmax(logits))
+    if p_min <= 0.0:
+        return tok
+    p_top = 1.0 / float(np.exp(logits.astype(np.float64) - float(logits[tok])).sum())
+    return tok if p_top >= p_min else None
 
 
 class ModelDrafter(FreeSources):
@@ -171,9 +186,7 @@ class ModelDrafter(FreeSources):
         model is unsure under --draft-p-min). The batched engine drafts through this too."""
         logits = logits[: self.n_shared]
         if params.greedy and self.p_min > 0.0:
-            tok = int(np.argmax(logits))
-            p_top = 1.0 / float(np.exp(logits.astype(np.float64) - float(logits[tok])).sum())
-            return tok if p_top >= self.p_min else None
+            return confident_top(logits, self.p_min)
         return pick(logits, params, noise, pos)
 
     def seen(self, seq: list[int]) -> list[int]:

@@ -125,7 +125,7 @@ def generate(
     # Drafting needs room in the draft model's context too (it may be smaller than the target's).
     draft_ctx = drafter.model.n_ctx if drafter is not None and drafter.model is not None else n_ctx
     planner = Planner(max(1, max_draft), has_model=drafter is not None and drafter.model is not None,
-                      has_free=drafter is not None and (drafter.lookup or drafter.memory is not None), fixed=fixed,
+                      has_free=drafter is not None and drafter.free, fixed=fixed,
                       profile=None if fixed else profile)
 
     def room() -> int:  # draft tokens the next verify may carry (both models' contexts, --max-tokens)

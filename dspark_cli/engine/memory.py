@@ -30,8 +30,12 @@ BYTES_PER_KEY = 190  # a key's dict slot, its packed int and posting array (meas
 _SHIFT = 21  # key packing: token ids below 2**21 (the largest vocabularies hold ~262k)
 
 
-def _key(a: int, b: int, c: int) -> int:
-    return (a << (2 * _SHIFT)) | (b << _SHIFT) | c
+def _key(window) -> int:
+    """KEY token ids packed into one int (the index's key)."""
+    key = 0
+    for t in window:
+        key = (key << _SHIFT) | t
+    return key
 
 
 class DraftMemory:
@@ -79,7 +83,7 @@ class DraftMemory:
         self.tokens.extend(text)
         self.tokens.append(SEP)
         for i in range(KEY, len(text)):
-            key = _key(text[i - KEY], text[i - KEY + 1], text[i - 1])
+            key = _key(text[i - KEY:i])
             postings = self.index.get(key)
             if postings is None:
                 postings = self.index[key] = array("q")
@@ -121,7 +125,7 @@ class DraftMemory:
         agree ([] when nothing matches)."""
         if n_max <= 0 or len(seq) < KEY or not self.index:
             return []
-        postings = self.index.get(_key(seq[-3], seq[-2], seq[-1]))
+        postings = self.index.get(_key(seq[-KEY:]))
         if postings is None:
             return []
         tokens, base = self.tokens, self.base

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from ..llama.model import Model
-from .drafters import METHOD_DRAFT, METHOD_HYBRID, Draft, FreeSources
+from .drafters import METHOD_DRAFT, METHOD_HYBRID, Draft, FreeSources, confident_top
 from .sampling import Noise, SamplingParams
 
 EXTRA_STEPS = 4  # draft steps an extend() may take beyond one to gain a target token (its text may be a word part)
@@ -115,11 +113,9 @@ class TextDrafter(FreeSources):
                 logits = self.model.sync(context + ahead.own, n_logits=1)[0]
                 self._seen = len(seq)  # (the sync took in all of seq)
                 ahead.steps += 1
-                tok = int(np.argmax(logits))  # (a proposal is judged as given: the most likely one is best)
-                if self.p_min > 0.0:
-                    p_top = 1.0 / float(np.exp(logits.astype(np.float64) - float(logits[tok])).sum())
-                    if p_top < self.p_min:
-                        return False
+                tok = confident_top(logits, self.p_min)  # (a proposal is judged as given: the likeliest is best)
+                if tok is None:
+                    return False
                 if self.model.is_eog(tok):
                     ahead.tokens = self.to_target(ahead.own, ended=True)
                     return False
