@@ -75,6 +75,8 @@ class ModelOptions:
             raise UsageError(f"--threads must be between 1 and {MAX_THREADS} (llama.cpp's limit), got {self.threads}")
         if not 0 <= self.memory_mb <= MAX_MEMORY_MB:
             raise UsageError(f"--draft-memory must be between 0 (off) and {MAX_MEMORY_MB} MB, got {self.memory_mb}")
+        if self.draft_cache is not None and not self.draft_cache.strip():
+            raise UsageError("--draft-cache needs a file name, got an empty one")
         if self.draft_cache is not None and (not self.memory_mb or self.draft == DRAFT_NONE):
             raise UsageError("--draft-cache keeps the drafting memory, which is off here "
                              + ("(--draft-memory 0)" if not self.memory_mb else "(--draft none: nothing drafts)"))

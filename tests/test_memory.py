@@ -190,3 +190,5 @@ def test_a_draft_cache_that_cannot_be_written_warns_once(tmp_path):
 def test_draft_cache_needs_the_memory(tmp_path):
     proc = _run("--draft-cache", str(tmp_path / "m.bin"), "--draft-memory", "0", "Say hello.")
     assert proc.returncode == 2 and "--draft-memory 0" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _run("--draft-cache", "", "Say hello.")
+    assert proc.returncode == 2 and "--draft-cache needs a file name" in proc.stderr and "Traceback" not in proc.stderr
