@@ -9,10 +9,10 @@ from pathlib import Path
 from .engine.drafters import METHOD_DRAFT, METHOD_HYBRID, METHOD_LOOKUP, Drafter, make_drafter
 from .console import say
 from .errors import UsageError
+from .llama.backend import MAX_THREADS, threads_from_environment
 from .llama.model import Model
 
 MAX_CTX = 2**31 - 1
-MAX_THREADS = 512  # GGML_MAX_N_THREADS
 MAX_PARALLEL = 256  # LLAMA_MAX_SEQ
 DRAFT_NONE = "none"  # --draft none: the target alone
 DRAFT_LOOKUP = METHOD_LOOKUP  # --draft lookup: prompt lookup, no second model
@@ -73,6 +73,7 @@ class ModelOptions:
                 raise UsageError(f"{flag} must be 0 or more, got {v}")
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
             raise UsageError(f"--threads must be between 1 and {MAX_THREADS} (llama.cpp's limit), got {self.threads}")
+        threads_from_environment()  # a bad $DSPARK_THREADS is refused before anything loads
         if not 0 <= self.memory_mb <= MAX_MEMORY_MB:
             raise UsageError(f"--draft-memory must be between 0 (off) and {MAX_MEMORY_MB} MB, got {self.memory_mb}")
         if self.draft_cache is not None and not self.draft_cache.strip():
@@ -230,8 +231,10 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
               remote=(bool(where.servers), bool(where_draft.servers)), parallel=opts.parallel)
 
     hardware = os.cpu_count() or 1
-    if opts.threads is not None and opts.threads > hardware:
-        say(f"warning: --threads {opts.threads} is more than this machine's {hardware} hardware threads; "
+    threads = opts.threads or threads_from_environment()
+    if threads is not None and threads > hardware:
+        flag = f"--threads {threads}" if opts.threads else f"DSPARK_THREADS={threads}"
+        say(f"warning: {flag} is more than this machine's {hardware} hardware threads; "
             "llama.cpp gets slower, not faster, past them")
     if not quiet:
         what = f"draft {draft_path.name}" if draft_path else ("prompt lookup" if draft == DRAFT_LOOKUP else "no draft")

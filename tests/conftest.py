@@ -23,6 +23,18 @@ def pytest_configure(config):
     os.environ["DSPARK_PROFILES"] = tempfile.mkdtemp(prefix="dspark-profiles-")
     # The same for the exactness proof's verdicts: every session proves afresh.
     os.environ["DSPARK_PROOFS"] = tempfile.mkdtemp(prefix="dspark-proofs-")
+    # The dspark processes the tests start (a few hundred) keep their compiled bytecode in a folder of the
+    # session's own, as an installed package has it: with PYTHONDONTWRITEBYTECODE (set on some machines) each
+    # compiled dspark's modules afresh, 0.16 s a process.
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+        os.environ.setdefault("PYTHONPYCACHEPREFIX", tempfile.mkdtemp(prefix="dspark-pycache-"))
+    # Under pytest-xdist each worker gets its share of the cores (llama.cpp's threads spin at every barrier:
+    # two workers of two threads each on two cores ran slower than one), in its models and the processes it starts.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        from dspark_cli.llama.backend import default_threads
+
+        os.environ.setdefault("DSPARK_THREADS", str(max(1, default_threads() // workers)))
 
 
 @pytest.fixture(scope="session")

@@ -195,7 +195,7 @@ def test_suite_and_memory_flags_are_checked_before_loading(prompts_file):
 def test_repetitive_suite_drafts_from_the_memory_and_says_so():
     # Each repeat empties the memory: the first record has nothing to recall, the later ones their predecessors.
     proc = dspark("bench", "--suite", "repetitive", "--draft", "lookup", "--methods", "lookup+memory",
-                  "--draft-fixed", "--draft-max", "4", "--repeats", "1", "--no-warmup", "--max-tokens", "40",
+                  "--draft-fixed", "--draft-max", "4", "--repeats", "1", "--no-warmup", "--max-tokens", "20",
                   "--json", "-")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)

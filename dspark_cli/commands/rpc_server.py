@@ -15,7 +15,7 @@ import typer
 from ..llama import rpc
 from ..console import say
 from ..errors import OutputError, RemoteError, UsageError
-from ..loader import MAX_THREADS
+from ..llama.backend import MAX_THREADS
 from ..llama.memory import fmt_bytes
 from ..net import ipv4_listen_address, is_loopback
 

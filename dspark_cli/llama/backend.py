@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import llama_cpp
 
-from ..errors import ModelFileError, ResourceError
+from ..errors import ModelFileError, ResourceError, UsageError
 from . import process
 
 _backend_lock = threading.Lock()
@@ -210,7 +210,26 @@ def load_error(what: str, lines: list[str]):
     return ModelFileError(f"{what}: {reason}")
 
 
+MAX_THREADS = 512  # GGML_MAX_N_THREADS
+THREADS_VARIABLE = "DSPARK_THREADS"
+
+
+def threads_from_environment() -> int | None:
+    """$DSPARK_THREADS, the default of --threads (as LLAMA_ARG_THREADS is llama-server's): for several dspark
+    processes sharing one machine's cores, each with its share, where passing --threads to each is not an option."""
+    value = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not value:
+        return None
+    if not value.isdecimal() or not 1 <= int(value) <= MAX_THREADS:
+        raise UsageError(f"{THREADS_VARIABLE} must be a number of threads from 1 to {MAX_THREADS}, got {value!r}")
+    return int(value)
+
+
 def default_threads() -> int:
+    """The CPU threads when none are asked for: $DSPARK_THREADS, else the physical cores."""
+    chosen = threads_from_environment()
+    if chosen:
+        return chosen
     try:
         import psutil
 

@@ -141,17 +141,32 @@ def _measure(source: Path, target, folder: Path, stem: str, threads: int | None,
     return folder / f"{stem}-{choice}.gguf" if choice else source
 
 
+KEEP_BUILDS = 3  # verdicts (and copies) kept per draft file: builds a user switches between, e.g. a CPU and a GPU venv
+
+
 def _forget_older(folder: Path, stem: str, source_path: str) -> None:
-    """Remove the verdicts and copies made from an earlier content of the same source file (or another build):
-    derived files are hundreds of MB, and only the current one is ever used again."""
+    """Remove the verdicts and copies made from an earlier content of the same source file, and those of other
+    builds beyond the KEEP_BUILDS - 1 measured most recently: derived files are hundreds of MB, but a build switched
+    back to should not measure again."""
+    fingerprint_now = stem.split("-")[0]
+    others = []
     for other in folder.glob("*.json"):
-        if other.stem == stem:
+        data = _read_verdict(other) if other.stem != stem else None
+        if data is None or (data.get("source") or {}).get("path") != source_path:
             continue
-        data = _read_verdict(other)
-        if data is not None and (data.get("source") or {}).get("path") == source_path:
-            for copy in folder.glob(f"{other.stem}-*.gguf"):
-                copy.unlink(missing_ok=True)
-            other.unlink(missing_ok=True)
+        if other.stem.split("-")[0] == fingerprint_now:
+            others.append(other)
+        else:
+            _remove(folder, other)
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for other in others[KEEP_BUILDS - 1:]:
+        _remove(folder, other)
+
+
+def _remove(folder: Path, verdict: Path) -> None:
+    for copy in folder.glob(f"{verdict.stem}-*.gguf"):
+        copy.unlink(missing_ok=True)
+    verdict.unlink(missing_ok=True)
 
 
 def _verdict_line(source: Path, verdict: dict) -> str:
