@@ -1,4 +1,4 @@
-"""`dspark bench` end to end: the real console script on the real demo pair (kept short: two prompts, 32
+"""`dspark bench` end to end: the real console script on the real demo pair (kept short: two prompts, 16
 tokens, one repeat; CI has two cores), and bad input rejected before any model loads. No timing asserts."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_bench_on_the_demo_pair(demo_paths, prompts_file, tmp_path):
     out_json, out_csv = tmp_path / "bench.json", tmp_path / "bench.csv"
     # Fixed draft lengths for both commands: the cost model decides by timing, so its acceptance figures differ
     # run to run (its tokens do not), and this test compares bench's figures with run's.
-    proc = dspark("bench", "--prompts", str(prompts_file), "--max-tokens", "32", "--repeats", "1", "--draft-fixed",
+    proc = dspark("bench", "--prompts", str(prompts_file), "--max-tokens", "16", "--repeats", "1", "--draft-fixed",
                   "--json", str(out_json), "--csv", str(out_csv))
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(out_json.read_text(encoding="utf-8"))
@@ -114,7 +114,7 @@ def test_bench_on_the_demo_pair(demo_paths, prompts_file, tmp_path):
     assert "identical" in proc.stdout and "Speedup by category" in proc.stdout
 
     # The same prompt through `dspark run` gives the same tokens, acceptance and tokens per step.
-    run = dspark("run", "--temp", "0", "--json", "--max-tokens", "32", "--draft-fixed", PROMPTS[0]["turns"][0])
+    run = dspark("run", "--temp", "0", "--json", "--max-tokens", "16", "--draft-fixed", PROMPTS[0]["turns"][0])
     assert run.returncode == 0, run.stderr
     one = json.loads(run.stdout)
     row = rep["per_prompt"][0]
@@ -165,13 +165,15 @@ def test_a_mismatched_output_is_reported(demo_paths, prompts_file, tmp_path):
     assert "Speedup by method and draft length" in proc.stderr and "★" in proc.stderr
 
 
-def test_calibrate_starts_the_cost_profile_afresh_from_a_sweep(tmp_path):
+def test_calibrate_starts_the_cost_profile_afresh_from_a_sweep(tmp_path, tiny_paths):
+    # Any pair calibrates alike: the tiny synthetic one loads and steps in milliseconds.
     profiles = tmp_path / "profiles"
     text = "Summarize in one sentence: " + "The lighthouse was built on a reef that the sea covers at high tide. " * 4
     f = tmp_path / "long.txt"
     f.write_text(text + "\n", encoding="utf-8")
     for calibrate in (False, True):
-        r = dspark("bench", "--prompts", str(f), "-r", "1", "--no-warmup", "-n", "8", "--draft-max", "4",
+        r = dspark("bench", "-m", str(tiny_paths[0]), "-d", str(tiny_paths[1]), "--prompts", str(f), "-r", "1",
+                   "--no-warmup", "-n", "8", "--draft-max", "4",
                    *(["--calibrate"] if calibrate else []), env_extra={"DSPARK_PROFILES": str(profiles)})
         assert r.returncode == 0, r.stderr
         (path,) = profiles.glob("*.json")

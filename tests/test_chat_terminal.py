@@ -229,7 +229,8 @@ def _colour_env(tmp_path, **extra):
 def test_run_in_a_terminal_shows_a_live_status_line(tmp_path):
     """`dspark run` with a terminal: tok/s, acceptance and tokens per step are redrawn under the streaming
     text, then replaced by the summary line; the answer itself is printed whole."""
-    child = pexpect.spawn(sys.executable, ["-m", "dspark_cli", "run", "-t", "1", "--temp", "0", "-n", "48",
+    # The live line is drawn at the first token and then at most every REFRESH_S: 16 tokens show it.
+    child = pexpect.spawn(sys.executable, ["-m", "dspark_cli", "run", "-t", "1", "--temp", "0", "-n", "16",
                                            "Write a short story about a robot learning to paint."],
                           env=_colour_env(tmp_path), dimensions=(40, 120), encoding="utf-8", timeout=120)
     child.expect(pexpect.EOF)
@@ -237,12 +238,12 @@ def test_run_in_a_terminal_shows_a_live_status_line(tmp_path):
     assert child.exitstatus == 0
     out = ANSI.sub("", child.before).replace("\r", "")
     assert "tok/s · acceptance" in out  # the live line (its long form), redrawn while the answer streamed
-    assert re.search(r"48 tokens, [\d.]+ tok/s, acceptance", out)  # the summary replaced it
+    assert re.search(r"16 tokens, [\d.]+ tok/s, acceptance", out)  # the summary replaced it
 
 
 def test_run_piped_with_stderr_on_a_terminal_keeps_stdout_clean(tmp_path):
     answer = tmp_path / "answer.txt"
-    cmd = f"{sys.executable} -m dspark_cli run -t 1 -n 32 'Write a short story about a robot.' > {answer}"
+    cmd = f"{sys.executable} -m dspark_cli run -t 1 -n 16 'Write a short story about a robot.' > {answer}"
     child = pexpect.spawn("bash", ["-c", cmd], env=_colour_env(tmp_path), dimensions=(40, 120), encoding="utf-8",
                           timeout=120)
     child.expect(pexpect.EOF)
@@ -254,9 +255,13 @@ def test_run_piped_with_stderr_on_a_terminal_keeps_stdout_clean(tmp_path):
     assert text.strip() and "tok/s" not in text and "\x1b" not in text  # stdout: the answer only
 
 
-def test_run_with_no_color_or_json_shows_no_live_line(tmp_path):
+def test_run_with_no_color_or_json_shows_no_live_line(tmp_path, tiny_paths):
+    # Any pair will do (the tiny synthetic one loads in milliseconds): a live line would show from the start, as
+    # "processing the prompt", whatever the model.
+    pair = ["-m", str(tiny_paths[0]), "-d", str(tiny_paths[1])]
     for extra, env in ((["--json"], {}), ([], {"NO_COLOR": "1"}), ([], {"TERM": "dumb"})):
-        child = pexpect.spawn(sys.executable, ["-m", "dspark_cli", "run", "-t", "1", "--temp", "0", "-n", "16", *extra, "Hello"],
+        child = pexpect.spawn(sys.executable, ["-m", "dspark_cli", "run", *pair, "-t", "1", "--temp", "0", "-n", "16",
+                                               *extra, "Hello"],
                               env=_colour_env(tmp_path, **env), dimensions=(40, 120), encoding="utf-8", timeout=120)
         child.expect(pexpect.EOF)
         child.close()

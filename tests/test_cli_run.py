@@ -54,15 +54,19 @@ def test_json_output(demo_paths):
     assert rec["text"] and 0 <= rec["acceptance_rate"] <= 1 and rec["tokens_per_step"] > 1
 
 
-def test_piped_stdin_is_appended_to_the_argument(demo_paths):
+def test_piped_stdin_is_appended_to_the_argument(tiny_paths):
+    # The tiny synthetic pair: any vocabulary counts the prompt (this one a token per byte or so, so that even a
+    # lost or added character shows).
     from dspark_cli.llama.model import Model
 
-    vocab = Model(demo_paths[0], vocab_only=True)
-    expected = len(vocab.tokenize("Summarize:\n\nThe cat sat on the mat.", add_special=False))
-    r = dspark("run", "Summarize:", "--raw", "--json", "-n", "1", input=b"The cat sat on the mat.\n")
+    pair = ["-m", str(tiny_paths[0]), "-d", str(tiny_paths[1])]
+    vocab = Model(tiny_paths[0], vocab_only=True)
+    # the text's tokens, and the BOS this vocabulary asks for (the demo's asks for none)
+    expected = len(vocab.tokenize("Summarize:\n\nThe cat sat on the mat.", add_special=False)) + int(vocab.add_bos)
+    r = dspark("run", *pair, "Summarize:", "--raw", "--json", "-n", "1", input=b"The cat sat on the mat.\n")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["n_prompt_tokens"] == expected
-    dash = dspark("run", "-", "--raw", "--json", "-n", "1", input=b"Summarize:\n\nThe cat sat on the mat.")
+    dash = dspark("run", *pair, "-", "--raw", "--json", "-n", "1", input=b"Summarize:\n\nThe cat sat on the mat.")
     assert json.loads(dash.stdout)["n_prompt_tokens"] == expected
     vocab.close()
 
@@ -114,8 +118,10 @@ def test_empty_prompts():
     one_error_line(dspark("run", "-", input=b"\n\n"), 5, "empty")
 
 
-def test_prompt_longer_than_the_context(demo_paths):
-    one_error_line(dspark("run", "word " * 400, "--ctx-size", "128"), 5, "context holds")
+def test_prompt_longer_than_the_context(tiny_paths):
+    # "word " is a token or two on any vocabulary (five bytes on the tiny pair's): 400 of them overfill 128 (256).
+    pair = ["-m", str(tiny_paths[0]), "-d", str(tiny_paths[1])]
+    one_error_line(dspark("run", *pair, "word " * 400, "--ctx-size", "128"), 5, "context holds")
 
 
 # An answer that never ends by itself: the demo pair counts on past 1000 (greedy, so always the same text),

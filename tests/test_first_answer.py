@@ -26,7 +26,7 @@ def run(*args):
     return subprocess.run(DSPARK + ["run", *args], capture_output=True, text=True, timeout=300, env=ENV)
 
 
-def test_run_samples_by_default_and_its_printed_seed_repeats_the_answer(demo_paths):
+def test_run_samples_by_default_and_its_printed_seed_repeats_the_answer(demo_paths, tiny_paths):
     first = run("Name three colours.", "-n", "16")
     assert first.returncode == 0, first.stderr
     seed = re.search(r"; seed (\d+)", summary(first.stderr))
@@ -36,7 +36,8 @@ def test_run_samples_by_default_and_its_printed_seed_repeats_the_answer(demo_pat
     # The answer as printed: its text, and a newline after it unless it ended with one (a seed may draw either).
     assert first.stdout == record["text"] + ("" if record["text"].endswith("\n") else "\n")
     assert (record["temperature"], record["top_k"], record["top_p"], record["min_p"]) == (0.8, 40, 0.95, 0.05)
-    greedy = run("Name three colours.", "-n", "16", "--temp", "0")
+    # (any pair: the tiny synthetic one loads in milliseconds)
+    greedy = run("-m", str(tiny_paths[0]), "-d", str(tiny_paths[1]), "Name three colours.", "-n", "4", "--temp", "0")
     assert "seed" not in summary(greedy.stderr)  # greedy: nothing to repeat
 
 

@@ -93,7 +93,7 @@ def test_round_trip_and_corrupt_dicts_are_refused():
             CostProfile.from_dict(bad)
 
 
-# ---- end to end, on the demo pair --------------------------------------------------------------------------
+# ---- end to end, on the demo pair (and the tiny synthetic one where any pair will do) ------------------------------
 
 
 @pytest.fixture()
@@ -127,16 +127,21 @@ def _run_cli(*args, env):
                           timeout=300, env=env)
 
 
-def test_a_corrupt_or_foreign_profile_is_ignored_with_one_warning(demo_paths, profiles):
+def _tiny(paths) -> list[str]:
+    """-m/-d for the tiny synthetic pair: its runs write and read profiles as the demo pair's do, in milliseconds."""
+    return ["-m", str(paths[0]), "-d", str(paths[1])]
+
+
+def test_a_corrupt_or_foreign_profile_is_ignored_with_one_warning(tiny_paths, profiles):
     env = {**os.environ, "DSPARK_PROFILES": str(profiles)}
-    first = _run_cli(PROMPT, "-n", "16", env=env)
+    first = _run_cli(*_tiny(tiny_paths), PROMPT, "-n", "16", env=env)
     assert first.returncode == 0, first.stderr
     (path,) = profiles.glob("*.json")
     good = json.loads(path.read_text())
     for content in ("{not json", json.dumps({**good, "key": {**good["key"], "threads": 999}}),
                     json.dumps({**good, "figures": {"v1": ["fast"]}})):
         path.write_text(content)
-        r = _run_cli(PROMPT, "-n", "16", env=env)
+        r = _run_cli(*_tiny(tiny_paths), PROMPT, "-n", "16", env=env)
         assert r.returncode == 0, r.stderr
         assert r.stdout == first.stdout  # the answer, unchanged
         warnings = [ln for ln in r.stderr.splitlines() if "cost profile" in ln]
@@ -193,11 +198,11 @@ def test_a_few_tokens_behind_cost_no_catch_up_round():
     assert far.rate < near.rate
 
 
-def test_a_folder_that_cannot_hold_profiles_is_said_once_at_load(demo_paths, tmp_path):
+def test_a_folder_that_cannot_hold_profiles_is_said_once_at_load(tiny_paths, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     env = {**os.environ, "DSPARK_PROFILES": str(blocker / "profiles")}
-    r = _run_cli(PROMPT, "-n", "16", env=env)
+    r = _run_cli(*_tiny(tiny_paths), PROMPT, "-n", "16", env=env)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if "cost profile" in ln]
     assert len(lines) == 1 and "cannot keep cost profiles" in lines[0], r.stderr
