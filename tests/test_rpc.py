@@ -12,7 +12,8 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 
 import pytest
 
@@ -90,6 +91,8 @@ def servers():
     try:
         started += [start_server(), start_server()]
         yield ",".join(endpoint for _, endpoint in started)
+        # Ctrl-C stops a server after clients came and went (test_keep_alive_reaches_llama_cpps_own_connection's
+        # loaded through the first one, among others).
         for p, _ in started:
             out, _ = stop(p)
             assert out == b""  # the server's log goes to stderr: stdout carries nothing
@@ -103,7 +106,7 @@ def dspark(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(DSPARK + list(args), capture_output=True, env=ENV, timeout=timeout)
 
 
-def generate(target, draft, *extra: str, n: int = 48) -> tuple[str, dict]:
+def generate(target, draft, *extra: str, n: int = 24) -> tuple[str, dict]:
     r = dspark("run", "-m", str(target), "-d", str(draft), "--temp", "0", "-n", str(n), "--json", *extra, PROMPT)
     assert r.returncode == 0, r.stderr.decode()
     result = json.loads(r.stdout)
@@ -111,61 +114,116 @@ def generate(target, draft, *extra: str, n: int = 48) -> tuple[str, dict]:
 
 
 # ---- the target across two servers -------------------------------------------------------------------------
-def test_greedy_across_two_servers_equals_the_target_alone_here(servers, demo_paths):
+@pytest.fixture(scope="module")
+def alone(demo_paths) -> str:
+    """The target alone on this machine, greedy: what each remote placement below must answer."""
+    text, _ = generate(demo_paths[0], "none")
+    assert text.strip()
+    return text
+
+
+def test_greedy_across_two_servers_equals_the_target_alone_here(servers, demo_paths, alone):
     target, draft = demo_paths
-    alone, _ = generate(target, "none")
-    assert alone.strip()
-    remote_alone, _ = generate(target, "none", "--rpc", servers)
-    assert remote_alone == alone
     remote_spec, stats = generate(target, draft, "--rpc", servers)
     assert remote_spec == alone
     assert stats["drafted"] > 0  # the local draft really drafted for the remote target
-    split, _ = generate(target, draft, "--rpc", servers, "--tensor-split", "1,3")
-    assert split == alone
+    # The target alone there, its layers split 1:3 between the servers (the run above split them by free memory).
+    remote_alone, _ = generate(target, "none", "--rpc", servers, "--tensor-split", "1,3")
+    assert remote_alone == alone
 
 
-def test_the_draft_can_go_remote_too(servers, demo_paths):
+def test_the_draft_can_go_remote_too(servers, demo_paths, alone):
     target, draft = demo_paths
-    alone, _ = generate(target, "none", n=24)
     first, second = servers.split(",")
-    text, _ = generate(target, draft, "--rpc", first, "--rpc-draft", second, n=24)
+    text, _ = generate(target, draft, "--rpc", first, "--rpc-draft", second)
     assert text == alone
 
 
 # ---- failures, each one line naming the server ---------------------------------------------------------------
-def test_an_unreachable_server_at_load_is_one_line(demo_paths):
-    port = free_port()
-    started = time.monotonic()
-    r = dspark("run", "-m", str(demo_paths[0]), "-d", "none", "--rpc", f"127.0.0.1:{port}", "-n", "4", "hi")
-    one_error(r, 9, f"127.0.0.1:{port}", "connection refused")
-    assert time.monotonic() - started < 30
+@pytest.fixture(scope="module", autouse=True)
+def load_failures(demo_paths, tmp_path_factory):
+    """`dspark run` against four endpoints that are no RPC server, started together when the module starts: they
+    spend their time waiting (two of them out the probe's 5 s), so they have ended by the time the tests below read
+    them. {name: future of (result, endpoint, seconds from its start to its end)}. Nothing listens on the first;
+    the second answers HTTP 400 to anything; the third accepts (the backlog) and never answers, as a busy server;
+    the fourth is a real HTTP server, which reads the HELLO as the start of a request line and waits for its end:
+    silence, like a busy server."""
+    with ExitStack() as stack:
+        listener = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+        silent = stack.enter_context(socket.create_server(("127.0.0.1", 0)))  # accepts, never answers
+
+        def answer():
+            conn, _ = listener.accept()
+            conn.recv(64)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            conn.close()
+
+        threading.Thread(target=answer, daemon=True).start()
+        endpoints = {"unreachable": f"127.0.0.1:{free_port()}",
+                     "something else": f"127.0.0.1:{listener.getsockname()[1]}",
+                     "silent": f"127.0.0.1:{silent.getsockname()[1]}",
+                     "http": stack.enter_context(http_server(tmp_path_factory.mktemp("http")))}
+        pool = stack.enter_context(ThreadPoolExecutor(len(endpoints)))
+        procs: list[subprocess.Popen] = []
+        # on the way out, first: whatever still runs is killed (so the pool's threads end)
+        stack.callback(lambda: [p.kill() for p in procs if p.poll() is None])
+
+        def run(endpoint: str):
+            started = time.monotonic()
+            p = subprocess.Popen(DSPARK + ["run", "-m", str(demo_paths[0]), "-d", "none", "--rpc", endpoint, "-n",
+                                           "4", "hi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+            procs.append(p)
+            out, err = p.communicate(timeout=120)
+            return subprocess.CompletedProcess(p.args, p.returncode, out, err), endpoint, time.monotonic() - started
+
+        yield {name: pool.submit(run, endpoint) for name, endpoint in endpoints.items()}
+
+
+def test_an_unreachable_server_at_load_is_one_line(load_failures):
+    r, endpoint, seconds = load_failures["unreachable"].result()
+    one_error(r, 9, endpoint, "connection refused")
+    assert seconds < 30
     assert r.stdout == b""
 
 
-def test_something_else_on_the_port_is_not_taken_for_a_server(demo_paths):
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-
-    def answer():
-        conn, _ = listener.accept()
-        conn.recv(64)
-        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-        conn.close()
-
-    threading.Thread(target=answer, daemon=True).start()
-    r = dspark("run", "-m", str(demo_paths[0]), "-d", "none", "--rpc", f"127.0.0.1:{port}", "-n", "4", "hi")
-    listener.close()
-    one_error(r, 9, f"127.0.0.1:{port}", "not a llama.cpp RPC server")
+def test_something_else_on_the_port_is_not_taken_for_a_server(load_failures):
+    r, endpoint, _ = load_failures["something else"].result()
+    one_error(r, 9, endpoint, "not a llama.cpp RPC server")
 
 
-def test_a_silent_server_times_out_instead_of_hanging(demo_paths):
-    listener = socket.create_server(("127.0.0.1", 0))  # accepts (the backlog), never answers: a busy server
-    port = listener.getsockname()[1]
-    started = time.monotonic()
-    r = dspark("run", "-m", str(demo_paths[0]), "-d", "none", "--rpc", f"127.0.0.1:{port}", "-n", "4", "hi")
-    listener.close()
-    one_error(r, 9, f"127.0.0.1:{port}", "did not answer")
-    assert time.monotonic() - started < 60
+def test_a_silent_server_times_out_instead_of_hanging(load_failures):
+    r, endpoint, seconds = load_failures["silent"].result()
+    one_error(r, 9, endpoint, "did not answer")
+    assert seconds < 60
+
+
+def test_an_http_server_on_the_port_is_named(load_failures):
+    # dspark says what it found instead of "did not answer ... is another dspark using it?".
+    r, endpoint, _ = load_failures["http"].result()
+    line = one_error(r, 9, endpoint, "not a llama.cpp RPC server", "an HTTP server answered", "HTTP/1.")
+    assert "did not answer" not in line and "another dspark" not in r.stderr.decode()
+    assert r.stdout == b""
+
+
+@contextmanager
+def http_server(folder):
+    """A real HTTP server (python -m http.server, serving folder) on a loopback port: its endpoint, once it
+    accepts connections."""
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                          str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                assert p.poll() is None and time.monotonic() < deadline, "http.server did not start"
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        end(p)
 
 
 def test_a_server_killed_mid_generation_ends_the_run_in_one_line(demo_paths):
@@ -210,37 +268,6 @@ def test_chat_keeps_the_answer_so_far_when_the_server_dies(demo_paths, tmp_path)
     answer = records[-1]
     assert answer["role"] == "assistant" and answer["finish_reason"] == "error" and "RPC server" in answer["error"]
     assert answer["content"] and (first + rest).decode("utf-8", "replace").startswith(answer["content"][:20])
-
-
-@contextmanager
-def http_server(folder):
-    """A real HTTP server (python -m http.server, serving folder) on a loopback port: its endpoint, once it
-    accepts connections."""
-    port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
-                          str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=2).close()
-                break
-            except OSError:
-                assert p.poll() is None and time.monotonic() < deadline, "http.server did not start"
-                time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        end(p)
-
-
-def test_an_http_server_on_the_port_is_named(demo_paths, tmp_path):
-    # An HTTP server reads the HELLO as the start of a request line and waits for its end: silence, like a
-    # busy server. dspark says what it found instead of "did not answer ... is another dspark using it?".
-    with http_server(tmp_path) as endpoint:
-        r = dspark("run", "-m", str(demo_paths[0]), "-d", "none", "--rpc", endpoint, "-n", "4", "hi", timeout=120)
-    line = one_error(r, 9, endpoint, "not a llama.cpp RPC server", "an HTTP server answered", "HTTP/1.")
-    assert "did not answer" not in line and "another dspark" not in r.stderr.decode()
-    assert r.stdout == b""
 
 
 # ---- flags and the server command -----------------------------------------------------------------------------
@@ -361,27 +388,27 @@ def test_serve_ends_the_stream_with_an_error_when_the_server_dies(demo_paths):
     assert len(errors) == 1 and endpoint in errors[0] and "Traceback" not in "".join(s.log)
 
 
-def test_keep_alive_reaches_llama_cpps_own_connection(demo_paths):
-    """The loader sets keepalive on the sockets llama.cpp opened to the servers: find them from outside."""
-    with running_server() as (doomed, endpoint):
-        host, port = endpoint.split(":")
-        code = ("import dspark_cli as d, socket, os\n"
-                f"p = d.load({str(demo_paths[0])!r}, 'none', rpc={endpoint!r}, quiet=True)\n"
-                "n = 0\n"
-                "for fd in map(int, os.listdir('/proc/self/fd')):\n"
-                "    try:\n"
-                "        s = socket.socket(fileno=os.dup(fd))\n"
-                "    except OSError:\n"
-                "        continue\n"
-                "    try:\n"
-                f"        if s.type == socket.SOCK_STREAM and s.getpeername() == ({host!r}, {port}):\n"
-                "            n += s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)\n"
-                "    except OSError:\n"
-                "        pass\n"
-                "    s.close()\n"
-                "p.close()\n"
-                "print(n)\n")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
-        stop(doomed)  # after a client came and went, Ctrl-C still stops it
+def test_keep_alive_reaches_llama_cpps_own_connection(demo_paths, servers):
+    """The loader sets keepalive on the sockets llama.cpp opened to the servers: find them from outside. (The
+    servers fixture then checks that Ctrl-C still stops the server after this client came and went.)"""
+    endpoint = servers.split(",")[0]
+    host, port = endpoint.split(":")
+    code = ("import dspark_cli as d, socket, os\n"
+            f"p = d.load({str(demo_paths[0])!r}, 'none', rpc={endpoint!r}, quiet=True)\n"
+            "n = 0\n"
+            "for fd in map(int, os.listdir('/proc/self/fd')):\n"
+            "    try:\n"
+            "        s = socket.socket(fileno=os.dup(fd))\n"
+            "    except OSError:\n"
+            "        continue\n"
+            "    try:\n"
+            f"        if s.type == socket.SOCK_STREAM and s.getpeername() == ({host!r}, {port}):\n"
+            "            n += s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "    s.close()\n"
+            "p.close()\n"
+            "print(n)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "1"
