@@ -32,11 +32,30 @@ def server(demo_paths):
     s.stop()
 
 
+_ran_alone: dict[tuple[str, ...], str] = {}
+
+
 def run_alone(prompt: str, *args: str) -> str:
-    out = subprocess.run(DSPARK + ["run", "--json", "-t", "1", "--temp", "0", *args, prompt], capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)["text"]
+    """`dspark run`'s answer (once per prompt and flags in this module: the same command answers the same)."""
+    key = (prompt, *args)
+    if key not in _ran_alone:
+        out = subprocess.run(DSPARK + ["run", "--json", "-t", "1", "--temp", "0", *args, prompt], capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        _ran_alone[key] = json.loads(out.stdout)["text"]
+    return _ran_alone[key]
+
+
+def run_flags(sampling: dict) -> list[str]:
+    """`dspark run`'s flags for a request's sampling fields, with the server's defaults for what a request leaves
+    out (top-k and top-p off), which run's own differ from."""
+    return ["--temp", str(sampling["temperature"]), "--top-k", "0", "--top-p", "1"] + (
+        ["--seed", str(sampling["seed"])] if "seed" in sampling else [])
+
+
+# Tokens each of the QUESTIONS is answered with when they are batched (the same in the tests below, so that each
+# `dspark run` answer is computed once).
+N = 24
 
 
 def health(s: Server) -> dict:
@@ -66,17 +85,15 @@ def test_requests_batched_together_are_each_what_run_gives_alone(server, samplin
     text is `dspark run`'s for the same prompt and settings, the long one's too, as far as it got."""
     conn, stream = server.long_stream_of([{"role": "user", "content": COUNTING}], 1000, **sampling)
     try:
-        got = ask_all(server, QUESTIONS, max_tokens=40, **sampling)
+        got = ask_all(server, QUESTIONS, max_tokens=N, **sampling)
         received = read_some(stream)
     finally:
         conn.close()
-    # The server's defaults for what a request leaves out (top-k and top-p off), which run's own differ from.
-    flags = ["--temp", str(sampling["temperature"]), "--top-k", "0", "--top-p", "1"] + (
-        ["--seed", str(sampling["seed"])] if "seed" in sampling else [])
+    flags = run_flags(sampling)
     for i, question in enumerate(QUESTIONS):
-        assert got[i].choices[0].message.content == run_alone(question, "-n", "40", *flags), question
+        assert got[i].choices[0].message.content == run_alone(question, "-n", str(N), *flags), question
         assert got[i].model_extra["timings"]["batch_max"] >= 2  # it shared passes with the long answer at least
-    assert run_alone(COUNTING, "-n", "40", *flags).startswith(received)
+    assert run_alone(COUNTING, "-n", str(N), *flags).startswith(received)  # a dozen chunks, within N tokens
 
 
 def read_some(stream) -> str:
@@ -101,7 +118,7 @@ def test_a_client_dropped_mid_stream_frees_its_slot_and_three_go_on(server):
         results: dict[int, object] = {}
 
         def others():
-            results.update(ask_all(server, QUESTIONS, max_tokens=32, temperature=0))
+            results.update(ask_all(server, QUESTIONS, max_tokens=N, temperature=0))
 
         t = threading.Thread(target=others)
         t.start()
@@ -113,7 +130,8 @@ def test_a_client_dropped_mid_stream_frees_its_slot_and_three_go_on(server):
         for c, _ in conns:
             c.close()
     for i, question in enumerate(QUESTIONS):
-        assert results[i].choices[0].message.content == run_alone(question, "-n", "32"), question
+        assert results[i].choices[0].message.content == run_alone(question, "-n", str(N),
+                                                                  *run_flags({"temperature": 0})), question
     posts = lambda: [line for line in server.log[since:] if " POST " in line]  # noqa: E731
     wait_for(lambda: len(posts()) >= 4, "the four requests' log lines")
     assert not any(" 1000 tokens" in line for line in posts()), posts()  # the dropped one stopped early
@@ -155,28 +173,28 @@ def test_health_and_metrics_report_what_runs(server):
 
 
 def test_a_request_that_fills_its_context_ends_alone(demo_paths):
-    """With 256 tokens a request, one that runs into its context (a raw count that goes on) ends there
-    (finish_reason "length") while the one beside it goes on to its own end, the answer `dspark run` gives alone
-    with the same context."""
+    """With 256 tokens a request, one that runs into its context (a raw count that goes on, from a prompt that
+    already counts to 50: 190 of the 256 tokens) ends there (finish_reason "length") while the one beside it goes
+    on to its own end, the answer `dspark run` gives alone with the same context."""
     s = Server("--ctx-size", "256")
     try:
         client = s.client()
         counted = {}
 
         def count():
-            stream = client.completions.create(model=model_id(s), prompt="1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+            stream = client.completions.create(model=model_id(s), prompt=", ".join(map(str, range(1, 51))) + ",",
                                                max_tokens=1000, temperature=0, stream=True)
             counted["finish"] = [c.choices[0].finish_reason for c in stream if c.choices][-1]
 
         t = threading.Thread(target=count)
         t.start()
         wait_for(lambda: health(s)["active"] == 1 or "finish" in counted, "the count to start")
-        other = ask_all(s, QUESTIONS[1:2], max_tokens=48, temperature=0)[0]
+        other = ask_all(s, QUESTIONS[1:2], max_tokens=32, temperature=0)[0]
         t.join(timeout=600)
     finally:
         s.stop()
     assert counted["finish"] == "length"  # the context, in OpenAI's words
-    assert other.choices[0].message.content == run_alone(QUESTIONS[1], "-n", "48", "--ctx-size", "256")
+    assert other.choices[0].message.content == run_alone(QUESTIONS[1], "-n", "32", "--ctx-size", "256")
 
 
 def test_parallel_larger_than_memory_allows_refuses_to_start():
@@ -199,10 +217,10 @@ def test_the_library_batches_concurrent_callers(demo_paths):
 
     questions = QUESTIONS[:2]
     with dspark.load(quiet=True) as pair:
-        alone = [pair.complete(q, max_tokens=24).text for q in questions]
+        alone = [pair.complete(q, max_tokens=16).text for q in questions]
     with dspark.load(parallel=2, quiet=True) as pair:
         got: dict[int, object] = {}
-        threads = [threading.Thread(target=lambda i=i: got.update({i: pair.complete(questions[i], max_tokens=24)}))
+        threads = [threading.Thread(target=lambda i=i: got.update({i: pair.complete(questions[i], max_tokens=16)}))
                    for i in range(2)]
         for t in threads:
             t.start()
@@ -210,7 +228,7 @@ def test_the_library_batches_concurrent_callers(demo_paths):
             t.join(timeout=600)
         assert [got[i].text for i in range(2)] == alone
         # Two generations started before either is read share their passes.
-        gens = [pair.generate(q, max_tokens=24) for q in questions]
+        gens = [pair.generate(q, max_tokens=16) for q in questions]
         texts = ["".join(ev.text for ev in g) for g in gens]
         assert texts == alone
         assert pair.generate(questions[0], max_tokens=2) is not None  # a third is fine too: it waits its turn
