@@ -32,6 +32,7 @@ class Server:
     def __init__(self, *args, env=None):
         self.port = free_port()
         self.log = []
+        self.key = (env or {}).get("DSPARK_API_KEY")  # what client() and long_stream_of() send, when set
         self.proc = subprocess.Popen(DSPARK + ["serve", "--port", str(self.port), "-t", "1", *args],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, **(env or {})}, text=True)
@@ -70,14 +71,16 @@ class Server:
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         c.request("POST", "/v1/chat/completions", body=json.dumps({
             "model": model_id(self), "stream": True, "max_tokens": max_tokens, "temperature": 0,
-            "messages": messages, **fields}), headers={"Content-Type": "application/json"})
+            "messages": messages, **fields}), headers={"Content-Type": "application/json",
+                                                       **({"Authorization": f"Bearer {self.key}"} if self.key else {})})
         r = c.getresponse()
         assert r.status == 200
         r.readline()  # the first chunk arrived: it is generating
         return c, r
 
-    def client(self, key="none"):
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=120)
+    def client(self, key=None):
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key or self.key or "none",
+                             max_retries=0, timeout=120)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -89,8 +92,29 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(demo_paths):
-    s = Server("--max-queue", "8")
+def module_servers(demo_paths):
+    """The servers the module's `server` fixture started (stopped at the end of the module)."""
+    servers: list[Server] = []
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def server(module_servers):
+    """The module's server (the default --parallel 4, room for 8 waiting), shared by the tests; a new one for a
+    test that finds it stopped (the Ctrl-C test stops it: it comes last in this file)."""
+    if not module_servers or module_servers[-1].proc.poll() is not None:
+        module_servers.append(Server("--max-queue", "8"))
+    return module_servers[-1]
+
+
+@pytest.fixture(scope="module")
+def keyed_one_at_a_time(demo_paths):
+    """A server that generates one request at a time (with room for three waiting) and wants an API key (from
+    the environment): the arrival-order test's and the API-key test's, neither of which depends on the other's
+    setting."""
+    s = Server("--parallel", "1", "--max-queue", "8", env={"DSPARK_API_KEY": "sekrit"})
     yield s
     s.stop()
 
@@ -109,28 +133,28 @@ def test_models_and_health(server):
 
 
 def test_greedy_chat_equals_dspark_run(server):
-    r = server.client().chat.completions.create(model=model_id(server), temperature=0, max_tokens=24,
+    r = server.client().chat.completions.create(model=model_id(server), temperature=0, max_tokens=16,
                                                 messages=[{"role": "user", "content": PROMPT}])
-    run = subprocess.run(DSPARK + ["run", "--temp", "0", "-n", "24", "-t", "1", PROMPT], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(DSPARK + ["run", "--temp", "0", "-n", "16", "-t", "1", PROMPT], capture_output=True, text=True, timeout=300)
     assert r.choices[0].message.content == run.stdout.rstrip("\n")
     assert r.choices[0].finish_reason == "length"
-    assert r.usage.completion_tokens == 24 and r.usage.prompt_tokens > 0
+    assert r.usage.completion_tokens == 16 and r.usage.prompt_tokens > 0
     timings = r.model_extra["timings"]
-    assert timings["predicted_n"] == 24 and timings["draft_n"] >= timings["draft_n_accepted"] >= 0
+    assert timings["predicted_n"] == 16 and timings["draft_n"] >= timings["draft_n_accepted"] >= 0
     assert timings["exact"] == "proven (batches <= 16)"
 
 
 def test_streaming_chat_with_usage(server):
-    stream = server.client().chat.completions.create(model=model_id(server), temperature=0, max_tokens=24,
+    stream = server.client().chat.completions.create(model=model_id(server), temperature=0, max_tokens=16,
                                                      messages=[{"role": "user", "content": PROMPT}], stream=True,
                                                      stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    whole = server.client().chat.completions.create(model=model_id(server), temperature=0, max_tokens=24,
+    whole = server.client().chat.completions.create(model=model_id(server), temperature=0, max_tokens=16,
                                                     messages=[{"role": "user", "content": PROMPT}])
     assert text == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
 
 
 def test_completions_raw_prompt_stream_and_stop(server):
@@ -152,7 +176,7 @@ def test_completions_raw_prompt_stream_and_stop(server):
 def test_seed_reproduces_a_sampled_answer(server):
     c = server.client()
     ask = dict(model=model_id(server), messages=[{"role": "user", "content": "Tell me a joke."}], temperature=0.9,
-               top_p=0.95, max_tokens=20)
+               top_p=0.95, max_tokens=16)
     a = c.chat.completions.create(seed=11, **ask).choices[0].message.content
     b = c.chat.completions.create(seed=11, **ask).choices[0].message.content
     assert a == b
@@ -192,30 +216,27 @@ def test_concurrent_streams_all_complete_alike(server):
     assert sorted(finished) == [0, 1, 2, 3]
 
 
-def test_one_at_a_time_serves_in_arrival_order(demo_paths):
-    s = Server("--parallel", "1", "--max-queue", "8")
-    try:
-        c = s.client()
-        results, finished = {}, []
+def test_one_at_a_time_serves_in_arrival_order(keyed_one_at_a_time):
+    s = keyed_one_at_a_time
+    c = s.client()  # with the server's key
+    results, finished = {}, []
 
-        def one(i):
-            results[i] = streamed_answer(c, s)
-            finished.append(i)
+    def one(i):
+        results[i] = streamed_answer(c, s)
+        finished.append(i)
 
-        first = threading.Thread(target=one, args=(0,))
-        first.start()
-        wait_for(lambda: s.request("GET", "/health")[1]["generating"])  # 0 holds the models
-        threads = [first]
-        for i in (1, 2, 3):
-            threads.append(threading.Thread(target=one, args=(i,)))
-            threads[-1].start()
-            wait_for(lambda: s.request("GET", "/health")[1]["waiting"] >= i or len(finished) >= i)  # arrival order
-        for t in threads:
-            t.join(timeout=300)
-        assert finished == [0, 1, 2, 3]
-        assert len(set(results.values())) == 1
-    finally:
-        s.stop()
+    first = threading.Thread(target=one, args=(0,))
+    first.start()
+    wait_for(lambda: s.request("GET", "/health")[1]["generating"])  # 0 holds the models
+    threads = [first]
+    for i in (1, 2, 3):
+        threads.append(threading.Thread(target=one, args=(i,)))
+        threads[-1].start()
+        wait_for(lambda: s.request("GET", "/health")[1]["waiting"] >= i or len(finished) >= i)  # arrival order
+    for t in threads:
+        t.join(timeout=300)
+    assert finished == [0, 1, 2, 3]
+    assert len(set(results.values())) == 1
 
 
 def streamed_answer(client, server) -> str:
@@ -283,23 +304,20 @@ def test_a_full_queue_is_429_with_retry_after(demo_paths):
         s.stop()
 
 
-def test_api_key(demo_paths):
-    s = Server(env={"DSPARK_API_KEY": "sekrit"})
-    try:
-        assert s.request("GET", "/health")[0] == 200  # always open
-        got, answer, _ = s.request("GET", "/v1/models")
-        assert got == 401 and answer["error"]["code"] == "invalid_api_key"
-        with pytest.raises(openai.AuthenticationError):
-            s.client("wrong").models.list()
-        got, answer, _ = s.request("GET", "/v1/models", headers={"Authorization": b"Bearer \xff"})  # not text
-        assert got == 401 and answer["error"]["code"] == "invalid_api_key"
-        assert s.client("sekrit").models.list().data
-    finally:
-        s.stop()
+def test_api_key(keyed_one_at_a_time):
+    s = keyed_one_at_a_time  # DSPARK_API_KEY=sekrit in its environment
+    assert s.request("GET", "/health")[0] == 200  # always open
+    got, answer, _ = s.request("GET", "/v1/models")
+    assert got == 401 and answer["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        s.client("wrong").models.list()
+    got, answer, _ = s.request("GET", "/v1/models", headers={"Authorization": b"Bearer \xff"})  # not text
+    assert got == 401 and answer["error"]["code"] == "invalid_api_key"
+    assert s.client("sekrit").models.list().data
 
 
-def test_ctrl_c_ends_the_stream_with_an_error_chunk_and_exits_cleanly(demo_paths):
-    s = Server()
+def test_ctrl_c_ends_the_stream_with_an_error_chunk_and_exits_cleanly(server):
+    s = server  # after every other test's requests (it stops the module's server)
     _, r = s.long_stream(3000)
     s.proc.send_signal(signal.SIGINT)
     rest = r.read().decode()
