@@ -47,9 +47,9 @@ def test_strings_messages_and_raw(pair):
 
 def test_a_growing_conversation_reuses_the_caches(pair):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    first = pair.complete(messages, max_tokens=24)
+    first = pair.complete(messages, max_tokens=16)
     messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Germany?"}]
-    second = pair.complete(messages, max_tokens=24)
+    second = pair.complete(messages, max_tokens=16)
     # The previous prompt stays in the target's cache; the previous answer's tokens are processed again, as a
     # fresh run of this prompt processes them (their keys came from verify batches: Model.prompt_plan). The
     # draft model, whose numerics never reach the output, keeps them too.
@@ -57,7 +57,7 @@ def test_a_growing_conversation_reuses_the_caches(pair):
     assert second.stats.n_prompt_evaluated_draft < 20
     pair.settle()  # the previous answer re-processed as a prompt batch ahead of time (what a chat does while idle)
     messages += [{"role": "assistant", "content": second.text}, {"role": "user", "content": "And of Italy?"}]
-    third = pair.complete(messages, max_tokens=24)
+    third = pair.complete(messages, max_tokens=16)
     assert third.stats.n_prompt_evaluated < 20 < third.stats.n_prompt  # only the new turn
     unrelated = pair.complete("Write a haiku about the sea.", max_tokens=8)
     assert unrelated.stats.n_prompt_evaluated > 5  # a different prompt starts (nearly) fresh
@@ -72,9 +72,9 @@ def test_sampled_completions_follow_the_seed(pair):
 
 
 def test_stop_strings_and_events(pair):
-    full = pair.complete("Write a short story about a robot.", max_tokens=40).text
+    full = pair.complete("Write a short story about a robot.", max_tokens=24).text
     stop = full[len(full) // 2 : len(full) // 2 + 6]  # a piece of what greedy decoding writes anyway
-    events = list(pair.generate("Write a short story about a robot.", stop=[stop], max_tokens=40))
+    events = list(pair.generate("Write a short story about a robot.", stop=[stop], max_tokens=24))
     text = "".join(e.text for e in events)
     assert text == full[: full.index(stop)] and events[-1].finish_reason == "stop"
     assert all(isinstance(e, dspark.Event) for e in events)

@@ -123,13 +123,13 @@ def test_lone_surrogates_are_prompt_errors(pair, call):
 def test_two_threads_calling_complete_take_turns(pair):
     """They used to collide ('generator already executing', or one answer silently cut short)."""
     prompts = ["Name three colours.", "Write a haiku about the sea.", "What is 2+2?", "Name a big city."]
-    alone = {q: pair.complete(q, max_tokens=24) for q in prompts}
+    alone = {q: pair.complete(q, max_tokens=16) for q in prompts}
     got, errors = {}, []
 
     def ask(q):
         try:
             for _ in range(2):
-                got[q] = pair.complete(q, max_tokens=24)
+                got[q] = pair.complete(q, max_tokens=16)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -240,6 +240,6 @@ def test_one_default_for_min_p(pair):
     assert SamplingParams().min_p == DEFAULT_MIN_P == inspect.signature(pair.generate).parameters["min_p"].default
     tokens = pair.tokens("Tell me a story.")
     engine = [e.token for e in generate(pair.target, tokens, params=SamplingParams(temperature=1.5, seed=3),
-                                        max_tokens=24) if e.token is not None]
-    api = pair.complete("Tell me a story.", temperature=1.5, seed=3, max_tokens=24).tokens
+                                        max_tokens=16) if e.token is not None]
+    api = pair.complete("Tell me a story.", temperature=1.5, seed=3, max_tokens=16).tokens
     assert engine == api
