@@ -85,7 +85,9 @@ class LoopbackHub:
         Handler.hub = hub
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="loopback-hub", daemon=True)
+        # shutdown() waits for serve_forever to notice, up to its poll interval (0.5 s by default, at every teardown)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="loopback-hub", daemon=True)
         self._thread.start()
         return self
 
