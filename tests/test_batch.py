@@ -76,10 +76,11 @@ def test_six_jobs_on_four_slots_each_as_alone(demo_models, batch_models, schedul
     lone engine's, token for token, and the first four shared their target passes."""
     ps = prompts(batch_models[0])
     params = [SamplingParams(temperature=temperature, seed=11 + i) for i in range(len(ps))]
-    jobs = [Job(p, sp, 40, (), 8) for p, sp in zip(ps, params)]
+    # 24 tokens an answer (40 before): the last two still wait for a slot, the first four still share passes
+    jobs = [Job(p, sp, 24, (), 8) for p, sp in zip(ps, params)]
     scheduler.submit(*jobs)  # all arrive before the scheduler's first step
     got = [tokens_of(j) for j in jobs]
-    assert got == [lone(demo_models, p, sp, 40) for p, sp in zip(ps, params)]
+    assert got == [lone(demo_models, p, sp, 24) for p, sp in zip(ps, params)]
     assert all(j.stats.batch_max >= 2 for j in jobs[:4])
     assert scheduler.active == 0
 
@@ -89,7 +90,7 @@ def test_a_cancelled_job_frees_its_slot_and_the_others_lose_nothing(demo_models,
     still span (padded rows there), and both answers stay the lone ones."""
     ps = prompts(batch_models[0])[:3]
     greedy = SamplingParams()
-    jobs = [Job(p, greedy, 48, (), 8) for p in ps]
+    jobs = [Job(p, greedy, 32, (), 8) for p in ps]  # 32 tokens (48 before): the two go on long past the cancel
     scheduler.submit(*jobs)
     events = jobs[1].events()
     next(events)
@@ -97,8 +98,8 @@ def test_a_cancelled_job_frees_its_slot_and_the_others_lose_nothing(demo_models,
     scheduler.cancel(jobs[1])
     wait_for(lambda: jobs[1].finished, "the cancelled job to leave its slot")
     assert [j.slot for j in jobs] == [0, 1, 2] and scheduler.slots[1] is None
-    assert tokens_of(jobs[0]) == lone(demo_models, ps[0], greedy, 48)
-    assert tokens_of(jobs[2]) == lone(demo_models, ps[2], greedy, 48)
+    assert tokens_of(jobs[0]) == lone(demo_models, ps[0], greedy, 32)
+    assert tokens_of(jobs[2]) == lone(demo_models, ps[2], greedy, 32)
     # Its cache keeps only what was delivered (a resend can reuse it), nothing past it.
     target = batch_models[0]
     assert len(target.seq_cached[1]) <= jobs[1].seen
@@ -119,13 +120,13 @@ def test_a_resent_conversation_processes_only_its_new_tokens(demo_models, batch_
     more = target.tokenize("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n",
                            add_special=False)
     second_prompt = ps[0] + answer + more
-    other = Job(ps[3], greedy, 40, (), 8)
+    other = Job(ps[3], greedy, 24, (), 8)  # beside turn two, as long as it (40 before)
     second = Job(second_prompt, greedy, 24, (), 8)
     scheduler.submit(second, other)
     assert tokens_of(second) == lone_two_turns(demo_models, ps[0], second_prompt, greedy)
     assert second.slot == first.slot
     assert second.stats.n_prompt_evaluated <= max(len(more), EXACT_BATCH_MAX + 1) + 1
-    assert tokens_of(other) == lone(demo_models, ps[3], greedy, 40)
+    assert tokens_of(other) == lone(demo_models, ps[3], greedy, 24)
 
 
 def lone_two_turns(demo_models, prompt, second_prompt, params) -> list[int]:

@@ -2,6 +2,7 @@
 on a tiny synthetic pair whose draft is often wrong (so rejections and cache trims really happen)."""
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -31,15 +32,28 @@ def run(target, prompt, drafter=None, fixed=True, **kw):
     return tokens, from_draft, last
 
 
+@contextmanager
+def every_core(model):
+    """The batch-invariance checks run with the machine's every thread, as users run (all physical cores): a
+    thread-split bug only shows with more than one, and under pytest-xdist a model's default is one thread
+    (DSPARK_THREADS, tests/conftest.py). The shared model gets its threads back afterwards."""
+    before = model.n_threads
+    model.set_threads(os.cpu_count() or 1)
+    try:
+        yield model
+    finally:
+        model.set_threads(before)
 
 
 @pytest.mark.parametrize("text", DEMO_PROMPTS)
 def test_demo_pair_greedy_is_identical_to_target_alone(demo_models, text):
     target, draft = demo_models
     prompt, _ = build_prompt(target, text)
-    base, _, base_last = run(target, prompt, max_tokens=96)
+    # 64 tokens (96 before): the two answers that run to the length limit still have rejected drafts at every
+    # draft_max (3-4 rounds each), and the Moon's ends at its end token (43) either way.
+    base, _, base_last = run(target, prompt, max_tokens=64)
     for draft_max in (1, 4, 8):
-        spec, from_draft, last = run(target, prompt, ModelDrafter(draft), max_tokens=96, draft_max=draft_max)
+        spec, from_draft, last = run(target, prompt, ModelDrafter(draft), max_tokens=64, draft_max=draft_max)
         assert spec == base, f"draft_max={draft_max}"
         assert last.finish_reason == base_last.finish_reason
         s = last.stats
@@ -152,7 +166,8 @@ def kquant_target(demo_paths, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("kquant") / "demo-target.Q4_K_M.gguf"
     requantize(demo_paths[0], out, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)
-    model = Model(out, role="target", n_ctx=1024)
+    # only the batch-invariance checks use it: every core, as they run (see every_core)
+    model = Model(out, role="target", n_ctx=1024, n_threads=os.cpu_count() or 1)
     yield model
     model.close()
 
@@ -167,13 +182,15 @@ def test_build_is_batch_invariant(demo_models, kquant_target, fmt):
     target = demo_models[0] if fmt == "F32" else kquant_target
     prompt, _ = build_prompt(target, "A shop sells pencils at 3 for $1. How much do 12 pencils cost?")
     seq = prompt + target.tokenize(" Twelve pencils cost four dollars, because they", add_special=False)
-    for n in (4, 9, 12):
-        target.truncate(0)
-        alone = np.array(target.sync(seq[: -(n - 1)], n_logits=1)[0])
-        target.truncate(0)
-        target.sync(seq[:-n], n_logits=0)
-        in_batch = np.array(target.eval(seq[-n:], n_logits=n)[0])
-        assert np.array_equal(alone, in_batch), f"{fmt}, batch of {n}: max difference {abs(alone - in_batch).max()}"
+    with every_core(target):
+        for n in (4, 9, 12):
+            target.truncate(0)
+            alone = np.array(target.sync(seq[: -(n - 1)], n_logits=1)[0])
+            target.truncate(0)
+            target.sync(seq[:-n], n_logits=0)
+            in_batch = np.array(target.eval(seq[-n:], n_logits=n)[0])
+            assert np.array_equal(alone, in_batch), \
+                f"{fmt}, batch of {n}: max difference {abs(alone - in_batch).max()}"
 
 
 @pytest.mark.skipif(os.environ.get("DSPARK_FAST_KERNELS") == "1", reason="built with the fast, non-batch-invariant kernels")
@@ -185,19 +202,25 @@ def test_every_row_of_a_verify_batch_is_invariant_past_256_positions(demo_models
     target = demo_models[0] if fmt == "F32" else kquant_target
     line = "The quick brown fox jumps over the lazy dog and keeps running through the forest. "
     seq = target.tokenize(line * 60, add_special=True)[:560]
-    target.truncate(0)
-    target.sync(seq[:200], n_logits=0)
-    alone = {}
-    for p in range(200, 540):
-        alone[p] = np.array(target.eval([seq[p]], n_logits=1)[0])
-    for start in (520, 508, 300, 254, 240):  # from the end down: truncating keeps one-token decoding's cache
-        for n in (2, 9):
-            target.truncate(start)
-            rows = np.array(target.eval(seq[start : start + n], n_logits=n))
-            for j in range(n):
-                assert np.array_equal(rows[j], alone[start + j]), f"{fmt}: position {start + j} in a batch of {n}"
-            target.truncate(start)
-    target.truncate(0)
+    starts, widest = (520, 508, 300, 254, 240), 9
+    with every_core(target):
+        target.truncate(0)
+        alone = {}
+        # Up the sequence, each checked window's positions decoded one token at a time; the stretches between
+        # windows go in as batches (340 one-token steps before, 45 now). Both sides of every comparison below
+        # see the same cache below their window, so how that stretch was computed does not enter them.
+        for start in sorted(starts):
+            target.eval(seq[len(target.cached) : start], n_logits=0)
+            for p in range(start, start + widest):
+                alone[p] = np.array(target.eval([seq[p]], n_logits=1)[0])
+        for start in starts:  # from the end down: truncating keeps one-token decoding's cache
+            for n in (2, widest):
+                target.truncate(start)
+                rows = np.array(target.eval(seq[start : start + n], n_logits=n))
+                for j in range(n):
+                    assert np.array_equal(rows[j], alone[start + j]), f"{fmt}: position {start + j} in a batch of {n}"
+                target.truncate(start)
+        target.truncate(0)
 
 
 def test_accepted_counts_only_tokens_the_answer_kept(demo_models):

@@ -2,11 +2,16 @@
 numbers, not just the same numbers for a batch and a single token (test_engine_greedy checks that): the F32
 demo target must agree with an F16 copy of itself, whose F16 tiles in turn agree with llama.cpp's own F16 kernel
 (which still serves prompts), and the Q4_1 draft with the F32 target, which holds exactly the draft's weights
-dequantized. A wrong stride or lane order in any kernel would scramble the logits far beyond these bounds."""
+dequantized. A wrong stride or lane order in any kernel would scramble the logits far beyond these bounds.
+
+Every model here decodes with the machine's every thread (CORES), as users run (all physical cores): a kernel's
+thread split shows only with more than one, and under pytest-xdist a Model's default is one (DSPARK_THREADS, set
+by tests/conftest.py). The session's shared demo pair gets its threads back after each test (every_core)."""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,65 @@ from dspark_cli.llama.model import Model
 from dspark_cli.prompt import build_prompt
 
 
+CORES = os.cpu_count() or 1
+
+
+@contextmanager
+def every_core(*models: Model):
+    """The session's shared models at CORES threads for one test, their own count back afterwards."""
+    before = [m.n_threads for m in models]
+    for m in models:
+        m.set_threads(CORES)
+    try:
+        yield
+    finally:
+        for m, n in zip(models, before):
+            m.set_threads(n)
+
+
+def tensor_types(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, dims as the file lists them, type name) of each tensor in a GGUF, from its header alone:
+    gguf.GGUFReader parses every token string of the demo's vocabulary first (3 s a file)."""
+    import struct
+
+    from gguf import GGMLQuantizationType, GGUFValueType
+
+    fixed = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
+             GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4, GGUFValueType.BOOL: 1,
+             GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
+
+    with open(path, "rb", buffering=1 << 16) as f:
+        def num(fmt):
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def skip_value(vtype):
+            if vtype == GGUFValueType.STRING:
+                f.seek(num("<Q"), 1)
+            elif vtype == GGUFValueType.ARRAY:
+                etype, count = num("<I"), num("<Q")
+                if etype in fixed:
+                    f.seek(fixed[etype] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip_value(etype)
+            else:
+                f.seek(fixed[vtype], 1)
+
+        magic, _, n_tensors, n_kv = struct.unpack("<4sIQQ", f.read(24))
+        assert magic == b"GGUF"
+        for _ in range(n_kv):
+            f.seek(num("<Q"), 1)  # the key
+            skip_value(num("<I"))
+        tensors = []
+        for _ in range(n_tensors):
+            name = f.read(num("<Q")).decode()
+            dims = tuple(num("<Q") for _ in range(num("<I")))
+            kind = GGMLQuantizationType(num("<I")).name
+            num("<Q")  # the data's offset
+            tensors.append((name, dims, kind))
+        return tensors
+
+
 def f16_copy(src: Path, out: Path) -> Path:
     import llama_cpp
 
@@ -25,9 +89,14 @@ def f16_copy(src: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def f16_target(demo_paths, tmp_path_factory):
-    model = Model(f16_copy(demo_paths[0], tmp_path_factory.mktemp("f16") / "demo-target.F16.gguf"), role="target",
-                  n_ctx=512)
+def f16_path(demo_paths, tmp_path_factory) -> Path:
+    """One F16 copy of the demo target for the module (the tiles' agreement and their bit-for-bit check)."""
+    return f16_copy(demo_paths[0], tmp_path_factory.mktemp("f16") / "demo-target.F16.gguf")
+
+
+@pytest.fixture(scope="module")
+def f16_target(f16_path):
+    model = Model(f16_path, role="target", n_ctx=512, n_threads=CORES)
     yield model
     model.close()
 
@@ -44,7 +113,7 @@ def logits(model: Model, seq: list[int], n: int) -> np.ndarray:
 def assert_batches_match_one_token(path: Path, label: str) -> None:
     """Every row of every batch size a verify can have (2..16: odd sizes and tiles' tails included), bit for bit
     against decoding the same tokens one at a time through llama.cpp's own one-token dot products."""
-    model = Model(path, role="target", n_ctx=512)
+    model = Model(path, role="target", n_ctx=512, n_threads=CORES)
     try:
         seq = model.tokenize("Water boils at one hundred degrees at sea level, but on a mountain it boils at a "
                              "lower temperature because the air pressure is lower up there.", add_special=True)
@@ -62,12 +131,12 @@ def assert_batches_match_one_token(path: Path, label: str) -> None:
         model.close()
 
 
-def batch_against_f32(target: Model, path: Path, text: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def batch_against_f32(f32_logits, path: Path, text: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """The logits of text's last 12 tokens as one batch, through the F32 target and through the quantized copy at
     path: what the tiles compute against the numbers they approximate."""
-    quant = Model(path, role="target", n_ctx=512)
+    quant = Model(path, role="target", n_ctx=512, n_threads=CORES)
     try:
-        return logits(target, text, 12), logits(quant, text, 12)
+        return f32_logits(12), logits(quant, text, 12)
     finally:
         quant.close()
 
@@ -80,10 +149,26 @@ def text(demo_models):
         " A refrigerator moves heat from the inside to the outside using a refrigerant that", add_special=False)
 
 
-@pytest.mark.parametrize("n", [1, 7, 12])
-def test_f32_kernels_agree_with_the_f16_copy(demo_models, f16_target, text, n):
+@pytest.fixture(scope="module")
+def f32_logits(demo_models, text):
+    """f32_logits(n): the F32 target's logits of text's last n tokens as one batch (every core), the reference the
+    F16 copy, the Q4_1 draft and the quantized copies are held against; computed once a module for each n (the
+    same numbers each time: it was computed afresh for each of the 9 tests that use it)."""
     target, _ = demo_models
-    a, b = logits(target, text, n), logits(f16_target, text, n)
+    done: dict[int, np.ndarray] = {}
+
+    def of(n: int) -> np.ndarray:
+        if n not in done:
+            with every_core(target):
+                done[n] = logits(target, text, n)
+        return done[n]
+
+    return of
+
+
+@pytest.mark.parametrize("n", [1, 7, 12])
+def test_f32_kernels_agree_with_the_f16_copy(f32_logits, f16_target, text, n):
+    a, b = f32_logits(n), logits(f16_target, text, n)
     assert np.abs(a - b).max() < 0.25  # F16 rounding of the weights: about 0.05 measured
     assert (a.argmax(axis=1) == b.argmax(axis=1)).all()
 
@@ -107,18 +192,24 @@ def test_f16_tiles_agree_with_llama_cpps_own_f16_kernel(f16_target, text):
 
 
 @pytest.mark.skipif(os.environ.get("DSPARK_FAST_KERNELS") == "1", reason="built with the fast, non-batch-invariant kernels")
-def test_f16_batches_of_2_to_16_match_one_token_decoding(demo_paths, tmp_path):
+def test_f16_batches_of_2_to_16_match_one_token_decoding(f16_path):
     """Every row of batches of 2..16 through an F16 copy (odd widths: tiles of 4 + 3 columns), bit for bit
     against one-token decoding."""
-    assert_batches_match_one_token(f16_copy(demo_paths[0], tmp_path / "demo-target.F16.gguf"), "F16")
+    assert_batches_match_one_token(f16_path, "F16")
 
 
 @pytest.mark.parametrize("n", [1, 12])
-def test_q4_1_kernel_agrees_with_the_dequantized_f32_target(demo_models, text, n):
-    target, draft = demo_models
-    a, b = logits(target, text, 12), logits(draft, text, 12)
-    if n == 1:  # the one-token path, position by position
-        b = np.stack([logits(draft, text[: len(text) - i], 1)[0] for i in range(11, -1, -1)])
+def test_q4_1_kernel_agrees_with_the_dequantized_f32_target(demo_models, f32_logits, text, n):
+    _, draft = demo_models
+    a = f32_logits(12)
+    with every_core(draft):
+        if n == 12:
+            b = logits(draft, text, 12)
+        else:  # the one-token path, position by position (one prompt, then the 12 tokens one at a time)
+            draft.truncate(0)
+            draft.sync(text[:-12], n_logits=0)
+            b = np.stack([np.array(draft.eval([t], n_logits=1)[0]) for t in text[-12:]])
+            draft.truncate(0)
     # The draft quantizes its activations to 8 bits: about 0.2 mean and 1.1 max difference, 83-92% same top token.
     assert np.abs(a - b).mean() < 0.6
     assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= 0.7
@@ -131,8 +222,8 @@ def test_f32_and_f16_kernels_on_odd_sizes(tmp_path):
     from synthetic import vocab, weights, write_model
 
     path = write_model(tmp_path / "odd.gguf", weights(7, len(vocab()[0]), n_embd=40, n_ff=72))
-    f32 = Model(path, role="target", n_ctx=256)
-    f16 = Model(f16_copy(path, tmp_path / "odd.F16.gguf"), role="target", n_ctx=256)
+    f32 = Model(path, role="target", n_ctx=256, n_threads=CORES)
+    f16 = Model(f16_copy(path, tmp_path / "odd.F16.gguf"), role="target", n_ctx=256, n_threads=CORES)
     try:
         seq = f32.tokenize("the cat sat on the mat and the big red dog ran to the sun in the day", add_special=True)
         assert len(seq) > 13
@@ -159,13 +250,11 @@ def kquant_path(demo_paths, tmp_path_factory) -> Path:
 
 
 def test_the_q4_k_m_copy_holds_both_tiled_types(kquant_path):
-    from gguf import GGUFReader
-
-    tensors = GGUFReader(str(kquant_path)).tensors
-    types = {t.tensor_type.name for t in tensors}
+    tensors = tensor_types(kquant_path)
+    types = {kind for _, _, kind in tensors}
     assert {"Q4_K", "Q6_K"} <= types, types
     # and Q4_K matrices whose row count llama.cpp repacks into 8-row blocks (dspark-prefill-fast-paths' kernels)
-    assert any(t.tensor_type.name == "Q4_K" and t.shape[1] % 8 == 0 for t in tensors)
+    assert any(kind == "Q4_K" and dims[1] % 8 == 0 for _, dims, kind in tensors)
 
 
 def test_the_build_carries_the_dspark_kernels():
@@ -193,7 +282,7 @@ def test_prompts_take_llama_cpps_fast_kernels(kquant_path):
 
     if "dspark-prefill-fast-paths" not in (dspark_patches() or []) or os.environ.get("DSPARK_FAST_KERNELS") == "1":
         pytest.skip("this llama.cpp was not built with dspark-prefill-fast-paths")
-    model = Model(kquant_path, role="target", n_ctx=512)
+    model = Model(kquant_path, role="target", n_ctx=512, n_threads=CORES)
     try:
         seq = model.tokenize("Water boils at one hundred degrees at sea level, but on a mountain it boils at a "
                              "lower temperature because the air pressure is lower up there, so cooking takes "
@@ -233,11 +322,9 @@ def test_q8_0_family_batches_of_2_to_16_match_one_token_decoding(q8_0_family_pat
     """Every row of batches of 2..16 (odd widths: a column without a partner; 9 = 5 + 4; for the repacked
     layouts groups of 4 tokens through the gemm and the rest through the gemv) bit for bit against one-token
     decoding through llama.cpp's own ggml_vec_dot_q8_0_q8_0 / _q5_0_q8_0 / _q5_K_q8_K, or its repacked gemv."""
-    from gguf import GGUFReader
-
     kind = FAMILY[q8_0_family_path.stem.split(".")[-1]]
     # the demo's rows of 576 fit K-quant blocks only in ffn_down: fewer Q5_K matrices
-    assert sum(t.tensor_type.name == kind for t in GGUFReader(str(q8_0_family_path)).tensors) >= (5 if kind == "Q5_K" else 20)
+    assert sum(t == kind for _, _, t in tensor_types(q8_0_family_path)) >= (5 if kind == "Q5_K" else 20)
     assert_batches_match_one_token(q8_0_family_path, kind)
 
 
@@ -246,21 +333,20 @@ def test_q4_0_tiles_and_repacked_q4_0_in_one_model(tmp_path):
     """A tiny Q4_0 model whose attention matrices (64 rows) llama.cpp repacks into 8-row blocks and whose FFN
     matrices (36 rows) it cannot, so those go through the Q4_0 tiles: batches of 2..16 bit-identical either way."""
     import llama_cpp
-    from gguf import GGUFReader
     from synthetic import vocab, weights, write_model
 
     f32 = write_model(tmp_path / "odd.gguf", weights(11, len(vocab()[0]), n_embd=64, n_ff=36))
     path = tmp_path / "odd.Q4_0.gguf"
     requantize(f32, path, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)
-    rows = [int(t.shape[1]) for t in GGUFReader(str(path)).tensors if t.tensor_type.name == "Q4_0"]
+    rows = [dims[1] for _, dims, kind in tensor_types(path) if kind == "Q4_0"]
     assert any(r % 8 == 0 for r in rows) and any(r % 8 for r in rows), rows
     assert_batches_match_one_token(path, "Q4_0, repacked and tiled")
 
 
-def test_q8_0_family_batches_agree_with_the_f32_target(demo_models, q8_0_family_path, text):
+def test_q8_0_family_batches_agree_with_the_f32_target(f32_logits, q8_0_family_path, text):
     """The tiles compute the right numbers: a batch of 12 against the F32 original. Scrambled lanes, a wrong
     column pairing or a wrong unpacking would leave nothing alike."""
-    a, b = batch_against_f32(demo_models[0], q8_0_family_path, text)
+    a, b = batch_against_f32(f32_logits, q8_0_family_path, text)
     # measured mean difference and top tokens alike: Q8_0 0.19 / 12 of 12, Q5_0 0.99 / 9, Q4_0 2.00 / 8, IQ4_NL
     # 1.65 / 10 (the quantization's own error: the one-token path gives the same)
     bound, alike = {"Q8_0": (0.4, 0.9), "Q5_0": (1.5, 0.6), "Q4_0": (2.5, 0.5),
@@ -269,11 +355,11 @@ def test_q8_0_family_batches_agree_with_the_f32_target(demo_models, q8_0_family_
     assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= alike
 
 
-def test_k_quant_batches_agree_with_the_f32_target(demo_models, kquant_path, text):
+def test_k_quant_batches_agree_with_the_f32_target(f32_logits, kquant_path, text):
     """The tiles compute the right numbers, not only the one-token kernel's: a batch of 12 through the Q4_K_M copy
     against the F32 original (4-bit weights and 8-bit activations: a bounded difference). Scrambled lanes or
     strides would leave nothing alike."""
-    a, b = batch_against_f32(demo_models[0], kquant_path, text)
+    a, b = batch_against_f32(f32_logits, kquant_path, text)
     # Measured: 0.83 mean difference and 10 of 12 top tokens alike, the same as the one-token path gives.
     assert np.abs(a - b).mean() < 1.2
     assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= 0.7

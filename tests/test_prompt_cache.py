@@ -16,12 +16,11 @@ TEXT = ("Write a Python function that checks whether a string is a palindrome, a
         "detail, with examples of inputs and outputs. Then do the same for anagrams. ") * 3
 
 
-@pytest.fixture(scope="module")
-def fresh_and_used(demo_paths, demo_models):
-    """Two copies of the demo target: one started from scratch for every reference, one whose cache goes on."""
-    used = Model(demo_paths[0], role="target", n_ctx=1024)
-    yield demo_models[0], used
-    used.close()
+@pytest.fixture
+def target(demo_models):
+    """The session's demo target: each test's reference is computed from scratch (from_scratch) on it before or
+    after the cache under test is built, never in between (one model, not a second copy of the same file)."""
+    return demo_models[0]
 
 
 def next_logits(model: Model, prompt: list[int]) -> np.ndarray:
@@ -36,58 +35,57 @@ def from_scratch(model: Model, prompt: list[int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("tail", [3, EXACT_BATCH_MAX - 1, EXACT_BATCH_MAX, EXACT_BATCH_MAX + 1, 40])
-def test_a_prompt_sharing_a_prefix_with_the_cache_gets_a_fresh_runs_logits(fresh_and_used, tail):
-    fresh, used = fresh_and_used
-    base = used.tokenize(TEXT, add_special=True)
-    other = base[: len(base) - tail] + used.tokenize(" And now something different entirely.", add_special=False)
-    from_scratch(used, base)  # the cache holds `base`: `other` shares all but its tail
-    got = next_logits(used, other)
-    assert np.array_equal(got, from_scratch(fresh, other))
+def test_a_prompt_sharing_a_prefix_with_the_cache_gets_a_fresh_runs_logits(target, tail):
+    base = target.tokenize(TEXT, add_special=True)
+    other = base[: len(base) - tail] + target.tokenize(" And now something different entirely.", add_special=False)
+    fresh = from_scratch(target, other)
+    from_scratch(target, base)  # the cache holds `base`: `other` shares all but its tail
+    got = next_logits(target, other)
+    assert np.array_equal(got, fresh)
 
 
-def test_a_resent_conversation_gets_a_fresh_runs_logits(fresh_and_used):
+def test_a_resent_conversation_gets_a_fresh_runs_logits(target):
     """The cache holds a prompt and an answer decoded one token at a time (verify-sized batches); the prompt
     that extends them is answered as a fresh run of it would be: the answer's tokens are processed again."""
-    fresh, used = fresh_and_used
-    prompt = used.tokenize(TEXT, add_special=True)
-    used.truncate(0)
+    prompt = target.tokenize(TEXT, add_special=True)
+    target.truncate(0)
     seq = list(prompt)
-    used.sync(seq[:-1], n_logits=0)
+    target.sync(seq[:-1], n_logits=0)
     for _ in range(24):  # an answer, one token at a time, as the engine's plain steps make it
-        seq.append(int(np.argmax(used.sync(seq, n_logits=1)[0])))
-    resent = seq + used.tokenize(" Thanks! One more question:", add_special=False)
-    assert np.array_equal(next_logits(used, resent), from_scratch(fresh, resent))
+        seq.append(int(np.argmax(target.sync(seq, n_logits=1)[0])))
+    resent = seq + target.tokenize(" Thanks! One more question:", add_special=False)
+    got = next_logits(target, resent)
+    assert np.array_equal(got, from_scratch(target, resent))
 
 
-def test_settle_makes_the_answer_reusable_and_stays_exact(fresh_and_used):
+def test_settle_makes_the_answer_reusable_and_stays_exact(target):
     """settle() re-processes an answer's tokens as a prompt batch: the resend then processes only its new
     tokens, and still gets a fresh run's logits."""
-    fresh, used = fresh_and_used
-    prompt = used.tokenize(TEXT, add_special=True)
-    used.truncate(0)
+    prompt = target.tokenize(TEXT, add_special=True)
+    target.truncate(0)
     seq = list(prompt)
-    used.sync(seq[:-1], n_logits=0)
+    target.sync(seq[:-1], n_logits=0)
     for _ in range(24):
-        seq.append(int(np.argmax(used.sync(seq, n_logits=1)[0])))
-    used.truncate(len(seq) - 1)
-    assert used.settle() > 0
-    assert used.settle() == 0  # nothing left to do
-    resent = seq + used.tokenize(" Thanks! One more question about the last one, please:", add_special=False)
-    keep, batches = used.prompt_plan(resent[:-1])
+        seq.append(int(np.argmax(target.sync(seq, n_logits=1)[0])))
+    target.truncate(len(seq) - 1)
+    assert target.settle() > 0
+    assert target.settle() == 0  # nothing left to do
+    resent = seq + target.tokenize(" Thanks! One more question about the last one, please:", add_special=False)
+    keep, batches = target.prompt_plan(resent[:-1])
     new = len(resent) - len(seq)
     # Only the new tokens, or the last EXACT_BATCH_MAX + 1 when they are fewer (a fresh run's fast batch).
     assert keep == len(seq) - 1 - max(0, EXACT_BATCH_MAX + 1 - new)
     assert sum(batches) == len(resent) - 1 - keep
-    assert np.array_equal(next_logits(used, resent), from_scratch(fresh, resent))
+    got = next_logits(target, resent)
+    assert np.array_equal(got, from_scratch(target, resent))
 
 
-def test_short_prompts_and_tails_are_cut_as_a_fresh_run_cuts_them(fresh_and_used):
+def test_short_prompts_and_tails_are_cut_as_a_fresh_run_cuts_them(target):
     """prompt_plan on an empty cache is a fresh run's cut: n_batch chunks, the last as it falls."""
-    _, used = fresh_and_used
-    used.truncate(0)
-    n_batch = used.n_batch
+    target.truncate(0)
+    n_batch = target.n_batch
     for n in (5, EXACT_BATCH_MAX, EXACT_BATCH_MAX + 1, n_batch, n_batch + 3, n_batch + 40):
-        keep, batches = used.prompt_plan(list(range(10, 10 + n)))
+        keep, batches = target.prompt_plan(list(range(10, 10 + n)))
         assert keep == 0 and sum(batches) == n
         assert [b > EXACT_BATCH_MAX for b in batches] == [True] * (n // n_batch) + (
             [n % n_batch > EXACT_BATCH_MAX] if n % n_batch else [])
