@@ -4,7 +4,9 @@ through the engine itself (it syncs to each prompt)."""
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,10 @@ from synthetic import make_pair  # noqa: E402
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "all_cores: a check at every core (the kernels' thread split): under pytest-xdist "
+                                       "no other test runs beside it")
     # Cost profiles (what earlier runs measured) go to a folder of the test session's own, inherited by the CLI
     # and server processes the tests start: no test starts from what a user's runs, or another session, left.
-    import os
-    import tempfile
-
     os.environ["DSPARK_PROFILES"] = tempfile.mkdtemp(prefix="dspark-profiles-")
     # The same for the exactness proof's verdicts: every session proves afresh.
     os.environ["DSPARK_PROOFS"] = tempfile.mkdtemp(prefix="dspark-proofs-")
@@ -35,6 +36,23 @@ def pytest_configure(config):
         from dspark_cli.llama.backend import default_threads
 
         os.environ.setdefault("DSPARK_THREADS", str(max(1, default_threads() // workers)))
+
+
+@pytest.fixture(autouse=True)
+def _cores(request):
+    """Under pytest-xdist, a test marked all_cores waits for the cores to itself (an exclusive lock; every other test
+    holds a shared one): llama.cpp's threads spin at each barrier, and two threads beside another worker's busy
+    process ran 3-15x slower than one."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        yield
+        return
+    import fcntl
+
+    exclusive = request.node.get_closest_marker("all_cores") is not None
+    with open(Path(tempfile.gettempdir()) / f"dspark-tests-{run}.cores", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -174,6 +174,7 @@ def kquant_target(demo_paths, tmp_path_factory):
 
 @pytest.mark.skipif(os.environ.get("DSPARK_FAST_KERNELS") == "1", reason="built with the fast, non-batch-invariant kernels")
 @pytest.mark.parametrize("fmt", ["F32", "Q4_K_M"])
+@pytest.mark.all_cores
 def test_build_is_batch_invariant(demo_models, kquant_target, fmt):
     """A token's logits do not depend on the batch it is decoded in: scripts/install.sh builds out llamafile's
     sgemm and the repacked gemm, and dspark keeps llama.cpp's tiled K-quant kernel off (it takes batches of
@@ -195,6 +196,7 @@ def test_build_is_batch_invariant(demo_models, kquant_target, fmt):
 
 @pytest.mark.skipif(os.environ.get("DSPARK_FAST_KERNELS") == "1", reason="built with the fast, non-batch-invariant kernels")
 @pytest.mark.parametrize("fmt", ["F32", "Q4_K_M"])
+@pytest.mark.all_cores
 def test_every_row_of_a_verify_batch_is_invariant_past_256_positions(demo_models, kquant_target, fmt):
     """Each row of a batch, at positions on both sides of 256 and 512, against one-token decoding of the same
     cache: llama.cpp's CPU flash attention splits long one-token steps across threads (dspark turns it off on

@@ -21,6 +21,8 @@ from dspark_cli.llama.quantize import requantize
 from dspark_cli.llama.model import Model
 from dspark_cli.prompt import build_prompt
 
+pytestmark = pytest.mark.all_cores  # conftest.py: no other test beside these under pytest-xdist
+
 
 CORES = os.cpu_count() or 1
 
