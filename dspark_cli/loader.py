@@ -9,7 +9,7 @@ from pathlib import Path
 from .engine.drafters import METHOD_DRAFT, METHOD_HYBRID, METHOD_LOOKUP, Drafter, make_drafter
 from .console import say
 from .errors import UsageError
-from .llama.backend import MAX_THREADS, threads_from_environment
+from .llama.backend import MAX_THREADS, THREADS_VARIABLE, threads_from_environment
 from .llama.model import Model
 
 MAX_CTX = 2**31 - 1
@@ -233,7 +233,7 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
     hardware = os.cpu_count() or 1
     threads = opts.threads or threads_from_environment()
     if threads is not None and threads > hardware:
-        flag = f"--threads {threads}" if opts.threads else f"DSPARK_THREADS={threads}"
+        flag = f"--threads {threads}" if opts.threads else f"{THREADS_VARIABLE}={threads}"
         say(f"warning: {flag} is more than this machine's {hardware} hardware threads; "
             "llama.cpp gets slower, not faster, past them")
     if not quiet:

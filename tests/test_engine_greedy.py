@@ -2,7 +2,6 @@
 on a tiny synthetic pair whose draft is often wrong (so rejections and cache trims really happen)."""
 
 import os
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from dspark_cli.engine.drafters import ModelDrafter
 from dspark_cli.engine.loop import generate
 from dspark_cli.llama.model import Model
 from dspark_cli.prompt import build_prompt
+from cores import CORES, every_core
 
 DEMO_PROMPTS = [
     "Write a short story about a robot learning to paint.",
@@ -30,19 +30,6 @@ def run(target, prompt, drafter=None, fixed=True, **kw):
             from_draft.append(ev.from_draft)
         last = ev
     return tokens, from_draft, last
-
-
-@contextmanager
-def every_core(model):
-    """The batch-invariance checks run with the machine's every thread, as users run (all physical cores): a
-    thread-split bug only shows with more than one, and under pytest-xdist a model's default is one thread
-    (DSPARK_THREADS, tests/conftest.py). The shared model gets its threads back afterwards."""
-    before = model.n_threads
-    model.set_threads(os.cpu_count() or 1)
-    try:
-        yield model
-    finally:
-        model.set_threads(before)
 
 
 @pytest.mark.parametrize("text", DEMO_PROMPTS)
@@ -167,7 +154,7 @@ def kquant_target(demo_paths, tmp_path_factory):
     out = tmp_path_factory.mktemp("kquant") / "demo-target.Q4_K_M.gguf"
     requantize(demo_paths[0], out, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)
     # only the batch-invariance checks use it: every core, as they run (see every_core)
-    model = Model(out, role="target", n_ctx=1024, n_threads=os.cpu_count() or 1)
+    model = Model(out, role="target", n_ctx=1024, n_threads=CORES)
     yield model
     model.close()
 

@@ -11,76 +11,25 @@ by tests/conftest.py). The session's shared demo pair gets its threads back afte
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dspark_cli.llama.gguf_file import read_tensors
 from dspark_cli.llama.quantize import requantize
 from dspark_cli.llama.model import Model
 from dspark_cli.prompt import build_prompt
+from cores import CORES, every_core
 
 pytestmark = pytest.mark.all_cores  # conftest.py: no other test beside these under pytest-xdist
 
 
-CORES = os.cpu_count() or 1
-
-
-@contextmanager
-def every_core(*models: Model):
-    """The session's shared models at CORES threads for one test, their own count back afterwards."""
-    before = [m.n_threads for m in models]
-    for m in models:
-        m.set_threads(CORES)
-    try:
-        yield
-    finally:
-        for m, n in zip(models, before):
-            m.set_threads(n)
-
-
 def tensor_types(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, dims as the file lists them, type name) of each tensor in a GGUF, from its header alone:
-    gguf.GGUFReader parses every token string of the demo's vocabulary first (3 s a file)."""
-    import struct
+    """(name, dims as the file lists them, type name) of each tensor in a GGUF, from its header alone."""
+    from gguf import GGMLQuantizationType
 
-    from gguf import GGMLQuantizationType, GGUFValueType
-
-    fixed = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
-             GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4, GGUFValueType.BOOL: 1,
-             GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
-
-    with open(path, "rb", buffering=1 << 16) as f:
-        def num(fmt):
-            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-        def skip_value(vtype):
-            if vtype == GGUFValueType.STRING:
-                f.seek(num("<Q"), 1)
-            elif vtype == GGUFValueType.ARRAY:
-                etype, count = num("<I"), num("<Q")
-                if etype in fixed:
-                    f.seek(fixed[etype] * count, 1)
-                else:
-                    for _ in range(count):
-                        skip_value(etype)
-            else:
-                f.seek(fixed[vtype], 1)
-
-        magic, _, n_tensors, n_kv = struct.unpack("<4sIQQ", f.read(24))
-        assert magic == b"GGUF"
-        for _ in range(n_kv):
-            f.seek(num("<Q"), 1)  # the key
-            skip_value(num("<I"))
-        tensors = []
-        for _ in range(n_tensors):
-            name = f.read(num("<Q")).decode()
-            dims = tuple(num("<Q") for _ in range(num("<I")))
-            kind = GGMLQuantizationType(num("<I")).name
-            num("<Q")  # the data's offset
-            tensors.append((name, dims, kind))
-        return tensors
+    return [(name, dims, GGMLQuantizationType(kind).name) for name, dims, kind in read_tensors(path)]
 
 
 def f16_copy(src: Path, out: Path) -> Path:

@@ -86,6 +86,16 @@ def read_metadata(path: str | Path, role: str = "model") -> dict:
     length only; long arrays of numbers (per-token scores and types) too; other arrays as lists.
     ModelFileError when the header is cut short or malformed, or when the file ends before the tensor data
     the header describes (a truncated download: llama.cpp would refuse it at load)."""
+    return _read_header(path, role)[0]
+
+
+def read_tensors(path: str | Path, role: str = "model") -> list[tuple[str, tuple[int, ...], int]]:
+    """(name, dimensions as the file lists them, ggml type number) of each tensor, from the header alone (gguf's
+    GGUFReader parses every token string first: seconds a file); judged as read_metadata judges the file."""
+    return _read_header(path, role)[1]
+
+
+def _read_header(path: str | Path, role: str) -> tuple[dict, list[tuple[str, tuple[int, ...], int]]]:
     header = check_gguf_file(path, role)
     p = header.path
 
@@ -135,15 +145,18 @@ def read_metadata(path: str | Path, role: str = "model") -> dict:
                 key = string(f)
                 meta[key] = value(f, unpack(f, "<I"))
             end = 0  # where the last tensor's data ends, from the start of the data section
+            tensors = []
             for _ in range(header.n_tensors):
-                string(f, skip=True)
+                name = string(f)
                 n_dims = unpack(f, "<I")
                 if n_dims > 8:
                     raise ValueError(f"a tensor with {n_dims} dimensions")
+                dims = tuple(unpack(f, "<Q") for _ in range(n_dims))
                 count = 1
-                for _ in range(n_dims):
-                    count *= unpack(f, "<Q")
+                for d in dims:
+                    count *= d
                 kind, offset = unpack(f, "<I"), unpack(f, "<Q")
+                tensors.append((name, dims, kind))
                 if kind in _TYPE_SIZES:
                     per_block, block_bytes = _TYPE_SIZES[kind]
                     end = max(end, offset + -(-count // per_block) * block_bytes)
@@ -153,7 +166,7 @@ def read_metadata(path: str | Path, role: str = "model") -> dict:
             if data_start + end > header.size:
                 raise ModelFileError(f"{role} file is truncated: its tensors need {data_start + end:,} bytes, the file has "
                                      f"{header.size:,} (an interrupted download?): {p}")
-            return meta
+            return meta, tensors
     except OSError as e:
         raise ModelFileError(f"cannot read {role} file {p}: {e.strerror or e}") from None
     except EOFError:
