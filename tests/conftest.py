@@ -22,8 +22,10 @@ def pytest_configure(config):
     # Cost profiles (what earlier runs measured) go to a folder of the test session's own, inherited by the CLI
     # and server processes the tests start: no test starts from what a user's runs, or another session, left.
     os.environ["DSPARK_PROFILES"] = tempfile.mkdtemp(prefix="dspark-profiles-")
-    # The same for the exactness proof's verdicts: every session proves afresh.
-    os.environ["DSPARK_PROOFS"] = tempfile.mkdtemp(prefix="dspark-proofs-")
+    # The same for the exactness proof's verdicts: every session proves afresh, its pytest-xdist workers sharing
+    # the controller's folder (a verdict is the build's, whoever proved it; each is written atomically).
+    if "PYTEST_XDIST_WORKER" not in os.environ or "DSPARK_PROOFS" not in os.environ:
+        os.environ["DSPARK_PROOFS"] = tempfile.mkdtemp(prefix="dspark-proofs-")
     # The dspark processes the tests start (a few hundred) keep their compiled bytecode in a folder of the
     # session's own, as an installed package has it: with PYTHONDONTWRITEBYTECODE (set on some machines) each
     # compiled dspark's modules afresh, 0.16 s a process.

@@ -52,9 +52,11 @@ def test_a_growing_conversation_reuses_the_caches(pair):
     second = pair.complete(messages, max_tokens=16)
     # The previous prompt stays in the target's cache; the previous answer's tokens are processed again, as a
     # fresh run of this prompt processes them (their keys came from verify batches: Model.prompt_plan). The
-    # draft model, whose numerics never reach the output, keeps them too.
+    # draft model, whose numerics never reach the output, keeps the prompt and whatever of the answer it read
+    # (all of it when it drafted every step; none when the planner drafted by lookup), so it processes at most
+    # what the target does.
     assert second.stats.n_prompt_evaluated <= len(first.tokens) + 20 < second.stats.n_prompt
-    assert second.stats.n_prompt_evaluated_draft < 20
+    assert second.stats.n_prompt_evaluated_draft <= second.stats.n_prompt_evaluated
     pair.settle()  # the previous answer re-processed as a prompt batch ahead of time (what a chat does while idle)
     messages += [{"role": "assistant", "content": second.text}, {"role": "user", "content": "And of Italy?"}]
     third = pair.complete(messages, max_tokens=16)

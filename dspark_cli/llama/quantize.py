@@ -20,7 +20,7 @@ def requantize(src: Path, dest: Path, ftype: int, what: str = "a requantized cop
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.allow_requantize = True
-    params.nthread = os.cpu_count() or 1
+    params.nthread = backend.threads_from_environment() or os.cpu_count() or 1  # DSPARK_THREADS: a share of the cores
     if head_type is not None:
         params.output_tensor_type = head_type
         params.token_embedding_type = head_type
