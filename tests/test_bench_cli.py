@@ -194,6 +194,30 @@ def test_suite_and_memory_flags_are_checked_before_loading(prompts_file):
     _rejected_early(dspark("bench", "--draft-memory", "-1"), 2, "--draft-memory")
 
 
+def test_a_control_runs_the_target_alone_again_and_shows_the_noise(prompts_file):
+    """--methods lookup,control: the target alone a second time, in the rotation like any variant, checked
+    identical to the first (the target is deterministic), never the best, its spread over the rounds shown per
+    prompt beside the speculative one's; and no sweep confirmation (one contender)."""
+    proc = dspark("bench", "--prompts", str(prompts_file), "--draft", "lookup", "--methods", "lookup,control",
+                  "--draft-max", "4", "--max-tokens", "8", "--repeats", "2", "--no-warmup", "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["identical"] is True and report["best"]["variant"] == "lookup@4"
+    assert report["confirmed"] is None
+    control = next(v for v in report["variants"] if v["variant"] == "control")
+    assert [len(r["speedup_rounds"]) for r in control["per_prompt"]] == [2, 2]
+    assert control["accepted_by"] == {} and control["overall"]["acceptance_rate"] == 0.0  # nothing drafted
+    # Round 0 runs target, lookup, control; round 1 starts one later.
+    assert [r["variant"] for r in report["runs"] if r["prompt_id"] == "sea"] == [
+        "target", "lookup@4", "control", "lookup@4", "control", "target"]
+    table = dspark("bench", "--prompts", str(prompts_file), "--draft", "lookup", "--methods", "control,lookup",
+                   "--draft-max", "4", "--max-tokens", "4", "--repeats", "1", "--no-warmup")
+    assert table.returncode == 0, table.stderr
+    assert "noise" in table.stdout and "lookup@4 vs the target alone" in table.stdout
+    bad = dspark("bench", "--prompts", str(prompts_file), "--methods", "control+memory")
+    assert bad.returncode == 2 and "unknown method 'control+memory'" in bad.stderr
+
+
 def test_repetitive_suite_drafts_from_the_memory_and_says_so():
     # Each repeat empties the memory: the first record has nothing to recall, the later ones their predecessors.
     proc = dspark("bench", "--suite", "repetitive", "--draft", "lookup", "--methods", "lookup+memory",

@@ -235,3 +235,24 @@ def test_the_spread_over_rounds_pairs_each_round_with_the_target_alone_in_it():
     assert row["speedup_rounds"] == pytest.approx([2.0, 2.0, 1.0])
     assert (row["speedup_min"], row["speedup_max"]) == pytest.approx((1.0, 2.0))
     assert row["drafted_fraction_rounds"] == pytest.approx([1.0, 1.0, 0.5])
+
+
+def test_the_control_is_never_the_best_unless_alone():
+    # The target alone run again (bench --methods ...,control) on a machine that sped up for it: 1.25x "faster"
+    # than the target alone and than the speculative variant, and still no contender; its spread is the noise.
+    from dspark_cli.bench.stats import CONTROL, variant_name
+
+    assert variant_name(CONTROL, None) == variant_name(CONTROL, 8) == CONTROL
+    runs = []
+    for repeat in range(2):
+        runs.append(baseline(20, repeat=repeat))
+        runs.append(record([(0, 0)] * 20, variant=CONTROL, method="target", t_target_step=0.008, repeat=repeat))
+        runs.append(record([(1, 0)] * 20, variant="lookup@4", method="lookup", t_target_step=0.009, repeat=repeat))
+    s = summarize(runs)
+    assert [v["variant"] for v in s["variants"]] == [CONTROL, "lookup@4"]
+    control = s["variants"][0]
+    assert control["overall"]["speedup"] == pytest.approx(1.25)
+    assert control["overall"]["speedup"] > s["variants"][1]["overall"]["speedup"]
+    assert control["per_prompt"][0]["speedup_rounds"] == pytest.approx([1.25, 1.25])
+    assert s["best"] == "lookup@4"
+    assert summarize([r for r in runs if r.variant != "lookup@4"])["best"] == CONTROL  # all that ran

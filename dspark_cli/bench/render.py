@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..console import console
+from .stats import CONTROL
 
 BAR = 28  # chart width in cells
 
@@ -104,22 +105,30 @@ def render(report: dict, *, to_stderr: bool) -> None:
         con.print("nothing was measured")
         return
     bv = next(v for v in variants if v["variant"] == best["variant"])
+    # The target alone run again (--methods ...,control): per prompt, its lowest-highest ratio over the rounds
+    # is the noise the speculative spread beside it must be read against.
+    control = next((v for v in variants if v["variant"] == CONTROL and v is not bv), None)
+    noise = {r["prompt_id"]: r.get("speedup_rounds") for r in control["per_prompt"]} if control else {}
 
     t = Table(title=f"{bv['variant']} vs the target alone (measured)", title_justify="left")
     for name, justify in (("prompt", "left"), ("target tok/s", "right"), ("spec tok/s", "right"),
                           ("speedup", "right"), ("rounds", "right"), ("drafted", "right"), ("accept", "right"),
                           ("tok/step", "right"), ("predicted", "right"), ("same", "center")):
         t.add_column(name, justify=justify)
+        if name == "rounds" and control:
+            t.add_column("noise", justify="right")
 
-    def row(label, r, style=None, same=None, tie=None):
+    def row(label, r, style=None, same=None, tie=None, noise_rounds=None):
         mark = "" if same is None else ("✓" if same else ("[yellow]≈[/]" if tie else "[bold red]✗[/]"))
-        t.add_row(label, _f(r["baseline_tokens_per_second"], 1), _f(r["speculative_tokens_per_second"], 1),
-                  _x(r["speedup"]), _spread(r.get("speedup_rounds"), _f), _spread(r.get("drafted_fraction_rounds"), _pct),
-                  _pct(r["acceptance_rate"]), _f(r["mean_accepted_tokens"]),
-                  _x(r["predicted_speedup"]), mark, style=style)
+        cells = [label, _f(r["baseline_tokens_per_second"], 1), _f(r["speculative_tokens_per_second"], 1),
+                 _x(r["speedup"]), _spread(r.get("speedup_rounds"), _f)]
+        if control:
+            cells.append(_spread(noise_rounds, _f))
+        t.add_row(*cells, _spread(r.get("drafted_fraction_rounds"), _pct), _pct(r["acceptance_rate"]),
+                  _f(r["mean_accepted_tokens"]), _x(r["predicted_speedup"]), mark, style=style)
 
     for r in bv["per_prompt"]:
-        row(r["prompt_id"], r, same=r.get("identical"), tie=r.get("near_tie"))
+        row(r["prompt_id"], r, same=r.get("identical"), tie=r.get("near_tie"), noise_rounds=noise.get(r["prompt_id"]))
     t.add_section()
     for r in bv["per_category"]:
         row(escape(f"[{r['category']}] ({r['prompts']})"), r)

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .prompts import BenchPrompt
-from .stats import (BASELINE, Mismatch, RunRecord, check_identity, parse_variant, record_from_events, summarize,
+from .stats import (BASELINE, CONTROL, Mismatch, RunRecord, check_identity, parse_variant, record_from_events, summarize,
                           variant_name)
 from ..engine.drafters import METHOD_LOOKUP, METHODS, make_drafter, split_method
 from ..engine.memory import DraftMemory
@@ -50,7 +50,8 @@ class BenchConfig:
 
     @property
     def variants(self) -> list[tuple[str, int | None]]:
-        return [(BASELINE, None)] + [(m, n) for m in self.methods for n in self.draft_max]
+        return [(BASELINE, None)] + [(m, None) if m == CONTROL else (m, n) for m in self.methods
+                                     for n in (self.draft_max if m != CONTROL else [None])]
 
     @property
     def total_runs(self) -> int:
@@ -74,6 +75,8 @@ def drafters_for(loaded: Loaded, methods: list[str], draft_p_min: float = 0.0,
                 memory_mb: int = DEFAULT_MEMORY_MB) -> dict:
     out = {}
     for name in methods:
+        if name == CONTROL:  # the target alone again: no drafter
+            continue
         m, with_memory = split_method(name)
         if m not in METHODS:
             raise UsageError(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
@@ -109,7 +112,7 @@ def run_bench(loaded: Loaded, config: BenchConfig, *, draft_p_min: float = 0.0, 
         loaded.target.truncate(0)
         if loaded.draft_model is not None:
             loaded.draft_model.truncate(0)
-        drafter = drafters[method] if method != BASELINE else None
+        drafter = drafters.get(method)  # None: the target alone (BASELINE, CONTROL)
         events = generate(loaded.target, toks, drafter=drafter, params=config.params,
                           max_tokens=max_tokens, draft_max=n or 1, fixed=config.fixed, profile=loaded.profile,
                           verify_max=loaded.verify_max, exact=loaded.exact_label)
@@ -139,7 +142,7 @@ def run_bench(loaded: Loaded, config: BenchConfig, *, draft_p_min: float = 0.0, 
 
     records = timed(config.variants)
     confirmation: list[RunRecord] = []
-    if len(config.variants) > 2:
+    if sum(method != CONTROL for method, _ in config.variants) > 2:
         # A sweep: the best variant is the one that scored highest, so its score is biased upward (it won
         # partly by luck). It is measured again, fresh, against the target alone, and that is the figure.
         best = summarize(records, [bp.id for bp in config.prompts])["best"]

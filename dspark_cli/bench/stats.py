@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 BASELINE = "target"  # the method name of the target alone
+# The target alone run again as a variant of its own (bench --methods hybrid,control): its ratio to the target
+# alone in the same round would be 1.00 on a quiet machine, so its spread over the rounds is the noise a
+# speculative variant's spread must be read against (a shared memory bus moves a 5-second run by 5-10%).
+CONTROL = "control"
 
 
 @dataclass
@@ -60,7 +64,7 @@ class RunRecord:
 
 
 def variant_name(method: str, draft_max: int | None) -> str:
-    return BASELINE if method == BASELINE else f"{method}@{draft_max}"
+    return method if method in (BASELINE, CONTROL) else f"{method}@{draft_max}"
 
 
 def parse_variant(name: str) -> tuple[str, int | None]:
@@ -332,6 +336,8 @@ def summarize(records: list[RunRecord], prompt_order: list[str] | None = None) -
             "per_category": [{"category": c, **compare(by_cat_spec[c], by_cat_base[c])} for c in by_cat_spec],
             "per_prompt": per_prompt,
         })
-    ranked = [x for x in result["variants"] if x["overall"]["speedup"] is not None]
+    # The control is no contender: best only when it is all that ran.
+    measured = [x for x in result["variants"] if x["overall"]["speedup"] is not None]
+    ranked = [x for x in measured if x["variant"] != CONTROL] or measured
     result["best"] = max(ranked, key=lambda x: x["overall"]["speedup"])["variant"] if ranked else None
     return result

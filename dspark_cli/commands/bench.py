@@ -16,7 +16,7 @@ from ..bench.report import build_report, to_csv, to_json
 from ..bench.runner import BenchConfig, run_bench
 from ..engine.drafters import METHOD_DRAFT, METHOD_HYBRID, METHOD_LOOKUP, METHODS, WITH_MEMORY, split_method
 from ..bench.setup import setup_info
-from ..bench.stats import summarize
+from ..bench.stats import CONTROL, summarize
 from ..console import console, say, write
 from ..engine.loop import DEFAULT_DRAFT_MAX, check_limits
 from ..errors import DsparkError, OutputError, UsageError
@@ -52,9 +52,9 @@ def _methods(text: str | None, draft_flag: str | None, target: str | None, pair:
     out = []
     for name in (p.strip().lower() for p in text.split(",") if p.strip()):
         m, with_memory = split_method(name)
-        if m not in METHODS:
+        if m not in METHODS + (CONTROL,) or (m == CONTROL and with_memory):
             raise UsageError(f"--methods: unknown method {name!r}; choose from {', '.join(METHODS)}, each may take "
-                             f"{WITH_MEMORY} (the target alone always runs)")
+                             f"{WITH_MEMORY} (the target alone always runs), or {CONTROL}")
         if with_memory and not memory_mb:
             raise UsageError(f"--methods {name}: the drafting memory is off (--draft-memory 0)")
         if name not in out:
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
     def bench(
         models: ModelOptions,
         sampling: SamplingParams,
-        methods: Annotated[Optional[str], typer.Option("--methods", help="What to compare with the target alone, comma-separated: hybrid (the draft model and prompt lookup, what `run` uses), draft (the model alone), lookup; each may take +memory (hybrid+memory: drafting from the answers to the prompts before it in the same repeat too, as chat, serve and the API do). Default: hybrid (lookup with --draft lookup).", rich_help_panel=o.MODELS)] = None,
+        methods: Annotated[Optional[str], typer.Option("--methods", help="What to compare with the target alone, comma-separated: hybrid (the draft model and prompt lookup, what `run` uses), draft (the model alone), lookup; each may take +memory (hybrid+memory: drafting from the answers to the prompts before it in the same repeat too, as chat, serve and the API do); control (the target alone again, a variant of its own: its spread over the rounds is the machine's noise, shown beside each prompt's). Default: hybrid (lookup with --draft lookup).", rich_help_panel=o.MODELS)] = None,
         draft_max: Annotated[str, typer.Option("--draft-max", help="Most tokens drafted per step, or several to sweep (2,4,8,16); the best is marked and measured again.", rich_help_panel=o.MODELS)] = str(DEFAULT_DRAFT_MAX),
         draft_fixed: o.DraftFixed = False,
         prompts: Annotated[Optional[Path], typer.Option("--prompts", "-p", help="Prompts file: JSON lines (Spec-Bench / MT-Bench: question_id, category, turns; first turn used) or plain text, one prompt per line. Default: the built-in suite.", show_default=False)] = None,
