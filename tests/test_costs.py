@@ -155,6 +155,20 @@ def test_step_costs_interpolate_extrapolate_and_resist_an_outlier():
     assert c.step(3) < 0.07 * 2 * 1.01
 
 
+def test_a_draft_models_first_step_building_its_graph_does_not_stand():
+    c = StepCosts(8)
+    c.record_verify(1, V1)
+    c.record_draft(0.9 * V1)  # the first draft step: the draft model's graph is built in it
+    c.record_draft(0.3 * V1)
+    assert c.draft_step() == pytest.approx(0.3 * V1)  # the smaller of the first two (averaged: 0.75 V1)
+    c.record_draft(0.4 * V1)
+    assert c.draft_step() == pytest.approx(0.3 * V1 + 0.25 * 0.1 * V1)  # then a running average
+    slow_second = StepCosts(8)
+    slow_second.record_draft(0.3 * V1)
+    slow_second.record_draft(0.9 * V1)  # a preempted second step: the first stands
+    assert slow_second.draft_step() == pytest.approx(0.3 * V1)
+
+
 def test_lookup_is_judged_in_hindsight_at_every_depth():
     p = Planner(8, False, True)
     seq = [1, 2, 3]
