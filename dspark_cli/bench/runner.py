@@ -50,8 +50,7 @@ class BenchConfig:
 
     @property
     def variants(self) -> list[tuple[str, int | None]]:
-        return [(BASELINE, None)] + [(m, None) if m == CONTROL else (m, n) for m in self.methods
-                                     for n in (self.draft_max if m != CONTROL else [None])]
+        return [(BASELINE, None)] + [(m, n) for m in self.methods for n in ([None] if m == CONTROL else self.draft_max)]
 
     @property
     def total_runs(self) -> int:

@@ -179,19 +179,20 @@ class StepCosts:
         new = min(max(new, old / 2), old * 2)
         return old + EMA * (new - old)
 
+    @classmethod
+    def _settle(cls, old: float | None, new: float, samples: int) -> float:
+        # A step's first timing builds llama.cpp's graph for it, so of the first two timings the smaller stands (a
+        # slow second one is an outlier, not the figure); after that, a running average.
+        return min(old, new) if samples == 2 else cls._mix(old, new)
+
     def record_verify(self, n: int, seconds: float) -> None:
         if n < len(self.verify):
             self.samples[n] += 1
             expected = self._from_prior(n, rescaled=False)
             if expected is not None and self.samples[n] > 1:  # (a size's first step builds its graph: slow)
                 self.scale = self._mix(self.scale, seconds / expected)
-            # The first step of a size has llama.cpp build and allocate its graph (on an RPC server too: a
-            # first one-token step after the prompt measured 325 ms against 47 ms after), so of the first two
-            # timings the smaller stands (a slow second one is an outlier, not the yardstick); then averages.
-            if self.samples[n] == 2:
-                self.verify[n] = min(self.verify[n], seconds)
-            else:
-                self.verify[n] = self._mix(self.verify[n], seconds)
+            # (On an RPC server too: a first one-token step after the prompt measured 325 ms against 47 ms after.)
+            self.verify[n] = self._settle(self.verify[n], seconds, self.samples[n])
 
     def record_prefill(self, tokens: int, seconds: float) -> None:
         if tokens >= 16:  # a real batch; a few tokens (a chat turn) are dominated by fixed costs
@@ -199,13 +200,9 @@ class StepCosts:
 
     def record_draft(self, seconds: float) -> None:
         self.draft_samples += 1
-        # As for a verify size (record_verify): the first draft step builds the draft model's graph, so of the
-        # first two timings the smaller stands. Averaged in, a first step at 2-3x the others kept the estimate
+        # As for a verify size: averaged in, the draft model's first step (at 2-3x the others) kept the estimate
         # high for the few draft steps a short run takes, and in the profile that run left behind.
-        if self.draft_samples == 2:
-            self.draft = min(self.draft, seconds)
-        else:
-            self.draft = self._mix(self.draft, seconds)
+        self.draft = self._settle(self.draft, seconds, self.draft_samples)
 
     def record_catchup(self, tokens: int, seconds: float) -> None:
         if tokens == 1:

@@ -107,16 +107,17 @@ def _read_header(path: str | Path, role: str) -> tuple[dict, list[tuple[str, tup
             raise EOFError
         return struct.unpack(fmt, data)[0]
 
+    longest = min(1 << 30, header.size)  # a string's length beyond this is a corrupt header
+
     def string(f):
         n = unpack(f, "<Q")
-        if n > min(1 << 30, header.size):
+        if n > longest:
             raise ValueError("absurd string length")
         return f.read(n).decode("utf-8", errors="replace")
 
     def skip_strings(f, count):
         # A vocabulary's tokens and merges: ~100,000 strings a model, walked a megabyte at a time (a read and a
         # seek each took 0.2 s a model, at every start). Not mmap: a file cut short meanwhile would be a SIGBUS.
-        limit = min(1 << 30, header.size)
         buf, pos = b"", 0
         for _ in range(count):
             if pos + 8 > len(buf):
@@ -128,7 +129,7 @@ def _read_header(path: str | Path, role: str) -> tuple[dict, list[tuple[str, tup
                 if len(buf) < 8:
                     raise EOFError
             (n,) = _LENGTH.unpack_from(buf, pos)
-            if n > limit:
+            if n > longest:
                 raise ValueError("absurd string length")
             pos += 8 + n
         f.seek(pos - len(buf), io.SEEK_CUR)  # back to just after the last string
