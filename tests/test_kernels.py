@@ -215,7 +215,7 @@ def test_the_build_carries_the_dspark_kernels():
     if patches is None or os.environ.get("DSPARK_LLAMA_PATCHES") == "0":
         pytest.skip("llama-cpp-python was not built by scripts/install.sh with dspark's patches")
     assert {"dspark-kquant-tiles", "dspark-prefill-fast-paths", "dspark-q5_K-tiles", "dspark-q8_0-tiles",
-            "dspark-f16-tiles"} <= set(patches)
+            "dspark-f16-tiles", "dspark-verify-chunks"} <= set(patches)
 
 
 @pytest.mark.skipif(os.environ.get("DSPARK_FAST_KERNELS") == "1", reason="built with the fast, non-batch-invariant kernels")
