@@ -6,7 +6,8 @@ one-at-a-time speculative server, interleaved.
     python3 scripts/bench_serve.py --real                            # the Qwen2.5-Coder pair (fetch_real_pair.py)
     python3 scripts/bench_serve.py --clients 4 --rounds 5 -- --target T.gguf --draft D.gguf
 
-Three servers run side by side on loopback ports, each warmed up:
+Three servers run side by side on loopback ports, each warmed up (the drafting memory off unless --memory: the
+rounds repeat their questions, and a memory would replay its earlier answers to them):
   speculative   the default drafter, --parallel N (N: the most clients measured)
   plain         --draft none --parallel N: continuous batching without speculation
   one-at-a-time the default drafter, --parallel 1 (what dspark served before batching)
@@ -138,6 +139,8 @@ def main() -> None:
     ap.add_argument("--real", action="store_true", help="the Qwen2.5-Coder 0.5B -> 1.5B pair (scripts/fetch_real_pair.py)")
     ap.add_argument("--servers", default=",".join(SERVERS),
                     help="which of speculative, plain, one-at-a-time to run (e.g. speculative,plain for an A/B)")
+    ap.add_argument("--memory", action="store_true",
+                    help="keep the drafting memory on (off by default: see below)")
     ap.add_argument("--json", dest="json_path")
     ap.add_argument("serve_args", nargs="*", help="after --: options for every server (--target, --draft, ...)")
     args = ap.parse_args()
@@ -153,6 +156,12 @@ def main() -> None:
         out = subprocess.run([sys.executable, os.path.join(here, "fetch_real_pair.py")], check=True,
                              capture_output=True, text=True).stdout.split()
         common += ["--target", out[0], "--draft", out[1]]
+    if not args.memory:
+        # Every round asks the same questions (and the client counts of a round share them), so with the drafting
+        # memory on, a speculative server would draft each answer from its own earlier answer to the same
+        # question: a replay no real load gets, which measures the memory, not serving (`dspark bench`'s
+        # repetitive workload measures the memory). The plain server has no drafts at all.
+        common += ["--draft-memory", "0"]
     alone = list(common)
     if "--draft" in alone:
         i = alone.index("--draft")
