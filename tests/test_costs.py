@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from dspark_cli.engine.costs import (EXPLORE_K, SOURCE_LOOKUP, SOURCE_MODEL, Acceptance, Planner, StepCosts)
+from dspark_cli.engine.costs import (EXPLORE_K, SOURCE_LOOKUP, SOURCE_MODEL, Acceptance, BatchPlanner, Planner,
+                                    StepCosts)
 
 V1 = 0.030  # a 30 ms one-token target step
 
@@ -207,3 +208,89 @@ def test_each_free_source_has_its_own_acceptance():
     p.hindsight(seq + [7], {})  # 7 came: lookup's 9 was wrong, the memory's 7 right
     assert p.acceptance[SOURCE_LOOKUP].reached[0] - p.acceptance[SOURCE_LOOKUP].accepted[0] == lookup + 1
     assert p.acceptance[SOURCE_MEMORY].accepted[0] == memory + 1
+
+
+# ---- the batch planner (several sequences in one pass: engine/batch.py) ----------------------------------------
+
+def batch_lanes(planner, n: int, room: int = 4, behind=None) -> list:
+    lanes = []
+    for _ in range(n):
+        lane = planner.new_lane()
+        lane.room, lane.model_behind = room, behind
+        lanes.append(lane)
+    return lanes
+
+
+def batch_told(planner, verify, draft_pass, alpha: float):
+    """Pass costs by total rows (target and draft) and the draft model's acceptance, as a server measures them."""
+    for _ in range(8):
+        for n in range(1, 17):
+            planner.costs.record_verify(n, verify(n))
+        for w in range(1, 17):
+            planner.draft_costs.record_verify(w, draft_pass(w))
+    for _ in range(40):
+        planner.pooled[SOURCE_MODEL].record(4, int(alpha * 4))
+    return planner
+
+
+def cpu_draft(w: int) -> float:
+    return 0.5 * V1 * (1 + 0.3 * (w - 1))
+
+
+def gpu_draft(w: int) -> float:
+    return 0.1 * V1 * (1 + 0.02 * (w - 1))
+
+
+def test_batched_prompts_reach_the_draft_model_only_where_it_would_pay():
+    """While its costs are unknown, every new sequence's prompt goes through the draft model (to explore); once
+    they are known, only where a plan would draft from it for some sequence were the prompts in: on a CPU at 4
+    sequences, one prompt now and then (a re-try), not every prompt; on a GPU, all of them."""
+    cpu = BatchPlanner(16, 64, has_model=True, has_free=False)
+    lanes = batch_lanes(cpu, 4)
+    assert cpu.exploring and cpu.drafts_wanted(lanes, 4, 4) is None
+    batch_told(cpu, cpu_like, cpu_draft, alpha=0.75)
+    assert not cpu.exploring
+    assert cpu.plan(batch_lanes(cpu, 4, behind=0), 4, 4).rows == 1  # with every prompt in: plain batching
+    assert cpu.drafts_wanted(lanes, 4, 4) == 1  # a re-try: one prompt
+    assert [cpu.drafts_wanted(lanes, 4, 4) for _ in range(5)] == [0] * 5
+    # --draft-fixed drafts from the model whatever it costs: its prompts go in
+    assert cpu.drafts_wanted(lanes, 4, 4, fixed=True) is None
+
+    gpu = batch_told(BatchPlanner(16, 64, has_model=True, has_free=False), gpu_like, gpu_draft, alpha=0.75)
+    assert SOURCE_MODEL in gpu.plan(batch_lanes(gpu, 4, behind=0), 4, 4).sources
+    assert gpu.drafts_wanted(batch_lanes(gpu, 4), 4, 4) is None
+
+
+def cost_profile(verify, draft: float, catchup_per_token: float, alpha: float):
+    """A profile as single-sequence runs leave it (profile.CostProfile): costs relative to V(1), acceptance."""
+    from dspark_cli.engine.profile import CostProfile
+
+    acc = Acceptance(0.85, 8)
+    for _ in range(100):
+        acc.record(4, int(alpha * 4))
+    figures = {"v1": [V1], "draft": [draft], "catchup_per_token": [catchup_per_token]}
+    figures.update({f"verify.{n}": [verify(n) / V1] for n in range(2, 10)})
+    return CostProfile(runs=3, figures=figures, acceptance={SOURCE_MODEL: acc})
+
+
+def test_a_batch_planner_with_a_profile_does_not_explore_the_draft_model():
+    """With what single-sequence runs measured here, a server knows at once whether the draft model pays: on a
+    CPU-like profile no prompt goes to it but the occasional re-try, and no exploratory drafts run; on a GPU-like
+    one every prompt does, once the plain step (the yardstick) is timed."""
+    cpu = BatchPlanner(16, 64, has_model=True, has_free=False,
+                       profile=cost_profile(cpu_like, draft=0.5, catchup_per_token=0.1, alpha=0.75))
+    assert not cpu.exploring
+    for _ in range(2):
+        cpu.costs.record_verify(4, cpu_like(4) * 1.1)  # the yardstick: plain passes of the 4 sequences
+    plan = cpu.plan(batch_lanes(cpu, 4, behind=0), 4, 4)
+    assert plan.rows == 1 and SOURCE_MODEL not in plan.sources  # no exploratory draft
+    lanes = batch_lanes(cpu, 4)
+    assert [cpu.drafts_wanted(lanes, 4, 4) for _ in range(3)] == [1, 0, 0]
+
+    gpu = BatchPlanner(16, 64, has_model=True, has_free=False,
+                       profile=cost_profile(gpu_like, draft=0.1, catchup_per_token=0.01, alpha=0.75))
+    assert not gpu.exploring
+    for _ in range(2):
+        gpu.costs.record_verify(4, gpu_like(4))
+    assert gpu.drafts_wanted(batch_lanes(gpu, 4), 4, 4) is None
+    assert SOURCE_MODEL in gpu.plan(batch_lanes(gpu, 4, behind=0), 4, 4).sources

@@ -95,9 +95,11 @@ class Scheduler:
     """Continuous batching over `target.n_seq` slots; see the module docstring. Thread-safe: submit() and
     cancel() from any thread; the models are driven by the scheduler's own thread only."""
 
-    def __init__(self, target: Model, drafter: Drafter | None, *, verify_max: int | None = None, exact: str = ""):
+    def __init__(self, target: Model, drafter: Drafter | None, *, verify_max: int | None = None, exact: str = "",
+                 profile=None):
         """verify_max: the most rows in one target pass (None: kernels.default_verify_max); exact: what every
-        job's stats say about exactness (the loader's words for the proof's verdict)."""
+        job's stats say about exactness (the loader's words for the proof's verdict); profile: the pair's cost
+        profile, the batch planner's prior (costs.BatchPlanner)."""
         self.target = target
         self.exact = exact
         self.drafter = drafter
@@ -111,7 +113,7 @@ class Scheduler:
         if verify_max is not None:
             rows_max = min(rows_max, verify_max)  # past it a row's logits may depend on the others
         self.planner = BatchPlanner(rows_max, 64, has_model=self.draft is not None,
-                                    has_free=drafter is not None and drafter.free)
+                                    has_free=drafter is not None and drafter.free, profile=profile)
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -258,7 +260,11 @@ class Scheduler:
         pending = [] if draft is None else [j for j in self.slots if j is not None and j.generating and not j.draft_ready]
         if not pending:
             return
-        wanted = self.planner.drafts_wanted()  # 0: the model does not pay at this load, no prompt for it
+        jobs = [j for j in self.slots if j is not None and j.generating]
+        n_streams = max(j.slot for j in jobs) - min(j.slot for j in jobs) + 1
+        # 0: the model would not pay at this load (the lanes as the last step left them), no prompt for it
+        wanted = self.planner.drafts_wanted([j.lane for j in jobs], n_streams, max(j.draft_max for j in jobs),
+                                            fixed=any(j.fixed for j in jobs))
         if wanted == 0:
             return
         pending.sort(key=lambda j: len(j.seq))  # a re-try takes the cheapest

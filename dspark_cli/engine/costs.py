@@ -27,7 +27,7 @@ returns only where catching it up is cheap (on a GPU, not on a CPU where it cost
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 SOURCE_MODEL = "draft"
 SOURCE_LOOKUP = "lookup"
@@ -46,7 +46,6 @@ DRAFT_PRIOR = 0.1  # a draft step, relative to V(1), before one was measured
 EXPLORE_K = 2  # the draft length of the first draft-model round
 POOLED_WEIGHT = 4.0  # batched: how many rounds of its own the pooled evidence is worth to a new sequence
 BATCH_MARGIN = 1.05  # batched: how much faster than plain batching a speculative plan must look to be taken
-MODEL_IDLE_STEPS = 64  # batched: plans without the model after which new prompts skip the draft model
 RETRY_GAP, RETRY_GAP_MAX = 128, 4096  # batched: plans between re-tries of an unused draft model
 EXPLORE_PASSES = 4  # batched: draft passes timed before the draft model is judged on its cost
 REFRESH_ROUNDS = 32  # while speculating, a plain step at least this often keeps V(1), the yardstick, current
@@ -479,29 +478,52 @@ class BatchPlanner:
     grows with R faster than the drafts pay for, so the plan shrinks toward plain batched decoding, and since
     plain is always an option, never below it."""
 
-    def __init__(self, rows_max: int, draft_rows_max: int, has_model: bool, has_free: bool):
+    def __init__(self, rows_max: int, draft_rows_max: int, has_model: bool, has_free: bool, profile=None):
+        """profile: what single-sequence runs of this pair measured here (profile.CostProfile or a stored one), or
+        None. Its verify curve is the prior of V (a pass over n rows of several sequences costs about what one
+        sequence's n-token verify does: the same weights, the same rows), its draft step and catch-up the prior of
+        D, its acceptance the pooled prior: so a server need not explore the draft model to know it does not pay
+        at its load, nor send every prompt through it meanwhile. Read only: the batched path stores nothing."""
         self.rows_max = rows_max  # most rows in one target pass (the exact bound on a CPU)
         self.has_model = has_model
         self.has_free = has_free
-        self.costs = StepCosts(rows_max)  # V by total rows
-        self.draft_costs = StepCosts(draft_rows_max)  # a draft pass by total rows (catch-up rows included)
+        prior = profile.prior() if profile is not None else None
+        self.costs = StepCosts(rows_max, prior)  # V by total rows
+        # a draft pass by total rows (catch-up rows included)
+        self.draft_costs = StepCosts(draft_rows_max, _draft_pass_prior(prior, draft_rows_max))
         self._since_plain = 0
         # Every sequence's acceptance evidence, pooled (fading by tokens like each one's): a new sequence's prior,
         # so a request starts from what this server's drafts have been doing, not from optimistic guesses.
         self.pooled = new_acceptance(max(1, rows_max - 1))
+        if profile is not None:
+            for source, acc in self.pooled.items():
+                earlier = profile.acceptance_prior(source)
+                if earlier is not None:
+                    acc.start_from(earlier, PROFILE_WEIGHT)
         self._steps = 0  # plans made
-        self._model_last = 0  # the plan that last drafted from the model
         self._retry_at = 0  # when the draft's prompts are next processed while the model sits unused
         self._retry_gap = RETRY_GAP
 
-    def drafts_wanted(self) -> int | None:
-        """How many new sequences' prompts should go through the draft model now (None: all of them): all while
-        its costs are being learned and while the model drafts (it did in the last MODEL_IDLE_STEPS plans); once
-        it sits unused (it does not pay at this load), one now and then (gaps doubling up to RETRY_GAP_MAX
-        plans), so that it is re-tried when the load or the text changes and otherwise costs next to nothing."""
+    @property
+    def exploring(self) -> bool:
+        """Whether the draft model's pass costs are still being learned: no profile told them, and fewer than
+        EXPLORE_PASSES passes were timed."""
+        return self.has_model and self.draft_costs.prior is None and sum(self.draft_costs.samples) < EXPLORE_PASSES
+
+    def drafts_wanted(self, lanes: list[Lane], n_streams: int, draft_max: int, fixed: bool = False) -> int | None:
+        """How many of the generating sequences (`lanes`, over `n_streams` streams), whose prompts the draft model
+        has not seen, should it see now (None: all of them). All while its costs are being learned, and whenever
+        this step's plan would draft from the model for some sequence were every prompt already in (the model pays
+        at this load and on this text); otherwise none, but one now and then (gaps doubling up to RETRY_GAP_MAX
+        plans), so that it is re-tried when the load or the text changes and costs next to nothing meanwhile. (A
+        prompt costs the draft a pass over it: sent to a model that does not pay, it only slows every sequence.)
+        fixed: as plan()'s (a --draft-fixed job drafts from the model whatever it costs: its prompt goes in)."""
         if not self.has_model:
             return 0
-        if sum(self.draft_costs.samples) < EXPLORE_PASSES or self._steps - self._model_last < MODEL_IDLE_STEPS:
+        if self.exploring:
+            return None
+        ready = [replace(lane, model_behind=0) for lane in lanes]
+        if SOURCE_MODEL in self._choose(ready, n_streams, draft_max, fixed).sources:
             return None
         if self._steps >= self._retry_at:
             self._retry_at = self._steps + self._retry_gap
@@ -519,22 +541,25 @@ class BatchPlanner:
     def plan(self, lanes: list[Lane], n_streams: int, draft_max: int, fixed: bool = False) -> BatchPlan:
         """The step's plan for `lanes` (the sequences that generate) over `n_streams` consecutive streams.
         fixed: draft draft_max tokens (within the rows' bound), from the model when it can: no cost model."""
+        return self._keep(self._choose(lanes, n_streams, draft_max, fixed))
+
+    def _choose(self, lanes: list[Lane], n_streams: int, draft_max: int, fixed: bool = False) -> BatchPlan:
+        """plan() without keeping the record (drafts_wanted asks it what-if)."""
         n = len(lanes)
         r_max = max(1, min(draft_max + 1, self.rows_max // max(1, n_streams)))
         plain = BatchPlan(1, [None] * n, [0] * n)
         if r_max == 1 or not any(l.room for l in lanes):
-            return self._keep(plain)
+            return plain
         if fixed:
-            return self._keep(self._assign(lanes, r_max, with_model=self.has_model, prefer_model=True)[0])
+            return self._assign(lanes, r_max, with_model=self.has_model, prefer_model=True)[0]
         v_plain = self.costs.verify[n_streams] if n_streams < len(self.costs.verify) else None
         if v_plain is None or self.costs.samples[n_streams] < 2 or self._since_plain >= REFRESH_ROUNDS:
-            return self._keep(plain)  # the yardstick, as the single-sequence planner keeps it
-        if (self.has_model and sum(self.draft_costs.samples) < EXPLORE_PASSES
-                and any(l.model_behind is not None for l in lanes)):
+            return plain  # the yardstick, as the single-sequence planner keeps it
+        if self.exploring and any(l.model_behind is not None for l in lanes):
             # Then short drafts, to time draft passes and a small verify (as the single-sequence planner does; a
             # few, since the first pass of each batch shape has llama.cpp build its graph).
             rows = min(r_max, EXPLORE_K + 1)
-            return self._keep(self._assign(lanes, rows, with_model=True, prefer_model=True)[0])
+            return self._assign(lanes, rows, with_model=True, prefer_model=True)[0]
         # Speculation must beat plain batching by a margin: a wrong guess costs every sequence in the batch, and
         # the estimates behind it (interpolated pass costs, a few rounds of acceptance) are noisy.
         best = BatchPlan(1, [None] * n, [0] * n, n / v_plain * BATCH_MARGIN)
@@ -549,7 +574,7 @@ class BatchPlanner:
                 plan.rate = expected / cost
                 if plan.rate > best.rate:
                     best = plan
-        return self._keep(best)
+        return best
 
     def _assign(self, lanes: list[Lane], rows: int, with_model: bool, prefer_model: bool = False):
         """Each lane's source and length at `rows` rows, the one it expects most from (estimated acceptance, not
@@ -580,7 +605,6 @@ class BatchPlanner:
         self._since_plain = 0 if plan.rows == 1 else self._since_plain + 1
         self._steps += 1
         if SOURCE_MODEL in plan.sources:
-            self._model_last = self._steps
             self._retry_gap = RETRY_GAP
         return plan
 
@@ -591,6 +615,17 @@ class BatchPlanner:
         if source is not None and n_drafted:
             lane.acceptance[source].record(n_drafted, n_accepted)
             self.pooled[source].record(n_drafted, n_accepted)
+
+
+def _draft_pass_prior(prior, rows_max: int):
+    """A profile's costs (profile.CostPrior) as the prior of a batched draft pass over w rows, or None: one row
+    costs the draft step, each further row what the draft spends per token catching up in a batch."""
+    if prior is None or prior.draft is None:
+        return None
+    from .profile import CostPrior  # (profile.py imports this module)
+
+    per_row = (prior.catchup_per_token if prior.catchup_per_token is not None else prior.draft) / prior.draft
+    return CostPrior(prior.v1 * prior.draft, {w: 1.0 + (w - 1) * per_row for w in range(1, rows_max + 1)})
 
 
 def new_acceptance(width: int) -> dict[str, Acceptance]:
