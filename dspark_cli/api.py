@@ -95,7 +95,7 @@ class Pair:
         self.parallel = loaded.target.n_seq
         self._continuation = Continuation(loaded.target, keep=self.parallel)
         self._scheduler = (Scheduler(loaded.target, loaded.drafter, verify_max=loaded.verify_max,
-                                     exact=loaded.exact_label, profile=loaded.profile) if self.parallel > 1 else None)
+                                     exact=loaded.exact_label) if self.parallel > 1 else None)
         self._active: Generation | None = None  # the generation under way, closed before the models are
         self._closed = False
         self._turns = threading.RLock()  # held by complete() for a whole answer: callers take turns

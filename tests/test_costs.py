@@ -259,38 +259,3 @@ def test_batched_prompts_reach_the_draft_model_only_where_it_would_pay():
     gpu = batch_told(BatchPlanner(16, 64, has_model=True, has_free=False), gpu_like, gpu_draft, alpha=0.75)
     assert SOURCE_MODEL in gpu.plan(batch_lanes(gpu, 4, behind=0), 4, 4).sources
     assert gpu.drafts_wanted(batch_lanes(gpu, 4), 4, 4) is None
-
-
-def cost_profile(verify, draft: float, catchup_per_token: float, alpha: float):
-    """A profile as single-sequence runs leave it (profile.CostProfile): costs relative to V(1), acceptance."""
-    from dspark_cli.engine.profile import CostProfile
-
-    acc = Acceptance(0.85, 8)
-    for _ in range(100):
-        acc.record(4, int(alpha * 4))
-    figures = {"v1": [V1], "draft": [draft], "catchup_per_token": [catchup_per_token]}
-    figures.update({f"verify.{n}": [verify(n) / V1] for n in range(2, 10)})
-    return CostProfile(runs=3, figures=figures, acceptance={SOURCE_MODEL: acc})
-
-
-def test_a_batch_planner_with_a_profile_does_not_explore_the_draft_model():
-    """With what single-sequence runs measured here, a server knows at once whether the draft model pays: on a
-    CPU-like profile no prompt goes to it but the occasional re-try, and no exploratory drafts run; on a GPU-like
-    one every prompt does, once the plain step (the yardstick) is timed."""
-    cpu = BatchPlanner(16, 64, has_model=True, has_free=False,
-                       profile=cost_profile(cpu_like, draft=0.5, catchup_per_token=0.1, alpha=0.75))
-    assert not cpu.exploring
-    for _ in range(2):
-        cpu.costs.record_verify(4, cpu_like(4) * 1.1)  # the yardstick: plain passes of the 4 sequences
-    plan = cpu.plan(batch_lanes(cpu, 4, behind=0), 4, 4)
-    assert plan.rows == 1 and SOURCE_MODEL not in plan.sources  # no exploratory draft
-    lanes = batch_lanes(cpu, 4)
-    assert [cpu.drafts_wanted(lanes, 4, 4) for _ in range(3)] == [1, 0, 0]
-
-    gpu = BatchPlanner(16, 64, has_model=True, has_free=False,
-                       profile=cost_profile(gpu_like, draft=0.1, catchup_per_token=0.01, alpha=0.75))
-    assert not gpu.exploring
-    for _ in range(2):
-        gpu.costs.record_verify(4, gpu_like(4))
-    assert gpu.drafts_wanted(batch_lanes(gpu, 4), 4, 4) is None
-    assert SOURCE_MODEL in gpu.plan(batch_lanes(gpu, 4, behind=0), 4, 4).sources

@@ -95,11 +95,9 @@ class Scheduler:
     """Continuous batching over `target.n_seq` slots; see the module docstring. Thread-safe: submit() and
     cancel() from any thread; the models are driven by the scheduler's own thread only."""
 
-    def __init__(self, target: Model, drafter: Drafter | None, *, verify_max: int | None = None, exact: str = "",
-                 profile=None):
+    def __init__(self, target: Model, drafter: Drafter | None, *, verify_max: int | None = None, exact: str = ""):
         """verify_max: the most rows in one target pass (None: kernels.default_verify_max); exact: what every
-        job's stats say about exactness (the loader's words for the proof's verdict); profile: the pair's cost
-        profile, the batch planner's prior (costs.BatchPlanner)."""
+        job's stats say about exactness (the loader's words for the proof's verdict)."""
         self.target = target
         self.exact = exact
         self.drafter = drafter
@@ -113,7 +111,7 @@ class Scheduler:
         if verify_max is not None:
             rows_max = min(rows_max, verify_max)  # past it a row's logits may depend on the others
         self.planner = BatchPlanner(rows_max, 64, has_model=self.draft is not None,
-                                    has_free=drafter is not None and drafter.free, profile=profile)
+                                    has_free=drafter is not None and drafter.free)
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closing = False

@@ -478,37 +478,27 @@ class BatchPlanner:
     grows with R faster than the drafts pay for, so the plan shrinks toward plain batched decoding, and since
     plain is always an option, never below it."""
 
-    def __init__(self, rows_max: int, draft_rows_max: int, has_model: bool, has_free: bool, profile=None):
-        """profile: what single-sequence runs of this pair measured here (profile.CostProfile or a stored one), or
-        None. Its verify curve is the prior of V (a pass over n rows of several sequences costs about what one
-        sequence's n-token verify does: the same weights, the same rows), its draft step and catch-up the prior of
-        D, its acceptance the pooled prior: so a server need not explore the draft model to know it does not pay
-        at its load, nor send every prompt through it meanwhile. Read only: the batched path stores nothing."""
+    def __init__(self, rows_max: int, draft_rows_max: int, has_model: bool, has_free: bool):
+        # (Not from a single-sequence cost profile: tried as the prior of V, D and the pooled acceptance, it made the
+        # demo pair's server 0.67x plain batching at 4 clients and no faster than plain at one: a lone sequence's
+        # verify curve and draft step misjudge passes over several streams' rows. What a server measures stands.)
         self.rows_max = rows_max  # most rows in one target pass (the exact bound on a CPU)
         self.has_model = has_model
         self.has_free = has_free
-        prior = profile.prior() if profile is not None else None
-        self.costs = StepCosts(rows_max, prior)  # V by total rows
-        # a draft pass by total rows (catch-up rows included)
-        self.draft_costs = StepCosts(draft_rows_max, _draft_pass_prior(prior, draft_rows_max))
+        self.costs = StepCosts(rows_max)  # V by total rows
+        self.draft_costs = StepCosts(draft_rows_max)  # a draft pass by total rows (catch-up rows included)
         self._since_plain = 0
         # Every sequence's acceptance evidence, pooled (fading by tokens like each one's): a new sequence's prior,
         # so a request starts from what this server's drafts have been doing, not from optimistic guesses.
         self.pooled = new_acceptance(max(1, rows_max - 1))
-        if profile is not None:
-            for source, acc in self.pooled.items():
-                earlier = profile.acceptance_prior(source)
-                if earlier is not None:
-                    acc.start_from(earlier, PROFILE_WEIGHT)
         self._steps = 0  # plans made
         self._retry_at = 0  # when the draft's prompts are next processed while the model sits unused
         self._retry_gap = RETRY_GAP
 
     @property
     def exploring(self) -> bool:
-        """Whether the draft model's pass costs are still being learned: no profile told them, and fewer than
-        EXPLORE_PASSES passes were timed."""
-        return self.has_model and self.draft_costs.prior is None and sum(self.draft_costs.samples) < EXPLORE_PASSES
+        """Whether the draft model's pass costs are still being learned: fewer than EXPLORE_PASSES passes timed."""
+        return self.has_model and sum(self.draft_costs.samples) < EXPLORE_PASSES
 
     def drafts_wanted(self, lanes: list[Lane], n_streams: int, draft_max: int, fixed: bool = False) -> int | None:
         """How many of the generating sequences (`lanes`, over `n_streams` streams), whose prompts the draft model
@@ -615,17 +605,6 @@ class BatchPlanner:
         if source is not None and n_drafted:
             lane.acceptance[source].record(n_drafted, n_accepted)
             self.pooled[source].record(n_drafted, n_accepted)
-
-
-def _draft_pass_prior(prior, rows_max: int):
-    """A profile's costs (profile.CostPrior) as the prior of a batched draft pass over w rows, or None: one row
-    costs the draft step, each further row what the draft spends per token catching up in a batch."""
-    if prior is None or prior.draft is None:
-        return None
-    from .profile import CostPrior  # (profile.py imports this module)
-
-    per_row = (prior.catchup_per_token if prior.catchup_per_token is not None else prior.draft) / prior.draft
-    return CostPrior(prior.v1 * prior.draft, {w: 1.0 + (w - 1) * per_row for w in range(1, rows_max + 1)})
 
 
 def new_acceptance(width: int) -> dict[str, Acceptance]:
