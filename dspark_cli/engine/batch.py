@@ -259,10 +259,8 @@ class Scheduler:
         if not pending:
             return
         jobs = [j for j in self.slots if j is not None and j.generating]
-        n_streams = max(j.slot for j in jobs) - min(j.slot for j in jobs) + 1
         # 0: the model would not pay at this load (the lanes as the last step left them), no prompt for it
-        wanted = self.planner.drafts_wanted([j.lane for j in jobs], n_streams, max(j.draft_max for j in jobs),
-                                            fixed=any(j.fixed for j in jobs))
+        wanted = self.planner.drafts_wanted(*self._planner_query(jobs))
         if wanted == 0:
             return
         pending.sort(key=lambda j: len(j.seq))  # a re-try takes the cheapest
@@ -287,6 +285,13 @@ class Scheduler:
             for seq, _, _ in parts:
                 self.slots[seq].stats.t_prompt += seconds
 
+    @staticmethod
+    def _planner_query(jobs: list[Job]) -> tuple:
+        """What the batch planner is asked about the generating `jobs`, for a step or its what-if: their lanes, the
+        streams their slots span, the most any may draft, whether any drafts a fixed length."""
+        n_streams = max(j.slot for j in jobs) - min(j.slot for j in jobs) + 1
+        return [j.lane for j in jobs], n_streams, max(j.draft_max for j in jobs), any(j.fixed for j in jobs)
+
     def _step(self) -> None:
         """One target pass for every generating job (see the module docstring)."""
         target = self.target
@@ -310,8 +315,7 @@ class Scheduler:
                 # when the planner finds drafting worth that too, as the single-sequence loop does.
                 behind = max(0, len(job.seq) - 1 - self.draft.common_prefix(self.drafter.seen(job.seq), job.slot))
                 lane.model_behind = behind if behind < self.draft.n_batch // self.n_slots else None
-        plan = self.planner.plan([j.lane for j in jobs], n_streams, max(j.draft_max for j in jobs),
-                                 fixed=any(j.fixed for j in jobs))
+        plan = self.planner.plan(*self._planner_query(jobs))
         # Padding rows must fit every stream's context: the range's rows shrink for a job near its end.
         rows = min([plan.rows] + [target.n_ctx - len(target.seq_cached[s]) for s in range(lo, hi + 1)
                                   if self.slots[s] is not None and self.slots[s].generating])
