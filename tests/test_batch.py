@@ -129,6 +129,29 @@ def test_a_resent_conversation_processes_only_its_new_tokens(demo_models, batch_
     assert tokens_of(other) == lone(demo_models, ps[3], greedy, 24)
 
 
+def test_new_jobs_take_neighbouring_slots(demo_models, batch_models, scheduler):
+    """A free slot between busy ones is padded in every step, so newcomers take neighbouring slots even where other
+    slots' caches hold less to throw away: with short answers cached in slots 0 and 3 and long ones in 1 and 2, two
+    jobs arriving together take 0 and 1 (their caches alone would have chosen 0 and 3, and every step would have
+    padded two free streams). Each answer is still the lone one's."""
+    target = batch_models[0]
+    ps = prompts(target)
+    greedy = SamplingParams()
+    earlier = [Job(p, greedy, n, (), 8) for p, n in zip(ps[:4], (1, 48, 48, 1))]
+    scheduler.submit(*earlier)
+    for job in earlier:
+        tokens_of(job)
+    assert [j.slot for j in earlier] == [0, 1, 2, 3]
+    wait_for(lambda: scheduler.settling == 0, "the idle scheduler to settle the answers")
+    cached = [len(target.seq_cached[s]) for s in range(4)]
+    assert cached[0] + 40 < cached[1] and cached[3] + 40 < cached[2]
+    jobs = [Job(p, greedy, 40, (), 8) for p in ps[4:6]]
+    scheduler.submit(*jobs)
+    got = [tokens_of(j) for j in jobs]
+    assert sorted(j.slot for j in jobs) in ([0, 1], [2, 3])
+    assert got == [lone(demo_models, p, greedy, 40) for p in ps[4:6]]
+
+
 def lone_two_turns(demo_models, prompt, second_prompt, params) -> list[int]:
     target, draft = demo_models
     drafter = make_drafter("hybrid", draft)

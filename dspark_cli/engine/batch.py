@@ -5,7 +5,8 @@ slot, which is a sequence of its own in both models' KV caches (llama/model.py, 
 
   1. drop jobs whose consumer left (their caches trimmed to what was delivered; the slot is free at once);
   2. give free slots to waiting jobs in arrival order, each the free slot whose cache shares the longest prefix
-     with its prompt (a conversation resent with one more message processes only the new tokens);
+     with its prompt (a conversation resent with one more message processes only the new tokens), next to the
+     busy ones unless that prefix is worth more than the padding (below) a gap would cost;
   3. process prompts: up to a batch's worth of tokens each iteration, one job's chunk per llama.cpp call with
      the very chunks a lone run makes (exactness, below), so a long prompt does not stall the others for its
      whole length. A job generates as soon as its target prompt is in; its draft model catches up afterwards;
@@ -49,6 +50,11 @@ from .stats import FINISH_CONTEXT, FINISH_LENGTH, FINISH_STOP, GenerationStats
 ENGINE_BATCHED = "batched"  # GenerationStats.engine of a generation the scheduler ran
 CATCHUP_INLINE = 32  # the end of a draft's prompt left to its first draft pass (which catches it up anyway)
 _END = object()
+
+
+def _padding(slots: list[int]) -> int:
+    """Free streams inside the range of busy `slots`: each takes padding rows in every step."""
+    return max(slots) - min(slots) + 1 - len(slots) if slots else 0
 
 
 @dataclass
@@ -218,13 +224,18 @@ class Scheduler:
             self._to_settle.discard(job.slot)
 
     def _worth(self, job: Job, slot: int) -> tuple[int, int]:
-        """How good a free slot is for a job: prompt tokens its cache saves, less the cached tokens the job would
-        throw away (another conversation that may come back), so a resent conversation finds its own slot and a
-        newcomer does not take it over for a shared system prompt; then the lowest slot, which keeps the busy
-        slots together (a free slot inside their range costs padding rows)."""
+        """How good a free slot is for a job, in rows of a pass (a prompt token and a padding row each cost about
+        one): the prompt tokens its cache saves, less the cached tokens the job would throw away (another
+        conversation that may come back: a newcomer does not take its slot over for a shared system prompt), less
+        the padding rows it adds for as long as it may generate. A free slot between busy ones is padded every step
+        (module docstring): a slot that opens or widens such a gap costs a row a step, one that fills a gap saves
+        one. (Slots chosen for their cache alone scattered four jobs over eight streams: twice the rows a step.)
+        Then the lowest slot."""
         keep = self.target.prompt_plan(job.prompt[:-1], slot)[0]
         lost = len(self.target.seq_cached[slot]) - keep
-        return keep - lost, -slot
+        busy = [s for s, other in enumerate(self.slots) if other is not None and other is not job]
+        horizon = max(0, min(job.max_tokens, self.target.n_ctx - len(job.prompt)))
+        return keep - lost - horizon * (_padding(busy + [slot]) - _padding(busy)), -slot
 
     def _prefill(self) -> None:
         """The target's prompt batches (Model.prompt_plan), oldest job first, one batch per iteration: a job
