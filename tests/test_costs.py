@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from dspark_cli.engine.costs import (EXPLORE_K, SOURCE_LOOKUP, SOURCE_MODEL, Acceptance, BatchPlanner, Planner,
+from dspark_cli.engine.costs import (EXPLORE_K, EXPLORE_PASSES, SOURCE_LOOKUP, SOURCE_MODEL, Acceptance, BatchPlanner, Planner,
                                     StepCosts)
 
 V1 = 0.030  # a 30 ms one-token target step
@@ -212,11 +212,11 @@ def test_each_free_source_has_its_own_acceptance():
 
 # ---- the batch planner (several sequences in one pass: engine/batch.py) ----------------------------------------
 
-def batch_lanes(planner, n: int, room: int = 4, behind=None) -> list:
+def batch_lanes(planner, n: int, room: int = 4, behind=None, left: int = 256) -> list:
     lanes = []
     for _ in range(n):
         lane = planner.new_lane()
-        lane.room, lane.model_behind = room, behind
+        lane.room, lane.model_behind, lane.left = room, behind, left
         lanes.append(lane)
     return lanes
 
@@ -227,7 +227,7 @@ def batch_told(planner, verify, draft_pass, alpha: float):
         for n in range(1, 17):
             planner.costs.record_verify(n, verify(n))
         for w in range(1, 17):
-            planner.draft_costs.record_verify(w, draft_pass(w))
+            planner.record_draft_pass(w, draft_pass(w))
     for _ in range(40):
         planner.pooled[SOURCE_MODEL].record(4, int(alpha * 4))
     return planner
@@ -242,20 +242,37 @@ def gpu_draft(w: int) -> float:
 
 
 def test_batched_prompts_reach_the_draft_model_only_where_it_would_pay():
-    """While its costs are unknown, every new sequence's prompt goes through the draft model (to explore); once
-    they are known, only where a plan would draft from it for some sequence were the prompts in: on a CPU at 4
-    sequences, one prompt now and then (a re-try), not every prompt; on a GPU, all of them."""
+    """A prompt goes through the draft model only where a plan would draft from it for some sequence were the
+    prompts in, and the tokens left to write repay the prompts' pass: on a CPU at 4 sequences none, ever (no
+    re-tries: a prompt the plan would not draft from is wasted); on a GPU all of them. While the draft's costs
+    are unknown, one prompt, to explore with."""
     cpu = BatchPlanner(16, 64, has_model=True, has_free=False)
     lanes = batch_lanes(cpu, 4)
-    assert cpu.exploring and cpu.drafts_wanted(lanes, 4, 4) is None
-    batch_told(cpu, cpu_like, cpu_draft, alpha=0.75)
+    assert cpu.exploring and cpu.drafts_wanted(lanes, 4, 4) == 0  # plain steps first: the yardstick
+    for _ in range(2):
+        cpu.costs.record_verify(4, cpu_like(4))
+    assert cpu.drafts_wanted(lanes, 4, 4) == 1  # exploring: one prompt, not every sequence's
+    lanes[2].model_behind = 0
+    assert cpu.drafts_wanted(lanes, 4, 4) == 0  # it is in: the next steps explore with it
+    plan = cpu.plan(lanes, 4, 4)
+    assert plan.sources[2] == SOURCE_MODEL and plan.rows > 1
+    for _ in range(EXPLORE_PASSES - 1):
+        cpu.record_draft_pass(4 + 40, cpu_draft(44))  # a pass wider than any timed width counts too
+        assert cpu.exploring
+    cpu.record_draft_pass(4, cpu_draft(4))
     assert not cpu.exploring
+    batch_told(cpu, cpu_like, cpu_draft, alpha=0.75)
+    lanes[2].model_behind = None
     assert cpu.plan(batch_lanes(cpu, 4, behind=0), 4, 4).rows == 1  # with every prompt in: plain batching
-    assert cpu.drafts_wanted(lanes, 4, 4) == 1  # a re-try: one prompt
-    assert [cpu.drafts_wanted(lanes, 4, 4) for _ in range(5)] == [0] * 5
+    assert [cpu.drafts_wanted(lanes, 4, 4) for _ in range(300)] == [0] * 300
     # --draft-fixed drafts from the model whatever it costs: its prompts go in
     assert cpu.drafts_wanted(lanes, 4, 4, fixed=True) is None
 
     gpu = batch_told(BatchPlanner(16, 64, has_model=True, has_free=False), gpu_like, gpu_draft, alpha=0.75)
     assert SOURCE_MODEL in gpu.plan(batch_lanes(gpu, 4, behind=0), 4, 4).sources
-    assert gpu.drafts_wanted(batch_lanes(gpu, 4), 4, 4) is None
+    assert gpu.drafts_wanted(batch_lanes(gpu, 4), 4, 4, feed=4 * 100) is None
+    # ... unless what the model saves over the tokens the sequences may still write does not repay the prompts'
+    # pass: a lone request near its end, its whole text yet to go through the draft
+    gpu.draft_costs.record_prefill(100, 100 * gpu_draft(1) / 4)
+    assert gpu.drafts_wanted(batch_lanes(gpu, 1, left=200), 1, 4, feed=100) is None
+    assert gpu.drafts_wanted(batch_lanes(gpu, 1, left=3), 1, 4, feed=400) == 0

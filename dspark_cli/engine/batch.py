@@ -191,10 +191,12 @@ class Scheduler:
                 self._reap()
                 self._admit()
             try:
+                # The draft's prompts first, right after admission: its what-if then weighs the newcomers too (a
+                # job's first token is no later for it: it came from the last iteration's step).
+                self._prefill_draft()
                 self._prefill()
                 if any(j is not None and j.generating for j in self.slots):
                     self._step()
-                self._prefill_draft()
             except Exception as e:  # noqa: BLE001 - a failed pass fails the jobs in it; the scheduler goes on
                 err = e if isinstance(e, DsparkError) else DsparkError(f"internal error: {type(e).__name__}: {e}")
                 for job in [j for j in self.slots if j is not None]:
@@ -217,6 +219,9 @@ class Scheduler:
             job.stream = TextStream(job.stop)
             job.noise = Noise(job.params.seed)
             job.lane = self.planner.new_lane()
+            # (Until its first step sets it: what the draft prompts' what-if weighs for a job still in prefill.)
+            job.lane.room = 0 if self.drafter is None else min(job.draft_max, job.max_tokens - 1)
+            job.lane.left = min(job.max_tokens, self.target.n_ctx - len(job.prompt))
             # The cached prefix a fresh run's prompt processing agrees with, then the rest in a fresh run's kinds
             # of batches (Model.prompt_plan): what makes the answer the lone run's whatever the slot held.
             job.prefill_from, job.batches = self.target.prompt_plan(job.prompt[:-1], job.slot)
@@ -262,25 +267,27 @@ class Scheduler:
                 job.stats.t_start = time.perf_counter()
 
     def _prefill_draft(self) -> None:
-        """The draft model's prompt chunks, after the step (a job's first token does not wait for them), all the
-        jobs' in one pass: the draft's pool takes any mix of rows and its numerics never reach the output. Until
+        """The draft model's prompt chunks, where the batch planner finds they would pay (drafts_wanted), all the
+        jobs' in one pass, before the iteration's prefill and step (a job's first token came from the last
+        iteration's step, so it does not wait for them): the draft's pool takes any mix of rows and its numerics never reach the output. Until
         its prompt is in, a job drafts from lookup or not at all; afterwards its catch-up is part of drafting."""
         draft = self.draft
         pending = [] if draft is None else [j for j in self.slots if j is not None and j.generating and not j.draft_ready]
         if not pending:
             return
-        jobs = [j for j in self.slots if j is not None and j.generating]
-        # 0: the model would not pay at this load (the lanes as the last step left them), no prompt for it
-        wanted = self.planner.drafts_wanted(*self._planner_query(jobs))
+        pending.sort(key=lambda j: len(j.seq))  # exploring takes the cheapest
+        seen_of = {j.slot: self.drafter.seen(j.seq)[:-1] for j in pending}
+        cached_of = {s: draft.common_prefix(seen, s) for s, seen in seen_of.items()}
+        feed = sum(len(seen) - cached_of[s] for s, seen in seen_of.items())
+        # 0: the model would not pay at this load (every admitted job's lane, as the last step left it)
+        wanted = self.planner.drafts_wanted(*self._planner_query([j for j in self.slots if j is not None]), feed)
         if wanted == 0:
             return
-        pending.sort(key=lambda j: len(j.seq))  # a re-try takes the cheapest
         parts, budget = [], draft.n_batch
         for job in pending[:wanted]:
             if budget <= 0:
                 break
-            seen = self.drafter.seen(job.seq)[:-1]
-            common = draft.common_prefix(seen, job.slot)
+            seen, common = seen_of[job.slot], cached_of[job.slot]
             draft.truncate(common, job.slot)
             chunk = seen[common:][:budget]
             if len(seen) - common - len(chunk) <= CATCHUP_INLINE:
@@ -293,6 +300,8 @@ class Scheduler:
             t0 = time.perf_counter()
             draft.decode_rows(parts)
             seconds = time.perf_counter() - t0
+            # the slope of the draft's pass costs by rows, until passes of several widths are timed
+            self.planner.draft_costs.record_prefill(sum(len(p[1]) for p in parts), seconds)
             for seq, _, _ in parts:
                 self.slots[seq].stats.t_prompt += seconds
 
@@ -320,6 +329,7 @@ class Scheduler:
             if self.drafter is not None:
                 judge_offers(job.pending, lane.acceptance, job.seq, job.offers)
             lane.offers = {source: len(t) for source, t in job.offers.items()}
+            lane.left = max(0, min(job.max_tokens - n_gen, target.n_ctx - len(job.seq)))
             lane.model_behind = None
             if self.draft is not None and job.draft_ready:
                 # Tokens its draft has yet to see (after plain or lookup steps): caught up in the first draft pass,
@@ -405,7 +415,7 @@ class Scheduler:
                 parts.append((job.slot, seen[common:], -1))
             t0 = time.perf_counter()
             logits = draft.decode_rows(parts)
-            self.planner.draft_costs.record_verify(sum(len(p[1]) for p in parts), time.perf_counter() - t0)
+            self.planner.record_draft_pass(sum(len(p[1]) for p in parts), time.perf_counter() - t0)
             passes += 1
             still = []
             for i, (job, k) in enumerate(live):

@@ -46,7 +46,6 @@ DRAFT_PRIOR = 0.1  # a draft step, relative to V(1), before one was measured
 EXPLORE_K = 2  # the draft length of the first draft-model round
 POOLED_WEIGHT = 4.0  # batched: how many rounds of its own the pooled evidence is worth to a new sequence
 BATCH_MARGIN = 1.05  # batched: how much faster than plain batching a speculative plan must look to be taken
-RETRY_GAP, RETRY_GAP_MAX = 128, 4096  # batched: plans between re-tries of an unused draft model
 EXPLORE_PASSES = 4  # batched: draft passes timed before the draft model is judged on its cost
 REFRESH_ROUNDS = 32  # while speculating, a plain step at least this often keeps V(1), the yardstick, current
 SPEC_MARGIN = 1.03  # with a profile: how much faster than plain steps a draft must look to be taken
@@ -452,6 +451,7 @@ class Lane:
     room: int  # tokens it may draft this step (--draft-max, its context, --max-tokens)
     offers: dict[str, int]  # tokens each free source offers it now (see Planner.plan)
     model_behind: int | None  # tokens its draft model has yet to see (None: the draft cannot draft for it now)
+    left: int = 0  # tokens it may still generate (--max-tokens, its context): what a prompt for its draft can repay
 
 
 @dataclass
@@ -491,35 +491,46 @@ class BatchPlanner:
         # Every sequence's acceptance evidence, pooled (fading by tokens like each one's): a new sequence's prior,
         # so a request starts from what this server's drafts have been doing, not from optimistic guesses.
         self.pooled = new_acceptance(max(1, rows_max - 1))
-        self._steps = 0  # plans made
-        self._retry_at = 0  # when the draft's prompts are next processed while the model sits unused
-        self._retry_gap = RETRY_GAP
+        self.draft_passes = 0  # draft-model passes timed, any width
 
     @property
     def exploring(self) -> bool:
         """Whether the draft model's pass costs are still being learned: fewer than EXPLORE_PASSES passes timed."""
-        return self.has_model and sum(self.draft_costs.samples) < EXPLORE_PASSES
+        return self.has_model and self.draft_passes < EXPLORE_PASSES
 
-    def drafts_wanted(self, lanes: list[Lane], n_streams: int, draft_max: int, fixed: bool = False) -> int | None:
-        """How many of the generating sequences (`lanes`, over `n_streams` streams), whose prompts the draft model
-        has not seen, should it see now (None: all of them). All while its costs are being learned, and whenever
-        this step's plan would draft from the model for some sequence were every prompt already in (the model pays
-        at this load and on this text); otherwise none, but one now and then (gaps doubling up to RETRY_GAP_MAX
-        plans), so that it is re-tried when the load or the text changes and costs next to nothing meanwhile. (A
-        prompt costs the draft a pass over it: sent to a model that does not pay, it only slows every sequence.)
+    def record_draft_pass(self, rows: int, seconds: float) -> None:
+        """A draft-model pass over `rows` rows (several sequences' drafts, with any catch-up) took `seconds`."""
+        self.draft_passes += 1
+        self.draft_costs.record_verify(rows, seconds)
+
+    def drafts_wanted(self, lanes: list[Lane], n_streams: int, draft_max: int, fixed: bool = False,
+                      feed: int = 0) -> int | None:
+        """How many of the sequences whose prompts the draft model has not seen should it see now (None: all),
+        given the admitted sequences' `lanes` over `n_streams` streams (those still in prefill count: they are
+        the load the prompts would serve) and `feed`, the tokens those prompts would cost the draft.
+
+        All of them when this step's plan would draft from the model for some sequence were every prompt already
+        in (it pays at this load and on this text), and what it saves over the tokens the sequences may still
+        generate repays the prompts' pass (a lone request near its end is not worth one); none otherwise. Sent to
+        a model that does not pay, a prompt only slows every sequence. (No re-tries beside this: acceptance fades
+        back to its prior as tokens go by, so a model judged on old evidence is judged again by this same
+        what-if; and a prompt fed to a model the what-if turns down would not be drafted from anyway.)
+        While its costs are unknown: one prompt, when no sequence has one in and the plan would explore, so
+        exploring costs one prompt and a few passes, not every newcomer's.
         fixed: as plan()'s (a --draft-fixed job drafts from the model whatever it costs: its prompt goes in)."""
         if not self.has_model:
             return 0
-        if self.exploring:
+        if fixed:
             return None
         ready = [replace(lane, model_behind=0) for lane in lanes]
-        if SOURCE_MODEL in self._choose(ready, n_streams, draft_max, fixed).sources:
-            return None
-        if self._steps >= self._retry_at:
-            self._retry_at = self._steps + self._retry_gap
-            self._retry_gap = min(2 * self._retry_gap, RETRY_GAP_MAX)
-            return 1
-        return 0
+        plan = self._choose(ready, n_streams, draft_max)
+        if SOURCE_MODEL not in plan.sources:
+            return 0
+        if self.exploring:
+            return 0 if any(lane.model_behind is not None for lane in lanes) else 1
+        per_token = self.draft_costs.prefill_per_token or self.draft_costs.step(1) or 0.0
+        saved = sum(lane.left for lane in lanes) * (self.costs.step(n_streams) / len(lanes) - 1 / plan.rate)
+        return None if saved > feed * per_token else 0
 
     def new_lane(self) -> Lane:
         """A new sequence's lane: its acceptance starts from the pooled evidence, worth POOLED_WEIGHT rounds."""
@@ -593,9 +604,6 @@ class BatchPlanner:
 
     def _keep(self, plan: BatchPlan) -> BatchPlan:
         self._since_plain = 0 if plan.rows == 1 else self._since_plain + 1
-        self._steps += 1
-        if SOURCE_MODEL in plan.sources:
-            self._retry_gap = RETRY_GAP
         return plan
 
     def record_round(self, lane: Lane, source: str | None, n_drafted: int, n_accepted: int, n_new: int) -> None:
