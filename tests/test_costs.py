@@ -276,3 +276,22 @@ def test_batched_prompts_reach_the_draft_model_only_where_it_would_pay():
     gpu.draft_costs.record_prefill(100, 100 * gpu_draft(1) / 4)
     assert gpu.drafts_wanted(batch_lanes(gpu, 1, left=200), 1, 4, feed=100) is None
     assert gpu.drafts_wanted(batch_lanes(gpu, 1, left=3), 1, 4, feed=400) == 0
+
+
+def test_batched_pooled_acceptance_ages_by_drafted_rounds_only():
+    """The pooled evidence a new request starts from fades by the tokens of rounds that drafted from the source:
+    a long burst of plain batching (where no draft pays) leaves it as the drafts left it, not back at the prior;
+    a lane's own estimate still fades by its tokens, back toward the prior."""
+    planner = BatchPlanner(16, 64, has_model=True, has_free=False)
+    lane = batch_lanes(planner, 1)[0]
+    for i in range(40):
+        planner.record_round(lane, SOURCE_MODEL, 4, i % 3 == 0, 1 + (i % 3 == 0))  # drafts mostly rejected
+    learned = planner.pooled[SOURCE_MODEL].alpha(0)
+    own = lane.acceptance[SOURCE_MODEL].alpha(0)
+    assert learned < 0.5
+    for _ in range(2000):  # eight users' plain steps: no drafts
+        planner.record_round(lane, None, 0, 0, 1)
+    assert planner.pooled[SOURCE_MODEL].alpha(0) == learned
+    assert lane.acceptance[SOURCE_MODEL].alpha(0) > own + 0.2  # (its own evidence faded toward the prior)
+    newcomer = planner.new_lane()
+    assert newcomer.acceptance[SOURCE_MODEL].alpha(0) < 0.6

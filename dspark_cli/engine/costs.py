@@ -488,7 +488,7 @@ class BatchPlanner:
         self.costs = StepCosts(rows_max)  # V by total rows
         self.draft_costs = StepCosts(draft_rows_max)  # a draft pass by total rows (catch-up rows included)
         self._since_plain = 0
-        # Every sequence's acceptance evidence, pooled (fading by tokens like each one's): a new sequence's prior,
+        # Every sequence's acceptance evidence, pooled (fading as it comes, see record_round): a new sequence's prior,
         # so a request starts from what this server's drafts have been doing, not from optimistic guesses.
         self.pooled = new_acceptance(max(1, rows_max - 1))
         self.draft_passes = 0  # draft-model passes timed, any width
@@ -608,10 +608,15 @@ class BatchPlanner:
 
     def record_round(self, lane: Lane, source: str | None, n_drafted: int, n_accepted: int, n_new: int) -> None:
         """After a step, for one lane: what its drafts did (n_new: tokens the step added to it)."""
-        for acc in list(lane.acceptance.values()) + list(self.pooled.values()):
+        for acc in lane.acceptance.values():
             acc.fade(n_new)
         if source is not None and n_drafted:
             lane.acceptance[source].record(n_drafted, n_accepted)
+            # The pooled evidence fades by the tokens of rounds that drafted from the source, not by everyone's: a
+            # burst of plain batching (eight users, where no draft pays) must not turn it back into the optimistic
+            # prior, so a lone user after it starts from what the drafts did. (Each lane's own estimate fades by its
+            # tokens, back toward the prior: within a request the source is tried again.)
+            self.pooled[source].fade(n_new)
             self.pooled[source].record(n_drafted, n_accepted)
 
 
