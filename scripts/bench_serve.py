@@ -11,8 +11,10 @@ rounds repeat their questions, and a memory would replay its earlier answers to 
   speculative   the default drafter, --parallel N (N: the most clients measured)
   plain         --draft none --parallel N: continuous batching without speculation
   one-at-a-time the default drafter, --parallel 1 (what dspark served before batching)
+  control       (only with --servers) plain again: its ratio to plain is the machine's noise in this run
 For each client count, each round sends the same C streaming chat requests (the official `openai` client, one
-thread each, greedy) to every server in turn, in an order that rotates every round (`--servers` picks some of
+thread each, greedy; each request sent once the server holds the one before, so every server sees them arrive
+in the same order) to every server in turn, in an order that rotates every round (`--servers` picks some of
 them, e.g. `speculative,plain` for a plain A/B). Per request: time to first
 token, tokens (from `usage`), tokens/s while streaming; per round: total tokens/s. Ratios are taken within a
 round (the machine's speed drifts between rounds) and summarized by their median and range. Every answer is
@@ -42,7 +44,8 @@ PROMPTS = [
     "Write a haiku about autumn, then explain it.",
     "Describe how HTTPS keeps a connection private.",
 ]
-SERVERS = ("speculative", "plain", "one-at-a-time")
+SERVERS = ("speculative", "plain", "one-at-a-time", "control")
+DEFAULT_SERVERS = SERVERS[:3]
 
 
 def free_port() -> int:
@@ -80,7 +83,12 @@ def one_round(port: int, clients: int, max_tokens: int, tag: str = "") -> dict:
     results: dict[int, dict] = {}
 
     def ask(i: int) -> None:
-        t0 = time.perf_counter()
+        try:
+            _ask(i, time.perf_counter())
+        finally:
+            answered[i].set()  # (a failed request releases the next one too)
+
+    def _ask(i: int, t0: float) -> None:
         first = None
         tokens = 0
         text = []
@@ -92,16 +100,23 @@ def one_round(port: int, clients: int, max_tokens: int, tag: str = "") -> dict:
                 text.append(chunk.choices[0].delta.content)
                 if first is None:
                     first = time.perf_counter()
+                    answered[i].set()
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
         end = time.perf_counter()
         results[i] = {"ttft": (first or end) - t0, "tokens": tokens, "text": "".join(text),
                       "tok_s": tokens / (end - t0) if end > t0 else 0.0}
 
+    answered = [threading.Event() for _ in range(clients)]
     t0 = time.perf_counter()
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(clients)]
-    for t in threads:
+    for i, t in enumerate(threads):
         t.start()
+        # Each request in before the next is sent: the same arrival order in every server and round (the order
+        # decides which slot, beside which cache, each prompt takes; left to racing threads it made the servers'
+        # rounds differ by luck).
+        while not answered[i].is_set() and held(port) < i + 1:
+            time.sleep(0.002)
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
@@ -112,6 +127,14 @@ def one_round(port: int, clients: int, max_tokens: int, tag: str = "") -> dict:
             "median_ttft": statistics.median(r["ttft"] for r in rs),
             "worst_ttft": max(r["ttft"] for r in rs),
             "texts": [r["text"] for r in rs]}
+
+
+def held(port: int) -> int:
+    """Requests the server holds now: generating or waiting for a slot."""
+    import urllib.request
+
+    h = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30))
+    return h.get("active", 0) + h.get("waiting", 0)
 
 
 def wait_quiet(port: int) -> None:
@@ -137,8 +160,9 @@ def main() -> None:
     ap.add_argument("-n", "--max-tokens", type=int, default=128)
     ap.add_argument("--parallel", type=int, help="--parallel of the batching servers (default: the most clients)")
     ap.add_argument("--real", action="store_true", help="the Qwen2.5-Coder 0.5B -> 1.5B pair (scripts/fetch_real_pair.py)")
-    ap.add_argument("--servers", default=",".join(SERVERS),
-                    help="which of speculative, plain, one-at-a-time to run (e.g. speculative,plain for an A/B)")
+    ap.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
+                    help="which of speculative, plain, one-at-a-time, control to run (e.g. speculative,plain,control "
+                         "for an A/B beside its noise floor)")
     ap.add_argument("--memory", action="store_true",
                     help="keep the drafting memory on (off by default: see below)")
     ap.add_argument("--json", dest="json_path")
@@ -168,7 +192,8 @@ def main() -> None:
         del alone[i:i + 2]
     configs = {"speculative": common + ["--parallel", str(parallel)],
                "plain": alone + ["--draft", "none", "--parallel", str(parallel)],
-               "one-at-a-time": common + ["--parallel", "1"]}
+               "one-at-a-time": common + ["--parallel", "1"],
+               "control": alone + ["--draft", "none", "--parallel", str(parallel)]}
     servers = {}
     try:
         for name in names:
