@@ -281,7 +281,8 @@ def test_batched_prompts_reach_the_draft_model_only_where_it_would_pay():
 def test_batched_pooled_acceptance_ages_by_drafted_rounds_only():
     """The pooled evidence a new request starts from fades by the tokens of rounds that drafted from the source:
     a long burst of plain batching (where no draft pays) leaves it as the drafts left it, not back at the prior;
-    a lane's own estimate still fades by its tokens, back toward the prior."""
+    a lane's own estimate still fades by its tokens, back toward its prior, which for a lane started after the
+    server measured something is that measure."""
     planner = BatchPlanner(16, 64, has_model=True, has_free=False)
     lane = batch_lanes(planner, 1)[0]
     for i in range(40):
@@ -295,3 +296,7 @@ def test_batched_pooled_acceptance_ages_by_drafted_rounds_only():
     assert lane.acceptance[SOURCE_MODEL].alpha(0) > own + 0.2  # (its own evidence faded toward the prior)
     newcomer = planner.new_lane()
     assert newcomer.acceptance[SOURCE_MODEL].alpha(0) < 0.6
+    # ... and a newcomer's own prior, where its evidence fades back to as it writes, is the server's: not 0.85
+    for _ in range(400):
+        planner.record_round(newcomer, None, 0, 0, 1)
+    assert abs(newcomer.acceptance[SOURCE_MODEL].alpha(0) - learned) < 0.01
