@@ -129,21 +129,23 @@ def one_round(port: int, clients: int, max_tokens: int, tag: str = "") -> dict:
             "texts": [r["text"] for r in rs]}
 
 
-def held(port: int) -> int:
-    """Requests the server holds now: generating or waiting for a slot."""
+def health(port: int) -> dict:
     import urllib.request
 
-    h = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30))
+    return json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30))
+
+
+def held(port: int) -> int:
+    """Requests the server holds now: generating or waiting for a slot."""
+    h = health(port)
     return h.get("active", 0) + h.get("waiting", 0)
 
 
 def wait_quiet(port: int) -> None:
     """Until the server generates nothing and settles no cache (a server re-processes finished answers while
     idle, see README "Exact whatever the cache held": that must not run beside another server's round)."""
-    import urllib.request
-
     while True:
-        h = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30))
+        h = health(port)
         if not h.get("active") and not h.get("settling"):
             return
         time.sleep(0.05)

@@ -86,6 +86,11 @@ class Job:
     noise: Noise | None = None
     finished: bool = False
 
+    def tokens_left(self, n_ctx: int) -> int:
+        """Tokens it may still generate: --max-tokens less those written, within its context of n_ctx."""
+        written = max(0, len(self.seq) - len(self.prompt))
+        return max(0, min(self.max_tokens - written, n_ctx - len(self.prompt) - written))
+
     def events(self):
         """The events as they come, ending after the one with finish_reason; a failure is raised."""
         while True:
@@ -219,9 +224,7 @@ class Scheduler:
             job.stream = TextStream(job.stop)
             job.noise = Noise(job.params.seed)
             job.lane = self.planner.new_lane()
-            # (Until its first step sets it: what the draft prompts' what-if weighs for a job still in prefill.)
-            job.lane.room = 0 if self.drafter is None else min(job.draft_max, job.max_tokens - 1)
-            job.lane.left = min(job.max_tokens, self.target.n_ctx - len(job.prompt))
+            self._bound(job)  # (what the draft prompts' what-if weighs for a job still in prefill)
             # The cached prefix a fresh run's prompt processing agrees with, then the rest in a fresh run's kinds
             # of batches (Model.prompt_plan): what makes the answer the lone run's whatever the slot held.
             job.prefill_from, job.batches = self.target.prompt_plan(job.prompt[:-1], job.slot)
@@ -239,8 +242,19 @@ class Scheduler:
         keep = self.target.prompt_plan(job.prompt[:-1], slot)[0]
         lost = len(self.target.seq_cached[slot]) - keep
         busy = [s for s, other in enumerate(self.slots) if other is not None and other is not job]
-        horizon = max(0, min(job.max_tokens, self.target.n_ctx - len(job.prompt)))
+        horizon = job.tokens_left(self.target.n_ctx)
         return keep - lost - horizon * (_padding(busy + [slot]) - _padding(busy)), -slot
+
+    def _bound(self, job: Job) -> None:
+        """The job's lane: the tokens it may draft this step (--draft-max, both contexts, --max-tokens) and may
+        still generate."""
+        target, lane = self.target, job.lane
+        draft_ctx = self.draft.n_ctx if self.draft is not None else target.n_ctx
+        n_gen = len(job.seq) - len(job.prompt)
+        lane.room = 0 if self.drafter is None else max(0, min(
+            job.draft_max, target.n_ctx - len(job.seq) - 1, draft_ctx - len(job.seq) - 1,
+            job.max_tokens - n_gen - 1))
+        lane.left = job.tokens_left(target.n_ctx)
 
     def _prefill(self) -> None:
         """The target's prompt batches (Model.prompt_plan), oldest job first, one batch per iteration: a job
@@ -269,8 +283,9 @@ class Scheduler:
     def _prefill_draft(self) -> None:
         """The draft model's prompt chunks, where the batch planner finds they would pay (drafts_wanted), all the
         jobs' in one pass, before the iteration's prefill and step (a job's first token came from the last
-        iteration's step, so it does not wait for them): the draft's pool takes any mix of rows and its numerics never reach the output. Until
-        its prompt is in, a job drafts from lookup or not at all; afterwards its catch-up is part of drafting."""
+        iteration's step, so it does not wait for them): the draft's pool takes any mix of rows and its numerics
+        never reach the output. Until its prompt is in, a job drafts from lookup or not at all; afterwards its
+        catch-up is part of drafting."""
         draft = self.draft
         pending = [] if draft is None else [j for j in self.slots if j is not None and j.generating and not j.draft_ready]
         if not pending:
@@ -318,18 +333,13 @@ class Scheduler:
         jobs = [j for j in self.slots if j is not None and j.generating]
         lo, hi = min(j.slot for j in jobs), max(j.slot for j in jobs)
         n_streams = hi - lo + 1
-        draft_ctx = self.draft.n_ctx if self.draft is not None else target.n_ctx
         for job in jobs:
             lane = job.lane
-            n_gen = len(job.seq) - len(job.prompt)
-            lane.room = 0 if self.drafter is None else max(0, min(
-                job.draft_max, target.n_ctx - len(job.seq) - 1, draft_ctx - len(job.seq) - 1,
-                job.max_tokens - n_gen - 1))
+            self._bound(job)
             job.offers = self.drafter.offers(job.seq, lane.room) if lane.room else {}
             if self.drafter is not None:
                 judge_offers(job.pending, lane.acceptance, job.seq, job.offers)
             lane.offers = {source: len(t) for source, t in job.offers.items()}
-            lane.left = max(0, min(job.max_tokens - n_gen, target.n_ctx - len(job.seq)))
             lane.model_behind = None
             if self.draft is not None and job.draft_ready:
                 # Tokens its draft has yet to see (after plain or lookup steps): caught up in the first draft pass,
