@@ -19,13 +19,21 @@ def test_lookup_speeds_up_copying_and_stays_exact(demo_models):
     line = "Monday: water the plants, feed the cat, call the bank, buy bread and milk.\n"
     prompt, _ = build_prompt(target, line * 3 + "Monday:", raw=True)
     base = [e.token for e in generate(target, prompt, max_tokens=48) if e.token is not None]
-    last = None
-    spec = []
-    for e in generate(target, prompt, drafter=PromptLookupDrafter(), max_tokens=48, draft_max=8):
-        if e.token is not None:
-            spec.append(e.token)
-        last = e
-    assert spec == base
-    s = last.stats
-    assert s.method == "lookup" and s.n_drafted > 0
-    assert s.acceptance_rate > 0.5 and s.tokens_per_step > 2.0, s.as_dict()
+
+    def run(fixed):
+        last, out = None, []
+        for e in generate(target, prompt, drafter=PromptLookupDrafter(), max_tokens=48, draft_max=8, fixed=fixed):
+            if e.token is not None:
+                out.append(e.token)
+            last = e
+        return out, last.stats
+
+    # Drafting 8 every round, the copied text is proposed and accepted: tokens per step is then a fact of the
+    # drafts, not of timings (the cost model's own choice of length depends on how loaded the machine is).
+    out, s = run(fixed=True)
+    assert out == base
+    assert s.method == "lookup" and s.acceptance_rate > 0.5 and s.tokens_per_step > 2.0, s.as_dict()
+    # With the cost model choosing, the answer is the same and lookup still drafts.
+    out, s = run(fixed=False)
+    assert out == base
+    assert s.method == "lookup" and s.n_drafted > 0 and s.n_accepted > 0, s.as_dict()
