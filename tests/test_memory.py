@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import dspark_cli as dspark
+from dspark_cli.bench.suite import REPETITIVE
 from dspark_cli.engine.drafters import PromptLookupDrafter, make_drafter
 from dspark_cli.engine.loop import generate
 from dspark_cli.engine.memory import KEY, PROMPT_TAIL, DraftMemory
@@ -39,6 +40,37 @@ def test_the_longest_match_wins_and_split_evidence_stops_the_draft():
     assert m.recall([5, 5] + HEADER, 4) == [70, 71]
 
 
+def test_resumes_an_earlier_text_after_a_stretch_that_differs():
+    m = DraftMemory(1 << 20)
+    # A record: a field's name, its value (new each time), the next field's name, another value, the end.
+    m.add([1, 1] + HEADER + [19, 20, 21, 22, 23, 100, 101, 30, 31, 32, 33, 34, 110, 40, 41, 42], n_prompt=5)
+    now = [2, 2] + HEADER + [19, 20, 21, 22, 23, 200, 201, 30]
+    # Its last tokens (a value, then the next field's first token) occur nowhere: no unbroken match.
+    assert m.recall(now, 4) == []
+    # Across the value, the record agrees on `30` and on five tokens before it: the next field's name follows.
+    assert m.resume(now, 3) == [31, 32, 33]
+    assert m.resume(now + [31, 32, 33, 34, 210], 3) == []  # `210` is the next value: no earlier text holds it
+    assert m.resume(now + [31, 32, 33, 34, 210, 40], 2) == [41, 42]  # past it, 1 + 5 agree: the record's end
+    # Too little agreement around the stretch (1 + 3 tokens, under two keys): no proposal.
+    assert m.resume([5, 5, 21, 22, 23, 200, 201, 30], 3) == []
+    # The chat header before every answer is no evidence: opening words line up with any other answer's.
+    header = [7, 8, 9, 10, 11, 12]
+    m.add([1, 1] + header + [60, 61, 62, 63], n_prompt=8)
+    assert m.resume([2, 2] + header + [70, 61], 2) == []
+    assert m.resume(now, 0) == [] and m.resume([], 3) == []
+
+
+def test_resume_leaves_a_true_split_alone():
+    m = DraftMemory(1 << 20)
+    m.add([1, 1] + HEADER + [20, 21, 22, 23, 24, 25, 60, 61], n_prompt=5)
+    m.add([1, 1] + HEADER + [20, 21, 22, 23, 24, 25, 70, 71], n_prompt=5)
+    # Both texts agree with this one for eleven tokens and part right here: no guess, from either method.
+    now = [1, 1] + HEADER + [20, 21, 22, 23, 24, 25]
+    assert m.recall(now, 2) == [] and m.resume(now, 2) == []
+    # One of them, across a differing token (25 -> 26), agrees at once: resume follows it.
+    assert m.resume([1, 1] + HEADER + [20, 21, 22, 23, 24, 26, 70], 1) == [71]
+
+
 def test_keeps_the_answer_and_the_prompts_end_only():
     m = DraftMemory(1 << 20)
     prompt = list(range(1000, 1000 + 3 * PROMPT_TAIL))
@@ -59,7 +91,7 @@ def test_evicts_the_oldest_at_the_bound():
     assert 1 < len(m) < len(texts)
     assert m.recall(texts[-1][:KEY], 3) == texts[-1][KEY:KEY + 3]  # the newest is kept
     assert m.recall(texts[0][:KEY], 3) == []  # the oldest is gone, index and all
-    assert all(p >= m.base for postings in m.index.values() for p in postings)
+    assert all(p >= m.base for index in (m.index, m.after) for postings in index.values() for p in postings)
     m.clear()
     assert len(m) == 0 and m.recall(texts[-1][:KEY], 3) == []
     huge = list(range(20_000, 30_000))
@@ -93,6 +125,23 @@ def test_a_request_drafts_from_an_earlier_answer_and_stays_exact(demo_models, pa
     assert again == alone
     assert stats.accepted_by.get("memory", 0) >= len(alone) // 2, stats.as_dict()
     assert any(k.startswith("memory@") for k in stats.draft_lengths)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, seed=3)], ids=["greedy", "sampled"])
+def test_records_of_one_schema_resume_the_earlier_records_and_stay_exact(demo_models, params):
+    target, _ = demo_models
+    drafter = PromptLookupDrafter()
+    drafter.memory = DraftMemory(1 << 20)
+    accepted = {}
+    for _, _, text in REPETITIVE[2:5]:  # three records the demo target writes in one layout (the others vary)
+        prompt, _ = build_prompt(target, text)
+        alone, _ = _answer(target, prompt, params=params, max_tokens=64)
+        spec, stats = _answer(target, prompt, drafter, params, max_tokens=64, draft_max=6, fixed=True)
+        assert spec == alone
+        for source, n in stats.accepted_by.items():
+            accepted[source] = accepted.get(source, 0) + n
+    # After each record's new values, the earlier records' next field names were drafted and accepted.
+    assert accepted.get("memory-resumed", 0) > 0, accepted
 
 
 def test_the_pair_remembers_across_calls_unless_off(demo_paths):
@@ -171,7 +220,21 @@ def good_draft_cache(tmp_path_factory) -> bytes:
     return good
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign", "version", "garbage"])
+def test_the_draft_cache_keeps_where_each_answer_starts(tmp_path):
+    from dspark_cli.models.draft_cache import DraftCache
+
+    m = DraftMemory(1 << 20)
+    m.add(list(range(100, 140)) + HEADER + ANSWER, n_prompt=43)  # a long prompt: its last PROMPT_TAIL tokens kept
+    m.add([1, 2] + HEADER + ANSWER, n_prompt=5)
+    m.add(ANSWER, n_prompt=0)
+    assert m.heads() == [PROMPT_TAIL, 5, 0]
+    DraftCache(tmp_path / "m.bin", "v").write(m)
+    again = DraftMemory(1 << 20)
+    assert DraftCache(tmp_path / "m.bin", "v").read(again, quiet=True) == 3
+    assert again.heads() == m.heads() and list(again.tokens) == list(m.tokens)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "version", "heads", "garbage"])
 def test_a_bad_draft_cache_is_ignored_with_one_warning_and_replaced(tmp_path, good_draft_cache, damage):
     import json
 
@@ -186,6 +249,8 @@ def test_a_bad_draft_cache_is_ignored_with_one_warning_and_replaced(tmp_path, go
         data = magic + b"\n" + json.dumps({**json.loads(header), "vocab": "0" * 32}).encode() + b"\n" + body
     elif damage == "version":
         data = magic + b"\n" + json.dumps({**json.loads(header), "version": 99}).encode() + b"\n" + body
+    elif damage == "heads":  # an answer said to start past its text's end
+        data = magic + b"\n" + json.dumps({**json.loads(header), "heads": [10 ** 6]}).encode() + b"\n" + body
     else:
         data = b"\x00\xff" * 50
     cache.write_bytes(data)

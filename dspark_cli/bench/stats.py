@@ -52,7 +52,7 @@ class RunRecord:
     engine: str = "sequential"
     draft_lengths: dict[str, int] = field(default_factory=dict)  # target steps by what they verified
     speculation_note: str | None = None
-    accepted_by: dict[str, int] = field(default_factory=dict)  # accepted tokens by source (draft, lookup, memory)
+    accepted_by: dict[str, int] = field(default_factory=dict)  # accepted tokens by source (engine/costs.SOURCES)
 
     @property
     def rejections(self) -> int:

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from ..llama.model import Model
-from .costs import SOURCE_LOOKUP, SOURCE_MEMORY
+from .costs import SOURCE_LOOKUP, SOURCE_MEMORY, SOURCE_RESUMED
 from .memory import DraftMemory
 from .sampling import Noise, SamplingParams, pick
 
@@ -73,7 +73,8 @@ class Drafter(Protocol):
 
     def offers(self, seq: list[int], n_max: int) -> dict[str, list[int]]:
         """What the free sources propose after seq, at most n_max tokens each: {SOURCE_LOOKUP: prompt lookup's
-        match, SOURCE_MEMORY: the memory's recall}, the ones that are off or match nothing left out."""
+        match, SOURCE_MEMORY: the memory's recall, or SOURCE_RESUMED: its resume where recall has nothing}, the ones
+        that are off or match nothing left out."""
 
     def release(self, seq: list[int], n_prompt: int) -> None:
         """Generation ended with `seq` accepted (its first n_prompt tokens the prompt): drop any state past it,
@@ -94,7 +95,10 @@ class FreeSources:
             if self.lookup:
                 out[SOURCE_LOOKUP] = lookup(seq, n_max, self.ngram_max, self.ngram_min)
             if self.memory is not None:
+                # An unbroken match first; only without one, the weaker evidence across a differing stretch.
                 out[SOURCE_MEMORY] = self.memory.recall(seq, n_max)
+                if not out[SOURCE_MEMORY]:
+                    out[SOURCE_RESUMED] = self.memory.resume(seq, n_max)
         return {s: t for s, t in out.items() if t}
 
     @property

@@ -1,8 +1,9 @@
 """The drafting memory on disk (`--draft-cache FILE`, off by default): what earlier processes wrote, drafted from
 by this one (engine/memory.py).
 
-The file: a magic line, a JSON header line (format version, the target vocabulary's fingerprint, counts), then the
-remembered texts as little-endian int32 token ids, each followed by -1. Read at load; written whole at close (a
+The file: a magic line, a JSON header line (format version, the target vocabulary's fingerprint, counts, and how
+many prompt tokens each text keeps before its answer), then the remembered texts as little-endian int32 token ids,
+each followed by -1. Read at load; written whole at close (a
 temporary file renamed over it: never half-written). A file that is truncated, corrupt, of another version or of
 another vocabulary is ignored with one warning (and replaced at close); one that cannot be written warns once.
 Drafting goes on without it either way: it only ever changes speed.
@@ -22,7 +23,7 @@ from ..errors import OutputError, UsageError
 from ..files import check_writable, write_atomic
 
 MAGIC = b"DSPARK-DRAFT-MEMORY\n"
-VERSION = 1
+VERSION = 2  # 2: the texts' heads (the prompt tokens before each answer)
 
 
 def vocab_id(target) -> str:
@@ -62,8 +63,8 @@ class DraftCache:
             texts = _parse(data, self.vocab)
         except ValueError as e:
             return self._ignore(str(e), quiet)
-        for text in texts:
-            memory.add(text, n_prompt=0)
+        for text, head in texts:
+            memory.add(text, n_prompt=head)
         return len(texts)
 
     def write(self, memory: DraftMemory) -> None:
@@ -72,7 +73,8 @@ class DraftCache:
         tokens = array("i", memory.tokens)
         if sys.byteorder != "little":
             tokens.byteswap()
-        header = {"version": VERSION, "vocab": self.vocab, "texts": len(memory), "tokens": len(tokens)}
+        header = {"version": VERSION, "vocab": self.vocab, "texts": len(memory), "tokens": len(tokens),
+                  "heads": memory.heads()}
         try:
             write_atomic(self.path, MAGIC + json.dumps(header).encode() + b"\n" + tokens.tobytes(), make_dirs=True)
         except OutputError as e:
@@ -85,7 +87,8 @@ class DraftCache:
         return 0
 
 
-def _parse(data: bytes, vocab: str) -> list[list[int]]:
+def _parse(data: bytes, vocab: str) -> list[tuple[list[int], int]]:
+    """The texts, each with its head (the prompt tokens before its answer)."""
     if not data.startswith(MAGIC):
         raise ValueError("not a dspark draft cache")
     line_end = data.find(b"\n", len(MAGIC))
@@ -114,6 +117,9 @@ def _parse(data: bytes, vocab: str) -> list[list[int]]:
             start = i + 1
         elif t < 0:
             raise ValueError("it is corrupt (a negative token id)")
-    if start != len(tokens) or len(texts) != header.get("texts"):
+    heads = header.get("heads")
+    if (start != len(tokens) or len(texts) != header.get("texts") or not isinstance(heads, list)
+            or len(heads) != len(texts)
+            or not all(type(h) is int and 0 <= h < len(t) for h, t in zip(heads, texts))):
         raise ValueError("it is truncated or corrupt")
-    return texts
+    return list(zip(texts, heads))

@@ -219,7 +219,7 @@ def timings(stats: GenerationStats) -> dict:
         "predicted_n": stats.n_generated, "predicted_ms": round(gen_ms, 3),
         "predicted_per_second": round(stats.tokens_per_second, 3),
         "draft_n": stats.n_drafted, "draft_n_accepted": stats.n_accepted,
-        "draft_accepted_by": dict(stats.accepted_by),  # accepted tokens by source: draft, lookup, memory
+        "draft_accepted_by": dict(stats.accepted_by),  # accepted tokens by source (engine/costs.SOURCES)
         "tokens_per_step": round(stats.tokens_per_step, 3), "method": stats.method,
         "batch_max": stats.batch_max,  # the most requests that shared one target pass with this one
         "exact": stats.exact or None,  # the proof at load: "proven (batches <= 16)", "no - ...", or the target alone
