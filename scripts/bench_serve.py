@@ -194,8 +194,8 @@ def main() -> None:
         del alone[i:i + 2]
     configs = {"speculative": common + ["--parallel", str(parallel)],
                "plain": alone + ["--draft", "none", "--parallel", str(parallel)],
-               "one-at-a-time": common + ["--parallel", "1"],
-               "control": alone + ["--draft", "none", "--parallel", str(parallel)]}
+               "one-at-a-time": common + ["--parallel", "1"]}
+    configs["control"] = configs["plain"]
     servers = {}
     try:
         for name in names:

@@ -127,7 +127,8 @@ def test_a_request_drafts_from_an_earlier_answer_and_stays_exact(demo_models, pa
     assert any(k.startswith("memory@") for k in stats.draft_lengths)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, seed=3)], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, seed=3)],
+                         ids=["greedy", "sampled"])
 def test_records_of_one_schema_resume_the_earlier_records_and_stay_exact(demo_models, params):
     target, _ = demo_models
     drafter = PromptLookupDrafter()

@@ -161,7 +161,8 @@ def render(report: dict, *, to_stderr: bool) -> None:
         con.print(Text(f"  {v['variant']:<{width}}  {chosen}"))
         for pid, note in v.get("speculation_off", {}).items():
             con.print(Text(f"  {'':<{width}}  {pid}: {note}", style="yellow"))
-    con.print(Text("accepted tokens by source (draft model, prompt lookup, memory of earlier answers, the memory resumed after a value)", style="bold"))
+    con.print(Text("accepted tokens by source (draft model, prompt lookup, memory of earlier answers, the memory "
+                   "resumed after a value)", style="bold"))
     for v in variants:
         by = v.get("accepted_by", {})
         total = sum(by.values())

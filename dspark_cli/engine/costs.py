@@ -33,12 +33,14 @@ SOURCE_MODEL = "draft"
 SOURCE_LOOKUP = "lookup"
 SOURCE_MEMORY = "memory"
 SOURCE_RESUMED = "memory-resumed"  # the memory, past a stretch that differs from every earlier text (memory.resume)
-FREE_SOURCES = (SOURCE_LOOKUP, SOURCE_MEMORY, SOURCE_RESUMED)  # drafts that cost nothing to make: a match offers them, or not
+# Drafts that cost nothing to make: a match offers them, or not.
+FREE_SOURCES = (SOURCE_LOOKUP, SOURCE_MEMORY, SOURCE_RESUMED)
 SOURCES = (SOURCE_MODEL,) + FREE_SOURCES
 
 EMA = 0.25  # weight of a new timing in its running estimate
 FORGET = 0.985  # per generated token, what acceptance evidence keeps (half-life ~46 tokens)
-PRIOR = {SOURCE_MODEL: 0.85, SOURCE_LOOKUP: 0.5, SOURCE_MEMORY: 0.5, SOURCE_RESUMED: 0.5}  # acceptance assumed before (or long after) any evidence
+# Acceptance assumed before (or long after) any evidence.
+PRIOR = {SOURCE_MODEL: 0.85, SOURCE_LOOKUP: 0.5, SOURCE_MEMORY: 0.5, SOURCE_RESUMED: 0.5}
 PRIOR_WEIGHT = 2.0  # how many observations the prior is worth
 OPTIMISM = 1.0  # choices use acceptance this many standard deviations above its estimate: little evidence
 # (one unlucky first round) leaves room to try again, much evidence pins it down
@@ -312,8 +314,8 @@ class Planner:
     # ---- choosing -----------------------------------------------------------------------------------
     def plan(self, offers: dict[str, int], model_behind: int) -> Plan:
         """This round's plan. offers: tokens each free source offers now (SOURCE_LOOKUP: a prompt-lookup match,
-        SOURCE_MEMORY, SOURCE_RESUMED: the drafting memory's; absent or 0: none); model_behind: tokens the draft model has
-        yet to see before it can draft."""
+        SOURCE_MEMORY, SOURCE_RESUMED: the drafting memory's; absent or 0: none); model_behind: tokens the draft
+        model has yet to see before it can draft."""
         offers = {s: n for s, n in offers.items() if n > 0} if self.has_free else {}
         if self.fixed:
             if self.has_model:

@@ -183,7 +183,8 @@ class DraftMemory:
 
     def _agree_across(self, tail: list[int], s: int, t: int, lo: int) -> int:
         """The longest agreement of tail[:s - i] with tokens[lo:t - j] going back, over the skips 0 <= i, j <= GAP
-        (not both 0: tail[s - 1] and tokens[t - 1] differ). tokens[lo:t] lies within one text."""
+        (where the agreement before stopped, tail[s - 1] and tokens[t - 1] differ, so both 0 finds nothing).
+        tokens[lo:t] lies within one text."""
         start = max(lo, t - GAP - 1)
         window = self.tokens[start:t]
         best = 0
@@ -192,7 +193,7 @@ class DraftMemory:
             if x not in window:
                 continue
             for j in range(len(window) - 1, -1, -1):
-                if window[j] == x and (i or start + j != t - 1):
+                if window[j] == x:
                     best = max(best, self._agree(tail, s - i, start + j + 1, lo))
         return best
 
