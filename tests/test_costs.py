@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from dspark_cli.engine.costs import (EXPLORE_K, EXPLORE_PASSES, SOURCE_LOOKUP, SOURCE_MODEL, Acceptance, BatchPlanner, Planner,
-                                    StepCosts)
+from dspark_cli.engine.costs import (EXPLORE_K, EXPLORE_PASSES, SOURCE_LOOKUP, SOURCE_MEMORY, SOURCE_MODEL, Acceptance,
+                                    BatchPlanner, Plan, Planner, StepCosts)
 
 V1 = 0.030  # a 30 ms one-token target step
 
@@ -300,3 +300,79 @@ def test_batched_pooled_acceptance_ages_by_drafted_rounds_only():
     for _ in range(400):
         planner.record_round(newcomer, None, 0, 0, 1)
     assert abs(newcomer.acceptance[SOURCE_MODEL].alpha(0) - learned) < 0.01
+
+
+# ---- chains: a free source's tokens, then the draft model's -------------------------------------------------
+
+def test_where_verify_is_flat_the_model_goes_on_from_the_memory():
+    # The memory knows a record's next key (4 tokens, free), the model its value: one verify takes both.
+    def planner(chains: bool) -> Planner:
+        p = told(Planner(8, True, True, chains=chains), {n: gpu_like(n) for n in range(1, 10)}, draft=0.05 * V1,
+                 catchup=0.05 * V1)
+        accept(p, SOURCE_MODEL, 0.9)
+        accept(p, SOURCE_MEMORY, 0.95)
+        return p
+
+    plan = planner(True).plan({SOURCE_MEMORY: 4}, 0)
+    assert (plan.source, plan.k) == (SOURCE_MEMORY, 4) and plan.then >= 2, plan
+    assert plan.name == f"memory@4+draft@{plan.then}"
+    alone = planner(False).plan({SOURCE_MEMORY: 4}, 0)  # a draft of another vocabulary cannot read target tokens
+    assert alone.then == 0 and alone.rate < plan.rate
+
+
+def test_where_verify_is_steep_a_short_free_draft_beats_a_chain():
+    # This VM's real pair: V(n) = V(1) (1 + 0.3 (n - 1)), a draft step 0.4 V(1), catching up 0.1 V(1) a token.
+    p = told(Planner(8, True, True, chains=True), {n: V1 * (1 + 0.3 * (n - 1)) for n in range(1, 10)},
+             draft=0.4 * V1, catchup=0.4 * V1)
+    accept(p, SOURCE_MODEL, 0.99)
+    accept(p, SOURCE_MEMORY, 0.9)
+    plan = p.plan({SOURCE_MEMORY: 3}, 0)
+    assert (plan.source, plan.then) == (SOURCE_MEMORY, 0), plan
+
+
+def test_each_source_of_a_round_learns_its_own_part():
+    p = Planner(8, True, True, chains=True)
+    chain = Plan(SOURCE_MEMORY, 3, then=2)
+    segments = [(SOURCE_MEMORY, 3), (SOURCE_MODEL, 2)]
+    p.record_round(chain, 5, 1, 2, segments)  # the memory's second token was wrong: the model's part never judged
+    memory, model = p.acceptance[SOURCE_MEMORY], p.acceptance[SOURCE_MODEL]
+    assert memory.total_reached[:3] == [1, 1, 0] and memory.total_accepted[:2] == [1, 0]
+    assert model.total_evidence == 0
+    p.record_round(chain, 5, 4, 5, segments)  # the memory's three right, then the model's first
+    assert memory.total_accepted[:3] == [2, 1, 1]
+    assert model.total_reached[:2] == [1, 1] and model.total_accepted[:2] == [1, 0]
+    # A free tail after the model's tokens learns from its own first token too.
+    p.record_round(Plan(SOURCE_MODEL, 2), 5, 5, 6, [(SOURCE_MODEL, 2), (SOURCE_LOOKUP, 3)])
+    assert p.acceptance[SOURCE_LOOKUP].total_accepted[:3] == [1, 1, 1]
+    assert p.chosen_lengths == {}  # record_round learns; plan() counts the choices
+
+
+def test_free_tokens_go_on_from_the_model_where_they_pay():
+    def planner(verify) -> Planner:
+        p = told(Planner(8, True, True, chains=True), {n: verify(n) for n in range(1, 10)}, draft=0.05 * V1)
+        accept(p, SOURCE_MODEL, 0.95)
+        accept(p, SOURCE_MEMORY, 0.95)
+        return p
+
+    drafted = [(SOURCE_MODEL, 2)]  # the model wrote a value; the memory knows the next key
+    p = planner(gpu_like)
+    plan = p.plan({}, 0)
+    assert plan.source == SOURCE_MODEL
+    assert p.tail(plan, drafted, {SOURCE_MEMORY: 4}) == (SOURCE_MEMORY, 4)
+    assert plan.name == f"draft@{plan.k}+memory@4" and p.chosen_lengths[plan.name] == 1  # the report says so
+    # Every extra verify token costing 0.8 of a step: a token at 95% beats the target alone's rate, not a round's
+    # expected 1.2 tokens a step.
+    assert planner(cpu_like).tail(Plan(SOURCE_MODEL, 2), drafted, {SOURCE_MEMORY: 4}) == (SOURCE_MEMORY, 1)
+    assert planner(cpu_like).tail(Plan(SOURCE_MODEL, 2, rate=1.2 / V1), drafted, {SOURCE_MEMORY: 4}) is None
+    # Never past draft_max.
+    assert planner(gpu_like).tail(Plan(SOURCE_MODEL, 6), [(SOURCE_MODEL, 6)], {SOURCE_MEMORY: 4}) == (SOURCE_MEMORY, 2)
+    assert planner(gpu_like).tail(Plan(SOURCE_MODEL, 2), drafted, {}) is None
+
+
+def test_a_fixed_length_drafts_the_longest_offer_then_the_model():
+    offers = {SOURCE_LOOKUP: 2, SOURCE_MEMORY: 4}
+    plan = Planner(6, True, True, chains=True, fixed=True).plan(offers, 0)
+    assert (plan.source, plan.k, plan.then) == (SOURCE_MEMORY, 4, 2)
+    assert Planner(6, True, True, chains=True, fixed=True).plan({SOURCE_MEMORY: 9}, 0).then == 0  # offer fills it
+    model = Planner(6, True, True, fixed=True).plan(offers, 0)  # no chains: the model alone, as before
+    assert (model.source, model.k, model.then) == (SOURCE_MODEL, 6, 0)

@@ -145,6 +145,27 @@ def test_records_of_one_schema_resume_the_earlier_records_and_stay_exact(demo_mo
     assert accepted.get("memory-resumed", 0) > 0, accepted
 
 
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, seed=3)],
+                         ids=["greedy", "sampled"])
+def test_the_draft_model_goes_on_from_the_memory_and_stays_exact(demo_models, params):
+    # A chain (costs.Plan.then): the memory's tokens (a record's keys), then the model's from there (its values),
+    # verified in one target step. --draft-fixed drafts a chain whenever the memory offers fewer than draft_max
+    # (the draft model without prompt lookup, whose longer offers would take the whole draft).
+    target, draft = demo_models
+    drafter = make_drafter("draft", model=draft, memory=DraftMemory(1 << 20))
+    accepted, chains = {}, 0
+    for _, _, text in REPETITIVE[1:6]:  # where two earlier records agree, the memory stops at a value
+        prompt, _ = build_prompt(target, text)
+        alone, _ = _answer(target, prompt, params=params, max_tokens=64)
+        spec, stats = _answer(target, prompt, drafter, params, max_tokens=64, draft_max=6, fixed=True)
+        assert spec == alone
+        for source, n in stats.accepted_by.items():
+            accepted[source] = accepted.get(source, 0) + n
+        chains += sum(n for name, n in stats.draft_lengths.items() if "+draft@" in name)
+    assert chains > 0 and accepted.get("draft", 0) > 0, (chains, accepted)
+    assert accepted.get("memory", 0) + accepted.get("memory-resumed", 0) > 0, accepted
+
+
 def test_the_pair_remembers_across_calls_unless_off(demo_paths):
     question = "Name three colours of the rainbow."
     with dspark.load(demo_paths[0], draft="lookup", ctx_size=512, quiet=True) as pair:

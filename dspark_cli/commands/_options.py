@@ -16,7 +16,7 @@ Target = Annotated[Optional[str], typer.Option("--target", "-m", help="Target mo
 Draft = Annotated[Optional[str], typer.Option("--draft", "-d", help="Draft model (same forms as --target), 'lookup' for prompt lookup (no second model), or 'none' for the target alone.", rich_help_panel=MODELS)]
 Pair = Annotated[Optional[str], typer.Option("--pair", help="A registry pair name: sets both --target and --draft (see `dspark models`).", rich_help_panel=MODELS)]
 DraftMax = Annotated[int, typer.Option("--draft-max", help="Most tokens drafted per target step (at most 15 on the CPU); the cost model picks how many pay (0 included) up to this.", rich_help_panel=MODELS)]
-DraftFixed = Annotated[bool, typer.Option("--draft-fixed", help="Draft exactly --draft-max tokens every step (no cost model).", rich_help_panel=MODELS)]
+DraftFixed = Annotated[bool, typer.Option("--draft-fixed", help="Draft exactly --draft-max tokens every step (no cost model): the longest lookup or memory offer, the draft model going on from it.", rich_help_panel=MODELS)]
 NoLookup = Annotated[bool, typer.Option("--no-lookup", help="With a draft model, draft from it alone (by default prompt-lookup matches are used too when they pay).", rich_help_panel=MODELS)]
 DraftPMin = Annotated[float, typer.Option("--draft-p-min", help="Greedy drafting stops when the draft's top probability falls below this (0 = never).", rich_help_panel=MODELS)]
 CtxSize = Annotated[int, typer.Option("--ctx-size", "-c", help="Context size in tokens (prompt + answer).", rich_help_panel=MODELS)]

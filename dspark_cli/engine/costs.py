@@ -10,6 +10,12 @@ per one-token step. Each round takes the option with the most tokens per second:
     draft model, k  E_model(k) / (catch-up + k * D + V(k + 1))
     lookup, k       E_lookup(k) / V(k + 1)          (k <= the tokens the match offers; drafting is free)
     memory, k       E_memory(k) / V(k + 1)          (the drafting memory, engine/memory.py: free as lookup)
+    a chain, f + m  (E_free(f) + P_free(f) * (E_model(m) - 1)) / (catch-up + C(f + 1) + (m - 1) * D + V(f + m + 1))
+
+A chain takes a free source's f tokens and lets the draft model go on from them for m more: the memory knows a
+JSON record's keys and punctuation (free), the model its values (which no earlier text holds). P_free(f) is the
+chance all f free tokens are accepted (the model's tokens count only then); C(f + 1) the model's first step,
+which reads the f free tokens in the same batch (a catch-up's cost per token).
 
 V(n) is the target step over n tokens (a verify, or a plain step when n = 1), D a draft-model step, catch-up
 what the draft model spends on tokens it has not seen (after rounds without it). On a GPU V is nearly flat in
@@ -68,6 +74,21 @@ class Plan:
     source: str | None  # SOURCE_MODEL, a free source (FREE_SOURCES), or None: a plain target step
     k: int  # tokens to draft (0 with source None)
     rate: float = 0.0  # expected tokens per second
+    then: int = 0  # a chain: tokens the draft model drafts after the free source's k (see the module docstring)
+    tail: tuple[str, int] | None = None  # free tokens going on from the model's, once drafted (Planner.tail)
+
+    @property
+    def name(self) -> str:
+        """As reports show it: "none", "draft@3", "memory@4", a chain "memory@4+draft@2", a tail "draft@2+memory@4"."""
+        if self.source is None:
+            return "none"
+        return (f"{self.source}@{self.k}" + (f"+{SOURCE_MODEL}@{self.then}" if self.then else "")
+                + (f"+{self.tail[0]}@{self.tail[1]}" if self.tail else ""))
+
+    @property
+    def key(self) -> tuple:
+        """For sorting and counting (Planner.chosen): source, k, then, tail."""
+        return (self.source or "", self.k, self.then) + (self.tail or ("", 0))
 
 
 class Acceptance:
@@ -110,11 +131,15 @@ class Acceptance:
     def expected_tokens(self, k: int, optimistic: bool = False) -> float:
         """Tokens a round drafting k brings, the target's own one included. `optimistic` takes the first
         position's upper bound (the rest as estimated): optimism once, not compounded over k positions."""
-        total, chain = 1.0, 1.0
+        return sum(self.reach(k, optimistic))
+
+    def reach(self, k: int, optimistic: bool = False) -> list[float]:
+        """For j = 0..k, the chance that the first j drafted tokens are all accepted (1.0 for j = 0): the
+        expected tokens of a round drafting k are their sum."""
+        out = [1.0]
         for i in range(k):
-            chain *= self.alpha(i, optimistic and i == 0)
-            total += chain
-        return total
+            out.append(out[-1] * self.alpha(i, optimistic and i == 0))
+        return out
 
     @property
     def evidence(self) -> float:
@@ -290,10 +315,12 @@ class Planner:
     draft_max: int
     has_model: bool
     has_free: bool  # whether free sources (prompt lookup, the drafting memory) may offer drafts
-    fixed: bool = False  # always draft draft_max tokens (from the model, else the longest free offer): no cost model
+    chains: bool = False  # whether the draft model may go on from a free source's tokens (same vocabulary only)
+    fixed: bool = False  # always draft draft_max tokens (the longest free offer, the model going on from it where
+    # chains may; else the model alone): no cost model
     costs: StepCosts = field(init=False)
     acceptance: dict[str, Acceptance] = field(init=False)
-    chosen: dict[tuple[str | None, int], int] = field(default_factory=dict)
+    chosen: dict[tuple, int] = field(default_factory=dict)  # rounds by Plan.key
     off_reason: str | None = None
     profile: object = None  # what earlier runs measured (profile.CostProfile), or None: learn from nothing
     _pending: dict = field(default_factory=dict)  # per free source, a proposal waiting for its verdict (hindsight)
@@ -318,11 +345,13 @@ class Planner:
         model has yet to see before it can draft."""
         offers = {s: n for s, n in offers.items() if n > 0} if self.has_free else {}
         if self.fixed:
+            if offers and (self.chains or not self.has_model):
+                # The longest offer (the first on a tie: lookup), the model going on to draft_max where it can.
+                source = max(offers, key=offers.get)
+                k = min(self.draft_max, offers[source])
+                return self._keep(Plan(source, k, then=self.draft_max - k if self.chains else 0))
             if self.has_model:
                 return self._keep(Plan(SOURCE_MODEL, self.draft_max))
-            if offers:
-                source = max(offers, key=offers.get)  # the longest offer (the first on a tie: lookup)
-                return self._keep(Plan(source, min(self.draft_max, offers[source])))
             return self._keep(Plan(None, 0))
         if not self.costs.knows_yardstick or self._since_plain >= REFRESH_ROUNDS:
             # The yardstick: plain steps, as the target alone takes them (two at first: see record_verify;
@@ -350,57 +379,121 @@ class Planner:
 
     def _options(self, offers: dict[str, int], model_behind: int) -> list[Plan]:
         out = []
-        for source in SOURCES:
-            if not (self.has_model if source == SOURCE_MODEL else source in offers):
-                continue
-            acc = self.acceptance[source]
+        model = None  # (reach by position, fixed seconds of a round, seconds per drafted token) of the model
+        if self.has_model:
             # Optimism where evidence costs a round to get (the model; free sources' comes every round), while
             # nothing is known: with a profile, its acceptance is the prior and retries keep exploring.
-            optimistic = source == SOURCE_MODEL and self.profile is None
-            if source == SOURCE_MODEL:
-                d = self.costs.draft_step() or 0.0
-                behind = min(model_behind, REENTRY_WINDOW)
-                catch = self.costs.catchup(behind) / CATCHUP_ROUNDS if behind > FOLD_CATCHUP else 0.0
-                top = self.draft_max
-            else:
-                d, catch, top = 0.0, 0.0, min(self.draft_max, offers[source])
-            best = None
-            for k in range(1, top + 1):
-                rate = acc.expected_tokens(k, optimistic) / (catch + k * d + self.costs.step(k + 1))
+            behind = min(model_behind, REENTRY_WINDOW)
+            catch = self.costs.catchup(behind) / CATCHUP_ROUNDS if behind > FOLD_CATCHUP else 0.0
+            model = (self.acceptance[SOURCE_MODEL].reach(self.draft_max, self.profile is None), catch,
+                     self.costs.draft_step() or 0.0)
+            out.append(self._best(SOURCE_MODEL, model[0], self.draft_max, model[1], model[2]))
+        for source in FREE_SOURCES:
+            if source not in offers:
+                continue
+            top = min(self.draft_max, offers[source])
+            free = self.acceptance[source].reach(top)
+            out.append(self._best(source, free, top, 0.0, 0.0))
+            if model is not None and self.chains:
+                out.append(self._best_chain(source, free, top, model))
+        return [p for p in out if p is not None]
+
+    def _best(self, source: str, reach: list[float], top: int, fixed: float, per_token: float) -> Plan | None:
+        """The best length up to `top` for one source: reach from Acceptance.reach, the round's seconds
+        fixed + k * per_token + V(k + 1)."""
+        best, tokens = None, 1.0
+        for k in range(1, top + 1):
+            tokens += reach[k]
+            rate = tokens / (fixed + k * per_token + self.costs.step(k + 1))
+            if best is None or rate > best.rate:
+                best = Plan(source, k, rate)
+        return best
+
+    def _best_chain(self, source: str, free: list[float], top: int, model) -> Plan | None:
+        """The best chain: f of the free source's tokens (f <= top), then m from the draft model."""
+        reach, catch, d = model
+        best = None
+        free_tokens = 1.0
+        for f in range(1, min(top, self.draft_max - 1) + 1):
+            free_tokens += free[f]
+            first = catch + self.costs.catchup(f + 1)  # the model's first step reads the f free tokens too
+            model_tokens = 0.0
+            for m in range(1, self.draft_max - f + 1):
+                model_tokens += reach[m]
+                rate = (free_tokens + free[f] * model_tokens) / (first + (m - 1) * d + self.costs.step(f + m + 1))
                 if best is None or rate > best.rate:
-                    best = Plan(source, k, rate)
-            if best is not None:
-                out.append(best)
-        return out
+                    best = Plan(source, f, rate, then=m)
+        return best
 
     def _why_off(self, options: list[Plan], v1: float) -> str:
         spec = [p for p in options if p.source is not None]
         if not spec:
             return "no draft to verify (no prompt-lookup or memory match)"
         p = spec[0]
-        n = p.k + 1
+        n = p.k + p.then + 1
+        uses_model = p.source == SOURCE_MODEL or p.then
         line = (f"speculation off: a verify of {n} tokens costs {self.costs.step(n) / v1:.1f} target steps"
-                + (f", a draft step {self.costs.draft_step() / v1:.2f}" if p.source == SOURCE_MODEL else "")
-                + f"; at {self.acceptance[p.source].alpha(0):.0%} acceptance the best draft ({p.source}, {p.k}) "
+                + (f", a draft step {self.costs.draft_step() / v1:.2f}" if uses_model else "")
+                + f"; at {self.acceptance[p.source].alpha(0):.0%} acceptance the best draft ({p.name}) "
                   f"would run at {p.rate * v1:.2f}x the target alone")
         return line
 
     def _keep(self, plan: Plan) -> Plan:
         self._since_plain = 0 if plan.source is None else self._since_plain + 1
-        self._since_model = 0 if plan.source == SOURCE_MODEL else self._since_model + 1
-        key = (plan.source, plan.k)
-        self.chosen[key] = self.chosen.get(key, 0) + 1
+        self._since_model = 0 if plan.source == SOURCE_MODEL or plan.then else self._since_model + 1
+        self.chosen[plan.key] = self.chosen.get(plan.key, 0) + 1
         return plan
 
     # ---- learning -----------------------------------------------------------------------------------
-    def record_round(self, plan: Plan, n_drafted: int, n_accepted: int, n_new: int) -> None:
-        """After a round: what its drafts did. n_new: tokens the round added (accepted + the target's)."""
+    def record_round(self, plan: Plan, n_drafted: int, n_accepted: int, n_new: int,
+                     segments: list[tuple[str, int]] | None = None) -> None:
+        """After a round: what its drafts did. n_new: tokens the round added (accepted + the target's). segments:
+        where the drafts came from, in order, as (source, tokens) (a chain, a free tail: several sources; None:
+        all from plan.source). Each source learns its own part, from its own first token, where the round got
+        that far (every token before it accepted)."""
         for acc in self.acceptance.values():
             acc.fade(n_new)
-        if plan.source is not None and n_drafted:
-            self.acceptance[plan.source].record(n_drafted, n_accepted)
-        if plan.source in FREE_SOURCES:
-            self._pending.pop(plan.source, None)  # this round verified it: already recorded
+        if segments is None:
+            segments = [(plan.source, n_drafted)] if plan.source is not None else []
+        at = 0
+        for source, n in segments:
+            if n and n_accepted >= at:
+                self.acceptance[source].record(n, min(n_accepted - at, n))
+            at += n
+            if source in FREE_SOURCES:
+                self._pending.pop(source, None)  # this round verified it: already recorded
+
+    def tail(self, plan: Plan, segments: list[tuple[str, int]], offers: dict[str, int]) -> tuple[str, int] | None:
+        """After the draft model's tokens (`plan`'s, drafted as `segments`): whether free tokens going on from
+        them pay (the memory knows the record's next key once the model wrote its value), as (source, tokens) or
+        None; the choice goes into `plan` and the count of choices. The drafting is done; what the free tokens
+        add is the chance the draft so far is all accepted times what they bring, for a wider verify: they pay
+        where they come faster than the round's own tokens (the rate the plan expected, at least the target
+        alone's), the rate they would otherwise come at."""
+        v1 = self.costs.step(1)
+        if self.fixed or not offers or v1 is None:
+            return None
+        n, chance = 0, 1.0
+        for source, t in segments:
+            chance *= self.acceptance[source].reach(t)[t]
+            n += t
+        base = self.costs.step(n + 1)
+        bar = max(plan.rate, 1.0 / v1)  # tokens per second the tail must beat
+        best, best_gain = None, 0.0
+        for source, top in offers.items():
+            gained = 0.0
+            for j, r in enumerate(self.acceptance[source].reach(min(top, self.draft_max - n))[1:], 1):
+                gained += r
+                gain = chance * gained - bar * (self.costs.step(n + j + 1) - base)  # tokens, net of their time
+                if gain > best_gain:
+                    best, best_gain = (source, j), gain
+        if best is not None:
+            counted = self.chosen.pop(plan.key, 0)  # plan() counted it without its tail
+            if counted > 1:
+                self.chosen[plan.key] = counted - 1
+            plan.tail = best
+            self.chosen[plan.key] = self.chosen.get(plan.key, 0) + 1
+        return best
 
     def hindsight(self, seq: list[int], proposals: dict[str, list[int]]) -> None:
         """Free sources judged for free, at every depth: a proposal each made after seq (in a round that did not
@@ -409,11 +502,14 @@ class Planner:
 
     @property
     def chosen_lengths(self) -> dict[str, int]:
-        """Rounds by what they drafted, e.g. {"none": 12, "draft@3": 40, "lookup@6": 5}."""
-        out: dict[str, int] = {}
-        for (source, k), n in sorted(self.chosen.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
-            out["none" if source is None else f"{source}@{k}"] = n
-        return out
+        """Rounds by what they drafted, e.g. {"none": 12, "draft@3": 40, "lookup@6": 5, "memory@4+draft@2": 3}."""
+        return {Plan(key[0] or None, key[1], then=key[2], tail=key[3:] if key[3] else None).name: n
+                for key, n in sorted(self.chosen.items())}
+
+    @property
+    def plain_rounds(self) -> int:
+        """Rounds that verified no draft (plain target steps)."""
+        return self.chosen.get(Plan(None, 0).key, 0)
 
 
 def _at(values: list[float], i: int) -> float:

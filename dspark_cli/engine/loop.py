@@ -3,8 +3,9 @@
 Invariant between rounds: `seq` holds every accepted token (prompt included) and the target's KV cache
 holds seq[:-1]; the last token is pending. One round:
   1. the cost model (costs.Planner) picks what to draft: k tokens from the draft model, k from a free source
-     (a prompt-lookup match, the drafting memory's recall), or nothing (a plain target step, as the target
-     alone runs);
+     (a prompt-lookup match, the drafting memory's recall), a free source's tokens with the model going on from
+     them (a chain), or nothing (a plain target step, as the target alone runs); after the model's tokens, free
+     tokens going on from them where the wider verify pays (a tail: the memory's next key after a value);
   2. the target evaluates [seq[-1]] + draft in one batch, giving k + 1 rows of logits;
   3. the longest prefix of the draft that matches the target's own picks (sampling.pick: the argmax, or the
      keyed Gumbel draw) is accepted, and the target's pick after it comes along: the correction, or the
@@ -78,6 +79,7 @@ class Round:
     n_drafted: int
     n_accepted: int
     source: str | None = None  # where the drafts came from (costs.SOURCE_MODEL, SOURCE_LOOKUP, SOURCE_MEMORY)
+    segments: list[tuple[str, int]] | None = None  # where the drafts came from, in order: (source, tokens)
 
 
 # Long (about 90 lines): the whole generation on one screen, as llama.cpp's speculative-simple keeps it:
@@ -124,8 +126,9 @@ def generate(
     n_ctx = target.n_ctx
     # Drafting needs room in the draft model's context too (it may be smaller than the target's).
     draft_ctx = drafter.model.n_ctx if drafter is not None and drafter.model is not None else n_ctx
-    planner = Planner(max(1, max_draft), has_model=drafter is not None and drafter.model is not None,
-                      has_free=drafter is not None and drafter.free, fixed=fixed,
+    has_model = drafter is not None and drafter.model is not None
+    planner = Planner(max(1, max_draft), has_model=has_model, has_free=drafter is not None and drafter.free,
+                      chains=has_model and not drafter.through_text, fixed=fixed,
                       profile=None if fixed else profile)
 
     def room() -> int:  # draft tokens the next verify may carry (both models' contexts, --max-tokens)
@@ -173,11 +176,12 @@ def generate(
                 yield Event(tok, text, i < r.n_accepted, stats)
                 if finish:
                     break
-            stats.record_draft(r.n_drafted, min(r.n_accepted, kept), r.source)  # drafts past the end: not accepted
+            # (drafts past the end: not accepted)
+            stats.record_draft(r.n_drafted, min(r.n_accepted, kept), r.source, r.segments)
 
         stats.t_end = time.perf_counter()
         stats.draft_lengths = planner.chosen_lengths
-        if planner.off_reason and 2 * planner.chosen.get((None, 0), 0) > stats.n_target_steps:
+        if planner.off_reason and 2 * planner.plain_rounds > stats.n_target_steps:
             stats.speculation_note = planner.off_reason  # it was off for most of the answer: say why
         yield Event(None, stream.flush(), False, stats, finish)
     finally:
@@ -218,26 +222,52 @@ def _sequential_rounds(target, drafter, seq, params, noise, planner: Planner, ro
         plan = planner.plan({s: len(t) for s, t in offers.items()}, behind) if cap else Plan(None, 0)
         k = min(plan.k, cap)
         t_draft = time.perf_counter()
-        draft = Draft([])
-        if plan.source == SOURCE_MODEL and k:
+        draft = Draft(offers[plan.source][:k] if plan.source in FREE_SOURCES else [])
+        segments = [(plan.source, len(draft.tokens))] if draft.tokens else []  # (source, tokens) in draft order
+        n_model = k if plan.source == SOURCE_MODEL else min(plan.then, cap - len(draft.tokens))
+        chain_steps = 0
+        if n_model > 0:
             if drafter.rewind(seq, REENTRY_WINDOW) > FOLD_CATCHUP:  # else the first draft step takes them in its batch
                 n, seconds = drafter.catch_up(seq)
                 planner.costs.record_catchup(n, seconds)
-            while len(draft.tokens) < k and drafter.extend(seq, draft, params, noise):
+            n_free = len(draft.tokens)
+            goal = n_free + n_model
+            if n_free and drafter.extend(seq, draft, params, noise):
+                # A chain: the model's first step read the free tokens too, a batch timed as a catch-up.
+                planner.costs.record_catchup(n_free + 1, draft.seconds)
+                chain_steps, draft.steps, draft.seconds = 1, 0, 0.0
+            while len(draft.tokens) < goal and drafter.extend(seq, draft, params, noise):
                 pass
-            draft.tokens = draft.tokens[:k]  # (a draft through text may gain several tokens in one step)
+            draft.tokens = draft.tokens[:goal]  # (a draft through text may gain several tokens in one step)
             if draft.steps:
                 planner.costs.record_draft(draft.seconds / draft.steps)
-        elif plan.source in FREE_SOURCES:
-            draft.tokens = offers[plan.source][:k]
+            if len(draft.tokens) > n_free:
+                segments.append((SOURCE_MODEL, len(draft.tokens) - n_free))
+                _free_tail(drafter, target, seq, draft, plan, segments, planner, cap)
         t_target = time.perf_counter()
         n_acc, nxt = _verify(target, seq, draft.tokens, params, noise)
         t_done = time.perf_counter()
         planner.costs.record_verify(len(draft.tokens) + 1, t_done - t_target)
         stats.t_draft += t_target - t_draft
         stats.t_target += t_done - t_target
-        stats.n_draft_steps += draft.steps
+        stats.n_draft_steps += draft.steps + chain_steps
         stats.n_target_steps += 1
         out = draft.tokens[:n_acc] + [nxt]
-        planner.record_round(plan, len(draft.tokens), n_acc, len(out))
-        yield Round(out, len(draft.tokens), n_acc, plan.source)
+        planner.record_round(plan, len(draft.tokens), n_acc, len(out), segments)
+        yield Round(out, len(draft.tokens), n_acc, plan.source, segments)
+
+
+def _free_tail(drafter, target: Model, seq: list[int], draft: Draft, plan: Plan, segments: list, planner: Planner,
+               cap: int) -> None:
+    """Free tokens going on from the draft model's (the memory's next key after the model wrote a value), where
+    the cost model finds that the wider verify pays for them (costs.Planner.tail)."""
+    room = cap - len(draft.tokens)
+    if not drafter.free or room <= 0 or target.is_eog(draft.tokens[-1]):
+        return
+    ahead = seq + draft.tokens
+    offers = drafter.offers(ahead, room)
+    choice = planner.tail(plan, segments, {s: len(t) for s, t in offers.items()})
+    if choice is not None:
+        source, n = choice
+        draft.tokens += offers[source][:n]
+        segments.append((source, n))

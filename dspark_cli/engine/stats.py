@@ -75,12 +75,21 @@ class GenerationStats(Rates):
     def acceptance_by_position(self) -> list[float]:
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
 
-    def record_draft(self, n_drafted: int, n_accepted: int, source: str | None = None) -> None:
+    def record_draft(self, n_drafted: int, n_accepted: int, source: str | None = None,
+                     segments: list[tuple[str, int]] | None = None) -> None:
+        """One round: `source` drafted n_drafted tokens, n_accepted accepted; `segments`, where the drafts came
+        from in order as (source, tokens), when several sources made them (costs.Planner.record_round)."""
         self.rounds.append((n_drafted, n_accepted))
         self.n_drafted += n_drafted
         self.n_accepted += n_accepted
-        if source is not None and n_accepted:
-            self.accepted_by[source] = self.accepted_by.get(source, 0) + n_accepted
+        if segments is None:
+            segments = [(source, n_drafted)] if source is not None else []
+        at = 0
+        for name, n in segments:
+            got = max(0, min(n_accepted - at, n))
+            if got:
+                self.accepted_by[name] = self.accepted_by.get(name, 0) + got
+            at += n
         if len(self.drafted_at) < n_drafted:
             grow = n_drafted - len(self.drafted_at)
             self.drafted_at.extend([0] * grow)
