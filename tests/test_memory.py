@@ -127,20 +127,29 @@ def test_a_request_drafts_from_an_earlier_answer_and_stays_exact(demo_models, pa
     assert any(k.startswith("memory@") for k in stats.draft_lengths)
 
 
+def _records_exact(target, drafter, params, records) -> tuple[dict[str, int], dict[str, int]]:
+    """Each record's answer drafted with `drafter` (--draft-fixed, 6 a round) is the target alone's: returns the
+    accepted tokens by source and the rounds by what they drafted, over all records."""
+    accepted, rounds = {}, {}
+    for _, _, text in records:
+        prompt, _ = build_prompt(target, text)
+        alone, _ = _answer(target, prompt, params=params, max_tokens=64)
+        spec, stats = _answer(target, prompt, drafter, params, max_tokens=64, draft_max=6, fixed=True)
+        assert spec == alone
+        for counts, new in ((accepted, stats.accepted_by), (rounds, stats.draft_lengths)):
+            for key, n in new.items():
+                counts[key] = counts.get(key, 0) + n
+    return accepted, rounds
+
+
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, seed=3)],
                          ids=["greedy", "sampled"])
 def test_records_of_one_schema_resume_the_earlier_records_and_stay_exact(demo_models, params):
     target, _ = demo_models
     drafter = PromptLookupDrafter()
     drafter.memory = DraftMemory(1 << 20)
-    accepted = {}
-    for _, _, text in REPETITIVE[2:5]:  # three records the demo target writes in one layout (the others vary)
-        prompt, _ = build_prompt(target, text)
-        alone, _ = _answer(target, prompt, params=params, max_tokens=64)
-        spec, stats = _answer(target, prompt, drafter, params, max_tokens=64, draft_max=6, fixed=True)
-        assert spec == alone
-        for source, n in stats.accepted_by.items():
-            accepted[source] = accepted.get(source, 0) + n
+    # Three records the demo target writes in one layout (the others vary).
+    accepted, _ = _records_exact(target, drafter, params, REPETITIVE[2:5])
     # After each record's new values, the earlier records' next field names were drafted and accepted.
     assert accepted.get("memory-resumed", 0) > 0, accepted
 
@@ -153,15 +162,9 @@ def test_the_draft_model_goes_on_from_the_memory_and_stays_exact(demo_models, pa
     # (the draft model without prompt lookup, whose longer offers would take the whole draft).
     target, draft = demo_models
     drafter = make_drafter("draft", model=draft, memory=DraftMemory(1 << 20))
-    accepted, chains = {}, 0
-    for _, _, text in REPETITIVE[1:6]:  # where two earlier records agree, the memory stops at a value
-        prompt, _ = build_prompt(target, text)
-        alone, _ = _answer(target, prompt, params=params, max_tokens=64)
-        spec, stats = _answer(target, prompt, drafter, params, max_tokens=64, draft_max=6, fixed=True)
-        assert spec == alone
-        for source, n in stats.accepted_by.items():
-            accepted[source] = accepted.get(source, 0) + n
-        chains += sum(n for name, n in stats.draft_lengths.items() if "+draft@" in name)
+    # Five records: where two earlier records agree, the memory stops at a value.
+    accepted, rounds = _records_exact(target, drafter, params, REPETITIVE[1:6])
+    chains = sum(n for name, n in rounds.items() if "+draft@" in name)
     assert chains > 0 and accepted.get("draft", 0) > 0, (chains, accepted)
     assert accepted.get("memory", 0) + accepted.get("memory-resumed", 0) > 0, accepted
 
