@@ -453,13 +453,9 @@ class Planner:
         that far (every token before it accepted)."""
         for acc in self.acceptance.values():
             acc.fade(n_new)
-        if segments is None:
-            segments = [(plan.source, n_drafted)] if plan.source is not None else []
-        at = 0
-        for source, n in segments:
-            if n and n_accepted >= at:
-                self.acceptance[source].record(n, min(n_accepted - at, n))
-            at += n
+        for source, n, accepted, reached in draft_parts(segments, plan.source, n_drafted, n_accepted):
+            if n and reached:
+                self.acceptance[source].record(n, accepted)
             if source in FREE_SOURCES:
                 self._pending.pop(source, None)  # this round verified it: already recorded
 
@@ -510,6 +506,18 @@ class Planner:
     def plain_rounds(self) -> int:
         """Rounds that verified no draft (plain target steps)."""
         return self.chosen.get(Plan(None, 0).key, 0)
+
+
+def draft_parts(segments: list[tuple[str, int]] | None, source: str | None, n_drafted: int, n_accepted: int):
+    """A round's drafts by where they came from, in order: (source, tokens, how many of them were accepted,
+    whether the round got as far as the first: every draft before it accepted). segments: (source, tokens) each
+    (a chain, a tail); None: all n_drafted from `source` (none at all without one)."""
+    if segments is None:
+        segments = [(source, n_drafted)] if source is not None else []
+    at = 0
+    for name, n in segments:
+        yield name, n, max(0, min(n_accepted - at, n)), n_accepted >= at
+        at += n
 
 
 def _at(values: list[float], i: int) -> float:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .costs import draft_parts
+
 # Why a generation ended: the one set of reasons (the engine's first three; the chat's last two), as
 # Event.finish_reason, `run --json`'s finish_reason and a transcript's records say them.
 FINISH_STOP = "stop"  # an end-of-generation token or a stop string
@@ -82,14 +84,9 @@ class GenerationStats(Rates):
         self.rounds.append((n_drafted, n_accepted))
         self.n_drafted += n_drafted
         self.n_accepted += n_accepted
-        if segments is None:
-            segments = [(source, n_drafted)] if source is not None else []
-        at = 0
-        for name, n in segments:
-            got = max(0, min(n_accepted - at, n))
+        for name, _, got, _ in draft_parts(segments, source, n_drafted, n_accepted):
             if got:
                 self.accepted_by[name] = self.accepted_by.get(name, 0) + got
-            at += n
         if len(self.drafted_at) < n_drafted:
             grow = n_drafted - len(self.drafted_at)
             self.drafted_at.extend([0] * grow)
