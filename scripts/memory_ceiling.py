@@ -39,12 +39,13 @@ from dspark_cli.models.demo import demo_pair
 from dspark_cli.prompt import build_prompt
 
 
-def timed(model: Model, tokens: list[int], base: int, reps: int) -> float:
-    """Median seconds of appending `tokens` with logits for the last (a step, a verify batch, a draft batch)."""
+def timed(model: Model, tokens: list[int], base: int, reps: int, n_logits: int = 1) -> float:
+    """Median seconds of appending `tokens` with logits for the last n_logits (a verify: all of them, as the engine
+    reads every row; a draft step or batch: the last)."""
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        model.eval(tokens, n_logits=1)
+        model.eval(tokens, n_logits=n_logits)
         times.append(time.perf_counter() - start)
         model.truncate(base)
     return statistics.median(times)
@@ -56,7 +57,7 @@ def costs(target: Model, draft: Model, prompt: list[int], width: int, reps: int)
     draft.eval(prompt, n_logits=0)
     base, pool = len(prompt), prompt[1:]
     fill = lambda n: [pool[i % len(pool)] for i in range(n)]  # noqa: E731 (ordinary tokens: their values cost alike)
-    v = {n: timed(target, fill(n), base, reps) for n in range(1, width + 2)}
+    v = {n: timed(target, fill(n), base, reps, n_logits=n) for n in range(1, width + 2)}
     d = timed(draft, fill(1), base, reps)
     c = timed(draft, fill(8), base, reps) / 8
     target.truncate(0)
