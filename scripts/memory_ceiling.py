@@ -33,6 +33,7 @@ import numpy as np
 from dspark_cli.bench.suite import REPETITIVE
 from dspark_cli.engine.loop import generate
 from dspark_cli.engine.memory import DraftMemory
+from dspark_cli.errors import DsparkError
 from dspark_cli.llama.model import Model
 from dspark_cli.llama.vocab import pairing_problem
 from dspark_cli.models.demo import demo_pair
@@ -177,4 +178,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DsparkError as e:  # a missing or foreign model file: one line, as dspark's commands say it
+        print(f"memory_ceiling: error: {e.message}", file=sys.stderr)
+        sys.exit(e.exit_code)

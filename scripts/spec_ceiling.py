@@ -29,6 +29,7 @@ from pathlib import Path
 
 from dspark_cli.bench.stats import overlapped_ceiling, sequential_ceiling
 from dspark_cli.models.demo import demo_pair
+from dspark_cli.errors import DsparkError
 from dspark_cli.llama.model import Model
 from dspark_cli.prompt import build_prompt
 
@@ -171,4 +172,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DsparkError as e:  # a missing or foreign model file: one line, as dspark's commands say it
+        print(f"spec_ceiling: error: {e.message}", file=sys.stderr)
+        sys.exit(e.exit_code)

@@ -66,3 +66,7 @@ def test_the_script_reports_ceilings_from_real_steps(tiny_paths):
     half = subprocess.run([sys.executable, str(SCRIPT), "--target", str(target)], capture_output=True, text=True,
                           timeout=120)
     assert half.returncode == 2 and "give both --target and --draft" in half.stderr
+    missing = subprocess.run([sys.executable, str(SCRIPT), "--target", str(target.parent / "none.gguf"), "--draft",
+                              str(draft)], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 3 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith("memory_ceiling: error: target file not found")

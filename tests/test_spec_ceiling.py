@@ -53,3 +53,6 @@ def test_report_and_bad_flags(tiny_paths):
     assert bad.returncode == 2 and "--alpha values must be in [0, 1)" in bad.stderr
     half = run("--target", str(target))
     assert half.returncode == 2 and "give both --target and --draft" in half.stderr
+    missing = run("--target", str(target.parent / "none.gguf"), "--draft", str(draft))
+    assert missing.returncode == 3 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith("spec_ceiling: error: target file not found")
