@@ -5,6 +5,7 @@ one-at-a-time speculative server, interleaved.
     python3 scripts/bench_serve.py                                   # demo pair, 1,2,4,8 clients, 3 rounds
     python3 scripts/bench_serve.py --real                            # the Qwen2.5-Coder pair (fetch_real_pair.py)
     python3 scripts/bench_serve.py --clients 4 --rounds 5 -- --target T.gguf --draft D.gguf
+    python3 scripts/bench_serve.py --real --system 8                 # clients sharing a long system prompt
 
 Three servers run side by side on loopback ports, each warmed up (the drafting memory off unless --memory: the
 rounds repeat their questions, and a memory would replay its earlier answers to them):
@@ -72,7 +73,20 @@ def start(extra: list[str]) -> tuple[subprocess.Popen, int]:
     sys.exit("a server did not start")
 
 
-def one_round(port: int, clients: int, max_tokens: int, tag: str = "") -> dict:
+SYSTEM = ("You are the coding agent of a small team. Follow the repository's style guide, write a test for every "
+          "change, explain each step briefly, never invent an API, and ask when a requirement is unclear. ")
+
+
+def messages_for(i: int, tag: str, system_repeats: int) -> list[dict]:
+    """Client i's chat. With system_repeats, a system prompt of that many copies of SYSTEM (an agent's long
+    instructions) that the round's clients share, the round's tag first: new to every server in every round."""
+    if not system_repeats:
+        return [{"role": "user", "content": tag + PROMPTS[i % len(PROMPTS)]}]
+    return [{"role": "system", "content": tag + SYSTEM * system_repeats},
+            {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+def one_round(port: int, clients: int, max_tokens: int, tag: str = "", system_repeats: int = 0) -> dict:
     """C clients at once; `tag` starts every prompt (a round's own, so no server answers from a cached prompt
     of an earlier round: a server keeping several slots' prompts would otherwise skip prefill that the others
     pay for)."""
@@ -94,7 +108,7 @@ def one_round(port: int, clients: int, max_tokens: int, tag: str = "") -> dict:
         text = []
         stream = client.chat.completions.create(
             model=model, temperature=0, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True},
-            messages=[{"role": "user", "content": tag + PROMPTS[i % len(PROMPTS)]}])
+            messages=messages_for(i, tag, system_repeats))
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 text.append(chunk.choices[0].delta.content)
@@ -167,6 +181,8 @@ def main() -> None:
                          "for an A/B beside its noise floor)")
     ap.add_argument("--memory", action="store_true",
                     help="keep the drafting memory on (off by default: see below)")
+    ap.add_argument("--system", type=int, default=0, metavar="N",
+                    help="a shared system prompt of N copies of a 35-word instruction, new every round (0: none)")
     ap.add_argument("--json", dest="json_path")
     ap.add_argument("serve_args", nargs="*", help="after --: options for every server (--target, --draft, ...)")
     args = ap.parse_args()
@@ -211,7 +227,8 @@ def main() -> None:
                 for name in order:
                     for _, port in servers.values():  # every server quiet: none settles its caches meanwhile
                         wait_quiet(port)
-                    got[name] = one_round(servers[name][1], c, args.max_tokens, tag=f"(Request {r}.{c}) ")
+                    got[name] = one_round(servers[name][1], c, args.max_tokens, tag=f"(Request {r}.{c}) ",
+                                          system_repeats=args.system)
                     rows[c][name].append(got[name])
                     print(f"round {r + 1}, {c} clients, {name}: "
                           + json.dumps({k: round(v, 3) for k, v in got[name].items() if k != "texts"}),
@@ -225,7 +242,7 @@ def main() -> None:
             proc.wait(timeout=60)
 
     summary: dict = {"settings": {"clients": counts, "rounds": args.rounds, "max_tokens": args.max_tokens,
-                                  "parallel": parallel, "serve_args": common},
+                                  "parallel": parallel, "system": args.system, "serve_args": common},
                      "speculative_answers_differing": mismatches}
     print("\n| clients | server | total tok/s | per-request tok/s | median TTFT s | worst TTFT s "
           "| total vs one-at-a-time | total vs plain |")

@@ -5,6 +5,7 @@ batch's range, a conversation resent with one more turn (which processes only it
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -150,6 +151,81 @@ def test_new_jobs_take_neighbouring_slots(demo_models, batch_models, scheduler):
     got = [tokens_of(j) for j in jobs]
     assert sorted(j.slot for j in jobs) in ([0, 1], [2, 3])
     assert got == [lone(demo_models, p, greedy, 40) for p in ps[4:6]]
+
+
+SYSTEM = ("You are the assistant of a small bakery in Lyon. Answer in plain sentences, name every ingredient, give "
+          "quantities in grams, and never use lists, tables or headings.")
+
+
+def with_system(target: Model, question: str) -> list[int]:
+    text = ChatTemplate(target).render([{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
+    return tokenize_prompt(target, text.text)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_prompt_copies_the_prefix_another_slot_holds(demo_models, batch_models, scheduler, temperature):
+    """Three jobs with one system prompt arrive together: the first processes it, the others copy it from the
+    first's slot (Scheduler._borrow) and process only their own questions, in slots of their own; each answer is
+    the lone engine's, greedy and seeded sampling alike."""
+    target = batch_models[0]
+    ps = [with_system(target, q) for q in QUESTIONS[:3]]
+    shared = len(os.path.commonprefix(ps))
+    assert shared > 2 * (EXACT_BATCH_MAX + 1)  # (a copy then saves tokens whatever prompt_plan leaves to process)
+    params = [SamplingParams(temperature=temperature, seed=5 + i) for i in range(3)]
+    jobs = [Job(p, sp, 24, (), 8) for p, sp in zip(ps, params)]
+    scheduler.submit(*jobs)
+    got = [tokens_of(j) for j in jobs]
+    assert len({j.slot for j in jobs}) == 3
+    assert jobs[0].stats.n_prompt_evaluated == len(ps[0])
+    for job, p in zip(jobs[1:], ps[1:]):
+        assert job.stats.n_prompt_evaluated <= len(p) - shared + EXACT_BATCH_MAX + 1
+    assert got == [lone(demo_models, p, sp, 24) for p, sp in zip(ps, params)]
+
+
+def test_no_copy_where_it_would_cost_more_than_it_saves(demo_models, batch_models, scheduler):
+    """A copy timed as dearer than the whole prompt (as a huge context's stream on a slow bus would be): the second
+    job processes its whole prompt itself, and still answers as alone."""
+    target = batch_models[0]
+    ps = [with_system(target, q) for q in QUESTIONS[:2]]
+    scheduler.copy_seconds = 3600.0
+    jobs = [Job(p, SamplingParams(), 16, (), 8) for p in ps]
+    scheduler.submit(*jobs)
+    got = [tokens_of(j) for j in jobs]
+    assert [j.stats.n_prompt_evaluated for j in jobs] == [len(p) for p in ps]
+    assert got == [lone(demo_models, p, SamplingParams(), 16) for p in ps]
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_a_copied_prefix_gives_a_fresh_runs_logits(demo_paths, separate):
+    """Model.copy_prefix: a sequence given another's prefix, then its own rest, reads bit for bit the logits a
+    fresh sequence computing the whole prompt reads (separate streams: copied whole, then cut); in a shared pool
+    (the draft's: the donor's cells tagged) the same up to the pool's own summation order. The donor keeps its
+    own."""
+    import numpy as np
+
+    model = Model(demo_paths[0], role="target", n_ctx=512, n_seq=3, separate=separate)
+
+    def answer_logits(prompt: list[int], seq: int):  # as a lone run: the prompt (prompt_plan), then its last token
+        model.sync(prompt[:-1], n_logits=0, seq=seq)
+        return model.eval(prompt[-1:], n_logits=1, seq=seq)[0].copy()
+
+    try:
+        a, b = (with_system(model, q) for q in QUESTIONS[:2])
+        answer_logits(a, 0)
+        donor, n_keep = model.donor(b[:-1], 1)
+        assert donor == 0 and n_keep >= len(os.path.commonprefix([a, b])) - EXACT_BATCH_MAX - 1
+        model.copy_prefix(0, 1, n_keep)
+        assert model.seq_cached[1] == b[:n_keep] and model.kv_pos_max(1) == n_keep - 1
+        assert model.prompt_plan(b[:-1], 1)[0] == n_keep
+        copied, fresh = answer_logits(b, 1), answer_logits(b, 2)
+        if separate:
+            assert np.array_equal(copied, fresh)
+        else:  # a pool interleaves its sequences' cells (no lone run's order, a draft's): the same keys, other sums
+            assert np.abs(copied - fresh).max() < 0.1 and copied.argmax() == fresh.argmax()
+        assert model.seq_cached[0] == a and model.kv_pos_max(0) == len(a) - 1
+        assert model.donor(b[:-1], 2) == (-1, 0)  # nothing holds more than its own cache now
+    finally:
+        model.close()
 
 
 def lone_two_turns(demo_models, prompt, second_prompt, params) -> list[int]:

@@ -5,11 +5,14 @@ slot, which is a sequence of its own in both models' KV caches (llama/model.py, 
 
   1. drop jobs whose consumer left (their caches trimmed to what was delivered; the slot is free at once);
   2. give free slots to waiting jobs in arrival order, each the free slot whose cache shares the longest prefix
-     with its prompt (a conversation resent with one more message processes only the new tokens), next to the
+     with its prompt (a conversation resent with one more message processes only the new tokens; a prefix it
+     can copy from another slot, see 3, counts as well, less the copy's cost), next to the
      busy ones unless that prefix is worth more than the padding (below) a gap would cost;
   3. process prompts: up to a batch's worth of tokens each iteration, one job's chunk per llama.cpp call with
      the very chunks a lone run makes (exactness, below), so a long prompt does not stall the others for its
-     whole length. A job generates as soon as its target prompt is in; its draft model catches up afterwards;
+     whole length; a prefix another slot's cache holds (a system prompt the clients share) is copied over
+     first, not processed again (_borrow). A job generates as soon as its target prompt is in; its draft model
+     catches up afterwards;
   4. one step for every generating job: the batch planner (costs.BatchPlanner) picks how many rows every
      sequence takes and what each drafts (its own acceptance, the measured batch costs); the draft model drafts
      for all of them in one pass per draft position; the target verifies every sequence's rows in one pass;
@@ -19,8 +22,9 @@ slot, which is a sequence of its own in both models' KV caches (llama/model.py, 
 Exact under batching: the target's KV cache keeps each sequence in a stream of its own, where its keys sit in
 the cells and its attention sums run in the order they would alone; every pass stays within the rows that
 dspark's kernels keep bit-identical to one-token decoding (EXACT_BATCH_MAX on the CPU; the proven bound with
---exact, llama/proof.py), and prompts are
-processed in a lone run's chunks. So each row's logits are the ones a lone run computes, whatever shares the
+--exact, llama/proof.py), and prompts are processed in a lone run's kinds of chunks (a prefix copied from
+another slot included: Model.prompt_plan keeps only tokens computed by the kind a lone run would use, and a copied
+stream keeps them in the same cells). So each row's logits are the ones a lone run computes, whatever shares the
 batch, and every answer is the lone run's (greedy: token for token; sampled: the same keyed noise, same text).
 llama.cpp passes once per run of consecutive streams holding the same number of rows, so every stream of the
 step's range gets the same rows: a sequence with fewer real ones, or a free slot inside the range, is padded
@@ -30,6 +34,7 @@ the causal mask keeps them out of the real rows' attention).
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -76,6 +81,8 @@ class Job:
     seq: list[int] = field(default_factory=list)  # prompt + accepted tokens
     seen: int = 0  # tokens of seq delivered (the prompt counts): the caches never keep more once it ends
     generating: bool = False  # the target's prompt is in
+    borrowed: bool = False  # another slot's cache was looked at for its prompt's prefix (Scheduler._borrow)
+    t_copy: float = 0.0  # seconds of its prompt time that copying that prefix took
     draft_ready: bool = False  # the draft model's prompt is in
     lane: Lane | None = None  # its part in the batch planner (costs.Lane)
     pending: dict = field(default_factory=dict)  # per free source, a proposal judged in hindsight
@@ -129,6 +136,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._to_settle: set[int] = set()  # free slots whose cache holds an answer to re-process while idle
         self._settling_now: int | None = None  # the one being re-processed
+        self.copy_seconds: float | None = None  # what copying a prompt prefix between slots last cost (_borrow)
 
     # ---- from any thread --------------------------------------------------------------------------------
     def submit(self, *jobs: Job) -> None:
@@ -233,14 +241,19 @@ class Scheduler:
 
     def _worth(self, job: Job, slot: int) -> tuple[int, int]:
         """How good a free slot is for a job, in rows of a pass (a prompt token and a padding row each cost about
-        one): the prompt tokens its cache saves, less the cached tokens the job would throw away (another
+        one): the prompt tokens its cache saves (or another slot's, copied over by _borrow, which throws all of
+        its own away), less the cached tokens the job would throw away (another
         conversation that may come back: a newcomer does not take its slot over for a shared system prompt), less
         the padding rows it adds for as long as it may generate. A free slot between busy ones is padded every step
         (module docstring): a slot that opens or widens such a gap costs a row a step, one that fills a gap saves
         one. (Slots chosen for their cache alone scattered four jobs over eight streams: twice the rows a step.)
         Then the lowest slot."""
-        keep = self.target.prompt_plan(job.prompt[:-1], slot)[0]
-        lost = len(self.target.seq_cached[slot]) - keep
+        tokens = job.prompt[:-1]
+        keep = self.target.prompt_plan(tokens, slot)[0]
+        lost = len(self.target.seq_cached[slot]) - self.target.common_prefix(tokens, slot)  # (another conversation's)
+        borrowed = self.target.donor(tokens, slot)[1]
+        if self._copy_pays(borrowed - keep):  # another slot's prefix copied over (_borrow) replaces its whole cache
+            keep, lost = borrowed - self._copy_rows(), len(self.target.seq_cached[slot])
         busy = [s for s, other in enumerate(self.slots) if other is not None and other is not job]
         horizon = job.tokens_left(self.target.n_ctx)
         return keep - lost - horizon * (_padding(busy + [slot]) - _padding(busy)), -slot
@@ -265,20 +278,62 @@ class Scheduler:
         ran = False
         for job in sorted((j for j in self.slots if j is not None and not j.generating), key=lambda j: j.arrived):
             t0 = time.perf_counter()
+            copied = False
             if job.batches:
                 if ran:
                     return
+                copied = self._borrow(job)
+            if job.batches:
                 done = len(target.seq_cached[job.slot])
                 size = job.batches.pop(0)
                 target.eval(job.prompt[done : done + size], n_logits=0, seq=job.slot)
                 ran = True
+                if copied and self.planner.costs.prefill_per_token is not None:
+                    # The copy runs at the start of that llama_decode: what the batch took past its tokens' cost.
+                    job.t_copy = max(0.0, time.perf_counter() - t0 - size * self.planner.costs.prefill_per_token)
+                    self.copy_seconds = job.t_copy
             job.stats.t_prompt += time.perf_counter() - t0
             if len(target.seq_cached[job.slot]) == len(job.prompt) - 1:
                 job.generating = True
                 job.stats.n_prompt_evaluated = len(job.prompt) - job.prefill_from
                 if job.stats.n_prompt_evaluated - 1 >= 16:
-                    self.planner.costs.record_prefill(job.stats.n_prompt_evaluated - 1, job.stats.t_prompt)
+                    self.planner.costs.record_prefill(job.stats.n_prompt_evaluated - 1, job.stats.t_prompt - job.t_copy)
                 job.stats.t_start = time.perf_counter()
+
+    def _borrow(self, job: Job) -> bool:
+        """Before a job's first prompt batch: when another slot's cache holds more of its prompt than its own (the
+        same system prompt, a tool's instructions; an earlier job's prompt is in by now, oldest first), copy that
+        prefix over (Model.copy_prefix) if the tokens it saves cost more to process than a copy (the last one
+        timed; the first is taken on trust). Exact: the kept tokens are those prompt_plan keeps from any cache,
+        computed by the kinds of batches a fresh run of this prompt would use, in the cells it would use. Returns
+        whether it copied."""
+        if job.borrowed:
+            return False
+        job.borrowed = True
+        tokens = job.prompt[:-1]
+        donor, keep = self.target.donor(tokens, job.slot)
+        if donor < 0:
+            return False
+        if not self._copy_pays(keep - job.prefill_from):
+            return False
+        self.target.copy_prefix(donor, job.slot, keep)
+        job.prefill_from, job.batches = self.target.prompt_plan(tokens, job.slot)
+        return True
+
+    def _copy_pays(self, gain: int) -> bool:
+        """Whether processing `gain` more prompt tokens costs more than a copy (the last one timed; the first is
+        taken on trust)."""
+        per_token = self.planner.costs.prefill_per_token
+        if gain <= 0:
+            return False
+        return per_token is None or self.copy_seconds is None or gain * per_token > self.copy_seconds
+
+    def _copy_rows(self) -> int:
+        """A copy's cost in prompt tokens: at least one (a slot that holds the prefix itself beats a copy of it)."""
+        per_token = self.planner.costs.prefill_per_token
+        if per_token is None or self.copy_seconds is None:
+            return 1
+        return max(1, math.ceil(self.copy_seconds / per_token))
 
     def _prefill_draft(self) -> None:
         """The draft model's prompt chunks, where the batch planner finds they would pay (drafts_wanted), all the
@@ -292,6 +347,11 @@ class Scheduler:
             return
         pending.sort(key=lambda j: len(j.seq))  # exploring takes the cheapest
         seen_of = {j.slot: self.drafter.seen(j.seq)[:-1] for j in pending}
+        if not draft.separate:  # another slot's prefix is only a tag on its cells in a shared pool: take it
+            for s, seen in seen_of.items():
+                donor, keep = draft.donor(seen, s)
+                if donor >= 0:
+                    draft.copy_prefix(donor, s, keep)
         cached_of = {s: draft.common_prefix(seen, s) for s, seen in seen_of.items()}
         feed = sum(len(seen) - cached_of[s] for s, seen in seen_of.items())
         # 0: the model would not pay at this load (every admitted job's lane, as the last step left it)

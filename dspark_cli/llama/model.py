@@ -51,15 +51,16 @@ class Model:
         self.role = role
         self.remote = remote
         self.n_seq = n_seq
+        self.separate = separate and n_seq > 1  # each sequence in a KV stream of its own (llama.cpp's kv_unified off)
         self._model = self._ctx = self._batch = None
         try:
             with backend.deferred_interrupt():
-                self._load(n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only, devices, tensor_split, separate)
+                self._load(n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only, devices, tensor_split)
         except BaseException:  # a failed or interrupted load frees what it had
             self.close()
             raise
 
-    def _load(self, n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only, devices, tensor_split, separate) -> None:
+    def _load(self, n_ctx, n_batch, n_gpu_layers, n_threads, vocab_only, devices, tensor_split) -> None:
         role = self.role
         backend.init()
         mparams = llama_cpp.llama_model_default_params()
@@ -103,7 +104,7 @@ class Model:
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx * self.n_seq
         cparams.n_seq_max = self.n_seq
-        cparams.kv_unified = self.n_seq == 1 or not separate
+        cparams.kv_unified = not self.separate
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_threads = threads
@@ -389,25 +390,61 @@ class Model:
         processes them again, unless the server re-processed them while idle, see engine/batch.py), and the rest
         is cut into batches of the same kinds, never into a fast-kernel chunk too small to take them. Any other
         model keeps its whole common prefix and processes the rest in n_batch chunks."""
-        common = self.common_prefix(tokens, seq)
+        keep = self._keepable(tokens, seq)
         n, size = len(tokens), self.n_batch
         if not self.canonical:
-            return common, [min(size, n - i) for i in range(common, n, size)]
-        x = kernels.EXACT_BATCH_MAX
-        rem = n % size
-        fast_end = n - rem if 0 < rem <= x else n  # a fresh run's fast-kernel tokens are [0, fast_end)
-        flags = self.seq_fast[seq]
-        keep = next((i for i in range(common) if flags[i] != (i < fast_end)), common)
-        if 0 < fast_end - keep <= x:  # too few to make a fast batch: take some kept tokens along
-            keep = max(0, fast_end - x - 1)
+            return keep, [min(size, n - i) for i in range(keep, n, size)]
+        fast_end = self._fast_end(n)
         batches = []
         if fast_end > keep:
             count = -(-(fast_end - keep) // size)
             share, extra = divmod(fast_end - keep, count)
-            batches = [share + (1 if j < extra else 0) for j in range(count)]  # each more than x, at most n_batch
+            batches = [share + (1 if j < extra else 0) for j in range(count)]  # each > EXACT_BATCH_MAX, <= n_batch
         if n > max(keep, fast_end):
             batches.append(n - max(keep, fast_end))  # the exact-kernel tail, as a fresh run makes it
         return keep, batches
+
+    def _fast_end(self, n: int) -> int:
+        """A fresh run of an n-token prompt computes tokens [0, fast_end) with the fast kernels (prompt_plan)."""
+        rem = n % self.n_batch
+        return n - rem if 0 < rem <= kernels.EXACT_BATCH_MAX else n
+
+    def _keepable(self, tokens: list[int], seq: int) -> int:
+        """How many of `tokens` sequence `seq`'s cache holds as a fresh run of them would compute them
+        (prompt_plan)."""
+        common = self.common_prefix(tokens, seq)
+        if not self.canonical:
+            return common
+        fast_end = self._fast_end(len(tokens))
+        flags = self.seq_fast[seq]
+        keep = next((i for i in range(common) if flags[i] != (i < fast_end)), common)
+        if 0 < fast_end - keep <= kernels.EXACT_BATCH_MAX:  # too few to make a fast batch: take some kept along
+            keep = max(0, fast_end - kernels.EXACT_BATCH_MAX - 1)
+        return keep
+
+    def donor(self, tokens: list[int], seq: int) -> tuple[int, int]:
+        """The other sequence whose cache keeps the most of `tokens` (as prompt_plan would keep them for a
+        sequence holding its cache) and how many: (-1, 0) when none keeps more than `seq`'s own cache."""
+        keeps = {s: self._keepable(tokens, s) for s in range(self.n_seq)}
+        best = max((s for s in keeps if s != seq), key=keeps.get, default=-1)
+        return (best, keeps[best]) if best >= 0 and keeps[best] > keeps[seq] else (-1, 0)
+
+    def copy_prefix(self, donor: int, seq: int, n_keep: int) -> None:
+        """Make sequence `seq`'s cache the first n_keep tokens of sequence `donor`'s (what it held is dropped).
+        A shared pool only tags the donor's cells with `seq`; separate streams copy the donor's whole stream
+        (llama.cpp copies a stream only whole, at the start of the next llama_decode), then drop what lies past
+        n_keep. Either way the kept keys sit in the cells, in the order, the donor's do: where a fresh run of a
+        prompt with that prefix would put them, so the attention sums run as they would alone (module
+        docstring)."""
+        if self._ctx is None:
+            raise ModelFileError(f"the {self.role} model was closed")
+        n_keep = min(n_keep, len(self.seq_cached[donor]))
+        self._stray.add(seq)
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._mem, donor, seq, -1, -1)
+        self.seq_cached[seq] = self.seq_cached[donor][:n_keep]
+        self.seq_fast[seq] = self.seq_fast[donor][:n_keep]
+        self._seq_rm(n_keep, seq)
 
     def settle(self, seq: int = 0) -> int:
         """Re-process, as a prompt batch, the cached tokens a fresh run would have computed with the fast kernels
