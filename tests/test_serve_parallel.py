@@ -155,6 +155,29 @@ def test_a_resent_conversation_processes_only_its_new_tokens_while_another_gener
     assert r2.usage.prompt_tokens > 30  # whole conversation
 
 
+SYSTEM = ("You answer for a hardware shop. Be brief and friendly, give prices in euros, and say when an item is "
+          "out of stock rather than guessing.")
+
+
+def test_a_system_prompt_another_slot_holds_is_not_processed_again(server):
+    """While one request with a system prompt generates, another with the same system prompt arrives: it copies
+    that prefix from the first one's slot, processes only its own question (timings.prompt_n, usage's
+    cached_tokens), and answers as `dspark run --system` alone does."""
+    client = server.client()
+    question = "Do you sell hammers?"
+    conn, _ = server.long_stream_of([{"role": "system", "content": SYSTEM},
+                                     {"role": "user", "content": COUNTING}], 1000)
+    try:
+        r = client.chat.completions.create(model=model_id(server), max_tokens=N, temperature=0, messages=[
+            {"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
+    finally:
+        conn.close()
+    timings, usage = r.model_extra["timings"], r.usage
+    assert timings["prompt_n"] <= usage.prompt_tokens - 30, (usage, timings)  # its question, not the system prompt
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - timings["prompt_n"]
+    assert r.choices[0].message.content == run_alone(question, "-n", str(N), "--system", SYSTEM)
+
+
 def test_health_and_metrics_report_what_runs(server):
     conn, _ = server.long_stream_of([{"role": "user", "content": COUNTING}], 1000)
     try:
