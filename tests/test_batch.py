@@ -182,6 +182,19 @@ def test_a_prompt_copies_the_prefix_another_slot_holds(demo_models, batch_models
     assert got == [lone(demo_models, p, sp, 24) for p, sp in zip(ps, params)]
 
 
+def test_the_same_prompt_twice_copies_all_of_it(demo_models, batch_models, scheduler):
+    """Two clients send the very same prompt: the second copies all of it but its last token (which its first
+    step reads, as a lone run's does), so it has no prompt batch of its own; then a third, with the same prompt
+    again, copies from either. Each answers as alone."""
+    target = batch_models[0]
+    p = with_system(target, QUESTIONS[4])
+    jobs = [Job(p, SamplingParams(), 16, (), 8) for _ in range(3)]
+    scheduler.submit(*jobs)
+    got = [tokens_of(j) for j in jobs]
+    assert [j.stats.n_prompt_evaluated for j in jobs] == [len(p), 1, 1]
+    assert got == [lone(demo_models, p, SamplingParams(), 16)] * 3
+
+
 def test_no_copy_where_it_would_cost_more_than_it_saves(demo_models, batch_models, scheduler):
     """A copy timed as dearer than the whole prompt (as a huge context's stream on a slow bus would be): the second
     job processes its whole prompt itself, and still answers as alone."""
