@@ -289,7 +289,9 @@ class Scheduler:
                 target.eval(job.prompt[done : done + size], n_logits=0, seq=job.slot)
                 ran = True
                 if copied and self.planner.costs.prefill_per_token is not None:
-                    # The copy runs at the start of that llama_decode: what the batch took past its tokens' cost.
+                    # The copy runs at the start of that llama_decode: what the batch took past its tokens at the
+                    # prompt rate (an overestimate for a small batch, whose pass has a fixed cost: copies then need a
+                    # few more tokens saved to be taken, never fewer).
                     job.t_copy = max(0.0, time.perf_counter() - t0 - size * self.planner.costs.prefill_per_token)
                     self.copy_seconds = job.t_copy
             job.stats.t_prompt += time.perf_counter() - t0
