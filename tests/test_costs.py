@@ -186,7 +186,8 @@ def test_lookup_is_judged_in_hindsight_at_every_depth():
 def test_chosen_lengths_are_counted_for_the_report():
     p = told(Planner(8, True, False), {n: cpu_like(n) for n in range(1, 10)}, draft=0.5 * V1)
     for _ in range(3):
-        p.plan({}, 0)
+        p.record_round(p.plan({}, 0), 0, 0, 1)
+    p.plan({}, 0)  # planned, never run: not a round
     assert p.chosen_lengths == {"none": 3}
 
 
@@ -344,7 +345,7 @@ def test_each_source_of_a_round_learns_its_own_part():
     # A free tail after the model's tokens learns from its own first token too.
     p.record_round(Plan(SOURCE_MODEL, 2), 5, 5, 6, [(SOURCE_MODEL, 2), (SOURCE_LOOKUP, 3)])
     assert p.acceptance[SOURCE_LOOKUP].total_accepted[:3] == [1, 1, 1]
-    assert p.chosen_lengths == {}  # record_round learns; plan() counts the choices
+    assert p.chosen_lengths == {"memory@3+draft@2": 2, "draft@2": 1}  # each round under its plan (as planned)
 
 
 def test_free_tokens_go_on_from_the_model_where_they_pay():
@@ -359,7 +360,8 @@ def test_free_tokens_go_on_from_the_model_where_they_pay():
     plan = p.plan({}, 0)
     assert plan.source == SOURCE_MODEL
     assert p.tail(plan, drafted, {SOURCE_MEMORY: 4}) == (SOURCE_MEMORY, 4)
-    assert plan.name == f"draft@{plan.k}+memory@4" and p.chosen_lengths[plan.name] == 1  # the report says so
+    p.record_round(plan, 6, 6, 7, drafted + [(SOURCE_MEMORY, 4)])
+    assert plan.name == f"draft@{plan.k}+memory@4" and p.chosen_lengths == {plan.name: 1}  # the report says so
     # Every extra verify token costing 0.8 of a step: a token at 95% beats the target alone's rate, not a round's
     # expected 1.2 tokens a step.
     assert planner(cpu_like).tail(Plan(SOURCE_MODEL, 2), drafted, {SOURCE_MEMORY: 4}) == (SOURCE_MEMORY, 1)

@@ -441,7 +441,6 @@ class Planner:
     def _keep(self, plan: Plan) -> Plan:
         self._since_plain = 0 if plan.source is None else self._since_plain + 1
         self._since_model = 0 if plan.source == SOURCE_MODEL or plan.then else self._since_model + 1
-        self.chosen[plan.key] = self.chosen.get(plan.key, 0) + 1
         return plan
 
     # ---- learning -----------------------------------------------------------------------------------
@@ -450,7 +449,8 @@ class Planner:
         """After a round: what its drafts did. n_new: tokens the round added (accepted + the target's). segments:
         where the drafts came from, in order, as (source, tokens) (a chain, a free tail: several sources; None:
         all from plan.source). Each source learns its own part, from its own first token, where the round got
-        that far (every token before it accepted)."""
+        that far (every token before it accepted). The round counts in `chosen` under its plan, tail included."""
+        self.chosen[plan.key] = self.chosen.get(plan.key, 0) + 1
         for acc in self.acceptance.values():
             acc.fade(n_new)
         for source, n, accepted, reached in draft_parts(segments, plan.source, n_drafted, n_accepted):
@@ -462,7 +462,7 @@ class Planner:
     def tail(self, plan: Plan, segments: list[tuple[str, int]], offers: dict[str, int]) -> tuple[str, int] | None:
         """After the draft model's tokens (`plan`'s, drafted as `segments`): whether free tokens going on from
         them pay (the memory knows the record's next key once the model wrote its value), as (source, tokens) or
-        None; the choice goes into `plan` and the count of choices. The drafting is done; what the free tokens
+        None; the choice goes into `plan`. The drafting is done; what the free tokens
         add is the chance the draft so far is all accepted times what they bring, for a wider verify: they pay
         where they come faster than the round's own tokens (the rate the plan expected, at least the target
         alone's), the rate they would otherwise come at."""
@@ -484,11 +484,7 @@ class Planner:
                 if gain > best_gain:
                     best, best_gain = (source, j), gain
         if best is not None:
-            counted = self.chosen.pop(plan.key, 0)  # plan() counted it without its tail
-            if counted > 1:
-                self.chosen[plan.key] = counted - 1
             plan.tail = best
-            self.chosen[plan.key] = self.chosen.get(plan.key, 0) + 1
         return best
 
     def hindsight(self, seq: list[int], proposals: dict[str, list[int]]) -> None:
