@@ -62,6 +62,12 @@ def health(s: Server) -> dict:
     return s.request("GET", "/health")[1]
 
 
+def prometheus(s: Server) -> dict[str, float]:
+    """/metrics' values by name."""
+    text = s.request("GET", "/metrics")[1].decode()
+    return {name: float(v) for name, v in (line.split() for line in text.splitlines() if line and line[0] != "#")}
+
+
 def ask_all(s: Server, questions: list[str], **options) -> dict[int, object]:
     """The questions at once, each from its own thread through the openai client: {index: response}."""
     client = s.client()
@@ -165,6 +171,7 @@ def test_a_system_prompt_another_slot_holds_is_not_processed_again(server):
     cached_tokens), and answers as `dspark run --system` alone does."""
     client = server.client()
     question = "Do you sell hammers?"
+    before = prometheus(server)
     conn, _ = server.long_stream_of([{"role": "system", "content": SYSTEM},
                                      {"role": "user", "content": COUNTING}], 1000)
     try:
@@ -175,6 +182,10 @@ def test_a_system_prompt_another_slot_holds_is_not_processed_again(server):
     timings, usage = r.model_extra["timings"], r.usage
     assert timings["prompt_n"] <= usage.prompt_tokens - 30, (usage, timings)  # its question, not the system prompt
     assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - timings["prompt_n"]
+    after = prometheus(server)  # /metrics counts both requests' prompts, and at least this one's copied tokens
+    prompted = after["dspark_prompt_tokens_total"] - before["dspark_prompt_tokens_total"]
+    cached = after["dspark_prompt_tokens_cached_total"] - before["dspark_prompt_tokens_cached_total"]
+    assert prompted > 2 * usage.prompt_tokens and usage.prompt_tokens_details.cached_tokens <= cached < prompted
     assert r.choices[0].message.content == run_alone(question, "-n", str(N), "--system", SYSTEM)
 
 
@@ -189,8 +200,9 @@ def test_health_and_metrics_report_what_runs(server):
         text = body.decode()
         assert status == 200 and headers["content-type"].startswith("text/plain")
         assert "dspark_requests_active 1" in text and "dspark_slots 4" in text
-        values = dict(line.split() for line in text.splitlines() if line and not line.startswith("#"))
-        assert float(values["dspark_tokens_total"]) >= 1 and float(values["dspark_requests_total"]) >= 1
+        values = prometheus(server)
+        assert values["dspark_tokens_total"] >= 1 and values["dspark_requests_total"] >= 1
+        assert values["dspark_prompt_tokens_total"] >= values["dspark_prompt_tokens_cached_total"] >= 0
     finally:
         conn.close()
 

@@ -74,6 +74,11 @@ def create_app(pair, options: ServeOptions, worker: Worker) -> Starlette:
             f"dspark_tokens_total {meter.tokens}",
             "# HELP dspark_requests_total Generations started since start.", "# TYPE dspark_requests_total counter",
             f"dspark_requests_total {meter.requests}",
+            "# HELP dspark_prompt_tokens_total Prompt tokens of the generations started.",
+            "# TYPE dspark_prompt_tokens_total counter", f"dspark_prompt_tokens_total {meter.prompt_tokens}",
+            "# HELP dspark_prompt_tokens_cached_total Prompt tokens not processed: a cache held them (the slot's own, "
+            "or another slot's copied over).", "# TYPE dspark_prompt_tokens_cached_total counter",
+            f"dspark_prompt_tokens_cached_total {meter.prompt_cached}",
             "# HELP dspark_acceptance_active Drafted tokens accepted, over the requests under way.",
             "# TYPE dspark_acceptance_active gauge",
             f"dspark_acceptance_active {sum(st.n_accepted for st in live) / drafted if drafted else 0.0:.4f}",

@@ -38,13 +38,17 @@ class Meter:
     def __init__(self):
         self.tokens = 0
         self.requests = 0
+        self.prompt_tokens = 0  # prompt tokens of the generations started
+        self.prompt_cached = 0  # ... that the target did not process (its cache, or another slot's copied, held them)
         self.live: dict[object, GenerationStats] = {}  # per generation under way: its cumulative stats
         self._recent: deque[float] = deque()  # when each recent token was delivered
         self.started = time.monotonic()
 
     def record(self, ev: Event, key: object) -> None:
-        if key not in self.live:
+        if key not in self.live:  # its first event: the prompt is in
             self.requests += 1
+            self.prompt_tokens += ev.stats.n_prompt
+            self.prompt_cached += max(0, ev.stats.n_prompt - ev.stats.n_prompt_evaluated)
         self.live[key] = ev.stats
         if ev.token is not None:
             self.tokens += 1
