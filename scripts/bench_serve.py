@@ -104,7 +104,7 @@ def one_round(port: int, clients: int, max_tokens: int, tag: str = "", system_re
 
     def _ask(i: int, t0: float) -> None:
         first = None
-        tokens = 0
+        tokens = prompt = cached = 0
         text = []
         stream = client.chat.completions.create(
             model=model, temperature=0, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True},
@@ -116,9 +116,12 @@ def one_round(port: int, clients: int, max_tokens: int, tag: str = "", system_re
                     first = time.perf_counter()
                     answered[i].set()
             if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
+                tokens, prompt = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+                details = chunk.usage.prompt_tokens_details
+                cached = (details.cached_tokens or 0) if details is not None else 0
         end = time.perf_counter()
-        results[i] = {"ttft": (first or end) - t0, "tokens": tokens, "text": "".join(text),
+        results[i] = {"ttft": (first or end) - t0, "tokens": tokens, "prompt": prompt, "cached": cached,
+                      "text": "".join(text),
                       "tok_s": tokens / (end - t0) if end > t0 else 0.0}
 
     answered = [threading.Event() for _ in range(clients)]
@@ -140,6 +143,8 @@ def one_round(port: int, clients: int, max_tokens: int, tag: str = "", system_re
             "request_tok_s": statistics.median(r["tok_s"] for r in rs),
             "median_ttft": statistics.median(r["ttft"] for r in rs),
             "worst_ttft": max(r["ttft"] for r in rs),
+            # prompt tokens no server pass processed (a cache held them: the slot's own, or another's copied)
+            "cached_share": round(sum(r["cached"] for r in rs) / max(1, sum(r["prompt"] for r in rs)), 3),
             "texts": [r["text"] for r in rs]}
 
 

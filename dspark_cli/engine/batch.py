@@ -136,7 +136,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._to_settle: set[int] = set()  # free slots whose cache holds an answer to re-process while idle
         self._settling_now: int | None = None  # the one being re-processed
-        self.copy_seconds: float | None = None  # what copying a prompt prefix between slots last cost (_borrow)
+        self.copy_seconds: float | None = None  # what copying a prompt prefix between slots costs (_borrow, _prefill)
 
     # ---- from any thread --------------------------------------------------------------------------------
     def submit(self, *jobs: Job) -> None:
@@ -290,10 +290,11 @@ class Scheduler:
                 ran = True
                 if copied and self.planner.costs.prefill_per_token is not None:
                     # The copy runs at the start of that llama_decode: what the batch took past its tokens at the
-                    # prompt rate (an overestimate for a small batch, whose pass has a fixed cost: copies then need a
-                    # few more tokens saved to be taken, never fewer).
+                    # prompt rate (an overestimate for a small batch, whose pass has a fixed cost, or on a busy
+                    # machine: noise only adds). The cheapest copy seen is the estimate: one slow measurement
+                    # would otherwise stop copies for good (none taken, none timed again).
                     job.t_copy = max(0.0, time.perf_counter() - t0 - size * self.planner.costs.prefill_per_token)
-                    self.copy_seconds = job.t_copy
+                    self.copy_seconds = min(job.t_copy, self.copy_seconds if self.copy_seconds is not None else 1e9)
             job.stats.t_prompt += time.perf_counter() - t0
             if len(target.seq_cached[job.slot]) == len(job.prompt) - 1:
                 job.generating = True
@@ -305,8 +306,8 @@ class Scheduler:
     def _borrow(self, job: Job) -> bool:
         """Before a job's first prompt batch: when another slot's cache holds more of its prompt than its own (the
         same system prompt, a tool's instructions; an earlier job's prompt is in by now, oldest first), copy that
-        prefix over (Model.copy_prefix) if the tokens it saves cost more to process than a copy (the last one
-        timed; the first is taken on trust). Exact: the kept tokens are those prompt_plan keeps from any cache,
+        prefix over (Model.copy_prefix) if the tokens it saves cost more to process than a copy (as timed; the
+        first is taken on trust). Exact: the kept tokens are those prompt_plan keeps from any cache,
         computed by the kinds of batches a fresh run of this prompt would use, in the cells it would use. Returns
         whether it copied."""
         if job.borrowed:
@@ -323,8 +324,8 @@ class Scheduler:
         return True
 
     def _copy_pays(self, gain: int) -> bool:
-        """Whether processing `gain` more prompt tokens costs more than a copy (the last one timed; the first is
-        taken on trust)."""
+        """Whether processing `gain` more prompt tokens costs more than a copy (as timed; the first is taken on
+        trust)."""
         per_token = self.planner.costs.prefill_per_token
         if gain <= 0:
             return False
