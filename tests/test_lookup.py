@@ -13,6 +13,27 @@ def test_lookup_finds_the_latest_longest_match():
     assert lookup([7, 7], 2, ngram_min=1) == [7]
 
 
+def test_lookup_agrees_with_its_definition_on_random_texts():
+    """The byte search (4 bytes a token, matches only on token boundaries) against the definition written plainly:
+    for n from 4 down to 2, the latest start s (seq[s:s + n] == seq[-n:], s + n < len(seq)) gives what follows."""
+    import random
+
+    def plainly(seq, n_max, ngram_max=4, ngram_min=2):
+        for n in range(min(ngram_max, len(seq) - 1), ngram_min - 1, -1):
+            for s in range(len(seq) - 1 - n, -1, -1):
+                if seq[s : s + n] == seq[-n:]:
+                    return seq[s + n : s + n + n_max]
+        return []
+
+    rng = random.Random(3)
+    for trial in range(3000):
+        # Few distinct ids make many matches; ids sharing bytes (256, 65536 + 1, ...) make off-boundary byte matches.
+        alphabet = rng.choice([[1, 2, 3], [0, 1, 256, 257, 65537, 16777216], list(range(50)), [7, 7 * 256, 7 * 65536]])
+        seq = [rng.choice(alphabet) for _ in range(rng.randint(0, 60))]
+        n_max = rng.randint(0, 10)
+        assert lookup(seq, n_max) == (plainly(seq, n_max) if n_max > 0 and len(seq) >= 3 else []), (seq, n_max)
+
+
 def test_lookup_speeds_up_copying_and_stays_exact(demo_models):
     target, _ = demo_models
     # Raw text that continues by repeating itself: the answer copies from the prompt.
