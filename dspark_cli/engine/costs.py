@@ -195,6 +195,9 @@ class StepCosts:
         self.catchup_per_token: float | None = None  # … per token, when it catches up on several in a batch
         self.prior = prior  # a profile.CostPrior, or None: learn from nothing
         self.scale = 1.0  # this run's step times over the prior's (while the prior is in use)
+        # step()'s answers until the next timing: the batch planner asks ~25 sizes a step, and interpolating each
+        # over every size was a server step's largest Python cost after prompt lookup.
+        self._steps: dict[int, float | None] = {}
 
     @staticmethod
     def _mix(old: float | None, new: float) -> float:
@@ -212,6 +215,7 @@ class StepCosts:
         return min(old, new) if samples == 2 else cls._mix(old, new)
 
     def record_verify(self, n: int, seconds: float) -> None:
+        self._steps.clear()
         if n < len(self.verify):
             self.samples[n] += 1
             expected = self._from_prior(n, rescaled=False)
@@ -223,6 +227,7 @@ class StepCosts:
     def record_prefill(self, tokens: int, seconds: float) -> None:
         if tokens >= 16:  # a real batch; a few tokens (a chat turn) are dominated by fixed costs
             self.prefill_per_token = seconds / tokens
+            self._steps.clear()
 
     def record_draft(self, seconds: float) -> None:
         self.draft_samples += 1
@@ -271,6 +276,11 @@ class StepCosts:
         """V(n): measured, else the prior's (rescaled), else on the line through the known sizes around it (the
         nearest two on one side past the ends; a slope guess while one size alone is known). None before any
         step was timed."""
+        if n not in self._steps:
+            self._steps[n] = self._step(n)
+        return self._steps[n]
+
+    def _step(self, n: int) -> float | None:
         prior = self._from_prior(n)
         if n < len(self.verify) and self.verify[n] is not None and (prior is None or self.samples[n] >= 2):
             return self.verify[n]  # (a size's first timing alone does not override a prior: see record_verify)
