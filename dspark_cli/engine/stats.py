@@ -70,6 +70,12 @@ class GenerationStats(Rates):
         return (self.t_end if self.t_end is not None else time.perf_counter()) - self.t_start
 
     @property
+    def n_prompt_cached(self) -> int:
+        """Prompt tokens the target did not process: a cache held them (its own, or another slot's copied over).
+        0 until the prompt is in."""
+        return max(0, self.n_prompt - self.n_prompt_evaluated) if self.n_prompt_evaluated else 0
+
+    @property
     def prompt_tokens_per_second(self) -> float:
         return self.n_prompt_evaluated / self.t_prompt if self.t_prompt > 0 else 0.0
 

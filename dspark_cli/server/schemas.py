@@ -206,11 +206,10 @@ def new_id(chat: bool) -> str:
 
 
 def usage(stats: GenerationStats) -> dict:
-    """OpenAI's usage; cached_tokens: prompt tokens the target did not process (its cache, or another slot's copied
-    over, held them)."""
-    cached = max(0, stats.n_prompt - stats.n_prompt_evaluated) if stats.n_prompt_evaluated else 0
+    """OpenAI's usage; cached_tokens: GenerationStats.n_prompt_cached."""
     return {"prompt_tokens": stats.n_prompt, "completion_tokens": stats.n_generated,
-            "total_tokens": stats.n_prompt + stats.n_generated, "prompt_tokens_details": {"cached_tokens": cached}}
+            "total_tokens": stats.n_prompt + stats.n_generated,
+            "prompt_tokens_details": {"cached_tokens": stats.n_prompt_cached}}
 
 
 def timings(stats: GenerationStats) -> dict:

@@ -39,7 +39,7 @@ class Meter:
         self.tokens = 0
         self.requests = 0
         self.prompt_tokens = 0  # prompt tokens of the generations started
-        self.prompt_cached = 0  # ... that the target did not process (its cache, or another slot's copied, held them)
+        self.prompt_cached = 0  # ... that the target did not process (GenerationStats.n_prompt_cached)
         self.live: dict[object, GenerationStats] = {}  # per generation under way: its cumulative stats
         self._recent: deque[float] = deque()  # when each recent token was delivered
         self.started = time.monotonic()
@@ -48,7 +48,7 @@ class Meter:
         if key not in self.live:  # its first event: the prompt is in
             self.requests += 1
             self.prompt_tokens += ev.stats.n_prompt
-            self.prompt_cached += max(0, ev.stats.n_prompt - ev.stats.n_prompt_evaluated)
+            self.prompt_cached += ev.stats.n_prompt_cached
         self.live[key] = ev.stats
         if ev.token is not None:
             self.tokens += 1
