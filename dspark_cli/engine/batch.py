@@ -225,7 +225,8 @@ class Scheduler:
         while self._waiting and None in self.slots:
             job = self._waiting.popleft()
             free = [s for s in range(self.n_slots) if self.slots[s] is None]
-            job.slot = max(free, key=lambda s: self._worth(job, s))
+            keeps = self.target.keeps(job.prompt[:-1])  # what every slot's cache keeps of it, once for the choice
+            job.slot = max(free, key=lambda s: self._worth(job, s, keeps))
             self.slots[job.slot] = job
             job.seq = list(job.prompt)
             job.seen = len(job.seq)
@@ -239,7 +240,7 @@ class Scheduler:
             self.target.truncate(job.prefill_from, job.slot)
             self._to_settle.discard(job.slot)
 
-    def _worth(self, job: Job, slot: int) -> tuple[int, int]:
+    def _worth(self, job: Job, slot: int, keeps: list[int]) -> tuple[int, int]:
         """How good a free slot is for a job, in rows of a pass (a prompt token and a padding row each cost about
         one): the prompt tokens its cache saves (or another slot's, copied over by _borrow, which throws all of
         its own away), less the cached tokens the job would throw away (another
@@ -247,11 +248,10 @@ class Scheduler:
         the padding rows it adds for as long as it may generate. A free slot between busy ones is padded every step
         (module docstring): a slot that opens or widens such a gap costs a row a step, one that fills a gap saves
         one. (Slots chosen for their cache alone scattered four jobs over eight streams: twice the rows a step.)
-        Then the lowest slot."""
-        tokens = job.prompt[:-1]
-        keep = self.target.prompt_plan(tokens, slot)[0]
-        lost = len(self.target.seq_cached[slot]) - self.target.common_prefix(tokens, slot)  # (another conversation's)
-        borrowed = self.target.donor(tokens, slot)[1]
+        Then the lowest slot. keeps: Model.keeps of its prompt."""
+        keep = keeps[slot]
+        lost = len(self.target.seq_cached[slot]) - self.target.common_prefix(job.prompt[:-1], slot)  # (another's)
+        borrowed = max((k for s, k in enumerate(keeps) if s != slot), default=0)
         if self._copy_pays(borrowed - keep):  # another slot's prefix copied over (_borrow) replaces its whole cache
             keep, lost = borrowed - self._copy_rows(), len(self.target.seq_cached[slot])
         busy = [s for s, other in enumerate(self.slots) if other is not None and other is not job]

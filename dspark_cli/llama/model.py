@@ -422,11 +422,15 @@ class Model:
             keep = max(0, fast_end - kernels.EXACT_BATCH_MAX - 1)
         return keep
 
+    def keeps(self, tokens: list[int]) -> list[int]:
+        """Per sequence, how many of `tokens` its cache keeps (prompt_plan's keep, were `tokens` its prompt)."""
+        return [self._keepable(tokens, s) for s in range(self.n_seq)]
+
     def donor(self, tokens: list[int], seq: int) -> tuple[int, int]:
         """The other sequence whose cache keeps the most of `tokens` (as prompt_plan would keep them for a
         sequence holding its cache) and how many: (-1, 0) when none keeps more than `seq`'s own cache."""
-        keeps = {s: self._keepable(tokens, s) for s in range(self.n_seq)}
-        best = max((s for s in keeps if s != seq), key=keeps.get, default=-1)
+        keeps = self.keeps(tokens)
+        best = max((s for s in range(self.n_seq) if s != seq), key=keeps.__getitem__, default=-1)
         return (best, keeps[best]) if best >= 0 and keeps[best] > keeps[seq] else (-1, 0)
 
     def copy_prefix(self, donor: int, seq: int, n_keep: int) -> None:
