@@ -191,7 +191,12 @@ def main() -> None:
     ap.add_argument("--json", dest="json_path")
     ap.add_argument("serve_args", nargs="*", help="after --: options for every server (--target, --draft, ...)")
     args = ap.parse_args()
-    counts = [int(x) for x in args.clients.split(",")]
+    try:
+        counts = [int(x) for x in args.clients.split(",")]
+    except ValueError:
+        ap.error(f"--clients: client counts, comma-separated (got {args.clients!r})")
+    if min(counts) < 1 or args.rounds < 1 or args.max_tokens < 1 or args.system < 0 or (args.parallel or 1) < 1:
+        ap.error("--clients, --rounds, --max-tokens and --parallel must be at least 1, --system at least 0")
     names = tuple(n for n in SERVERS if n in args.servers.split(","))
     if not names:
         sys.exit(f"--servers: choose from {', '.join(SERVERS)}")
