@@ -32,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -59,12 +60,16 @@ def start(extra: list[str]) -> tuple[subprocess.Popen, int]:
     import urllib.request
 
     port = free_port()
+    # Its log goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB: a few hundred requests' log lines in
+    # a long run), and the server then blocks on its next line.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "dspark_cli", "serve", "--port", str(port), "--max-queue", "64",
-                             *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"a server exited: {proc.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            sys.exit(f"a server exited: {log.read().decode(errors='replace')[-2000:]}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
             return proc, port

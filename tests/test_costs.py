@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from dspark_cli.engine.costs import (EXPLORE_K, EXPLORE_PASSES, SOURCE_LOOKUP, SOURCE_MEMORY, SOURCE_MODEL, Acceptance,
+from dspark_cli.engine.costs import (EXPLORE_K, EXPLORE_PASSES, PAYBACK_HALF_LIFE, SOURCE_LOOKUP, SOURCE_MEMORY, SOURCE_MODEL, Acceptance,
                                     BatchPlanner, Plan, Planner, StepCosts)
 
 V1 = 0.030  # a 30 ms one-token target step
@@ -277,6 +277,37 @@ def test_batched_prompts_reach_the_draft_model_only_where_it_would_pay():
     gpu.draft_costs.record_prefill(100, 100 * gpu_draft(1) / 4)
     assert gpu.drafts_wanted(batch_lanes(gpu, 1, left=200), 1, 4, feed=100) is None
     assert gpu.drafts_wanted(batch_lanes(gpu, 1, left=3), 1, 4, feed=400) == 0
+
+
+def test_batched_prompts_stop_where_the_earlier_ones_were_not_repaid():
+    """The what-if can find the model worth its prompts at a load where its steps then save less than the prompts
+    cost (on the 2-core CPU at 2 clients, round after round): the record of what they paid back there stops the
+    next prompt; a load where they were repaid keeps feeding the model; a shortfall fades as tokens are generated
+    at that load, so the model is tried there again."""
+    gpu = batch_told(BatchPlanner(16, 64, has_model=True, has_free=False), gpu_like, gpu_draft, alpha=0.75)
+    gpu.draft_costs.record_prefill(100, 100 * gpu_draft(1) / 4)
+    lanes = batch_lanes(gpu, 2)
+    assert gpu.drafts_wanted(lanes, 2, 4, feed=40) is None  # nothing on record: the what-if decides
+    v2 = gpu.costs.step(2)
+    gpu.record_feed(2, 3 * v2)  # three steps' worth of prompts...
+    gpu.record_step(2, 4, 0.5 * v2)  # ... of which the model's steps saved half a step
+    for _ in range(50):
+        gpu.record_step(2, 2, None)  # plain steps: no drafts from the model
+    assert gpu.drafts_wanted(lanes, 2, 4, feed=40) == 0
+    assert gpu.drafts_wanted(lanes, 4, 4, feed=40) is None  # another load: its own record
+    gpu.record_feed(1, 2 * v2)
+    gpu.record_step(1, 5, 3 * v2)  # repaid at one client: it feeds on
+    assert gpu.drafts_wanted(batch_lanes(gpu, 1), 1, 4, feed=20) is None
+    # The shortfall halves every PAYBACK_HALF_LIFE tokens generated at that load: 2.5 steps' worth is under an
+    # eighth of a step (noise) after log2(20) = 4.3 half-lives, and the model is tried again.
+    generated = 100  # the plain steps above
+    while gpu.drafts_wanted(lanes, 2, 4, feed=40) == 0:
+        gpu.record_step(2, 2, None)
+        generated += 2
+    assert 4 * PAYBACK_HALF_LIFE < generated < 5 * PAYBACK_HALF_LIFE
+    # A step whose drafts from the model lost time adds to the shortfall.
+    gpu.record_step(2, 2, -v2)
+    assert gpu.drafts_wanted(lanes, 2, 4, feed=40) == 0
 
 
 def test_batched_pooled_acceptance_ages_by_drafted_rounds_only():

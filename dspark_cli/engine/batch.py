@@ -358,7 +358,8 @@ class Scheduler:
         cached_of = {s: draft.common_prefix(seen, s) for s, seen in seen_of.items()}
         feed = sum(len(seen) - cached_of[s] for s, seen in seen_of.items())
         # 0: the model would not pay at this load (every admitted job's lane, as the last step left it)
-        wanted = self.planner.drafts_wanted(*self._planner_query([j for j in self.slots if j is not None]), feed)
+        query = self._planner_query([j for j in self.slots if j is not None])
+        wanted = self.planner.drafts_wanted(*query, feed)
         if wanted == 0:
             return
         parts, budget = [], draft.n_batch
@@ -380,6 +381,7 @@ class Scheduler:
             seconds = time.perf_counter() - t0
             # the slope of the draft's pass costs by rows, until passes of several widths are timed
             self.planner.draft_costs.record_prefill(sum(len(p[1]) for p in parts), seconds)
+            self.planner.record_feed(query[1], seconds)  # what the model's drafts must pay back (pays_back)
             for seq, _, _ in parts:
                 self.slots[seq].stats.t_prompt += seconds
 
@@ -455,6 +457,7 @@ class Scheduler:
             row += n_out
             target.truncate(before[s] + 1 + n_acc, s)
             results.append((job, d, n_acc, nxt))
+        self._record_payback(results, n_streams, t2 - t0)
         for job, d, n_acc, nxt in results:
             job.stats.batch_max = max(job.stats.batch_max, len(results))
             job.stats.t_draft += t1 - t0
@@ -469,6 +472,19 @@ class Scheduler:
             out = d[:n_acc] + [nxt]
             self.planner.record_round(job.lane, job.source if d else None, len(d), n_acc, len(out))
             self._deliver(job, out, n_acc, len(d))
+
+    def _record_payback(self, results: list, n_streams: int, seconds: float) -> None:
+        """What the step's drafts from the model saved over a plain step (the record drafts_wanted checks): each
+        such sequence's accepted drafts at the plain step's time per token, less its share of the step's time past
+        a plain step's (drafting included), by the rows it drafted. results: (job, drafts, accepted, next)."""
+        v_plain = self.planner.costs.step(n_streams)
+        drafted = sum(len(d) for _, d, _, _ in results)
+        saved = None
+        if v_plain is not None and drafted and any(job.source == SOURCE_MODEL for job, _, _, _ in results):
+            extra = seconds - v_plain
+            saved = sum(n_acc * v_plain / len(results) - extra * len(d) / drafted
+                        for job, d, n_acc, _ in results if job.source == SOURCE_MODEL)
+        self.planner.record_step(n_streams, sum(n_acc + 1 for _, _, n_acc, _ in results), saved)
 
     def _draft(self, model_jobs: list[tuple[Job, int]], drafts: dict[int, list[int]]) -> int:
         """The draft model drafts for every job in model_jobs (k tokens each at most), one pass per position:

@@ -56,6 +56,8 @@ EXPLORE_K = 2  # the draft length of the first draft-model round
 POOLED_WEIGHT = 4.0  # batched: how many rounds of its own the pooled evidence is worth to a new sequence
 BATCH_MARGIN = 1.05  # batched: how much faster than plain batching a speculative plan must look to be taken
 EXPLORE_PASSES = 4  # batched: draft passes timed before the draft model is judged on its cost
+PAYBACK_HALF_LIFE = 2048  # batched: tokens generated at a load after which the record of what its draft prompts
+# paid back counts half (a model found not to pay there is tried again after a few thousand tokens)
 REFRESH_ROUNDS = 32  # while speculating, a plain step at least this often keeps V(1), the yardstick, current
 SPEC_MARGIN = 1.03  # with a profile: how much faster than plain steps a draft must look to be taken
 PROFILE_WEIGHT = 8.0  # how many rounds of its own a profile's acceptance (earlier runs, profile.py) is worth
@@ -605,6 +607,9 @@ class BatchPlanner:
         # so a request starts from what this server's drafts have been doing, not from optimistic guesses.
         self.pooled = new_acceptance(max(1, rows_max - 1))
         self.draft_passes = 0  # draft-model passes timed, any width
+        # By load (streams in the step): [seconds the draft model's steps saved over plain batching, seconds its
+        # prompts took], both fading as tokens are generated at that load (record_step, pays_back).
+        self.payback: dict[int, list[float]] = {}
 
     @property
     def exploring(self) -> bool:
@@ -616,6 +621,32 @@ class BatchPlanner:
         self.draft_passes += 1
         self.draft_costs.record_verify(rows, seconds)
 
+    def record_feed(self, n_streams: int, seconds: float) -> None:
+        """The draft model's prompt pass took `seconds` while `n_streams` streams were in use."""
+        self.payback.setdefault(n_streams, [0.0, 0.0])[1] += seconds
+
+    def record_step(self, n_streams: int, tokens: int, model_saved: float | None) -> None:
+        """A step over `n_streams` streams added `tokens` tokens; where sequences drafted from the model, the seconds
+        their drafts saved over plain batching (negative: lost), drafting and the wider verify included."""
+        ledger = self.payback.get(n_streams)
+        if ledger is None and model_saved is None:
+            return
+        ledger = self.payback.setdefault(n_streams, [0.0, 0.0])
+        f = 0.5 ** (tokens / PAYBACK_HALF_LIFE)
+        ledger[0] = ledger[0] * f + (model_saved or 0.0)
+        ledger[1] *= f
+
+    def pays_back(self, n_streams: int) -> bool:
+        """Whether the record of the draft prompts fed at this load allows another: what the model's steps saved
+        there falls short of what its prompts cost by less than an eighth of a plain step (noise). The what-if
+        (drafts_wanted) rests on estimates; this is what happened. (On the 2-core CPU at 2 clients the what-if
+        found the model worth its prompts, then the model drafted in few steps and saved less than its prompts
+        cost, round after round: 2-4% of the server's time, a server slower than plain batching.) A shortfall
+        fades by half every PAYBACK_HALF_LIFE tokens generated at that load, so the model is tried there again:
+        after a prompt that was not repaid, some 7k tokens later on the 2-core CPU at 2 clients."""
+        saved, spent = self.payback.get(n_streams, (0.0, 0.0))
+        return spent - saved <= (self.costs.step(n_streams) or 0.0) / 8
+
     def drafts_wanted(self, lanes: list[Lane], n_streams: int, draft_max: int, fixed: bool = False,
                       feed: int = 0) -> int | None:
         """How many of the sequences whose prompts the draft model has not seen should it see now (None: all),
@@ -624,7 +655,8 @@ class BatchPlanner:
 
         All of them when this step's plan would draft from the model for some sequence were every prompt already
         in (it pays at this load and on this text), and what it saves over the tokens the sequences may still
-        generate repays the prompts' pass (a lone request near its end is not worth one); none otherwise. Sent to
+        generate repays the prompts' pass (a lone request near its end is not worth one), and the prompts fed at
+        this load so far were repaid (pays_back); none otherwise. Sent to
         a model that does not pay, a prompt only slows every sequence. (No re-tries beside this: acceptance fades
         back to its prior as tokens go by, so a model judged on old evidence is judged again by this same
         what-if; and a prompt fed to a model the what-if turns down would not be drafted from anyway.)
@@ -643,7 +675,7 @@ class BatchPlanner:
             return 0 if any(lane.model_behind is not None for lane in lanes) else 1
         per_token = self.draft_costs.prefill_per_token or self.draft_costs.step(1) or 0.0
         saved = sum(lane.left for lane in lanes) * (self.costs.step(n_streams) / len(lanes) - 1 / plan.rate)
-        return None if saved > feed * per_token else 0
+        return None if saved > feed * per_token and self.pays_back(n_streams) else 0
 
     def new_lane(self) -> Lane:
         """A new sequence's lane: its acceptance starts from the pooled evidence, worth POOLED_WEIGHT rounds."""
