@@ -359,6 +359,7 @@ class Scheduler:
         feed = sum(len(seen) - cached_of[s] for s, seen in seen_of.items())
         # 0: the model would not pay at this load (every admitted job's lane, as the last step left it)
         query = self._planner_query([j for j in self.slots if j is not None])
+        exploring = self.planner.exploring
         wanted = self.planner.drafts_wanted(*query, feed)
         if wanted == 0:
             return
@@ -381,7 +382,8 @@ class Scheduler:
             seconds = time.perf_counter() - t0
             # the slope of the draft's pass costs by rows, until passes of several widths are timed
             self.planner.draft_costs.record_prefill(sum(len(p[1]) for p in parts), seconds)
-            self.planner.record_feed(query[1], seconds)  # what the model's drafts must pay back (pays_back)
+            if not exploring:  # (exploring buys the costs' measurements; the record weighs drafting)
+                self.planner.record_feed(query[1], seconds)  # what the model's drafts must pay back (pays_back)
             for seq, _, _ in parts:
                 self.slots[seq].stats.t_prompt += seconds
 
@@ -398,6 +400,7 @@ class Scheduler:
         jobs = [j for j in self.slots if j is not None and j.generating]
         lo, hi = min(j.slot for j in jobs), max(j.slot for j in jobs)
         n_streams = hi - lo + 1
+        exploring = self.planner.exploring
         for job in jobs:
             lane = job.lane
             self._bound(job)
@@ -457,7 +460,7 @@ class Scheduler:
             row += n_out
             target.truncate(before[s] + 1 + n_acc, s)
             results.append((job, d, n_acc, nxt))
-        self._record_payback(results, n_streams, t2 - t0)
+        self._record_payback(results, n_streams, t2 - t0, exploring)
         for job, d, n_acc, nxt in results:
             job.stats.batch_max = max(job.stats.batch_max, len(results))
             job.stats.t_draft += t1 - t0
@@ -473,14 +476,16 @@ class Scheduler:
             self.planner.record_round(job.lane, job.source if d else None, len(d), n_acc, len(out))
             self._deliver(job, out, n_acc, len(d))
 
-    def _record_payback(self, results: list, n_streams: int, seconds: float) -> None:
+    def _record_payback(self, results: list, n_streams: int, seconds: float, exploring: bool) -> None:
         """What the step's drafts from the model saved over a plain step (the record drafts_wanted checks): each
         such sequence's accepted drafts at the plain step's time per token, less its share of the step's time past
-        a plain step's (drafting included), by the rows it drafted. results: (job, drafts, accepted, next)."""
+        a plain step's (drafting included), by the rows it drafted. results: (job, drafts, accepted, next).
+        Exploring steps (short drafts that time the draft model) are not weighed: they buy measurements."""
         v_plain = self.planner.costs.step(n_streams)
         drafted = sum(len(d) for _, d, _, _ in results)
         saved = None
-        if v_plain is not None and drafted and any(job.source == SOURCE_MODEL for job, _, _, _ in results):
+        if (v_plain is not None and drafted and not exploring
+                and any(job.source == SOURCE_MODEL for job, _, _, _ in results)):
             extra = seconds - v_plain
             saved = sum(n_acc * v_plain / len(results) - extra * len(d) / drafted
                         for job, d, n_acc, _ in results if job.source == SOURCE_MODEL)
