@@ -348,6 +348,10 @@ class Scheduler:
         pending = [] if draft is None else [j for j in self.slots if j is not None and j.generating and not j.draft_ready]
         if not pending:
             return
+        query = self._planner_query([j for j in self.slots if j is not None])
+        exploring = self.planner.exploring
+        if not (exploring or query[3] or self.planner.pays_back(query[1])):
+            return  # refused at this load whatever the prompts: skip the what-if (this runs every iteration)
         pending.sort(key=lambda j: len(j.seq))  # exploring takes the cheapest
         seen_of = {j.slot: self.drafter.seen(j.seq)[:-1] for j in pending}
         if not draft.separate:  # another slot's prefix is only a tag on its cells in a shared pool: take it
@@ -358,8 +362,6 @@ class Scheduler:
         cached_of = {s: draft.common_prefix(seen, s) for s, seen in seen_of.items()}
         feed = sum(len(seen) - cached_of[s] for s, seen in seen_of.items())
         # 0: the model would not pay at this load (every admitted job's lane, as the last step left it)
-        query = self._planner_query([j for j in self.slots if j is not None])
-        exploring = self.planner.exploring
         wanted = self.planner.drafts_wanted(*query, feed)
         if wanted == 0:
             return

@@ -667,6 +667,8 @@ class BatchPlanner:
             return 0
         if fixed:
             return None
+        if not self.exploring and not self.pays_back(n_streams):
+            return 0
         ready = [replace(lane, model_behind=0) for lane in lanes]
         plan = self._choose(ready, n_streams, draft_max)
         if SOURCE_MODEL not in plan.sources:
@@ -675,7 +677,7 @@ class BatchPlanner:
             return 0 if any(lane.model_behind is not None for lane in lanes) else 1
         per_token = self.draft_costs.prefill_per_token or self.draft_costs.step(1) or 0.0
         saved = sum(lane.left for lane in lanes) * (self.costs.step(n_streams) / len(lanes) - 1 / plan.rate)
-        return None if saved > feed * per_token and self.pays_back(n_streams) else 0
+        return None if saved > feed * per_token else 0
 
     def new_lane(self) -> Lane:
         """A new sequence's lane: its acceptance starts from the pooled evidence, worth POOLED_WEIGHT rounds."""
