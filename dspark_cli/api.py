@@ -31,6 +31,7 @@ from .errors import ContextFullError, UsageError
 from .loader import DEFAULT_MEMORY_MB, Loaded, ModelOptions, load as _load_models
 from .llama.model import Model
 from .prompt import ChatTemplate, Continuation, Rendered, min_tokens, tokenize_prompt
+from .steplog import StepLog
 from .engine.sampling import DEFAULT_MIN_P, SamplingParams
 from .engine.stats import GenerationStats
 
@@ -95,7 +96,8 @@ class Pair:
         self.parallel = loaded.target.n_seq
         self._continuation = Continuation(loaded.target, keep=self.parallel)
         self._scheduler = (Scheduler(loaded.target, loaded.drafter, verify_max=loaded.verify_max,
-                                     exact=loaded.exact_label) if self.parallel > 1 else None)
+                                     exact=loaded.exact_label, step_log=StepLog.from_environment())
+                           if self.parallel > 1 else None)
         self._active: Generation | None = None  # the generation under way, closed before the models are
         self._closed = False
         self._turns = threading.RLock()  # held by complete() for a whole answer: callers take turns

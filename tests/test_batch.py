@@ -17,6 +17,7 @@ from dspark_cli.engine.sampling import SamplingParams
 from dspark_cli.llama.kernels import EXACT_BATCH_MAX
 from dspark_cli.llama.model import Model
 from dspark_cli.prompt import ChatTemplate, tokenize_prompt
+from dspark_cli.steplog import StepLog
 
 QUESTIONS = [
     "Write a short story about a robot learning to paint.",
@@ -265,3 +266,38 @@ def test_closing_ends_every_job_with_an_error(batch_models):
             pass
     with pytest.raises(UsageError, match="closed"):
         s.submit(Job([1, 2, 3], SamplingParams(), 4, (), 8))
+
+
+def test_the_step_log_says_where_the_time_went(batch_models, tmp_path, monkeypatch):
+    """DSPARK_STEP_LOG ({pid} in its name): a JSON line per prompt batch and step, whose tokens add up to the
+    answers', and scripts/step_log_report.py reads it; a log that cannot be written costs one warning, no run."""
+    import json
+    import subprocess
+    import sys
+
+    target, draft = batch_models
+    for slot in range(target.n_seq):
+        target.truncate(0, slot)
+        draft.truncate(0, slot)
+    monkeypatch.setenv("DSPARK_STEP_LOG", str(tmp_path / "steps-{pid}.jsonl"))
+    s = Scheduler(target, make_drafter("hybrid", draft), step_log=StepLog.from_environment())
+    try:
+        jobs = [Job(p, SamplingParams(), 16, (), 8) for p in prompts(target)[:2]]
+        s.submit(*jobs)
+        answers = [tokens_of(j) for j in jobs]
+    finally:
+        s.close()
+    path = tmp_path / f"steps-{os.getpid()}.jsonl"
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    steps = [e for e in events if e["kind"] == "step"]
+    # Every token came from a step (an end token counts there, not in the answer).
+    assert sum(len(a) for a in answers) <= sum(e["tokens"] for e in steps) <= sum(len(a) + 1 for a in answers)
+    assert max(e["jobs"] for e in steps) == 2 and all(e["target_s"] > 0 and e["python_s"] >= 0 for e in steps)
+    # (the second copies the chat template's prefix from the first: processed tokens, the pending last one aside)
+    assert sum(e["tokens"] for e in events if e["kind"] == "prompt") == sum(j.stats.n_prompt_evaluated - 1 for j in jobs)
+    out = subprocess.run([sys.executable, "scripts/step_log_report.py", str(path)], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    assert f"{len(steps)} steps" in out and "2 streams" in out and "prompt passes: 2" in out
+
+    monkeypatch.setenv("DSPARK_STEP_LOG", str(tmp_path / "no-such-dir" / "steps.jsonl"))
+    assert StepLog.from_environment() is None

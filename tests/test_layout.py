@@ -15,7 +15,7 @@ PKG = ROOT / "dspark_cli"
 
 # Lower layers first; a module may import its own layer and the ones before it.
 LAYERS = [
-    {"errors", "console", "files", "places", "net", "signals"},
+    {"errors", "console", "files", "places", "net", "signals", "steplog"},
     {"llama"},
     {"engine"},
     {"models"},

@@ -113,9 +113,11 @@ class Scheduler:
     """Continuous batching over `target.n_seq` slots; see the module docstring. Thread-safe: submit() and
     cancel() from any thread; the models are driven by the scheduler's own thread only."""
 
-    def __init__(self, target: Model, drafter: Drafter | None, *, verify_max: int | None = None, exact: str = ""):
+    def __init__(self, target: Model, drafter: Drafter | None, *, verify_max: int | None = None, exact: str = "",
+                 step_log=None):
         """verify_max: the most rows in one target pass (None: kernels.default_verify_max); exact: what every
-        job's stats say about exactness (the loader's words for the proof's verdict)."""
+        job's stats say about exactness (the loader's words for the proof's verdict); step_log: where each prompt
+        batch and step is told (steplog.StepLog: its write(kind, **fields)), or None."""
         self.target = target
         self.exact = exact
         self.drafter = drafter
@@ -137,6 +139,7 @@ class Scheduler:
         self._to_settle: set[int] = set()  # free slots whose cache holds an answer to re-process while idle
         self._settling_now: int | None = None  # the one being re-processed
         self.copy_seconds: float | None = None  # what copying a prompt prefix between slots costs (_borrow, _prefill)
+        self.step_log = step_log  # DSPARK_STEP_LOG: where the time goes (steplog.py)
 
     # ---- from any thread --------------------------------------------------------------------------------
     def submit(self, *jobs: Job) -> None:
@@ -286,8 +289,11 @@ class Scheduler:
             if job.batches:
                 done = len(target.seq_cached[job.slot])
                 size = job.batches.pop(0)
+                t_batch = time.perf_counter()
                 target.eval(job.prompt[done : done + size], n_logits=0, seq=job.slot)
                 ran = True
+                if self.step_log:
+                    self.step_log.write("prompt", tokens=size, seconds=round(time.perf_counter() - t_batch, 6))
                 if copied and self.planner.costs.prefill_per_token is not None:
                     # The copy runs at the start of that llama_decode: what the batch took past its tokens at the
                     # prompt rate (an overestimate for a small batch, whose pass has a fixed cost, or on a busy
@@ -386,6 +392,9 @@ class Scheduler:
             self.planner.draft_costs.record_prefill(sum(len(p[1]) for p in parts), seconds)
             if not exploring:  # (exploring buys the costs' measurements; the record weighs drafting)
                 self.planner.record_feed(query[1], seconds)  # what the model's drafts must pay back (pays_back)
+            if self.step_log:
+                self.step_log.write("draft_prompt", tokens=sum(len(p[1]) for p in parts), seconds=round(seconds, 6),
+                                    streams=query[1])
             for seq, _, _ in parts:
                 self.slots[seq].stats.t_prompt += seconds
 
@@ -403,6 +412,7 @@ class Scheduler:
         lo, hi = min(j.slot for j in jobs), max(j.slot for j in jobs)
         n_streams = hi - lo + 1
         exploring = self.planner.exploring
+        t_start = time.perf_counter()
         for job in jobs:
             lane = job.lane
             self._bound(job)
@@ -477,6 +487,11 @@ class Scheduler:
             out = d[:n_acc] + [nxt]
             self.planner.record_round(job.lane, job.source if d else None, len(d), n_acc, len(out))
             self._deliver(job, out, n_acc, len(d))
+        if self.step_log:
+            self.step_log.write("step", jobs=len(jobs), streams=n_streams, rows=rows,
+                                sources=[job.source for job, _, _, _ in results],
+                                tokens=sum(n_acc + 1 for _, _, n_acc, _ in results), draft_s=round(t1 - t0, 6),
+                                target_s=round(t2 - t1, 6), python_s=round(time.perf_counter() - t_start - (t2 - t0), 6))
 
     def _record_payback(self, results: list, n_streams: int, seconds: float, exploring: bool) -> None:
         """What the step's drafts from the model saved over a plain step (the record drafts_wanted checks): each
