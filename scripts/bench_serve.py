@@ -19,7 +19,10 @@ in the same order) to every server in turn, in an order that rotates every round
 them, e.g. `speculative,plain` for a plain A/B). Per request: time to first
 token, tokens (from `usage`), tokens/s while streaming; per round: total tokens/s. Ratios are taken within a
 round (the machine's speed drifts between rounds) and summarized by their median and range. Every answer is
-checked against the one-at-a-time server's: batching must not change a token.
+checked against the one-at-a-time server's: batching must not change a token. A process's target passes run up
+to ~10% faster or slower than another process's with the same model (measured with DSPARK_STEP_LOG: where its
+memory landed), which rounds within the same processes cannot average out: --fresh starts every server anew
+each round, so the spread over rounds includes it.
 """
 
 from __future__ import annotations
@@ -153,6 +156,15 @@ def one_round(port: int, clients: int, max_tokens: int, tag: str = "", system_re
             "texts": [r["text"] for r in rs]}
 
 
+def stop_all(servers: dict) -> None:
+    """Ctrl-C to every server, then wait for each to exit."""
+    for proc, _ in servers.values():
+        proc.send_signal(signal.SIGINT)
+    for proc, _ in servers.values():
+        proc.wait(timeout=60)
+    servers.clear()
+
+
 def health(port: int) -> dict:
     import urllib.request
 
@@ -193,6 +205,9 @@ def main() -> None:
                     help="keep the drafting memory on (off by default: see below)")
     ap.add_argument("--system", type=int, default=0, metavar="N",
                     help="a shared system prompt of N copies of a 35-word instruction, new every round (0: none)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="new server processes every round (a process's target passes run up to ~10%% faster or "
+                         "slower than another's: with --fresh the rounds' spread includes that)")
     ap.add_argument("--json", dest="json_path")
     ap.add_argument("serve_args", nargs="*", help="after --: options for every server (--target, --draft, ...)")
     args = ap.parse_args()
@@ -228,14 +243,21 @@ def main() -> None:
                "one-at-a-time": common + ["--parallel", "1"]}
     configs["control"] = configs["plain"]
     servers = {}
-    try:
+
+    def start_all() -> None:
         for name in names:
             servers[name] = start(configs[name])
         for name, (_, port) in servers.items():  # warm-up: weights paged in, threads spun up, graphs built
             one_round(port, min(parallel, 4), 16)
+
+    try:
+        start_all()
         rows: dict[int, dict[str, list[dict]]] = {c: {name: [] for name in names} for c in counts}
         mismatches = 0
         for r in range(args.rounds):
+            if args.fresh and r:
+                stop_all(servers)
+                start_all()
             for c in counts:
                 order = names[r % len(names):] + names[:r % len(names)]
                 got = {}
@@ -252,12 +274,11 @@ def main() -> None:
                     reference = got[next(n for n in names if n != "speculative")]["texts"] if len(names) > 1 else []
                     mismatches += sum(a != b for a, b in zip(got["speculative"]["texts"], reference))
     finally:
-        for proc, _ in servers.values():
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
+        stop_all(servers)
 
     summary: dict = {"settings": {"clients": counts, "rounds": args.rounds, "max_tokens": args.max_tokens,
-                                  "parallel": parallel, "system": args.system, "serve_args": common},
+                                  "parallel": parallel, "system": args.system, "fresh": args.fresh,
+                                  "serve_args": common},
                      "speculative_answers_differing": mismatches}
     print("\n| clients | server | total tok/s | per-request tok/s | median TTFT s | worst TTFT s "
           "| total vs one-at-a-time | total vs plain |")
