@@ -20,9 +20,9 @@ them, e.g. `speculative,plain` for a plain A/B). Per request: time to first
 token, tokens (from `usage`), tokens/s while streaming; per round: total tokens/s. Ratios are taken within a
 round (the machine's speed drifts between rounds) and summarized by their median and range. Every answer is
 checked against the one-at-a-time server's: batching must not change a token. A process's target passes run up
-to ~10% faster or slower than another process's with the same model (measured with DSPARK_STEP_LOG: where its
-memory landed), which rounds within the same processes cannot average out: --fresh starts every server anew
-each round, so the spread over rounds includes it.
+to ~10% faster or slower than another process's with the same model (measured with DSPARK_STEP_LOG; the cause
+is not known: README, "Serving many clients"), which rounds within the same processes cannot average out: --fresh
+starts every server anew each round, so the spread over rounds includes it (and each server's learning).
 """
 
 from __future__ import annotations

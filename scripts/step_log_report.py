@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where each batching server's time went, from the step logs DSPARK_STEP_LOG wrote (dspark_cli/engine/steplog.py).
+"""Where each batching server's time went, from the step logs DSPARK_STEP_LOG wrote (dspark_cli/steplog.py).
 
     DSPARK_STEP_LOG=/tmp/steps-{pid}.jsonl python3 scripts/bench_serve.py --real --servers speculative,plain,control
     python3 scripts/step_log_report.py /tmp/steps-*.jsonl

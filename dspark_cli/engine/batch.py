@@ -356,8 +356,8 @@ class Scheduler:
             return
         query = self._planner_query([j for j in self.slots if j is not None])
         exploring = self.planner.exploring
-        if not (exploring or query[3] or self.planner.pays_back(query[1])):
-            return  # refused at this load whatever the prompts: skip the what-if (this runs every iteration)
+        if self.planner.feeds_refused(query[1], fixed=query[3]):
+            return  # refused at this load whatever the prompts: skip sizing them (this runs every iteration)
         pending.sort(key=lambda j: len(j.seq))  # exploring takes the cheapest
         seen_of = {j.slot: self.drafter.seen(j.seq)[:-1] for j in pending}
         if not draft.separate:  # another slot's prefix is only a tag on its cells in a shared pool: take it

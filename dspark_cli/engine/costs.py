@@ -628,8 +628,7 @@ class BatchPlanner:
     def record_step(self, n_streams: int, tokens: int, model_saved: float | None) -> None:
         """A step over `n_streams` streams added `tokens` tokens; where sequences drafted from the model, the seconds
         their drafts saved over plain batching (negative: lost), drafting and the wider verify included."""
-        ledger = self.payback.get(n_streams)
-        if ledger is None and model_saved is None:
+        if model_saved is None and n_streams not in self.payback:
             return
         ledger = self.payback.setdefault(n_streams, [0.0, 0.0])
         f = 0.5 ** (tokens / PAYBACK_HALF_LIFE)
@@ -646,6 +645,11 @@ class BatchPlanner:
         after a prompt that was not repaid, some 7k tokens later on the 2-core CPU at 2 clients."""
         saved, spent = self.payback.get(n_streams, (0.0, 0.0))
         return spent - saved <= (self.costs.step(n_streams) or 0.0) / 8
+
+    def feeds_refused(self, n_streams: int, fixed: bool = False) -> bool:
+        """Whether the record refuses every draft prompt at this load, whatever the prompts (drafts_wanted is 0): not
+        while exploring, nor for a --draft-fixed job. Cheap, so a caller can ask before sizing the prompts."""
+        return not (fixed or self.exploring or self.pays_back(n_streams))
 
     def drafts_wanted(self, lanes: list[Lane], n_streams: int, draft_max: int, fixed: bool = False,
                       feed: int = 0) -> int | None:
@@ -667,7 +671,7 @@ class BatchPlanner:
             return 0
         if fixed:
             return None
-        if not self.exploring and not self.pays_back(n_streams):
+        if self.feeds_refused(n_streams):
             return 0
         ready = [replace(lane, model_behind=0) for lane in lanes]
         plan = self._choose(ready, n_streams, draft_max)
