@@ -29,6 +29,7 @@ from .engine.drafters import METHOD_TARGET, make_drafter
 from .engine.loop import DEFAULT_DRAFT_MAX, Event, check_limits, check_prompt, generate as _generate
 from .errors import ContextFullError, UsageError
 from .loader import DEFAULT_MEMORY_MB, Loaded, ModelOptions, load as _load_models
+from .llama.backend import release_workers
 from .llama.model import Model
 from .prompt import ChatTemplate, Continuation, Rendered, min_tokens, tokenize_prompt
 from .steplog import StepLog
@@ -339,7 +340,10 @@ class Pair:
             self._check_open()
             if self._scheduler is not None:
                 return 0
-            return self.target.settle()
+            try:
+                return self.target.settle()
+            finally:
+                release_workers()  # as a generation does (engine/loop.py): the next call may be another thread's
 
     @property
     def settling(self) -> int:

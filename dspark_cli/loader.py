@@ -9,7 +9,7 @@ from pathlib import Path
 from .engine.drafters import METHOD_DRAFT, METHOD_HYBRID, METHOD_LOOKUP, Drafter, make_drafter
 from .console import say
 from .errors import UsageError
-from .llama.backend import MAX_THREADS, THREADS_VARIABLE, threads_from_environment
+from .llama.backend import MAX_THREADS, THREADS_VARIABLE, release_workers, threads_from_environment
 from .llama.model import Model
 
 MAX_CTX = 2**31 - 1
@@ -274,6 +274,10 @@ def load(opts: ModelOptions, *, quiet: bool = False) -> Loaded:
             draft_model.close()
         target.close()
         raise
+    finally:
+        # The draft's measure and the proof decoded on this thread; the generations may run on another (a
+        # server's scheduler), and two threads' OpenMP workers slow every pass (backend.release_workers).
+        release_workers()
     if verify_max == 1 and drafter is not None:  # --exact where no verify batch is proven: the target alone
         if draft_model is not None:
             draft_model.close()

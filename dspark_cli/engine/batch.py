@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 
 from ..errors import DsparkError, UsageError
+from ..llama.backend import release_workers
 from ..llama.kernels import default_verify_max
 from ..llama.model import Model
 from .costs import FREE_SOURCES, SOURCE_MODEL, BatchPlanner, Lane, judge_offers
@@ -185,6 +186,8 @@ class Scheduler:
         while True:
             settle = None
             with self._wake:
+                if not self._closing and not self._waiting and not any(self.slots) and not self._to_settle:
+                    release_workers()  # idle: another pair's thread may decode meanwhile (backend.release_workers)
                 while not self._closing and not self._waiting and not any(self.slots) and not self._to_settle:
                     self._wake.wait()
                 if not self._closing and not self._waiting and not any(self.slots):

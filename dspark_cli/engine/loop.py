@@ -32,6 +32,7 @@ from .costs import FOLD_CATCHUP, FREE_SOURCES, REENTRY_WINDOW, SOURCE_MODEL, Pla
 from .detok import TextStream
 from .drafters import METHOD_TARGET, Draft, Drafter
 from ..errors import ContextFullError, PromptError, UsageError
+from ..llama.backend import release_workers
 from ..llama.kernels import default_verify_max
 from ..llama.model import Model
 from .sampling import Noise, SamplingParams, accept
@@ -193,6 +194,9 @@ def generate(
             drafter.release(seq[:seen], len(prompt))
         if profile is not None and not fixed and stats.n_target_steps:
             profile.absorb(planner)  # what this run measured, for the next (an abandoned run's timings count too)
+        # The next generation may come from another of the host's threads: two threads' OpenMP workers would slow
+        # every pass of both (backend.release_workers).
+        release_workers()
 
 
 Rounds = Iterator[Round]
