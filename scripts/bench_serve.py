@@ -23,6 +23,8 @@ checked against the one-at-a-time server's: batching must not change a token. A 
 to ~10% faster or slower than another process's with the same model (measured with DSPARK_STEP_LOG; the cause
 is not known: README, "Serving many clients"), which rounds within the same processes cannot average out: --fresh
 starts every server anew each round, so the spread over rounds includes it (and each server's learning).
+--unproven gives every server an empty folder of exactness verdicts: it proves its target at load, as on a
+target's first run (that once left a server's passes ~60% slower: README, "One team of workers").
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -59,15 +62,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(extra: list[str]) -> tuple[subprocess.Popen, int]:
+def start(extra: list[str], proofs: str | None = None) -> tuple[subprocess.Popen, int]:
+    """A server with `extra` options; proofs: its exactness verdicts' folder (an empty one: it proves at load)."""
     import urllib.request
 
     port = free_port()
     # Its log goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB: a few hundred requests' log lines in
     # a long run), and the server then blocks on its next line.
     log = tempfile.TemporaryFile()
+    env = {**os.environ, "DSPARK_PROOFS": proofs} if proofs else None
     proc = subprocess.Popen([sys.executable, "-m", "dspark_cli", "serve", "--port", str(port), "--max-queue", "64",
-                             *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+                             *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env)
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -208,6 +213,9 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true",
                     help="new server processes every round (a process's target passes run up to ~10%% faster or "
                          "slower than another's: with --fresh the rounds' spread includes that)")
+    ap.add_argument("--unproven", action="store_true",
+                    help="every server starts with an empty folder of exactness verdicts, so it proves its target at "
+                         "load, as on a target's first run (with --fresh: every round)")
     ap.add_argument("--json", dest="json_path")
     ap.add_argument("serve_args", nargs="*", help="after --: options for every server (--target, --draft, ...)")
     args = ap.parse_args()
@@ -243,10 +251,14 @@ def main() -> None:
                "one-at-a-time": common + ["--parallel", "1"]}
     configs["control"] = configs["plain"]
     servers = {}
+    folders: list[str] = []  # --unproven: the servers' verdict folders, removed at the end
 
     def start_all() -> None:
         for name in names:
-            servers[name] = start(configs[name])
+            proofs = tempfile.mkdtemp(prefix="dspark-proofs-") if args.unproven else None
+            if proofs:
+                folders.append(proofs)
+            servers[name] = start(configs[name], proofs)
         for name, (_, port) in servers.items():  # warm-up: weights paged in, threads spun up, graphs built
             one_round(port, min(parallel, 4), 16)
 
@@ -275,9 +287,12 @@ def main() -> None:
                     mismatches += sum(a != b for a, b in zip(got["speculative"]["texts"], reference))
     finally:
         stop_all(servers)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
     summary: dict = {"settings": {"clients": counts, "rounds": args.rounds, "max_tokens": args.max_tokens,
                                   "parallel": parallel, "system": args.system, "fresh": args.fresh,
+                                  "unproven": args.unproven,
                                   "serve_args": common},
                      "speculative_answers_differing": mismatches}
     print("\n| clients | server | total tok/s | per-request tok/s | median TTFT s | worst TTFT s "
