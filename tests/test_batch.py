@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dspark_cli.engine.batch import Job, Scheduler
+from dspark_cli.engine.batch import COPIES_TRUSTED, COPY_RETIME, Job, Scheduler
 from dspark_cli.engine.drafters import make_drafter
 from dspark_cli.engine.loop import generate
 from dspark_cli.engine.sampling import SamplingParams
@@ -201,11 +201,26 @@ def test_no_copy_where_it_would_cost_more_than_it_saves(demo_models, batch_model
     job processes its whole prompt itself, and still answers as alone."""
     target = batch_models[0]
     ps = [with_system(target, q) for q in QUESTIONS[:2]]
-    scheduler.copy_seconds = 3600.0
+    scheduler.copy_seconds, scheduler.copies_timed, scheduler.copies_refused = 3600.0, COPIES_TRUSTED, 0
     jobs = [Job(p, SamplingParams(), 16, (), 8) for p in ps]
     scheduler.submit(*jobs)
     got = [tokens_of(j) for j in jobs]
     assert [j.stats.n_prompt_evaluated for j in jobs] == [len(p) for p in ps]
+    assert got == [lone(demo_models, p, SamplingParams(), 16) for p in ps]
+    assert scheduler.copies_refused == 1
+
+
+def test_a_copy_timed_too_dear_is_timed_again_now_and_then(demo_models, batch_models, scheduler):
+    """A timing only overestimates a copy (a busy machine, a small batch's fixed cost), and a refused copy is never
+    timed: so one copy in COPY_RETIME refused is taken anyway, and its timing replaces the dear one."""
+    target = batch_models[0]
+    ps = [with_system(target, q) for q in QUESTIONS[2:4]]
+    scheduler.copy_seconds, scheduler.copies_timed, scheduler.copies_refused = 3600.0, COPIES_TRUSTED, COPY_RETIME - 1
+    jobs = [Job(p, SamplingParams(), 16, (), 8) for p in ps]
+    scheduler.submit(*jobs)
+    got = [tokens_of(j) for j in jobs]
+    assert jobs[0].stats.n_prompt_evaluated == len(ps[0]) and jobs[1].stats.n_prompt_evaluated < len(ps[1]) - 16
+    assert scheduler.copies_timed == COPIES_TRUSTED + 1 and scheduler.copy_seconds < 3600.0
     assert got == [lone(demo_models, p, SamplingParams(), 16) for p in ps]
 
 

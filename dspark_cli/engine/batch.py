@@ -54,6 +54,8 @@ from .sampling import Noise, SamplingParams, accept
 from .stats import FINISH_CONTEXT, FINISH_LENGTH, FINISH_STOP, GenerationStats
 
 ENGINE_BATCHED = "batched"  # GenerationStats.engine of a generation the scheduler ran
+COPIES_TRUSTED = 2  # prefix copies taken before their timings decide (Scheduler._copy_pays)
+COPY_RETIME = 8  # ... and after, one refused copy in this many is taken anyway, to be timed again (_borrow)
 CATCHUP_INLINE = 32  # the end of a draft's prompt left to its first draft pass (which catches it up anyway)
 _END = object()
 
@@ -140,6 +142,8 @@ class Scheduler:
         self._to_settle: set[int] = set()  # free slots whose cache holds an answer to re-process while idle
         self._settling_now: int | None = None  # the one being re-processed
         self.copy_seconds: float | None = None  # what copying a prompt prefix between slots costs (_borrow, _prefill)
+        self.copies_timed = 0  # copies whose time went into copy_seconds
+        self.copies_refused = 0  # copies _copy_pays refused since the last one timed
         self.step_log = step_log  # DSPARK_STEP_LOG: where the time goes (steplog.py)
 
     # ---- from any thread --------------------------------------------------------------------------------
@@ -304,6 +308,8 @@ class Scheduler:
                     # would otherwise stop copies for good (none taken, none timed again).
                     job.t_copy = max(0.0, time.perf_counter() - t0 - size * self.planner.costs.prefill_per_token)
                     self.copy_seconds = min(job.t_copy, self.copy_seconds if self.copy_seconds is not None else 1e9)
+                    self.copies_timed += 1
+                    self.copies_refused = 0
             job.stats.t_prompt += time.perf_counter() - t0
             if len(target.seq_cached[job.slot]) == len(job.prompt) - 1:
                 job.generating = True
@@ -315,8 +321,8 @@ class Scheduler:
     def _borrow(self, job: Job) -> bool:
         """Before a job's first prompt batch: when another slot's cache holds more of its prompt than its own (the
         same system prompt, a tool's instructions; an earlier job's prompt is in by now, oldest first), copy that
-        prefix over (Model.copy_prefix) if the tokens it saves cost more to process than a copy (as timed; the
-        first is taken on trust). Exact: the kept tokens are those prompt_plan keeps from any cache,
+        prefix over (Model.copy_prefix) if the tokens it saves cost more to process than a copy (_copy_pays; a
+        refused one now and then, to time it again). Exact: the kept tokens are those prompt_plan keeps from any cache,
         computed by the kinds of batches a fresh run of this prompt would use, in the cells it would use. Returns
         whether it copied."""
         if job.borrowed:
@@ -326,19 +332,26 @@ class Scheduler:
         donor, keep = self.target.donor(tokens, job.slot)
         if donor < 0:
             return False
-        if not self._copy_pays(keep - job.prefill_from):
+        if keep <= job.prefill_from:
             return False
+        if not self._copy_pays(keep - job.prefill_from):
+            self.copies_refused += 1
+            if self.copies_refused % COPY_RETIME:
+                return False
         self.target.copy_prefix(donor, job.slot, keep)
         job.prefill_from, job.batches = self.target.prompt_plan(tokens, job.slot)
         return True
 
     def _copy_pays(self, gain: int) -> bool:
-        """Whether processing `gain` more prompt tokens costs more than a copy (as timed; the first is taken on
-        trust)."""
+        """Whether processing `gain` more prompt tokens costs more than a copy, as timed: the cheapest copy seen.
+        A timing only overestimates (other work on the machine, a small batch's fixed cost), and a copy refused is
+        not timed again, so one bad timing would stop copies for good: the first COPIES_TRUSTED are taken on
+        trust (and _borrow takes one refused copy in COPY_RETIME anyway, to time it again)."""
         per_token = self.planner.costs.prefill_per_token
         if gain <= 0:
             return False
-        return per_token is None or self.copy_seconds is None or gain * per_token > self.copy_seconds
+        return (per_token is None or self.copy_seconds is None or self.copies_timed < COPIES_TRUSTED
+                or gain * per_token > self.copy_seconds)
 
     def _copy_rows(self) -> int:
         """A copy's cost in prompt tokens: at least one (a slot that holds the prefix itself beats a copy of it)."""
