@@ -304,8 +304,8 @@ class Scheduler:
                 if copied and self.planner.costs.prefill_per_token is not None:
                     # The copy runs at the start of that llama_decode: what the batch took past its tokens at the
                     # prompt rate (an overestimate for a small batch, whose pass has a fixed cost, or on a busy
-                    # machine: noise only adds). The cheapest copy seen is the estimate: one slow measurement
-                    # would otherwise stop copies for good (none taken, none timed again).
+                    # machine: noise only adds). The cheapest copy seen is the estimate (_copy_pays, which with
+                    # _borrow keeps one slow first timing from stopping copies for good).
                     job.t_copy = max(0.0, time.perf_counter() - t0 - size * self.planner.costs.prefill_per_token)
                     self.copy_seconds = min(job.t_copy, self.copy_seconds if self.copy_seconds is not None else 1e9)
                     self.copies_timed += 1
@@ -322,9 +322,9 @@ class Scheduler:
         """Before a job's first prompt batch: when another slot's cache holds more of its prompt than its own (the
         same system prompt, a tool's instructions; an earlier job's prompt is in by now, oldest first), copy that
         prefix over (Model.copy_prefix) if the tokens it saves cost more to process than a copy (_copy_pays; a
-        refused one now and then, to time it again). Exact: the kept tokens are those prompt_plan keeps from any cache,
-        computed by the kinds of batches a fresh run of this prompt would use, in the cells it would use. Returns
-        whether it copied."""
+        refused one now and then, to time it again). Exact: the kept tokens are those prompt_plan keeps from any
+        cache, computed by the kinds of batches a fresh run of this prompt would use, in the cells it would use.
+        Returns whether it copied."""
         if job.borrowed:
             return False
         job.borrowed = True
