@@ -19,10 +19,12 @@ in the same order) to every server in turn, in an order that rotates every round
 them, e.g. `speculative,plain` for a plain A/B). Per request: time to first
 token, tokens (from `usage`), tokens/s while streaming; per round: total tokens/s. Ratios are taken within a
 round (the machine's speed drifts between rounds) and summarized by their median and range. Every answer is
-checked against the one-at-a-time server's: batching must not change a token. A process's target passes run up
-to ~10% faster or slower than another process's with the same model (measured with DSPARK_STEP_LOG; the cause
-is not known: README, "Serving many clients"), which rounds within the same processes cannot average out: --fresh
-starts every server anew each round, so the spread over rounds includes it (and each server's learning).
+checked against the one-at-a-time server's: batching must not change a token. The servers start one after
+another, and the process started first runs its target passes slower than those started after it (2-18% slower
+than the last one, in each of 6 rounds, whichever server it was; measured with DSPARK_STEP_LOG; the cause is not
+known: README, "Serving many clients"), which rounds within the same processes cannot average out. So for a claim between servers use
+--fresh: every server starts anew each round, in the rounds' rotating order, and the spread over rounds includes
+that (and each server's learning). Without it the first server listed starts first for the whole run.
 --unproven gives every server an empty folder of exactness verdicts: it proves its target at load, as on a
 target's first run (that once left a server's passes ~60% slower: README, "One team of workers").
 """
@@ -211,8 +213,9 @@ def main() -> None:
     ap.add_argument("--system", type=int, default=0, metavar="N",
                     help="a shared system prompt of N copies of a 35-word instruction, new every round (0: none)")
     ap.add_argument("--fresh", action="store_true",
-                    help="new server processes every round (a process's target passes run up to ~10%% faster or "
-                         "slower than another's: with --fresh the rounds' spread includes that)")
+                    help="new server processes every round, started in the round's rotating order (the process "
+                         "started first runs slower passes than the later ones: with --fresh every server takes "
+                         "every place)")
     ap.add_argument("--unproven", action="store_true",
                     help="every server starts with an empty folder of exactness verdicts, so it proves its target at "
                          "load, as on a target's first run (with --fresh: every round)")
@@ -253,25 +256,30 @@ def main() -> None:
     servers = {}
     folders: list[str] = []  # --unproven: the servers' verdict folders, removed at the end
 
-    def start_all() -> None:
-        for name in names:
+    def rotated(r: int) -> tuple[str, ...]:
+        return names[r % len(names):] + names[:r % len(names)]
+
+    def start_all(order: tuple[str, ...]) -> None:
+        # Started (and warmed up) one after another, in `order`: --fresh rotates it every round, as the rounds'
+        # order rotates, for the process started first runs slower passes than the later ones (module docstring).
+        for name in order:
             proofs = tempfile.mkdtemp(prefix="dspark-proofs-") if args.unproven else None
             if proofs:
                 folders.append(proofs)
             servers[name] = start(configs[name], proofs)
-        for name, (_, port) in servers.items():  # warm-up: weights paged in, threads spun up, graphs built
-            one_round(port, min(parallel, 4), 16)
+        for name in order:  # warm-up: weights paged in, threads spun up, graphs built
+            one_round(servers[name][1], min(parallel, 4), 16)
 
     try:
-        start_all()
+        start_all(rotated(0))
         rows: dict[int, dict[str, list[dict]]] = {c: {name: [] for name in names} for c in counts}
         mismatches = 0
         for r in range(args.rounds):
             if args.fresh and r:
                 stop_all(servers)
-                start_all()
+                start_all(rotated(r))
             for c in counts:
-                order = names[r % len(names):] + names[:r % len(names)]
+                order = rotated(r)
                 got = {}
                 for name in order:
                     for _, port in servers.values():  # every server quiet: none settles its caches meanwhile
