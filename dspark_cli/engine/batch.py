@@ -190,9 +190,8 @@ class Scheduler:
         while True:
             settle = None
             with self._wake:
-                if not self._closing and not self._waiting and not any(self.slots) and not self._to_settle:
-                    release_workers()  # idle: another pair's thread may decode meanwhile (backend.release_workers)
                 while not self._closing and not self._waiting and not any(self.slots) and not self._to_settle:
+                    release_workers()  # idle: another pair's thread may decode meanwhile (backend.release_workers)
                     self._wake.wait()
                 if not self._closing and not self._waiting and not any(self.slots):
                     settle = self._to_settle.pop()  # idle: one free slot's answer re-processed (Model.settle)
@@ -507,7 +506,8 @@ class Scheduler:
             self.step_log.write("step", jobs=len(jobs), streams=n_streams, rows=rows,
                                 sources=[job.source for job, _, _, _ in results],
                                 tokens=sum(n_acc + 1 for _, _, n_acc, _ in results), draft_s=round(t1 - t0, 6),
-                                target_s=round(t2 - t1, 6), python_s=round(time.perf_counter() - t_start - (t2 - t0), 6))
+                                target_s=round(t2 - t1, 6),
+                                python_s=round(time.perf_counter() - t_start - (t2 - t0), 6))
 
     def _record_payback(self, results: list, n_streams: int, seconds: float, exploring: bool) -> None:
         """What the step's drafts from the model saved over a plain step (the record drafts_wanted checks): each
