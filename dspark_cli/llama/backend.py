@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import llama_cpp
 
 from ..errors import ModelFileError, ResourceError, UsageError
-from . import process
+from . import ggml, process
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -215,12 +215,7 @@ def load_error(what: str, lines: list[str]):
 def _libgomp_pause():
     """omp_pause_resource_all of the libgomp this process mapped (llama.cpp's CPU backend built with OpenMP, as
     pip builds it with GCC), or None: no such build here, or a libgomp older than OpenMP 5.0."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "/libgomp" in line})
-    except OSError:
-        return None
-    for path in paths:
+    for path in ggml.mapped("gomp"):
         try:
             lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)  # the copy already mapped, never another
             pause = lib.omp_pause_resource_all

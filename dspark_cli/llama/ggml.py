@@ -12,25 +12,27 @@ import ctypes
 import functools
 import glob
 import os
+import re
 
 import llama_cpp
 
 
-def _mapped(stem: str) -> list[str]:
+def mapped(stem: str) -> list[str]:
+    """Paths of lib<stem> that the dynamic loader mapped into this process (Linux; [] elsewhere)."""
     try:
         with open("/proc/self/maps") as maps:
-            return sorted({line.split()[-1] for line in maps
-                           if f"/lib{stem}." in line and line.rstrip().endswith(tuple(_SUFFIXES))})
+            return sorted({path for path in (line.split()[-1] for line in maps if f"/lib{stem}." in line)
+                           if _LIBRARY_END.search(path)})
     except OSError:
         return []
 
 
-_SUFFIXES = (".so", ".dylib", ".dll") + tuple(f".so.{i}" for i in range(10))
+_LIBRARY_END = re.compile(r"\.(so(\.\d+)*|dylib|dll)$")  # libggml.so, libggml-base.so.0, libgomp.so.1.0.0
 
 
 def library_paths(stem: str) -> list[str]:
     """Paths of lib<stem> (e.g. "ggml-base") as loaded here, the loaded ones first."""
-    found = _mapped(stem)
+    found = mapped(stem)
     if found:
         return found
     base = getattr(getattr(llama_cpp, "llama_cpp", None), "_base_path", None)
