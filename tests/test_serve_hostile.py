@@ -1,13 +1,15 @@
 """`dspark serve` against hostile and unusual input (issue 23, round 3), through a real server process on a
 loopback port: a client that drops a whole (non-streaming) answer, API keys that are not ASCII, lone surrogates,
 unknown paths and methods, errors that must come before a stream's 200, the no-op values clients send by
-default, and a --host or --port the server cannot listen on. Every failure is OpenAI's JSON error object and
+default, a --host or --port the server cannot listen on, clients that send their request slowly or leave halfway
+through it, and requests still queued when the server stops. Every failure is OpenAI's JSON error object and
 stderr gets nothing but one log line per request."""
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -312,3 +314,110 @@ def test_a_port_in_use_is_one_line_before_loading():
     lines = r.stderr.splitlines()
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and lines[0].startswith("dspark: error:") and str(port) in lines[0], r.stderr
+
+
+# ---- 13: slow clients, clients that leave halfway through a request, requests queued at shutdown --------------------
+
+@pytest.fixture(scope="module")
+def impatient(demo_paths):
+    s = Server("--read-timeout", "2")
+    yield s
+    s.stop()
+
+
+def head_of(port: int, data: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(120)  # a bound on a broken server only: the server answers or closes long before
+    s.sendall(data)
+    return s
+
+
+def test_a_request_head_that_never_ends_is_closed(impatient):
+    """Slowloris: headers sent partly, or a byte at a time, hold a connection only until the read timeout."""
+    stalled = head_of(impatient.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    trickled = head_of(impatient.port, b"P")
+    for byte in b"OST /v1/chat/c":  # each byte well within the timeout of the one before; the head never ends
+        trickled.sendall(bytes([byte]))
+    assert stalled.recv(1) == b"" and trickled.recv(1) == b""  # closed by the server, nothing answered
+    assert impatient.request("GET", "/health")[0] == 200  # and it goes on serving
+
+
+def test_a_finished_answer_leaves_an_idle_connection_closed_in_time(impatient):
+    """A keep-alive connection that starts its next request and never finishes it is closed as well."""
+    body = json.dumps({"model": model_id(impatient), "max_tokens": 1,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    c = head_of(impatient.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += c.recv(65536)
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    while len(payload) < length:
+        payload += c.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200") and json.loads(payload)["usage"]["completion_tokens"] == 1
+    c.sendall(b"GET /heal")
+    assert c.recv(1) == b""
+
+
+def test_a_body_that_stops_arriving_is_a_408(impatient):
+    since = len(impatient.log)
+    c = head_of(impatient.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{\"model\":")
+    answer = b""
+    while True:
+        part = c.recv(65536)
+        if not part:
+            break
+        answer += part
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), head
+    error = json.loads(payload)
+    assert is_openai_error(error) and error["error"]["code"] == "request_timeout", error
+    line = new_log_lines(impatient, since, 1)[-1]
+    assert " 408 " in line, line
+
+
+def test_a_client_that_leaves_halfway_through_its_body_is_a_499_not_a_500(impatient):
+    since = len(impatient.log)
+    c = head_of(impatient.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 93\r\n\r\n{\"model\":")
+    c.close()
+    line = new_log_lines(impatient, since, 1)[-1]
+    assert " 499 " in line, line
+    assert_only_log_lines([line])
+
+
+def test_a_stream_left_mid_way_says_so_in_its_log_line(impatient):
+    since = len(impatient.log)
+    c, r = impatient.long_stream(2000)
+    c.sock.shutdown(socket.SHUT_RDWR)
+    c.close()
+    line = wait_for(lambda: [x for x in impatient.log[since:] if " POST " in x], "the stream's log line")[0]
+    assert " 200 " in line and " tokens" in line and "the client left mid-stream" in line, line
+    wait_for(lambda: impatient.request("GET", "/health")[1]["generating"] == 0, "the slot to be free")
+
+
+def test_a_request_still_queued_when_the_server_stops_is_a_503_not_a_200(demo_paths):
+    s = Server("--parallel", "1", "--max-queue", "4")
+    try:
+        c, r = s.long_stream(3000)  # holds the only slot
+        queued = raw_post(s.port, "/v1/chat/completions", {"model": model_id(s), "max_tokens": 50, "stream": True,
+                                                            "messages": [{"role": "user", "content": "Hi"}]})
+        queued.settimeout(120)
+        wait_for(lambda: s.request("GET", "/health")[1]["waiting"] == 1, "the second request to queue")
+        s.proc.send_signal(signal.SIGTERM)
+        answer = b""
+        while True:
+            part = queued.recv(65536)
+            if not part:
+                break
+            answer += part
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer[:300]
+        assert json.loads(payload)["error"]["code"] == "shutting_down"
+        rest = r.read().decode()  # the one generating ends with an error chunk
+        assert '"shutting_down"' in rest and rest.rstrip().endswith("data: [DONE]")
+        assert s.proc.wait(timeout=60) == 0
+    finally:
+        s.stop()

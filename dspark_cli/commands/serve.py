@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         draft_fixed: o.DraftFixed = False,
         max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per answer when a request does not say.")] = 2048,
         seed: o.Seed = None,
+        read_timeout: Annotated[float, typer.Option("--read-timeout", help="Seconds a client may take to send a request's headers, or pause in its body (408), before its connection is closed; 0: no limit.")] = 30.0,
         parallel: Annotated[int, typer.Option("--parallel", "-np", help="Requests generated at once, batched together (each exactly what it would be alone, each with --ctx-size tokens of its own); 1: one at a time.")] = DEFAULT_PARALLEL,
     ) -> None:
         """Serve the pair over the OpenAI API (chat completions, completions, models), several requests at once.
@@ -48,6 +49,7 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from ..server.app import ServeOptions, create_app
+        from ..server.protocol import with_head_deadline
         from ..server.worker import Worker
 
         if not 1 <= port <= 65535:
@@ -56,9 +58,14 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--max-queue must be 0 or more, --max-body at least 1024, --max-tokens and --draft-max at least 1")
         if api_key is not None and not api_key.strip():
             raise UsageError("--api-key is empty")
+        if not (0 <= read_timeout < float("inf")):
+            raise UsageError(f"--read-timeout must be 0 (no limit) or a number of seconds, got {read_timeout}")
         if not host.strip():  # '' would listen on every IPv4 and IPv6 address
             raise UsageError("--host is empty: give an address (127.0.0.1, or 0.0.0.0 for every IPv4 one)")
         check_can_listen(host, port)  # before loading: a port in use is one line now, not after the models load
+        if api_key is not None and not api_key.isascii():  # it works from curl (UTF-8 bytes), so not refused
+            say("warning: --api-key has non-ASCII characters, which some clients (openai's Python package "
+                "among them) cannot send in a header")
         if not is_loopback(host):
             say(f"warning: listening on {host}: anyone who can reach this address can use the models"
                 + ("" if api_key else "; set --api-key"))
@@ -69,7 +76,8 @@ def register(app: typer.Typer) -> None:
             worker = Worker(max_queue, slots=pair.parallel)
             options = ServeOptions(model_id=name, api_key=api_key, max_body=max_body, max_tokens=max_tokens,
                                    draft_max=draft_max, fixed=draft_fixed,
-                                   defaults=sampling if seed is not None else replace(sampling, seed=None))
+                                   defaults=sampling if seed is not None else replace(sampling, seed=None),
+                                   read_timeout=read_timeout or None)
             app = create_app(pair, options, worker)
 
             class Server(uvicorn.Server):
@@ -78,7 +86,8 @@ def register(app: typer.Typer) -> None:
                     super().handle_exit(sig, frame)
 
             config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                    timeout_graceful_shutdown=10, lifespan="off")
+                                    timeout_graceful_shutdown=10, lifespan="off",
+                                    http=with_head_deadline(read_timeout) if read_timeout else "auto")
             at_once = f"{pair.parallel} requests at once" if pair.parallel > 1 else "one request at a time"
             say(f"serving {name} on http://{host}:{port}/v1 ({pair.method}, {at_once}); Ctrl-C stops")
             try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -33,6 +33,7 @@ class ServeOptions:
     draft_max: int = 8
     fixed: bool = False
     defaults: SamplingParams = SamplingParams()  # for requests that leave a sampling field out (seed None: random)
+    read_timeout: float | None = 30.0  # seconds a request's body may pause (408 beyond); None: no limit
 
 
 # Long: the routes are closures over the pair, the options and the worker; each route is short.
@@ -98,7 +99,8 @@ def create_app(pair, options: ServeOptions, worker: Worker) -> Starlette:
 
     async def generate(request: Request, chat: bool) -> Response:
         _authorize(request, options)
-        req = schemas.parse(await _json(request, options.max_body), chat=chat, defaults=options.defaults)
+        body = await _json(request, options.max_body, options.read_timeout)
+        req = schemas.parse(body, chat=chat, defaults=options.defaults)
         if req.model != options.model_id:
             raise _no_such_model(req.model, options)
         gone = asyncio.ensure_future(_disconnected(request))  # the body is read: a disconnect is all that can come
@@ -186,12 +188,25 @@ def _authorize(request: Request, options: ServeOptions) -> None:
                        code="invalid_api_key")
 
 
-async def _json(request: Request, limit: int):
+async def _json(request: Request, limit: int, timeout: float | None = None):
+    """The request's body as JSON: a 413 past `limit` bytes, a 408 when it pauses for `timeout` seconds (a client
+    that declares more than it sends would otherwise hold its connection forever), a 499 when the client leaves
+    halfway (its fault, not the server's: no 500 in the log)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
     body = b""
-    async for part in request.stream():
+    parts = request.stream().__aiter__()
+    while True:
+        try:
+            part = await asyncio.wait_for(parts.__anext__(), timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body stopped arriving ({timeout:g} s without a byte)",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise ApiError(499, "the client closed the connection", code="client_closed") from None
         body += part
         if len(body) > limit:
             raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
@@ -310,26 +325,30 @@ async def _sse(req: GenerationRequest, first, events, request: Request):
     def sse(obj) -> bytes:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
-    if req.chat:
-        yield sse(schemas.chunk(req, rid, role=True))
-    last = first
-    if first.text:
-        yield sse(schemas.chunk(req, rid, text=first.text))
+    last, ended = first, False
     try:
-        async for ev in events:
-            last = ev
-            if ev.text:
-                yield sse(schemas.chunk(req, rid, text=ev.text))
-    except Exception as e:  # noqa: BLE001 - the answer is under way: its error goes in the stream
-        request.state.stats = last.stats
-        yield sse(_as_api_error(e).body())
+        if req.chat:
+            yield sse(schemas.chunk(req, rid, role=True))
+        if first.text:
+            yield sse(schemas.chunk(req, rid, text=first.text))
+        try:
+            async for ev in events:
+                last = ev
+                if ev.text:
+                    yield sse(schemas.chunk(req, rid, text=ev.text))
+        except Exception as e:  # noqa: BLE001 - the answer is under way: its error goes in the stream
+            yield sse(_as_api_error(e).body())
+            yield b"data: [DONE]\n\n"
+            ended = True
+            return
+        yield sse(schemas.chunk(req, rid, finish=last.finish_reason))
+        if req.include_usage:
+            yield sse(schemas.chunk(req, rid, stats=last.stats))
         yield b"data: [DONE]\n\n"
-        return
-    request.state.stats = last.stats
-    yield sse(schemas.chunk(req, rid, finish=last.finish_reason))
-    if req.include_usage:
-        yield sse(schemas.chunk(req, rid, stats=last.stats))
-    yield b"data: [DONE]\n\n"
+        ended = True
+    finally:  # the log line's figures, also for a client that left mid-stream (the 200 was sent before)
+        request.state.stats = last.stats
+        request.state.cut = not ended
 
 
 class _ErrorsAndLog:
@@ -368,4 +387,6 @@ class _ErrorsAndLog:
                 line += f" · {stats.n_generated} tokens · {stats.tokens_per_second:.1f} tok/s"
                 if stats.n_drafted:
                     line += f" · acceptance {stats.acceptance_rate:.0%}"
+            if state.get("cut"):
+                line += " · the client left mid-stream"
             say(line)

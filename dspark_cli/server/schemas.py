@@ -112,7 +112,9 @@ def _number(body: dict, name: str, default, *, kind=float, low=None, high=None, 
     if kind is float and not math.isfinite(value):
         raise bad(f"'{name}' must be a finite number", name)
     if (low is not None and value < low) or (high is not None and (value >= high if high_open else value > high)):
-        raise bad(f"'{name}' must be between {low} and {high}, got {value}", name)
+        bounds = (f"at least {low}" if high is None else f"at most {high}" if low is None
+                  else f"between {low} and {high}" + (f" (not {high} itself)" if high_open else ""))
+        raise bad(f"'{name}' must be {bounds}, got {value}", name)
     return value
 
 
@@ -134,7 +136,7 @@ def parse(body, *, chat: bool, defaults: SamplingParams = SamplingParams(tempera
         if value is not None and not noop(value, body):
             raise bad(f"'{name}': {_show(value)} is not supported by dspark serve ({accepted})", name)
     n = body.get("n", 1)
-    if n not in (1, None):
+    if isinstance(n, bool) or n not in (1, None):
         raise bad("'n' must be 1: dspark generates one answer per request", "n")
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) not in (None, 0, 0.0):
@@ -169,10 +171,16 @@ def parse(body, *, chat: bool, defaults: SamplingParams = SamplingParams(tempera
     if not isinstance(stream, bool):
         raise bad("'stream' must be true or false", "stream")
     req.stream = stream
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise bad("'stream_options' must be an object", "stream_options")
-    req.include_usage = bool(options.get("include_usage", False))
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise bad("'stream_options' must be an object", "stream_options")
+        if not stream:  # as OpenAI answers it: the options say how to stream, and nothing streams
+            raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise bad("'stream_options.include_usage' must be true or false", "stream_options")
+        req.include_usage = include_usage
     return req
 
 

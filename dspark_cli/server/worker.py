@@ -89,6 +89,8 @@ class Worker:
 
     async def acquire(self) -> None:
         """Wait for a slot, first come first served (Busy right away when max_queue requests already wait)."""
+        if self.stopping.is_set():
+            raise Stopped()
         if self._free > 0 and not self._queue:
             self._free -= 1
             return
@@ -109,6 +111,9 @@ class Worker:
                 self._queue.remove(ticket)
             except ValueError:
                 pass
+        if self.stopping.is_set():  # handed a slot as the server stops: it never started, so a 503, not a 200
+            self.release()
+            raise Stopped()
 
     def release(self) -> None:
         while self._queue:
@@ -134,6 +139,8 @@ class Worker:
         def run() -> None:
             with abort_hook(lost):
                 try:
+                    if self.stopping.is_set():  # stopped between the slot and the start: nothing was sent yet
+                        raise Stopped()
                     events = start()
                     try:
                         for ev in events:
