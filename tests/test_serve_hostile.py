@@ -332,6 +332,15 @@ def head_of(port: int, data: bytes) -> socket.socket:
     return s
 
 
+def answer_until_closed(s: socket.socket) -> tuple[bytes, bytes]:
+    """What the server sends until it closes the connection: (status line and headers, body)."""
+    answer = b""
+    while part := s.recv(65536):
+        answer += part
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return head, payload
+
+
 def test_a_request_head_that_never_ends_is_closed(impatient):
     """Slowloris: headers sent partly, or a byte at a time, hold a connection only until the read timeout."""
     stalled = head_of(impatient.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
@@ -364,13 +373,7 @@ def test_a_body_that_stops_arriving_is_a_408(impatient):
     since = len(impatient.log)
     c = head_of(impatient.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100\r\n\r\n{\"model\":")
-    answer = b""
-    while True:
-        part = c.recv(65536)
-        if not part:
-            break
-        answer += part
-    head, _, payload = answer.partition(b"\r\n\r\n")
+    head, payload = answer_until_closed(c)
     assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), head
     error = json.loads(payload)
     assert is_openai_error(error) and error["error"]["code"] == "request_timeout", error
@@ -407,14 +410,8 @@ def test_a_request_still_queued_when_the_server_stops_is_a_503_not_a_200(demo_pa
         queued.settimeout(120)
         wait_for(lambda: s.request("GET", "/health")[1]["waiting"] == 1, "the second request to queue")
         s.proc.send_signal(signal.SIGTERM)
-        answer = b""
-        while True:
-            part = queued.recv(65536)
-            if not part:
-                break
-            answer += part
-        head, _, payload = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 503"), answer[:300]
+        head, payload = answer_until_closed(queued)
+        assert head.startswith(b"HTTP/1.1 503"), head
         assert json.loads(payload)["error"]["code"] == "shutting_down"
         rest = r.read().decode()  # the one generating ends with an error chunk
         assert '"shutting_down"' in rest and rest.rstrip().endswith("data: [DONE]")
