@@ -416,5 +416,7 @@ def test_a_request_still_queued_when_the_server_stops_is_a_503_not_a_200(demo_pa
         rest = r.read().decode()  # the one generating ends with an error chunk
         assert '"shutting_down"' in rest and rest.rstrip().endswith("data: [DONE]")
         assert s.proc.wait(timeout=60) == 0
+        log = wait_for(lambda: "stopped" in "".join(s.log) and "".join(s.log), "the server's last log line")
+        assert " 200 " in log and "ended early: shutting_down" in log and " 503 " in log, log
     finally:
         s.stop()

@@ -11,7 +11,7 @@ import typer
 
 from ..api import open_pair
 from ..console import say
-from ..engine.loop import DEFAULT_DRAFT_MAX
+from ..engine.loop import DEFAULT_DRAFT_MAX, check_limits
 from ..errors import UsageError
 from ..loader import ModelOptions
 from ..net import is_loopback
@@ -54,8 +54,11 @@ def register(app: typer.Typer) -> None:
 
         if not 1 <= port <= 65535:
             raise UsageError(f"--port must be between 1 and 65535, got {port}")
-        if max_queue < 0 or max_body < 1024 or max_tokens < 1 or draft_max < 1:
-            raise UsageError("--max-queue must be 0 or more, --max-body at least 1024, --max-tokens and --draft-max at least 1")
+        if max_queue < 0:
+            raise UsageError(f"--max-queue must be 0 or more, got {max_queue}")
+        if max_body < 1024:
+            raise UsageError(f"--max-body must be at least 1024 bytes, got {max_body}")
+        check_limits(max_tokens, draft_max)
         if api_key is not None and not api_key.strip():
             raise UsageError("--api-key is empty")
         if not (0 <= read_timeout < float("inf")):
@@ -89,6 +92,7 @@ def register(app: typer.Typer) -> None:
                                     timeout_graceful_shutdown=10, lifespan="off",
                                     http=with_head_deadline(read_timeout) if read_timeout else "auto")
             at_once = f"{pair.parallel} requests at once" if pair.parallel > 1 else "one request at a time"
+            at_once += f", {pair.target.n_ctx} tokens of context each"  # as llama.cpp rounded --ctx-size
             say(f"serving {name} on http://{host}:{port}/v1 ({pair.method}, {at_once}); Ctrl-C stops")
             try:
                 Server(config).run()

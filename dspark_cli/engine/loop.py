@@ -49,9 +49,9 @@ ENGINE_SEQUENTIAL = "sequential"  # the one loop (GenerationStats.engine, `run -
 def check_limits(max_tokens: int, draft_max: int | None = None) -> None:
     """The generation limits every command takes; commands call this before loading a model."""
     if max_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+        raise UsageError(f"max_tokens (--max-tokens) must be at least 1, got {max_tokens}")
     if draft_max is not None and draft_max < 1:
-        raise UsageError(f"--draft-max must be at least 1, got {draft_max}")
+        raise UsageError(f"draft_max (--draft-max) must be at least 1, got {draft_max}")
 
 
 def check_prompt(target: Model, prompt: list[int]) -> None:

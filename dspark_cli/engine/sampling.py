@@ -32,18 +32,19 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # Each message names the field and its flag: the CLI, the library and the server all build these.
         if not np.isfinite(self.temperature):
-            raise UsageError(f"--temp must be a finite number (0 or more), got {self.temperature}")
+            raise UsageError(f"temperature (--temp) must be a finite number (0 or more), got {self.temperature}")
         if self.temperature < 0:
-            raise UsageError(f"--temp must be 0 or more, got {self.temperature}")
+            raise UsageError(f"temperature (--temp) must be 0 or more, got {self.temperature}")
         if self.top_k < 0:
-            raise UsageError(f"--top-k must be 0 (off) or more, got {self.top_k}")
+            raise UsageError(f"top_k (--top-k) must be 0 (off) or more, got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
-            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p (--top-p) must be in (0, 1], got {self.top_p}")
         if not (0.0 <= self.min_p < 1.0):
-            raise UsageError(f"--min-p must be in [0, 1), got {self.min_p}")
+            raise UsageError(f"min_p (--min-p) must be in [0, 1), got {self.min_p}")
         if self.seed is not None and self.seed < 0:
-            raise UsageError(f"--seed must be 0 or more, got {self.seed}")
+            raise UsageError(f"seed (--seed) must be 0 or more, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

@@ -273,25 +273,32 @@ def preflight(
     )
 
 
-def max_context(p: MemoryPlan, budget: int, *, ram: bool) -> int:
-    """The largest power-of-two context whose KV cache still fits `budget` next to the rest."""
+def _tokens_that_fit(p: MemoryPlan, budget: int, *, ram: bool) -> int:
+    """How many tokens of KV cache (all sequences together) fit `budget` next to the rest."""
     needed = p.ram_needed if ram else p.vram_needed
     kv = p.target.kv_cache + (p.draft.kv_cache if p.draft else 0)
     per_token = p.target.kv_bytes_per_token + (p.draft.kv_bytes_per_token if p.draft else 0)
     fixed = needed - kv  # not exact under partial offload, close enough to advise
     if per_token <= 0 or budget <= fixed:
         return 0
-    n = int((budget - fixed) // per_token)
+    return int((budget - fixed) // per_token)
+
+
+def max_context(p: MemoryPlan, budget: int, *, ram: bool) -> int:
+    """The largest power-of-two context whose KV cache still fits `budget` next to the rest."""
+    n = _tokens_that_fit(p, budget, ram=ram)
     return 1 << (n.bit_length() - 1) if n >= 256 else 0  # a power of two: the sizes people pass
 
 
 def _ways_out(p: MemoryPlan, budget: int, *, ram: bool) -> str:
     ways = []
+    per_sequence = p.n_ctx // p.parallel
     ctx = max_context(p, budget, ram=ram) // p.parallel
-    if ctx >= 256 and ctx < p.n_ctx // p.parallel:
+    if ctx >= 256 and ctx < per_sequence:
         ways.append(f"a smaller context (--ctx-size {ctx} fits)")
     if p.parallel > 1:
-        ways.append(f"fewer parallel sequences (--parallel {p.parallel})")
+        most = min(p.parallel - 1, _tokens_that_fit(p, budget, ram=ram) // max(1, per_sequence))
+        ways.append(f"fewer parallel sequences (--parallel {most} fits)" if most >= 1 else "fewer parallel sequences")
     if not ram:
         ways.append("fewer GPU layers (--n-gpu-layers / --n-gpu-layers-draft)")
     ways.append("a smaller quant of the target (e.g. Q4_K_M, Q3_K_M)")

@@ -231,7 +231,8 @@ def _as_api_error(e: BaseException) -> ApiError:
     if isinstance(e, ApiError):
         return e
     if isinstance(e, Busy):
-        return ApiError(429, f"the server is busy: {e.waiting} requests are waiting; retry shortly",
+        queue = f"{e.waiting} requests are waiting" if e.waiting else "every slot is in use and --max-queue is 0"
+        return ApiError(429, f"the server is busy: {queue}; retry shortly",
                         kind="rate_limit_error", code="busy", headers={"Retry-After": "2"})
     if isinstance(e, ContextFullError):
         return ApiError(400, e.message, code="context_length_exceeded")
@@ -337,7 +338,9 @@ async def _sse(req: GenerationRequest, first, events, request: Request):
                 if ev.text:
                     yield sse(schemas.chunk(req, rid, text=ev.text))
         except Exception as e:  # noqa: BLE001 - the answer is under way: its error goes in the stream
-            yield sse(_as_api_error(e).body())
+            err = _as_api_error(e)
+            request.state.ended_by = err.code or err.kind  # the log line says the 200 was cut short
+            yield sse(err.body())
             yield b"data: [DONE]\n\n"
             ended = True
             return
@@ -387,6 +390,8 @@ class _ErrorsAndLog:
                 line += f" · {stats.n_generated} tokens · {stats.tokens_per_second:.1f} tok/s"
                 if stats.n_drafted:
                     line += f" · acceptance {stats.acceptance_rate:.0%}"
-            if state.get("cut"):
+            if state.get("ended_by"):
+                line += f" · ended early: {state['ended_by']}"
+            elif state.get("cut"):
                 line += " · the client left mid-stream"
             say(line)
