@@ -259,7 +259,7 @@ def test_the_draft_cache_keeps_where_each_answer_starts(tmp_path):
     assert again.heads() == m.heads() and list(again.tokens) == list(m.tokens)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign", "version", "heads", "garbage"])
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "version", "heads"])
 def test_a_bad_draft_cache_is_ignored_with_one_warning_and_replaced(tmp_path, good_draft_cache, damage):
     import json
 
@@ -276,8 +276,6 @@ def test_a_bad_draft_cache_is_ignored_with_one_warning_and_replaced(tmp_path, go
         data = magic + b"\n" + json.dumps({**json.loads(header), "version": 99}).encode() + b"\n" + body
     elif damage == "heads":  # an answer said to start past its text's end
         data = magic + b"\n" + json.dumps({**json.loads(header), "heads": [10 ** 6]}).encode() + b"\n" + body
-    else:
-        data = b"\x00\xff" * 50
     cache.write_bytes(data)
     proc = _run("--draft-cache", str(cache), "Say hello.")
     assert proc.returncode == 0, proc.stderr
@@ -285,6 +283,17 @@ def test_a_bad_draft_cache_is_ignored_with_one_warning_and_replaced(tmp_path, go
     assert json.loads(proc.stdout)["text"]
     assert "memory" not in json.loads(proc.stdout)["accepted_by"]  # it started empty
     assert cache.read_bytes() == good_draft_cache  # replaced at exit by a good one: what a run from none writes
+
+
+@pytest.mark.parametrize("content", [b"my precious notes\n", b"\x00\xff" * 50])
+def test_a_file_that_is_not_a_draft_cache_is_never_written_over(tmp_path, content):
+    """--draft-cache pointed at another program's file (a typo, a wrong path): its bytes stay as they were."""
+    cache = tmp_path / "notes.txt"
+    cache.write_bytes(content)
+    proc = _run("--draft-cache", str(cache), "Say hello.")
+    assert proc.returncode == 0, proc.stderr
+    assert len(_warnings(proc)) == 1 and "left as it is" in proc.stderr, proc.stderr
+    assert cache.read_bytes() == content
 
 
 def test_a_draft_cache_that_cannot_be_written_warns_once(tmp_path):

@@ -43,7 +43,8 @@ HELP = """\
 /system TEXT   set the system prompt (/system alone shows it); the next turn re-processes the context
 /save FILE     write the whole conversation to FILE as JSON lines (a new file; /save! FILE replaces one)
 /exit          leave (also Ctrl-D, or Ctrl-C twice at the prompt)
-A line ending in \\ continues on the next line; a pasted block is one message; //text sends /text.
+At a terminal, a line ending in \\ continues on the next line and a pasted block is one message (piped
+input: one message per line); //text sends /text.
 Ctrl-C stops an answer and keeps what was printed."""
 
 
@@ -266,7 +267,9 @@ class ChatSession:
                     self._fail(e)
                 else:
                     n = sum(r.get("role") in ("user", "assistant") for r in self.conv.log)
-                    self.screen.note(f"saved {n} messages to {path}")
+                    lines = len(self.conv.log)  # the system prompt's records too
+                    self.screen.note(f"saved {n} messages to {path}"
+                                     + (f" ({lines} lines, the system prompt's included)" if lines != n else ""))
         else:
             self._fail(UsageError(f"unknown command {name}; /help lists them (//text sends a message starting with /)"))
         return None

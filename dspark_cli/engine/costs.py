@@ -506,7 +506,8 @@ class Planner:
 
     @property
     def chosen_lengths(self) -> dict[str, int]:
-        """Rounds by what they drafted, e.g. {"none": 12, "draft@3": 40, "lookup@6": 5, "memory@4+draft@2": 3}."""
+        """Rounds by the draft planned for them, e.g. {"none": 12, "draft@3": 40, "lookup@6": 5, "memory@4+draft@2": 3}
+        (the draft model may stop short of its plan: GenerationStats.n_drafted counts what it drafted)."""
         return {Plan(key[0] or None, key[1], then=key[2], tail=key[3:] if key[3] else None).name: n
                 for key, n in sorted(self.chosen.items())}
 

@@ -183,7 +183,10 @@ def generate(
         stats.t_end = time.perf_counter()
         stats.draft_lengths = planner.chosen_lengths
         if planner.off_reason and 2 * planner.plain_rounds > stats.n_target_steps:
-            stats.speculation_note = planner.off_reason  # it was off for most of the answer: say why
+            # it was off for most of the answer: say why (and, when some steps did draft, that it was most)
+            stats.speculation_note = (planner.off_reason if not stats.n_drafted else
+                                      f"{planner.plain_rounds} of {stats.n_target_steps} steps without a draft: "
+                                      f"{planner.off_reason}")
         yield Event(None, stream.flush(), False, stats, finish)
     finally:
         if rounds is not None:

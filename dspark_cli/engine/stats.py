@@ -53,7 +53,7 @@ class GenerationStats(Rates):
     drafted_at: list[int] = field(default_factory=list)  # per draft position: tokens drafted there
     accepted_at: list[int] = field(default_factory=list)  # per draft position: of those, accepted
     rounds: list[tuple[int, int]] = field(default_factory=list)  # (drafted, accepted) per target step
-    draft_lengths: dict[str, int] = field(default_factory=dict)  # target steps by what they verified: "none", "draft@3"…
+    draft_lengths: dict[str, int] = field(default_factory=dict)  # target steps by the draft planned for them: "none", "draft@3"…
     accepted_by: dict[str, int] = field(default_factory=dict)  # accepted tokens by source: "draft", "lookup", "memory"
     speculation_note: str | None = None  # why the cost model left speculation off, when it did
     exact: str = ""  # the exactness proof's verdict for this target here ("proven (batches <= 16)", "no - ..."), or

@@ -5,7 +5,8 @@ The file: a magic line, a JSON header line (format version, the target vocabular
 many prompt tokens each text keeps before its answer), then the remembered texts as little-endian int32 token ids,
 each followed by -1. Read at load; written whole at close (a
 temporary file renamed over it: never half-written). A file that is truncated, corrupt, of another version or of
-another vocabulary is ignored with one warning (and replaced at close); one that cannot be written warns once.
+another vocabulary is ignored with one warning (and replaced at close); one that cannot be written warns once; a
+file that is not a dspark draft cache at all (another program's: no magic line) is ignored and never written over.
 Drafting goes on without it either way: it only ever changes speed.
 """
 
@@ -59,6 +60,10 @@ class DraftCache:
             return 0 if self._write_failed else self._ignore("it is a directory", quiet)  # (said once, above)
         except OSError as e:
             return self._ignore(e.strerror or str(e), quiet)
+        if data and not data.startswith(MAGIC):  # another program's file: ignored, and never written over
+            self._write_failed = True
+            return self._ignore("not a dspark draft cache; it is left as it is, and this run's memory is not saved",
+                                quiet)
         try:
             texts = _parse(data, self.vocab)
         except ValueError as e:
