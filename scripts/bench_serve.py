@@ -19,14 +19,13 @@ in the same order) to every server in turn, in an order that rotates every round
 them, e.g. `speculative,plain` for a plain A/B). Per request: time to first
 token, tokens (from `usage`), tokens/s while streaming; per round: total tokens/s. Ratios are taken within a
 round (the machine's speed drifts between rounds) and summarized by their median and range. Every answer is
-checked against the one-at-a-time server's: batching must not change a token. The servers start one after
-another, and the process started first runs its target passes slower than those started after it (2-18% slower
-than the last one, in each of 6 rounds, whichever server it was; measured with DSPARK_STEP_LOG; it follows the
-process's own memory, not dspark: README, "Serving many clients"), which rounds within the same processes cannot
-average out. So for a
-claim between servers use --fresh: every server starts anew each round, in the rounds' rotating order, and the
-spread over rounds includes that (and each server's learning). Without it the first server listed starts first
-for the whole run.
+checked against the one-at-a-time server's: batching must not change a token. The servers start one after another,
+and the process started first runs its target passes slower than those started after it (2-18% slower than the
+last one, in each of 6 rounds, whichever server it was; measured with DSPARK_STEP_LOG; it follows the process's
+own memory, not dspark: README, "Serving many clients"), which rounds within the same processes cannot average
+out. So for a claim between servers use --fresh: every server starts anew each round, in the rounds' rotating
+order, and the spread over rounds includes that (and each server's learning). Without it the first server listed
+starts first for the whole run.
 --unproven gives every server an empty folder of exactness verdicts: it proves its target at load, as on a
 target's first run (that once left a server's passes ~60% slower: README, "One team of workers").
 """

@@ -206,7 +206,7 @@ async def _json(request: Request, limit: int, timeout: float | None = None):
             raise ApiError(408, f"the request body stopped arriving ({timeout:g} s without a byte)",
                            code="request_timeout", headers={"Connection": "close"}) from None
         except ClientDisconnect:
-            raise ApiError(499, "the client closed the connection", code="client_closed") from None
+            raise _client_gone() from None
         body += part
         if len(body) > limit:
             raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
@@ -225,6 +225,11 @@ def _start(pair, req: GenerationRequest, options: ServeOptions):
     return pair.generate(prompt, raw=not req.chat, max_tokens=req.max_tokens or options.max_tokens,
                          temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
                          seed=req.seed, stop=req.stop, draft_max=options.draft_max, fixed=options.fixed)
+
+
+def _client_gone() -> ApiError:
+    """What a request whose client went away ends in: only the log ever shows it."""
+    return ApiError(499, "the client closed the connection", code="client_closed")
 
 
 def _as_api_error(e: BaseException) -> ApiError:
@@ -272,7 +277,7 @@ async def _unless_gone(awaitable, gone: asyncio.Future):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     if task.cancelled():
-        raise ApiError(499, "the client closed the connection", code="client_closed")
+        raise _client_gone()
     try:
         return task.result()
     except StopAsyncIteration:
@@ -326,7 +331,7 @@ async def _sse(req: GenerationRequest, first, events, request: Request):
     def sse(obj) -> bytes:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
-    last, ended = first, False
+    last, cut = first, "the client left mid-stream"  # unless it ends below (the 200 was sent before)
     try:
         if req.chat:
             yield sse(schemas.chunk(req, rid, role=True))
@@ -339,19 +344,18 @@ async def _sse(req: GenerationRequest, first, events, request: Request):
                     yield sse(schemas.chunk(req, rid, text=ev.text))
         except Exception as e:  # noqa: BLE001 - the answer is under way: its error goes in the stream
             err = _as_api_error(e)
-            request.state.ended_by = err.code or err.kind  # the log line says the 200 was cut short
+            cut = f"ended early: {err.code or err.kind}"
             yield sse(err.body())
             yield b"data: [DONE]\n\n"
-            ended = True
             return
         yield sse(schemas.chunk(req, rid, finish=last.finish_reason))
         if req.include_usage:
             yield sse(schemas.chunk(req, rid, stats=last.stats))
         yield b"data: [DONE]\n\n"
-        ended = True
-    finally:  # the log line's figures, also for a client that left mid-stream (the 200 was sent before)
+        cut = None
+    finally:  # the log line's figures, and how the stream was cut short, if it was
         request.state.stats = last.stats
-        request.state.cut = not ended
+        request.state.cut = cut
 
 
 class _ErrorsAndLog:
@@ -390,8 +394,6 @@ class _ErrorsAndLog:
                 line += f" · {stats.n_generated} tokens · {stats.tokens_per_second:.1f} tok/s"
                 if stats.n_drafted:
                     line += f" · acceptance {stats.acceptance_rate:.0%}"
-            if state.get("ended_by"):
-                line += f" · ended early: {state['ended_by']}"
-            elif state.get("cut"):
-                line += " · the client left mid-stream"
+            if state.get("cut"):
+                line += f" · {state['cut']}"
             say(line)

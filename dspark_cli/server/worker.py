@@ -111,9 +111,6 @@ class Worker:
                 self._queue.remove(ticket)
             except ValueError:
                 pass
-        if self.stopping.is_set():  # handed a slot as the server stops: it never started, so a 503, not a 200
-            self.release()
-            raise Stopped()
 
     def release(self) -> None:
         while self._queue:
@@ -139,7 +136,7 @@ class Worker:
         def run() -> None:
             with abort_hook(lost):
                 try:
-                    if self.stopping.is_set():  # stopped between the slot and the start: nothing was sent yet
+                    if self.stopping.is_set():  # handed a slot as the server stops: nothing was sent, so a 503
                         raise Stopped()
                     events = start()
                     try:
